@@ -1,0 +1,395 @@
+"""One actor per running campaign: claim, get tokens, send, record, repeat.
+
+The database is the checkpoint. The actor keeps only what one batch needs;
+a restarted actor starts from the rows. Each turn of the loop is one
+``Continue`` message, so a Stop queued behind it is handled between batches:
+the SMTP transactions in flight finish and are recorded before the actor ends.
+
+Crash policy ("stop means mark, drain, then clean up and record"):
+- claimed recipients not yet handed to SMTP go back to ``pending``;
+- outcomes known but not yet written are written in teardown;
+- recipients handed to SMTP whose outcome is unknown stay ``sending``; the
+  next owner turns them into ``in_doubt`` — never re-sent, never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Protocol
+
+import msgspec
+
+from mailer import metrics
+from mailer.actors.runtime import Actor
+from mailer.clock import Clock
+from mailer.messages import CampaignEvent, TokenReply
+from mailer.render import MessageTemplate, make_message_id
+from mailer.store import Attachment, CampaignRow, Claimed, Lease, Outcome
+from mailer.transport import SendResult
+
+__all__ = [
+    "CampaignActor",
+    "CampaignSettings",
+    "CampaignStore",
+    "Continue",
+    "EventSink",
+    "Mail",
+    "Mailer",
+    "TokenSource",
+]
+
+log = logging.getLogger("mailer.campaign")
+
+
+class Continue(msgspec.Struct):
+    """Run one more batch."""
+
+
+class Mail(msgspec.Struct, frozen=True):
+    """One rendered message for the sender."""
+
+    rcpt: str
+    data: bytes
+
+
+class CampaignStore(Protocol):
+    async def acquire(
+        self, campaign_id: int, owner: str, *, until: datetime, now: datetime
+    ) -> Lease | None: ...
+    async def renew(self, lease: Lease, until: datetime) -> bool: ...
+    async def release(self, lease: Lease) -> None: ...
+    async def begin_sending(self, lease: Lease, now: datetime) -> int: ...
+    async def get_campaign(self, campaign_id: int) -> CampaignRow | None: ...
+    async def attachments(self, campaign_id: int) -> list[Attachment]: ...
+    async def claim(self, lease: Lease, n: int, now: datetime) -> tuple[list[Claimed], int]: ...
+    async def release_claims(self, lease: Lease, ids: Sequence[int], now: datetime) -> None: ...
+    async def record(self, lease: Lease, outcomes: Sequence[Outcome], now: datetime) -> None: ...
+    async def defer(self, lease: Lease, reason: str, until: datetime, now: datetime) -> bool: ...
+    async def finish(self, lease: Lease, now: datetime) -> tuple[str, dict[str, int]] | None: ...
+
+
+class TokenSource(Protocol):
+    async def request_tokens(self, campaign_id: int, owner_id: str, want: int) -> TokenReply: ...
+
+
+class Mailer(Protocol):
+    """Sends rendered messages; results come back in the same order."""
+
+    async def send_all(self, mails: Sequence[Mail]) -> list[SendResult]: ...
+
+
+class EventSink(Protocol):
+    async def emit(self, event: CampaignEvent) -> None: ...
+
+
+class CampaignSettings(msgspec.Struct, frozen=True, kw_only=True):
+    instance_id: str
+    batch_size: int
+    lease_seconds: float
+    from_email: str
+    from_name: str
+    message_id_domain: str
+    public_url: str
+    transient_retry: timedelta = timedelta(minutes=5)
+
+
+# A test hook called after a batch was sent and before it is recorded: the
+# exact spot where a crash is most dangerous. None in production.
+FaultHook = Callable[[int, int], Awaitable[None]]
+
+
+class CampaignActor(Actor[Continue]):
+    def __init__(
+        self,
+        campaign_id: int,
+        *,
+        store: CampaignStore,
+        tokens: TokenSource,
+        mailer: Mailer,
+        events: EventSink,
+        clock: Clock,
+        settings: CampaignSettings,
+        unsubscribe_url: Callable[[int, str], str],
+        fault: FaultHook | None = None,
+    ) -> None:
+        self.campaign_id = campaign_id
+        self._store = store
+        self._tokens = tokens
+        self._mailer = mailer
+        self._events = events
+        self._clock = clock
+        self._s = settings
+        self._unsubscribe_url = unsubscribe_url
+        self._fault = fault
+        self._lease: Lease | None = None
+        self._campaign: CampaignRow | None = None
+        self._template: MessageTemplate | None = None
+        self._batches = 0
+        # Batch state, for teardown: claimed-not-handed, handed, known outcomes.
+        self._claimed: list[Claimed] = []
+        self._handed: list[Claimed] = []
+        self._unrecorded: list[Outcome] = []
+        self._ended = False  # finished or deferred: the lease is already given up
+
+    # --- setup ----------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        now = self._clock.now()
+        until = now + timedelta(seconds=self._s.lease_seconds)
+        lease = await self._store.acquire(
+            self.campaign_id, self._s.instance_id, until=until, now=now
+        )
+        if lease is None:
+            # Another process holds it, or it waits: nothing to do here.
+            log.info("campaign not acquired", extra={"campaign_id": self.campaign_id})
+            self._ended = True
+            self.request_stop()
+            return
+        self._lease = lease
+        doubts = await self._store.begin_sending(lease, now)
+        if doubts:
+            metrics.EMAILS_FAILED.labels(kind="campaign", reason="in_doubt").inc(doubts)
+            log.warning(
+                "recipients left in doubt by a dead owner",
+                extra={"campaign_id": self.campaign_id, "in_doubt": doubts},
+            )
+        campaign = await self._store.get_campaign(self.campaign_id)
+        assert campaign is not None
+        self._campaign = campaign
+        attachments = await self._store.attachments(self.campaign_id)
+        self._template = MessageTemplate(
+            from_email=self._s.from_email,
+            from_name=self._s.from_name,
+            subject=campaign.subject,
+            text=campaign.body_text,
+            html=campaign.body_html,
+            message_id_domain=self._s.message_id_domain,
+            attachments=[(a.filename, a.content_type, a.content) for a in attachments],
+        )
+        self.spawn_task(self._heartbeat(lease), name=f"{self.name}-heartbeat")
+        await self._emit("started")
+        self._again()
+
+    async def _heartbeat(self, lease: Lease) -> None:
+        """Renews the lease; losing it crashes the actor so it stops sending."""
+        period = self._s.lease_seconds / 3
+        while True:
+            await self._clock.sleep(period)
+            until = self._clock.now() + timedelta(seconds=self._s.lease_seconds)
+            if not await self._store.renew(lease, until):
+                raise LeaseLost(f"lease on campaign {lease.campaign_id} lost")
+
+    # --- running ----------------------------------------------------------------
+
+    async def handle(self, msg: Continue) -> object:
+        await self._batch()
+        return None
+
+    def _again(self) -> None:
+        # After a stop request the mailbox is closed: the loop simply ends there.
+        if self.ref.alive:
+            self.ref.tell(Continue())
+
+    async def _batch(self) -> None:
+        if self._ended:
+            return
+        lease, campaign, template = self._lease, self._campaign, self._template
+        assert lease is not None and campaign is not None and template is not None
+        now = self._clock.now()
+        self._claimed, unsubscribed = await self._store.claim(lease, self._s.batch_size, now)
+        if not self._claimed:
+            if unsubscribed:  # a batch of only unsubscribed addresses: go on
+                self._again()
+                return
+            await self._finish(lease)
+            return
+
+        reply = await self._tokens.request_tokens(
+            self.campaign_id, campaign.owner_id, len(self._claimed)
+        )
+        granted, refused = self._claimed[: reply.granted], self._claimed[reply.granted :]
+        await self._store.release_claims(lease, [r.id for r in refused], now)
+        self._claimed = granted
+        if not granted:
+            await self._defer(lease, reply.reason or "rate_per_hour", reply.retry_at)
+            return
+
+        # A recipient whose message cannot be built (an address or name the
+        # renderer refuses) fails permanently without reaching SMTP.
+        sendable: list[tuple[Claimed, Mail, str]] = []
+        unsendable: list[Outcome] = []
+        for r in granted:
+            mid = make_message_id(self.campaign_id, r.id, self._s.message_id_domain)
+            try:
+                sendable.append((r, self._render(template, r, mid, now), mid))
+            except ValueError as exc:
+                unsendable.append(_unsendable(r, str(exc)))
+        self._handed, self._claimed = [r for r, _, _ in sendable], []
+        results = await self._mailer.send_all([m for _, m, _ in sendable])
+        self._unrecorded = unsendable + [
+            _outcome(r, mid, res) for (r, _, mid), res in zip(sendable, results, strict=True)
+        ]
+        self._handed = []
+        self._batches += 1
+        if self._fault is not None:
+            await self._fault(self.campaign_id, self._batches)
+        recorded = await self._flush(lease)
+
+        if any(o.status == "transient" for o in recorded):
+            retry_at = self._clock.now() + self._s.transient_retry
+            await self._defer(lease, "transient_error", retry_at)
+            return
+        # Fewer tokens than wanted: the next ask is refused with the time the
+        # window reopens, which defers the campaign there.
+        self._again()
+
+    def _render(self, template: MessageTemplate, r: Claimed, mid: str, now: datetime) -> Mail:
+        data = template.render(
+            to_email=r.email,
+            to_name=r.name,
+            variables=r.variables,
+            message_id=mid,
+            date=now,
+            unsubscribe_url=self._unsubscribe_url(self.campaign_id, r.email),
+        )
+        return Mail(r.email, data)
+
+    async def _flush(self, lease: Lease) -> list[Outcome]:
+        outcomes = self._unrecorded
+        await self._store.record(lease, outcomes, self._clock.now())
+        self._unrecorded = []
+        for o in outcomes:
+            if o.status == "sent":
+                metrics.EMAILS_SENT.labels(kind="campaign").inc()
+            else:
+                reason = "permanent" if o.status == "failed" else o.status
+                metrics.EMAILS_FAILED.labels(kind="campaign", reason=reason).inc()
+        await self._emit("progress")
+        return outcomes
+
+    async def _finish(self, lease: Lease) -> None:
+        result = await self._store.finish(lease, self._clock.now())
+        if result is None:
+            # Rows still pending or claimed elsewhere: look again shortly.
+            await self._clock.sleep(1.0)
+            self._again()
+            return
+        status, counts = result
+        self._ended = True
+        log.info(
+            "campaign finished",
+            extra={
+                "campaign_id": self.campaign_id,
+                "status": status,
+                "finished_with_errors": status != "sent",
+                "counts": counts,
+            },
+        )
+        await self._emit(status, counts=counts)
+        self.request_stop()
+
+    async def _defer(self, lease: Lease, reason: str, until: datetime | None) -> None:
+        until = until or self._clock.now() + timedelta(minutes=1)
+        if await self._store.defer(lease, reason, until, self._clock.now()):
+            metrics.DEFERS.labels(reason=reason).inc()
+            log.info(
+                "campaign deferred",
+                extra={
+                    "campaign_id": self.campaign_id,
+                    "defer_reason": reason,
+                    "deferred_until": until.isoformat(),
+                },
+            )
+            await self._emit("deferred", defer_reason=reason, deferred_until=until)
+        self._ended = True
+        self.request_stop()
+
+    async def _emit(
+        self,
+        event: str,
+        *,
+        counts: dict[str, int] | None = None,
+        defer_reason: str | None = None,
+        deferred_until: datetime | None = None,
+    ) -> None:
+        campaign = self._campaign
+        if campaign is None:
+            return
+        status = event if event in ("sent", "completed_with_errors") else "sending"
+        await self._events.emit(
+            CampaignEvent(
+                event=event,
+                campaign_id=self.campaign_id,
+                owner_id=campaign.owner_id,
+                status=status,
+                at=self._clock.now(),
+                counts=counts,
+                defer_reason=defer_reason,
+                deferred_until=deferred_until,
+            )
+        )
+
+    # --- teardown ---------------------------------------------------------------
+
+    async def on_stop(self, error: BaseException | None) -> None:
+        lease = self._lease
+        if lease is None:
+            return
+        now = self._clock.now()
+        try:
+            if self._unrecorded:
+                await self._flush(lease)
+            if self._claimed:
+                await self._store.release_claims(lease, [r.id for r in self._claimed], now)
+                self._claimed = []
+            if self._handed:
+                log.error(
+                    "campaign actor stopped with sends in flight; they will be in doubt",
+                    extra={"campaign_id": self.campaign_id, "in_doubt": len(self._handed)},
+                )
+            if not self._ended:
+                await self._store.release(lease)
+        except Exception:
+            # The database is unreachable: the lease expires by itself and the
+            # next owner settles the rows (claimed ones become in_doubt).
+            log.exception(
+                "campaign teardown could not record", extra={"campaign_id": self.campaign_id}
+            )
+
+
+class LeaseLost(Exception):
+    """Another process took the campaign: this actor must stop sending."""
+
+
+def _unsendable(r: Claimed, error: str) -> Outcome:
+    return Outcome(
+        recipient_id=r.id,
+        email=r.email,
+        status="failed",
+        message_id=None,
+        answer=None,
+        error=f"message not built: {error}",
+        took_ms=0.0,
+    )
+
+
+def _outcome(r: Claimed, message_id: str, res: SendResult) -> Outcome:
+    if res.outcome == "sent":
+        status = "sent"
+    elif res.in_doubt:
+        status = "in_doubt"
+    elif res.outcome == "permanent":
+        status = "failed"
+    else:
+        status = "transient"
+    return Outcome(
+        recipient_id=r.id,
+        email=r.email,
+        status=status,
+        message_id=message_id,
+        answer=res.provider_answer,
+        error=res.error,
+        took_ms=res.took_ms,
+    )

@@ -1,0 +1,171 @@
+"""The process's one NATS connection, its codec and request/reply helpers.
+
+Replies of the API have one shape: the reply Struct on success; on failure an
+``ErrorReply`` body plus the NATS micro error headers (``Nats-Service-Error``,
+``Nats-Service-Error-Code``), so micro-aware clients and plain ones both see
+it. ``Bus.request`` turns an error reply back into ``RemoteError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from mailer.messages import ErrorBody, ErrorReply
+
+__all__ = [
+    "ERROR_CODE_HEADER",
+    "ERROR_HEADER",
+    "Bus",
+    "RemoteError",
+    "decode",
+    "encode",
+]
+
+log = logging.getLogger("mailer.bus")
+
+T = TypeVar("T")
+
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+# Headers naming who acts, and in which language replies should be.
+USER_HEADER = "Mailer-User"
+ROLES_HEADER = "Mailer-Roles"
+LANG_HEADER = "Mailer-Lang"
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(msg: Any) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes, typ: type[T]) -> T:
+    return msgspec.json.decode(data, type=typ, strict=True)
+
+
+class RemoteError(Exception):
+    """An error reply: ``code`` is the stable error code, ``status`` HTTP-like."""
+
+    def __init__(self, status: int, body: ErrorBody) -> None:
+        self.status = status
+        self.code = body.code
+        self.message = body.message
+        self.details = body.details
+        super().__init__(f"{status} {body.code}: {body.message}")
+
+
+class Bus:
+    """One NATS connection per process; reconnects forever with backoff."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str,
+        name: str,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        creds_file: str | None = None,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.name = name
+        self._auth: dict[str, Any] = {
+            k: v
+            for k, v in {
+                "user": user,
+                "password": password,
+                "token": token,
+                "user_credentials": creds_file,
+            }.items()
+            if v
+        }
+        self._nc: Client | None = None
+
+    @property
+    def nc(self) -> Client:
+        if self._nc is None:
+            raise RuntimeError("bus not connected")
+        return self._nc
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    def subject(self, *parts: str) -> str:
+        return ".".join((self.prefix, *parts))
+
+    async def connect(self) -> None:
+        if self._nc is not None:
+            return
+
+        async def on_disconnect() -> None:
+            log.warning("nats disconnected", extra={"nats_url": self.url})
+
+        async def on_reconnect() -> None:
+            log.info("nats reconnected", extra={"nats_url": self.url})
+
+        async def on_error(exc: Exception) -> None:
+            log.error("nats error: %s", exc, extra={"nats_url": self.url})
+
+        self._nc = await nats.connect(
+            self.url,
+            name=self.name,
+            # Reconnect forever: the orchestrator, not this loop, decides when
+            # a pod is dead. The client's own backoff has jitter.
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            allow_reconnect=True,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            error_cb=on_error,
+            **self._auth,
+        )
+
+    async def publish(self, subject: str, msg: Any, headers: dict[str, str] | None = None) -> None:
+        await self.nc.publish(subject, encode(msg), headers=headers)
+
+    async def request(
+        self,
+        subject: str,
+        msg: Any,
+        reply_type: type[T],
+        *,
+        timeout: float = 5.0,
+        headers: dict[str, str] | None = None,
+    ) -> T:
+        reply = await self.nc.request(subject, encode(msg), timeout=timeout, headers=headers)
+        return parse_reply(reply, reply_type)
+
+    async def close(self) -> None:
+        """Drains (flushes what we publish, finishes subscriptions) and closes."""
+        nc, self._nc = self._nc, None
+        if nc is None or nc.is_closed:
+            return
+        try:
+            await nc.drain()
+        except Exception:  # a drain on a broken connection: close is what is left
+            log.warning("nats drain failed; closing", exc_info=True)
+            await nc.close()
+
+
+def parse_reply(reply: Msg, reply_type: type[T]) -> T:
+    headers = reply.headers or {}
+    if ERROR_CODE_HEADER in headers:
+        try:
+            body = decode(reply.data, ErrorReply).error
+        except msgspec.DecodeError:
+            body = ErrorBody(code="internal_error", message=headers.get(ERROR_HEADER, ""))
+        try:
+            status = int(headers[ERROR_CODE_HEADER])
+        except ValueError:
+            status = 500
+        raise RemoteError(status, body)
+    return decode(reply.data, reply_type)

@@ -1,0 +1,365 @@
+"""Typed settings from ``MAILER_*`` environment variables (and ``.env``).
+
+Every tunable number lives here, once. A field ``foo_bar`` is read from
+``MAILER_FOO_BAR``; its ``Meta(description=...)`` is the text of the README's
+configuration table, which a test keeps in step with this class. A bad value
+stops the process with a message naming the variable and what it allows.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "ENV_PREFIX",
+    "ConfigError",
+    "Settings",
+    "env_name",
+    "load_settings",
+    "read_dotenv",
+    "settings_table",
+]
+
+ENV_PREFIX = "MAILER_"
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The whole configuration of one mailer process."""
+
+    env: Annotated[
+        Literal["development", "production"],
+        Meta(description="`production` turns on JSON logs and refuses unsafe defaults."),
+    ] = "development"
+    instance_id: Annotated[
+        str,
+        Meta(description="Name of this process in leases and logs (default: host-pid)."),
+    ] = ""
+
+    # --- connections ---------------------------------------------------------
+    nats_url: Annotated[
+        str,
+        Meta(description="NATS server URL; empty under `mailer dev` starts an embedded one."),
+    ] = ""
+    database_url: Annotated[
+        str,
+        Meta(description="PostgreSQL DSN; empty under `mailer dev` starts an embedded one."),
+    ] = ""
+    database_pool_size: Annotated[int, Meta(ge=2, description="asyncpg pool size.")] = 10
+    redis_url: Annotated[
+        str,
+        Meta(description="Redis URL; empty under `mailer dev` starts an embedded one."),
+    ] = ""
+    subject_prefix: Annotated[
+        str,
+        Meta(
+            pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+            description="Prefix of every NATS subject mailer serves or publishes.",
+        ),
+    ] = "mailer"
+    redis_key_prefix: Annotated[
+        str, Meta(description="Prefix of every Redis key mailer writes.")
+    ] = "mailer:"
+
+    # --- SMTP ------------------------------------------------------------------
+    smtp_host: Annotated[
+        str,
+        Meta(description="SMTP server host; empty under `mailer dev` starts a local sink."),
+    ] = ""
+    smtp_port: Annotated[Port, Meta(description="SMTP server port (0: the sink's).")] = 0
+    smtp_security: Annotated[
+        Literal["none", "starttls", "tls"],
+        Meta(description="`starttls`, implicit `tls`, or `none` (local sink only)."),
+    ] = "none"
+    smtp_username: Annotated[str, Meta(description="SMTP AUTH user (empty: no AUTH).")] = ""
+    smtp_password: Annotated[str, Meta(description="SMTP AUTH password.")] = ""
+    smtp_timeout_seconds: Annotated[Seconds, Meta(description="Timeout of one SMTP step.")] = 30.0
+    smtp_connections: Annotated[
+        PositiveInt, Meta(description="Reused SMTP connections per process.")
+    ] = 8
+    smtp_account: Annotated[
+        str,
+        Meta(description="Name of the SMTP account; the hourly rate is counted per account."),
+    ] = "default"
+    from_email: Annotated[
+        str, Meta(description="Envelope sender and From address of every message.")
+    ] = "crm@example.com"
+    from_name: Annotated[str, Meta(description="Display name in From.")] = "CRM"
+    message_id_domain: Annotated[
+        str, Meta(description="Domain of generated Message-IDs (default: from_email's).")
+    ] = ""
+
+    # --- sending rules -------------------------------------------------------
+    rate_per_hour: Annotated[
+        PositiveInt,
+        Meta(description="Sends allowed per SMTP account per clock hour."),
+    ] = 100
+    batch_size: Annotated[
+        PositiveInt,
+        Meta(description="Recipients a campaign actor claims, and tokens it asks, at once."),
+    ] = 200
+    max_active_campaigns: Annotated[
+        PositiveInt,
+        Meta(description="Campaigns sending at once (1: one after another in queue order)."),
+    ] = 1
+    max_campaign_recipients: Annotated[
+        PositiveInt,
+        Meta(description="A campaign with more recipients is refused at start: split it."),
+    ] = 10_000
+    campaign_lease_seconds: Annotated[
+        Seconds,
+        Meta(description="Lease a process holds on a campaign; renewed at a third of it."),
+    ] = 30.0
+    token_request_timeout_seconds: Annotated[
+        Seconds, Meta(description="How long a campaign waits for the rate governor's reply.")
+    ] = 5.0
+
+    # --- links -------------------------------------------------------------------
+    public_url: Annotated[
+        str, Meta(description="Public base URL of the HTTP server (unsubscribe links).")
+    ] = "http://localhost:8080"
+    unsubscribe_secret: Annotated[
+        str, Meta(description="HMAC key that signs unsubscribe links; set it in production.")
+    ] = "dev-unsubscribe-secret-change-me"  # noqa: S105 - refused in production
+
+    # --- process -------------------------------------------------------------------
+    http_host: Annotated[str, Meta(description="Bind address of /metrics, /healthz, /readyz.")] = (
+        "127.0.0.1"
+    )
+    http_port: Annotated[Port, Meta(description="Port of the HTTP server (0: any free).")] = 8080
+    shutdown_timeout_seconds: Annotated[
+        Seconds, Meta(description="Graceful-shutdown deadline before tasks are cancelled.")
+    ] = 25.0
+    var_dir: Annotated[
+        str, Meta(description="Where `mailer dev` keeps the embedded stack and the outbox.")
+    ] = "var"
+
+    # --- logs ----------------------------------------------------------------------
+    log_level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR"], Meta(description="Log level.")
+    ] = "INFO"
+    log_json: Annotated[
+        bool | None, Meta(description="JSON log lines (default: on in production).")
+    ] = None
+    log_full_emails: Annotated[
+        bool, Meta(description="Allow full addresses in DEBUG logs (never above DEBUG).")
+    ] = False
+    log_hash_salt: Annotated[
+        str, Meta(description="Salt of email hashes in logs; production refuses the default.")
+    ] = "mailer-dev-salt-change-me"
+
+    @property
+    def effective_instance_id(self) -> str:
+        return self.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @property
+    def effective_message_id_domain(self) -> str:
+        if self.message_id_domain:
+            return self.message_id_domain
+        return self.from_email.rpartition("@")[2] or "localhost"
+
+    @property
+    def json_logs(self) -> bool:
+        return self.env == "production" if self.log_json is None else self.log_json
+
+
+class ConfigError(Exception):
+    """A setting has a value it does not allow; the message names the variable."""
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Reads ``KEY=value`` lines; ``#`` comments and surrounding quotes are ignored."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.strip().removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def _allowed(field: msgspec.inspect.Field) -> str:
+    """Describes what a field accepts, for error messages."""
+    t: Any = field.type
+    if isinstance(t, msgspec.inspect.Metadata):
+        parts = [_type_name(t.type)]
+        for key in ("ge", "gt", "le", "lt", "pattern"):
+            value = getattr(t, key, None)
+            if value is not None:
+                parts.append(f"{key} {value}")
+        return ", ".join(parts)
+    return _type_name(t)
+
+
+def _type_name(t: msgspec.inspect.Type) -> str:
+    if isinstance(t, msgspec.inspect.LiteralType):
+        return "one of " + ", ".join(repr(v) for v in t.values)
+    if isinstance(t, msgspec.inspect.UnionType):
+        return " or ".join(
+            _type_name(x) for x in t.types if not isinstance(x, msgspec.inspect.NoneType)
+        )
+    if isinstance(t, msgspec.inspect.IntType | msgspec.inspect.FloatType):
+        name = "an integer" if isinstance(t, msgspec.inspect.IntType) else "a number"
+        bounds = [
+            f"{op} {value}"
+            for op, value in ((">=", t.ge), (">", t.gt), ("<=", t.le), ("<", t.lt))
+            if value is not None
+        ]
+        return " ".join([name, *bounds])
+    if isinstance(t, msgspec.inspect.BoolType):
+        return "true or false"
+    if isinstance(t, msgspec.inspect.Metadata):
+        return _type_name(t.type)
+    return "a string"
+
+
+def _coerce(raw: str, field: msgspec.inspect.Field) -> Any:
+    """Turns an environment string into the JSON-ish value msgspec validates."""
+    t: Any = field.type
+    while isinstance(t, msgspec.inspect.Metadata):
+        t = t.type
+    kinds = t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)
+    if any(isinstance(k, msgspec.inspect.BoolType) for k in kinds):
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        if low == "" and any(isinstance(k, msgspec.inspect.NoneType) for k in kinds):
+            return None
+        return raw
+    if any(isinstance(k, msgspec.inspect.IntType) for k in kinds):
+        try:
+            return int(raw.strip())
+        except ValueError:
+            return raw
+    if any(isinstance(k, msgspec.inspect.FloatType) for k in kinds):
+        try:
+            return float(raw.strip())
+        except ValueError:
+            return raw
+    return raw
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    *,
+    dotenv: Path | None = Path(".env"),
+    **overrides: Any,
+) -> Settings:
+    """Builds Settings from the environment (which wins over ``.env``) and overrides.
+
+    Raises ConfigError naming the first variable whose value is not allowed.
+    """
+    env = dict(os.environ if environ is None else environ)
+    source: dict[str, str] = {}
+    if dotenv is not None:
+        source.update(read_dotenv(dotenv))
+    source.update(env)
+    info = msgspec.inspect.type_info(Settings)
+    assert isinstance(info, msgspec.inspect.StructType)
+    values: dict[str, Any] = {}
+    for field in info.fields:
+        name = env_name(field.name)
+        if field.name in overrides:
+            values[field.name] = overrides[field.name]
+        elif name in source:
+            values[field.name] = _coerce(source[name], field)
+        else:
+            continue
+        try:
+            msgspec.convert({field.name: values[field.name]}, _single_field_type(field.name))
+        except msgspec.ValidationError as exc:
+            shown = values[field.name]
+            raise ConfigError(
+                f"{name}={shown!r} is not allowed: expected {_allowed(field)} ({exc})"
+            ) from None
+    unknown = sorted(k for k in source if k.startswith(ENV_PREFIX) and k not in _known_env())
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; see the README's table")
+    settings = msgspec.convert(values, Settings)
+    if settings.env == "production":
+        _check_production(settings)
+    return settings
+
+
+def _check_production(s: Settings) -> None:
+    defaults = Settings()
+    if s.log_hash_salt == defaults.log_hash_salt or len(s.log_hash_salt) < 16:
+        raise ConfigError(
+            f"{env_name('log_hash_salt')} must be set to a secret of 16+ characters in production"
+        )
+    if s.unsubscribe_secret == defaults.unsubscribe_secret or len(s.unsubscribe_secret) < 16:
+        raise ConfigError(
+            f"{env_name('unsubscribe_secret')} must be set to a secret of 16+ characters "
+            "in production"
+        )
+    for field in ("nats_url", "database_url", "redis_url", "smtp_host"):
+        if not getattr(s, field):
+            raise ConfigError(f"{env_name(field)} is required in production")
+
+
+_FIELD_TYPES: dict[str, Any] = {}
+
+
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(Settings, include_extras=True)
+
+
+def _single_field_type(field_name: str) -> Any:
+    """A one-field Struct with the same annotation, to validate fields one by one."""
+    cached = _FIELD_TYPES.get(field_name)
+    if cached is None:
+        cached = msgspec.defstruct(f"_{field_name}", [(field_name, _hints()[field_name])])
+        _FIELD_TYPES[field_name] = cached
+    return cached
+
+
+def _known_env() -> set[str]:
+    return {env_name(f) for f in Settings.__struct_fields__}
+
+
+def _description(field_name: str) -> str:
+    for extra in typing.get_args(_hints()[field_name])[1:]:
+        if isinstance(extra, Meta) and extra.description:
+            return str(extra.description)
+    return ""
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(variable, default, description) rows in declaration order: the README's table."""
+    info = msgspec.inspect.type_info(Settings)
+    assert isinstance(info, msgspec.inspect.StructType)
+    rows: list[tuple[str, str, str]] = []
+    for field in info.fields:
+        default = field.default
+        if default is None or default is msgspec.NODEFAULT:
+            shown = ""
+        elif isinstance(default, bool):
+            shown = str(default).lower()
+        else:
+            shown = str(default)
+        rows.append((env_name(field.name), shown, _description(field.name)))
+    return rows

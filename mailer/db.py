@@ -1,0 +1,130 @@
+"""PostgreSQL access: the asyncpg pool, named queries and migrations.
+
+SQL lives in ``mailer/queries/*.sql``; each statement is headed
+``-- name: some-name`` and read once at import. Code refers to a query by
+name (``Q["recipients-claim"]``), so all data access is in one place to read.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+__all__ = ["Q", "Queries", "connect_pool", "migrate"]
+
+log = logging.getLogger("mailer.db")
+
+_NAME = re.compile(r"^--\s*name:\s*([a-z0-9-]+)\s*$", re.MULTILINE)
+# A constant key for the advisory lock that serializes migrations across pods.
+_MIGRATION_LOCK_KEY = 0x6D61696C6572  # "mailer"
+
+
+class Queries(Mapping[str, str]):
+    """Named SQL statements read from the package's ``queries`` folder."""
+
+    def __init__(self, package: str = "mailer.queries") -> None:
+        self._sql: dict[str, str] = {}
+        for entry in sorted(resources.files(package).iterdir(), key=lambda e: e.name):
+            if entry.name.endswith(".sql"):
+                self._load(entry.name, entry.read_text(encoding="utf-8"))
+
+    def _load(self, filename: str, text: str) -> None:
+        parts = _NAME.split(text)
+        # parts = [preamble, name1, sql1, name2, sql2, ...]
+        for name, sql in zip(parts[1::2], parts[2::2], strict=True):
+            if name in self._sql:
+                raise ValueError(f"query {name!r} defined twice ({filename})")
+            self._sql[name] = sql.strip()
+
+    def __getitem__(self, name: str) -> str:
+        return self._sql[name]
+
+    def __iter__(self) -> Any:
+        return iter(self._sql)
+
+    def __len__(self) -> int:
+        return len(self._sql)
+
+
+Q = Queries()
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb columns come and go as Python objects.
+    import msgspec
+
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda v: msgspec.json.encode(v).decode(),
+        decoder=msgspec.json.decode,
+        schema="pg_catalog",
+    )
+
+
+async def connect_pool(dsn: str, *, size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=size,
+        init=_init_connection,
+        # Connections that PostgreSQL dropped (restart) are replaced on acquire.
+        max_inactive_connection_lifetime=60.0,
+    )
+    assert pool is not None
+    return pool
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    found: list[tuple[int, str, str]] = []
+    for entry in resources.files("mailer.migrations").iterdir():
+        m = re.match(r"^(\d{4})_([a-z0-9_]+)\.sql$", entry.name)
+        if m:
+            found.append((int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"duplicate migration numbers: {versions}")
+    return found
+
+
+async def migrate(dsn: str) -> list[int]:
+    """Applies the migrations not yet recorded; returns the versions applied.
+
+    Idempotent, and safe when several pods start at once: a session-level
+    advisory lock serializes them, and each migration runs in a transaction
+    together with its record in ``schema_migration``.
+    """
+    conn: asyncpg.Connection = await asyncpg.connect(dsn)
+    applied: list[int] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
+        try:
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS schema_migration (
+                       version integer PRIMARY KEY,
+                       name text NOT NULL,
+                       applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migration")}
+            for version, name, sql in _migrations():
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migration (version, name) VALUES ($1, $2)",
+                        version,
+                        name,
+                    )
+                applied.append(version)
+                log.info("migration applied", extra={"version": version, "migration": name})
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
+    finally:
+        await conn.close()
+    return applied

@@ -1,0 +1,33 @@
+-- name: campaign-insert
+INSERT INTO campaign (owner_id, name, subject, body_text, body_html, priority, status,
+                      created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, 'draft', $7, $7)
+RETURNING id, owner_id, name, subject, body_text, body_html, priority, status,
+          created_at, updated_at, finished_at;
+
+-- name: campaign-get
+SELECT id, owner_id, name, subject, body_text, body_html, priority, status,
+       created_at, updated_at, finished_at
+FROM campaign WHERE id = $1;
+
+-- name: campaign-get-for-update
+SELECT id, owner_id, name, subject, body_text, body_html, priority, status,
+       created_at, updated_at, finished_at
+FROM campaign WHERE id = $1 FOR UPDATE;
+
+-- name: campaign-set-status
+-- Moves a campaign from one of the expected statuses to a new one; returns
+-- nothing when it was not in an expected status (a lost race is visible).
+UPDATE campaign
+SET status = $2, updated_at = $4,
+    finished_at = CASE WHEN $2 IN ('sent', 'completed_with_errors', 'cancelled') THEN $4
+                       ELSE finished_at END
+WHERE id = $1 AND status = ANY($3::text[])
+RETURNING status;
+
+-- name: attachments-of-campaign
+SELECT filename, content_type, content FROM attachment WHERE campaign_id = $1 ORDER BY id;
+
+-- name: audit-insert
+INSERT INTO audit_log (at, actor_id, action, campaign_id, details)
+VALUES ($1, $2, $3, $4, $5);

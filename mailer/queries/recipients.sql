@@ -1,0 +1,74 @@
+-- name: recipients-insert
+-- Bulk insert; a duplicate of an address already in the campaign (any case)
+-- collapses into the existing row and is not returned.
+INSERT INTO recipient (campaign_id, email, name, variables, created_at, updated_at)
+SELECT $1, r.email, r.name, r.variables, $5, $5
+FROM unnest($2::text[], $3::text[], $4::jsonb[]) AS r(email, name, variables)
+ON CONFLICT (campaign_id, lower(email)) DO NOTHING
+RETURNING id;
+
+-- name: recipients-claim
+-- Claims up to $2 pending recipients of a campaign for the claim token $3.
+-- SKIP LOCKED lets two claimers never see the same row; unsubscribed
+-- addresses are settled here as 'unsubscribed' so they are never sent.
+WITH picked AS (
+    SELECT r.id,
+           EXISTS (SELECT 1 FROM unsubscribe u WHERE u.email = lower(r.email)) AS unsub
+    FROM recipient r
+    WHERE r.campaign_id = $1 AND r.status = 'pending'
+    ORDER BY r.id
+    LIMIT $2
+    FOR UPDATE OF r SKIP LOCKED
+)
+UPDATE recipient r
+SET status = CASE WHEN p.unsub THEN 'unsubscribed' ELSE 'sending' END,
+    claimed_by = CASE WHEN p.unsub THEN NULL ELSE $3 END,
+    claimed_at = CASE WHEN p.unsub THEN NULL ELSE $4::timestamptz END,
+    updated_at = $4
+FROM picked p
+WHERE r.id = p.id
+RETURNING r.id, r.email, r.name, r.variables, r.status;
+
+-- name: recipients-release
+-- Gives claimed recipients that were never handed to SMTP back to the queue.
+UPDATE recipient
+SET status = 'pending', claimed_by = NULL, claimed_at = NULL, updated_at = $3
+WHERE id = ANY($1::bigint[]) AND status = 'sending' AND claimed_by = $2;
+
+-- name: recipients-record
+-- Records SMTP outcomes of one batch. Only rows this claimer still holds, or
+-- rows a takeover marked in doubt (a known outcome is better than a doubt).
+UPDATE recipient r
+SET status = o.status,
+    claimed_by = NULL,
+    claimed_at = NULL,
+    sent_at = CASE WHEN o.status = 'sent' THEN $6::timestamptz ELSE r.sent_at END,
+    smtp_message_id = COALESCE(o.message_id, r.smtp_message_id),
+    error = o.error,
+    updated_at = $6
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
+     AS o(id, status, message_id, error)
+WHERE r.id = o.id
+  AND ((r.status = 'sending' AND r.claimed_by = $5) OR r.status = 'in_doubt')
+RETURNING r.id;
+
+-- name: recipients-orphans-to-doubt
+-- Rows of this campaign left 'sending' by an owner that is gone (crash,
+-- kill -9, lost lease): they may have been accepted by the SMTP server, so
+-- they become visibly 'in_doubt' instead of being sent again.
+UPDATE recipient
+SET status = 'in_doubt', claimed_by = NULL, claimed_at = NULL,
+    error = 'owner died between claim and record; delivery unknown', updated_at = $3
+WHERE campaign_id = $1 AND status = 'sending' AND claimed_by <> $2
+RETURNING id;
+
+-- name: recipients-counts
+SELECT status, count(*)::bigint AS n FROM recipient WHERE campaign_id = $1 GROUP BY status;
+
+-- name: send-log-insert
+INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, smtp_message_id,
+                      provider_answer, error, took_ms, created_at)
+SELECT $1, o.recipient_id, o.email, $2, o.status, o.message_id, o.answer, o.error, o.took_ms, $10
+FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+            $9::float8[])
+     AS o(recipient_id, email, status, message_id, answer, error, took_ms);

@@ -1,0 +1,316 @@
+"""Wires one mailer process: connections, the supervisor and its actors, HTTP.
+
+Start order (and, reversed, stop order):
+  PostgreSQL pool, Redis, NATS  ->  supervisor: smtp-sender, rate-governor,
+  api, scheduler (+ one campaign-N actor per running campaign)  ->  HTTP.
+At shutdown the HTTP server closes first, then the campaign actors (their
+batch in flight is sent and recorded), the scheduler, the API, the governor,
+the sender (its SMTP connections close last), and finally NATS is drained
+and the pools closed. The scheduler is the last static child so that every
+campaign actor, spawned after it, stops before the parts it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import redis.asyncio as redis
+
+from mailer import __version__, metrics
+from mailer.actors import (
+    ActorDead,
+    AlreadyRunning,
+    ChildSpec,
+    MailboxFull,
+    Restart,
+    RestartPolicy,
+    Supervisor,
+    SupervisorClosed,
+)
+from mailer.actors.api import ApiActor
+from mailer.actors.campaign import CampaignActor, CampaignSettings, FaultHook
+from mailer.actors.governor import GovernorActor, NatsTokenSource
+from mailer.actors.scheduler import CampaignEnded, SchedulerActor
+from mailer.actors.sender import ActorMailer, SenderActor
+from mailer.bus import Bus
+from mailer.clock import Clock, SystemClock
+from mailer.config import Settings
+from mailer.db import connect_pool
+from mailer.http import HttpServer
+from mailer.messages import CampaignEvent
+from mailer.ratelimit import HourlyLimiter
+from mailer.store import PgStore
+from mailer.transport import SmtpTransport
+from mailer.unsubscribe import unsubscribe_url
+
+__all__ = ["BusEvents", "MetricsObserver", "Service"]
+
+log = logging.getLogger("mailer.service")
+
+CAMPAIGN_PREFIX = "campaign-"
+
+
+class MetricsObserver:
+    """Feeds the runtime's events into Prometheus (labels by actor kind)."""
+
+    def on_actor_started(self, actor_name: str, mailbox_depth: Callable[[], int]) -> None:
+        metrics.register_mailbox(actor_name, mailbox_depth)
+
+    def on_actor_stopped(self, actor_name: str) -> None:
+        metrics.unregister_mailbox(actor_name)
+
+    def on_mailbox_full(self, actor_name: str) -> None:
+        metrics.ACTOR_MAILBOX_FULL.labels(actor=metrics.actor_kind(actor_name)).inc()
+
+    def on_crash(self, actor_name: str, exc: BaseException) -> None:
+        log.error(
+            "actor crashed",
+            extra={"actor": actor_name, "error": repr(exc)},
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+
+    def on_restart(self, actor_name: str) -> None:
+        metrics.ACTOR_RESTARTS.labels(actor=metrics.actor_kind(actor_name)).inc()
+
+
+class BusEvents:
+    """Campaign lifecycle events on ``<prefix>.events.campaign.<event>``."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    async def emit(self, event: CampaignEvent) -> None:
+        try:
+            await self._bus.publish(self._bus.subject("events", "campaign", event.event), event)
+        except Exception:  # an event is a notice; the database holds the truth
+            log.warning("event not published", extra={"campaign_id": event.campaign_id})
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        fault: FaultHook | None = None,
+        restart_policy: RestartPolicy | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self._fault = fault
+        self._policy = restart_policy or RestartPolicy(
+            max_restarts=20, window_seconds=60.0, backoff_base=0.1, backoff_max=5.0
+        )
+        self._pool: Any = None
+        self._redis: redis.Redis | None = None
+        self._bus: Bus | None = None
+        self._store: PgStore | None = None
+        self._supervisor: Supervisor | None = None
+        self._http: HttpServer | None = None
+        self._stopped = False
+
+    # --- parts, for tests and the CLI -------------------------------------------------
+
+    @property
+    def bus(self) -> Bus:
+        assert self._bus is not None, "service not started"
+        return self._bus
+
+    @property
+    def store(self) -> PgStore:
+        assert self._store is not None, "service not started"
+        return self._store
+
+    @property
+    def supervisor(self) -> Supervisor:
+        assert self._supervisor is not None, "service not started"
+        return self._supervisor
+
+    @property
+    def http_port(self) -> int | None:
+        return self._http.port if self._http is not None else None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        self._pool = await connect_pool(s.database_url, size=s.database_pool_size)
+        self._store = PgStore(self._pool)
+        self._redis = redis.Redis.from_url(
+            s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        self._bus = Bus(
+            s.nats_url, prefix=s.subject_prefix, name=f"mailer-{s.effective_instance_id}"
+        )
+        await self._bus.connect()
+        metrics.set_build_info(__version__)
+
+        bus, store, clock = self._bus, self._store, self.clock
+        limiter = HourlyLimiter(
+            self._redis,
+            key_prefix=s.redis_key_prefix,
+            account=s.smtp_account,
+            limit=s.rate_per_hour,
+        )
+        children: list[ChildSpec[Any]] = [
+            ChildSpec("smtp-sender", lambda: SenderActor(self._new_transport())),
+            ChildSpec(
+                "rate-governor", lambda: GovernorActor(bus=bus, limiter=limiter, clock=clock)
+            ),
+            ChildSpec(
+                "api",
+                lambda: ApiActor(
+                    bus=bus,
+                    store=store,
+                    clock=clock,
+                    max_campaign_recipients=s.max_campaign_recipients,
+                    version=__version__,
+                ),
+            ),
+            ChildSpec(
+                "scheduler",
+                lambda: SchedulerActor(
+                    bus=bus,
+                    store=store,
+                    clock=clock,
+                    spawn=self._spawn_campaign,
+                    max_active=s.max_active_campaigns,
+                ),
+            ),
+        ]
+        self._supervisor = Supervisor(
+            children,
+            name="mailer",
+            policy=self._policy,
+            observer=MetricsObserver(),
+            on_child_exit=self._on_child_exit,
+            shutdown_deadline=s.shutdown_timeout_seconds,
+        )
+        await self._supervisor.start()
+        if s.http_port or s.http_host:
+            self._http = HttpServer(s.http_host, s.http_port, readiness=self.readiness)
+            await self._http.start()
+        log.info(
+            "mailer started",
+            extra={
+                "instance": s.effective_instance_id,
+                "subject_prefix": s.subject_prefix,
+                "http_port": self.http_port,
+            },
+        )
+
+    def _new_transport(self) -> SmtpTransport:
+        s = self.settings
+        return SmtpTransport(
+            s.smtp_host,
+            s.smtp_port,
+            security=s.smtp_security,
+            username=s.smtp_username or None,
+            password=s.smtp_password or None,
+            timeout=s.smtp_timeout_seconds,
+            connections=s.smtp_connections,
+        )
+
+    async def _spawn_campaign(self, campaign_id: int) -> bool:
+        s = self.settings
+        sup, bus, store = self.supervisor, self.bus, self.store
+        sender = sup.get("smtp-sender")
+        if sender is None:
+            return False
+        # A batch waits for at most every message's SMTP steps over the pool.
+        batch_timeout = s.smtp_timeout_seconds * 4 * (s.batch_size / s.smtp_connections + 1)
+        mailer = ActorMailer(sender, mail_from=s.from_email, timeout=batch_timeout)
+        tokens = NatsTokenSource(bus, timeout=s.token_request_timeout_seconds)
+        events = BusEvents(bus)
+        settings = CampaignSettings(
+            instance_id=s.effective_instance_id,
+            batch_size=s.batch_size,
+            lease_seconds=s.campaign_lease_seconds,
+            from_email=s.from_email,
+            from_name=s.from_name,
+            message_id_domain=s.effective_message_id_domain,
+            public_url=s.public_url,
+            transient_retry=timedelta(minutes=5),
+        )
+
+        def link(cid: int, email: str) -> str:
+            return unsubscribe_url(s.public_url, s.unsubscribe_secret, cid, email)
+
+        spec = ChildSpec(
+            f"{CAMPAIGN_PREFIX}{campaign_id}",
+            lambda: CampaignActor(
+                campaign_id,
+                store=store,
+                tokens=tokens,
+                mailer=mailer,
+                events=events,
+                clock=self.clock,
+                settings=settings,
+                unsubscribe_url=link,
+                fault=self._fault,
+            ),
+            restart=Restart.TRANSIENT,
+        )
+        try:
+            await sup.spawn(spec)
+        except (AlreadyRunning, SupervisorClosed):
+            return False
+        except Exception:
+            log.exception("campaign actor failed to start", extra={"campaign_id": campaign_id})
+            return False
+        return True
+
+    def _on_child_exit(self, name: str, error: BaseException | None) -> None:
+        if not name.startswith(CAMPAIGN_PREFIX) or self._supervisor is None:
+            return
+        scheduler = self._supervisor.get("scheduler")
+        if scheduler is None:
+            return
+        campaign_id = int(name.removeprefix(CAMPAIGN_PREFIX))
+        with contextlib.suppress(ActorDead, MailboxFull):
+            scheduler.tell(CampaignEnded(campaign_id, repr(error) if error else None))
+
+    async def readiness(self) -> dict[str, bool]:
+        checks: dict[str, bool] = {"nats": self._bus is not None and self._bus.connected}
+        try:
+            assert self._pool is not None
+            await self._pool.fetchval("SELECT 1")
+            checks["postgres"] = True
+        except Exception:
+            checks["postgres"] = False
+        try:
+            assert self._redis is not None
+            checks["redis"] = bool(await self._redis.ping())
+        except Exception:
+            checks["redis"] = False
+        return checks
+
+    async def wait(self) -> None:
+        """Returns when the supervisor shut down; raises SupervisorEscalation if it gave up."""
+        await self.supervisor.wait()
+
+    async def stop(self) -> None:
+        """Graceful, idempotent: HTTP, actors (reverse start order), NATS, pools."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._http is not None:
+            await self._http.stop()
+        if self._supervisor is not None:
+            await self._supervisor.shutdown()
+        if self._bus is not None:
+            await self._bus.close()
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+        if self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), timeout=10)
+            except (TimeoutError, Exception):
+                self._pool.terminate()
+        log.info("mailer stopped")

@@ -1,0 +1,341 @@
+"""The asyncpg adapter behind the stores the actors and the API declare.
+
+Every method is one short transaction built from named queries (``mailer.db.Q``).
+Writes a campaign actor makes carry its lease (owner + epoch): a deposed
+owner's late write matches no row and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from mailer.db import Q
+from mailer.messages import CampaignView, QueueView
+
+__all__ = ["Attachment", "CampaignRow", "Claimed", "Lease", "Outcome", "PgStore"]
+
+FINAL_STATUSES = ("sent", "completed_with_errors", "cancelled")
+
+
+class CampaignRow(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    owner_id: str
+    name: str
+    subject: str
+    body_text: str | None
+    body_html: str | None
+    priority: int
+    status: str
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+class Attachment(msgspec.Struct, frozen=True):
+    filename: str
+    content_type: str
+    content: bytes
+
+
+class Lease(msgspec.Struct, frozen=True):
+    campaign_id: int
+    owner: str
+    epoch: int
+    transient_errors: int
+
+    @property
+    def claim_token(self) -> str:
+        # Distinct per holder and per epoch: a restarted actor in the same
+        # process does not mistake its predecessor's claims for its own.
+        return f"{self.owner}#{self.epoch}"
+
+
+class Claimed(msgspec.Struct, frozen=True):
+    id: int
+    email: str
+    name: str | None
+    variables: dict[str, str]
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What one send attempt ended in, as the recipient row and the send log see it."""
+
+    recipient_id: int
+    email: str
+    # sent | failed (permanent) | transient (back to pending) | in_doubt
+    status: str
+    message_id: str | None
+    answer: str | None
+    error: str | None
+    took_ms: float
+
+
+def _campaign(row: asyncpg.Record) -> CampaignRow:
+    return CampaignRow(**dict(row))
+
+
+class PgStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    # --- campaigns ------------------------------------------------------------
+
+    async def create_campaign(
+        self,
+        *,
+        owner_id: str,
+        name: str,
+        subject: str,
+        body_text: str | None,
+        body_html: str | None,
+        priority: int,
+        now: datetime,
+    ) -> CampaignRow:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                Q["campaign-insert"], owner_id, name, subject, body_text, body_html, priority, now
+            )
+            assert row is not None
+            await conn.execute(
+                Q["audit-insert"], now, owner_id, "campaign.create", row["id"], {"name": name}
+            )
+        return _campaign(row)
+
+    async def get_campaign(self, campaign_id: int) -> CampaignRow | None:
+        row = await self.pool.fetchrow(Q["campaign-get"], campaign_id)
+        return None if row is None else _campaign(row)
+
+    async def attachments(self, campaign_id: int) -> list[Attachment]:
+        rows = await self.pool.fetch(Q["attachments-of-campaign"], campaign_id)
+        return [Attachment(r["filename"], r["content_type"], bytes(r["content"])) for r in rows]
+
+    async def counts(self, campaign_id: int, conn: Any = None) -> dict[str, int]:
+        rows = await (conn or self.pool).fetch(Q["recipients-counts"], campaign_id)
+        return {r["status"]: int(r["n"]) for r in rows}
+
+    async def view(self, campaign_id: int) -> CampaignView | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(Q["campaign-get"], campaign_id)
+            if row is None:
+                return None
+            counts = await self.counts(campaign_id, conn)
+            q = await conn.fetchrow(Q["queue-get"], campaign_id)
+        queue = None
+        if q is not None:
+            queue = QueueView(
+                priority=q["priority"],
+                queued_at=q["queued_at"],
+                started_at=q["started_at"],
+                completed_at=q["completed_at"],
+                defer_reason=q["defer_reason"],
+                deferred_until=q["deferred_until"],
+                consecutive_transient_errors=q["consecutive_transient_errors"],
+            )
+        c = _campaign(row)
+        return CampaignView(
+            id=c.id,
+            owner_id=c.owner_id,
+            name=c.name,
+            subject=c.subject,
+            status=c.status,
+            priority=c.priority,
+            created_at=c.created_at,
+            updated_at=c.updated_at,
+            finished_at=c.finished_at,
+            counts=counts,
+            queue=queue,
+        )
+
+    async def add_recipients(
+        self,
+        campaign_id: int,
+        rows: Sequence[tuple[str, str | None, dict[str, str]]],
+        now: datetime,
+    ) -> int:
+        """Inserts (email, name, variables) rows; returns how many were new."""
+        if not rows:
+            return 0
+        inserted = await self.pool.fetch(
+            Q["recipients-insert"],
+            campaign_id,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            now,
+        )
+        return len(inserted)
+
+    async def start(
+        self, campaign_id: int, *, actor_id: str, now: datetime, allowed_from: Sequence[str]
+    ) -> CampaignRow | None:
+        """Moves the campaign to ``ready`` and (re)queues it; None if not allowed now."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                Q["campaign-set-status"], campaign_id, "ready", list(allowed_from), now
+            )
+            if row is None:
+                return None
+            c = await conn.fetchrow(Q["campaign-get"], campaign_id)
+            assert c is not None
+            await conn.execute(Q["queue-enqueue"], campaign_id, c["priority"], now)
+            await conn.execute(Q["audit-insert"], now, actor_id, "campaign.start", campaign_id, {})
+            await conn.execute(
+                Q["audit-insert"],
+                now,
+                actor_id,
+                "campaign.status",
+                campaign_id,
+                {"from": row["status"], "to": "ready"},
+            )
+        return _campaign(c)
+
+    # --- the queue and leases ---------------------------------------------------
+
+    async def runnable(self, now: datetime, limit: int) -> list[int]:
+        rows = await self.pool.fetch(Q["queue-runnable"], now, limit)
+        return [int(r["campaign_id"]) for r in rows]
+
+    async def next_wakeup(self, now: datetime) -> datetime | None:
+        at: datetime | None = await self.pool.fetchval(Q["queue-next-wakeup"], now)
+        return at
+
+    async def acquire(
+        self, campaign_id: int, owner: str, *, until: datetime, now: datetime
+    ) -> Lease | None:
+        row = await self.pool.fetchrow(Q["queue-acquire"], campaign_id, owner, until, now)
+        if row is None:
+            return None
+        return Lease(
+            campaign_id, owner, int(row["lease_epoch"]), row["consecutive_transient_errors"]
+        )
+
+    async def renew(self, lease: Lease, until: datetime) -> bool:
+        row = await self.pool.fetchrow(
+            Q["queue-renew"], lease.campaign_id, lease.owner, until, lease.epoch
+        )
+        return row is not None
+
+    async def release(self, lease: Lease) -> None:
+        await self.pool.execute(Q["queue-release"], lease.campaign_id, lease.owner, lease.epoch)
+
+    async def begin_sending(self, lease: Lease, now: datetime) -> int:
+        """Marks the campaign ``sending``; settles what a dead owner left in doubt."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            moved = await conn.fetchrow(
+                Q["campaign-set-status"], lease.campaign_id, "sending", ["ready"], now
+            )
+            if moved is not None:
+                await conn.execute(
+                    Q["audit-insert"],
+                    now,
+                    "system",
+                    "campaign.status",
+                    lease.campaign_id,
+                    {"from": "ready", "to": "sending"},
+                )
+            doubts = await conn.fetch(
+                Q["recipients-orphans-to-doubt"], lease.campaign_id, lease.claim_token, now
+            )
+        return len(doubts)
+
+    async def claim(self, lease: Lease, n: int, now: datetime) -> tuple[list[Claimed], int]:
+        """Claims up to n recipients; returns those to send and how many were unsubscribed."""
+        rows = await self.pool.fetch(
+            Q["recipients-claim"], lease.campaign_id, n, lease.claim_token, now
+        )
+        claimed = [
+            Claimed(r["id"], r["email"], r["name"], r["variables"] or {})
+            for r in rows
+            if r["status"] == "sending"
+        ]
+        return claimed, len(rows) - len(claimed)
+
+    async def release_claims(self, lease: Lease, ids: Sequence[int], now: datetime) -> None:
+        if ids:
+            await self.pool.execute(Q["recipients-release"], list(ids), lease.claim_token, now)
+
+    async def record(self, lease: Lease, outcomes: Sequence[Outcome], now: datetime) -> None:
+        """Writes recipient outcomes and their send-log rows in one transaction.
+
+        A ``transient`` outcome puts the recipient back to ``pending`` (it will
+        be retried) while its attempt stays in the send log.
+        """
+        if not outcomes:
+            return
+        rec = [o for o in outcomes]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                Q["recipients-record"],
+                [o.recipient_id for o in rec],
+                ["pending" if o.status == "transient" else o.status for o in rec],
+                [o.message_id if o.status != "transient" else None for o in rec],
+                [o.error if o.status != "transient" else None for o in rec],
+                lease.claim_token,
+                now,
+            )
+            await conn.execute(
+                Q["send-log-insert"],
+                lease.campaign_id,
+                False,
+                [o.recipient_id for o in rec],
+                [o.email for o in rec],
+                [o.status for o in rec],
+                [o.message_id for o in rec],
+                [o.answer for o in rec],
+                [o.error for o in rec],
+                [o.took_ms for o in rec],
+                now,
+            )
+
+    async def defer(self, lease: Lease, reason: str, until: datetime, now: datetime) -> bool:
+        """The one way a campaign waits: reason and time on the queue entry, audited."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                Q["queue-defer"], lease.campaign_id, lease.owner, lease.epoch, reason, until
+            )
+            if row is None:
+                return False
+            await conn.execute(
+                Q["audit-insert"],
+                now,
+                "system",
+                "campaign.defer",
+                lease.campaign_id,
+                {"reason": reason, "until": until.isoformat()},
+            )
+        return True
+
+    async def finish(self, lease: Lease, now: datetime) -> tuple[str, dict[str, int]] | None:
+        """Gives the campaign its honest final status when nothing is left to send.
+
+        Returns (status, counts), or None when recipients are still pending or
+        claimed (someone added recipients, or another claimer is mid-batch).
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            counts = await self.counts(lease.campaign_id, conn)
+            if counts.get("pending", 0) or counts.get("sending", 0):
+                return None
+            bad = counts.get("failed", 0) + counts.get("in_doubt", 0)
+            status = "completed_with_errors" if bad else "sent"
+            done = await conn.fetchrow(
+                Q["queue-complete"], lease.campaign_id, lease.owner, lease.epoch, now
+            )
+            if done is None:
+                return None
+            await conn.fetchrow(
+                Q["campaign-set-status"], lease.campaign_id, status, ["sending", "ready"], now
+            )
+            await conn.execute(
+                Q["audit-insert"],
+                now,
+                "system",
+                "campaign.status",
+                lease.campaign_id,
+                {"from": "sending", "to": status, "counts": counts},
+            )
+        return status, counts

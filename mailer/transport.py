@@ -1,0 +1,500 @@
+"""SMTP transport: a pool of reused aiosmtplib connections, one transaction each.
+
+Opening an SMTP session (TCP, greeting, EHLO, STARTTLS, AUTH) costs several
+round trips; a transaction on an open session costs three (MAIL, RCPT, DATA).
+So ``SmtpTransport`` keeps up to ``connections`` sessions open and runs one
+transaction at a time on each: many concurrent ``send()`` calls share the pool,
+and a connection that failed is discarded and replaced lazily.
+
+Every outcome is reported as a ``SendResult`` -- ``send()`` does not raise for
+SMTP, network or address problems -- and the verdict on an exception is taken
+in one place, ``classify``.
+
+At-most-once: the MAIL/RCPT/DATA stages are driven here one by one (instead of
+``SMTP.sendmail``) so that a failure is known to have happened before or after
+the message payload went out. A connection lost, a timeout or a garbled reply
+*after* the payload was written means the server may have queued the message:
+the result is then ``transient`` with ``in_doubt=True``, and the caller should
+mark the recipient as in doubt rather than send again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import aiosmtplib
+import msgspec
+from aiosmtplib import (
+    SMTPAuthenticationError,
+    SMTPConnectResponseError,
+    SMTPDataError,
+    SMTPException,
+    SMTPHeloError,
+    SMTPRecipientsRefused,
+    SMTPResponse,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+)
+
+from mailer.render import idna_address
+
+__all__ = [
+    "ConnectionSetupError",
+    "InDoubtError",
+    "Outcome",
+    "SendResult",
+    "SmtpTransport",
+    "UnsendableError",
+    "classify",
+]
+
+Outcome = Literal["sent", "permanent", "transient"]
+Security = Literal["none", "starttls", "tls"]
+
+_IN_DOUBT = (
+    "in doubt: the connection failed after the message data was sent and before "
+    "the server's reply; the message may have been delivered, do not resend blindly"
+)
+
+
+class SendResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What happened to one message.
+
+    ``provider_answer`` is the server's reply of the decisive stage as
+    "code text" (the DATA reply when sent, e.g. "250 2.0.0 Ok: queued as ABC";
+    the refusing reply otherwise), or "" when there was none. ``took_ms`` is the
+    time spent on the SMTP work, from taking a pooled connection to the reply,
+    so it excludes the wait for a free connection.
+    """
+
+    outcome: Outcome
+    smtp_code: int | None
+    provider_answer: str
+    error: str | None
+    took_ms: float
+    in_doubt: bool = False
+
+
+class ConnectionSetupError(Exception):
+    """Opening or preparing a session failed (connect, TLS, EHLO, AUTH).
+
+    Wraps the cause so that ``classify`` sees that the failure is about the
+    connection, not the message: a 535 at AUTH or a 554 greeting is a
+    configuration or server problem, and must not mark the address dead.
+    """
+
+
+class InDoubtError(Exception):
+    """The connection failed after the DATA payload was written, before a reply."""
+
+
+class UnsendableError(Exception):
+    """The message cannot be sent as given, whatever the number of retries.
+
+    An address that is not one (control characters, invalid IDN domain), or a
+    non-ASCII local part when the server does not offer SMTPUTF8.
+    """
+
+
+def classify(exc: BaseException) -> Outcome:
+    """The one verdict on a failure: "permanent" (don't retry) or "transient".
+
+    | failure                                                    | outcome   |
+    |------------------------------------------------------------|-----------|
+    | 5xx reply at MAIL, RCPT or DATA (SMTPSenderRefused,        | permanent |
+    |   SMTPRecipientRefused, SMTPDataError, SMTPResponseException)|         |
+    | UnsendableError (bad address, SMTPUTF8 not offered)        | permanent |
+    | 4xx reply at any stage                                     | transient |
+    | connection setup, including 5xx at greeting/EHLO/AUTH      | transient |
+    | timeouts, refused/reset connections, disconnects, TLS      | transient |
+    | after the payload, before the reply (InDoubtError)         | transient |
+    |   -- and SendResult.in_doubt is set: do not resend blindly |           |
+    | anything else                                              | transient |
+
+    Unknown failures are transient because the costs are lopsided: a wrong
+    "transient" costs a retry that fails again and is capped by the retry
+    policy; a wrong "permanent" silently declares a live address dead.
+    """
+    if isinstance(exc, UnsendableError):
+        return "permanent"
+    if isinstance(exc, InDoubtError | ConnectionSetupError):
+        return "transient"
+    if isinstance(exc, SMTPAuthenticationError | SMTPHeloError | SMTPConnectResponseError):
+        # Session-level refusals, even when 5xx: about us or the server, not the mail.
+        return "transient"
+    if isinstance(exc, SMTPRecipientsRefused):
+        codes = [refusal.code for refusal in exc.recipients]
+        return "permanent" if codes and all(500 <= c < 600 for c in codes) else "transient"
+    if isinstance(exc, SMTPResponseException):
+        return "permanent" if 500 <= exc.code < 600 else "transient"
+    # Timeouts (SMTPTimeoutError, asyncio.TimeoutError), OSError, SMTPConnectError,
+    # SMTPServerDisconnected, ssl.SSLError and whatever else: worth a retry.
+    return "transient"
+
+
+def _reply_of(exc: BaseException) -> tuple[int | None, str]:
+    """(code, "code text") of the server reply behind an exception, if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, SMTPResponseException):
+            return seen.code, f"{seen.code} {seen.message}"
+        if isinstance(seen, SMTPRecipientsRefused) and seen.recipients:
+            first = seen.recipients[0]
+            return first.code, f"{first.code} {first.message}"
+        seen = seen.__cause__
+    return None, ""
+
+
+def _describe(stage: str, exc: BaseException) -> str:
+    cause = exc.__cause__ if isinstance(exc, ConnectionSetupError | InDoubtError) else None
+    shown = cause if cause is not None else exc
+    text = f"{stage}: {type(shown).__name__}: {shown}"
+    if isinstance(exc, InDoubtError):
+        return f"{_IN_DOUBT} ({text})"
+    return text
+
+
+def _data_payload(data: bytes) -> bytes:
+    """The DATA payload: CRLF line endings, dot-stuffed, terminated (RFC 5321 4.5.2).
+
+    Rendered messages are already CRLF, so the check is two C-level counts and
+    the normalization is skipped; dot-stuffing is one replace.
+    """
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if data.startswith(b"."):
+        data = b"." + data
+    data = data.replace(b"\r\n.", b"\r\n..")
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data + b".\r\n"
+
+
+@dataclass(slots=True, eq=False)
+class _Connection:
+    """One pool slot; ``smtp`` is None until first use or after a failure."""
+
+    smtp: aiosmtplib.SMTP | None = None
+    busy: bool = False
+    transactions: int = 0
+
+
+class SmtpTransport:
+    """Concrete SMTP adapter; see the module docstring for the contract.
+
+    ``tls_context`` (optional) replaces the default verification context, e.g. to
+    trust a private CA; ``tls_verify=False`` disables certificate checks (local
+    sinks only).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        security: Security,
+        username: str | None,
+        password: str | None,
+        timeout: float,
+        connections: int,
+        local_hostname: str | None = None,
+        tls_verify: bool = True,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if connections < 1:
+            raise ValueError("connections must be >= 1")
+        if security not in ("none", "starttls", "tls"):
+            raise ValueError(f"unknown security {security!r}")
+        self.host = host
+        self.port = port
+        self.security: Security = security
+        self._username = username or None
+        self._password = password
+        self._timeout = timeout
+        self._size = connections
+        self._local_hostname = local_hostname
+        self._tls_verify = tls_verify
+        self._tls_context = tls_context
+        self._slots: list[_Connection] = []
+        self._free: asyncio.Queue[_Connection] | None = None
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        self._close_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Prepares the pool; connections open lazily on first use. Idempotent."""
+        if self._free is not None:
+            return
+        if self._local_hostname is None:
+            # aiosmtplib would resolve the FQDN (a DNS call) on every connect; once is enough.
+            self._local_hostname = await asyncio.to_thread(socket.getfqdn)
+        if self._free is not None:  # another start() finished meanwhile
+            return
+        # LIFO: the most recently used (warm, connected) slot is taken first, so a
+        # light load keeps reusing one session instead of opening all of them.
+        free: asyncio.Queue[_Connection] = asyncio.LifoQueue()
+        self._slots = [_Connection() for _ in range(self._size)]
+        for slot in self._slots:
+            free.put_nowait(slot)
+        self._free = free
+
+    async def close(self, grace: float | None = None) -> None:
+        """Waits for sends in flight (up to ``grace`` s, default the SMTP timeout),
+        then QUITs every connection, closing it outright if QUIT fails. Idempotent:
+        later calls wait for the first one to finish. Sends after close() return
+        a transient result without touching the network.
+        """
+        if self._close_task is None:
+            self._closing = True
+            wait = self._timeout if grace is None else grace
+            self._close_task = asyncio.create_task(self._close(wait))
+        await asyncio.shield(self._close_task)
+
+    async def _close(self, wait: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), wait)
+        await asyncio.gather(*(self._quit(slot) for slot in self._slots))
+
+    async def _quit(self, slot: _Connection) -> None:
+        smtp, slot.smtp = slot.smtp, None
+        if smtp is None:
+            return
+        if slot.busy or not smtp.is_connected:
+            # Still sending after the grace period: cut it (that send reports the
+            # failure itself, in doubt if its payload was already out).
+            smtp.close()
+            return
+        try:
+            await smtp.quit(timeout=min(self._timeout, 5.0))
+        except (SMTPException, OSError, TimeoutError):
+            smtp.close()
+
+    # --- sending -------------------------------------------------------------
+
+    async def send(self, mail_from: str, rcpt: str, data: bytes) -> SendResult:
+        """One message to one recipient over a pooled connection.
+
+        ``data`` is the complete message (CRLF line endings preferred). Never
+        raises for SMTP, network or address failures: see ``SendResult``.
+        Cancelling a send closes its connection (its state is unknown then).
+        """
+        if self._closing:
+            return SendResult(
+                outcome="transient",
+                smtp_code=None,
+                provider_answer="",
+                error="transport closed",
+                took_ms=0.0,
+            )
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await self.start()
+            assert self._free is not None
+            slot = await self._free.get()
+            try:
+                if self._closing:
+                    return SendResult(
+                        outcome="transient",
+                        smtp_code=None,
+                        provider_answer="",
+                        error="transport closed",
+                        took_ms=0.0,
+                    )
+                return await self._send_on(slot, mail_from, rcpt, data)
+            finally:
+                self._free.put_nowait(slot)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _send_on(
+        self, slot: _Connection, mail_from: str, rcpt: str, data: bytes
+    ) -> SendResult:
+        started = time.perf_counter()
+        slot.busy = True
+        stage = "connect"
+        try:
+            try:
+                sender = idna_address(mail_from) if mail_from else ""  # "" = null sender
+                recipient = idna_address(rcpt)
+            except ValueError as exc:
+                stage = "address"
+                raise UnsendableError(str(exc)) from exc
+            payload = _data_payload(data)
+            reused = slot.smtp is not None and slot.smtp.is_connected
+            smtp = await self._connected(slot)
+            stage = "MAIL"
+            try:
+                await self._mail(smtp, sender, recipient, payload)
+            except SMTPServerDisconnected:
+                if not reused:
+                    raise
+                # The server closed the pooled session while it was idle and the
+                # MAIL command hit the closed socket: nothing was sent, so one
+                # retry on a fresh connection is safe.
+                self._discard(slot)
+                stage = "connect"
+                smtp = await self._connected(slot)
+                stage = "MAIL"
+                await self._mail(smtp, sender, recipient, payload)
+            stage = "RCPT"
+            await smtp.rcpt(recipient, encoding=self._encoding(sender, recipient))
+            stage = "DATA"
+            reply = await self._data(smtp, payload)
+        except asyncio.CancelledError:
+            self._discard(slot)
+            raise
+        except Exception as exc:
+            await self._after_failure(slot, exc)
+            code, answer = _reply_of(exc)
+            return SendResult(
+                outcome=classify(exc),
+                smtp_code=code,
+                provider_answer=answer,
+                error=_describe(stage, exc),
+                took_ms=(time.perf_counter() - started) * 1000,
+                in_doubt=isinstance(exc, InDoubtError),
+            )
+        finally:
+            slot.busy = False
+        slot.transactions += 1
+        return SendResult(
+            outcome="sent",
+            smtp_code=reply.code,
+            provider_answer=f"{reply.code} {reply.message}",
+            error=None,
+            took_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    # --- stages --------------------------------------------------------------
+
+    async def _connected(self, slot: _Connection) -> aiosmtplib.SMTP:
+        if slot.smtp is not None and slot.smtp.is_connected:
+            return slot.smtp
+        slot.smtp = None
+        smtp = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            username=self._username,
+            password=self._password if self._username else None,
+            local_hostname=self._local_hostname,
+            timeout=self._timeout,
+            use_tls=self.security == "tls",
+            # False, not None, for "none": no opportunistic upgrade behind the config.
+            start_tls=self.security == "starttls",
+            validate_certs=self._tls_verify,
+            tls_context=self._tls_context,
+        )
+        try:
+            await smtp.connect()
+            if smtp.is_ehlo_or_helo_needed:
+                # Extensions (SMTPUTF8, SIZE, 8BITMIME) must be known before MAIL.
+                try:
+                    await smtp.ehlo()
+                except SMTPHeloError:
+                    await smtp.helo()
+        except asyncio.CancelledError:
+            smtp.close()
+            raise
+        except Exception as exc:
+            smtp.close()
+            raise ConnectionSetupError(str(exc)) from exc
+        if self._closing:
+            # close() ran while this connection was being opened; it would leak.
+            smtp.close()
+            raise ConnectionSetupError("transport closed")
+        slot.smtp = smtp
+        slot.transactions = 0
+        return smtp
+
+    @staticmethod
+    def _encoding(sender: str, recipient: str) -> str:
+        return "ascii" if sender.isascii() and recipient.isascii() else "utf-8"
+
+    async def _mail(
+        self, smtp: aiosmtplib.SMTP, sender: str, recipient: str, payload: bytes
+    ) -> SMTPResponse:
+        options: list[str] = []
+        encoding = self._encoding(sender, recipient)
+        if encoding == "utf-8":
+            if not smtp.supports_extension("smtputf8"):
+                raise UnsendableError("non-ASCII local part but the server does not offer SMTPUTF8")
+            options.append("SMTPUTF8")
+        if not payload.isascii() and smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if smtp.supports_extension("size"):
+            # Lets the server refuse an oversized message before the upload.
+            options.append(f"SIZE={len(payload) - 3}")
+        return await smtp.mail(sender, options=options, encoding=encoding)
+
+    async def _data(self, smtp: aiosmtplib.SMTP, payload: bytes) -> SMTPResponse:
+        """DATA in two steps so that a failure is known to be before or after the payload.
+
+        SMTP.data() would do both steps in one call and raise the same
+        SMTPServerDisconnected for a drop before the 354 (nothing sent) as for
+        a drop after the payload (maybe delivered).
+        """
+        start = await smtp.execute_command(b"DATA")
+        if start.code != 354:
+            raise SMTPDataError(start.code, start.message)
+        protocol = smtp.protocol
+        if protocol is None:
+            raise SMTPServerDisconnected("connection lost before the message data")
+        # Safe without the protocol's command lock: this connection runs one
+        # transaction at a time. write() and read_response() run without a
+        # yield in between, so the reply cannot arrive before it is awaited.
+        # write() raising means nothing was handed to the socket: not in doubt.
+        protocol.write(payload)
+        try:
+            reply = await protocol.read_response(timeout=self._timeout)
+        except asyncio.CancelledError:
+            smtp.close()
+            raise
+        except Exception as exc:
+            smtp.close()
+            raise InDoubtError(str(exc)) from exc
+        if reply.code != 250:
+            raise SMTPDataError(reply.code, reply.message)
+        return reply
+
+    # --- failure handling ----------------------------------------------------
+
+    def _discard(self, slot: _Connection) -> None:
+        if slot.smtp is not None:
+            slot.smtp.close()
+        slot.smtp = None
+
+    async def _after_failure(self, slot: _Connection, exc: Exception) -> None:
+        """Keeps the connection only if the server answered cleanly and RSET works."""
+        smtp = slot.smtp
+        if smtp is None:
+            return
+        if isinstance(exc, UnsendableError):
+            return  # refused before MAIL: no envelope is open, the session is fine
+        if not isinstance(exc, SMTPResponseException | SMTPRecipientsRefused):
+            self._discard(slot)  # no clean reply: the session state is unknown
+            return
+        if not smtp.is_connected:  # e.g. aiosmtplib closes on 421
+            slot.smtp = None
+            return
+        try:
+            # A refused MAIL/RCPT/DATA leaves an open envelope: reset it for reuse.
+            await smtp.rset()
+        except asyncio.CancelledError:
+            self._discard(slot)
+            raise
+        except Exception:
+            self._discard(slot)

@@ -1,0 +1,117 @@
+"""Test helpers: a CRM-side client of the public NATS API, and event waits."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from mailer.bus import ERROR_CODE_HEADER, LANG_HEADER, ROLES_HEADER, USER_HEADER
+
+FINAL = ("sent", "completed_with_errors", "cancelled")
+
+
+class ApiFailed(Exception):
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.status = status
+        self.body = body
+        self.code = body.get("error", {}).get("code")
+        super().__init__(f"{status} {body}")
+
+
+class Crm:
+    """What another CRM service does: raw JSON requests on mailer's subjects."""
+
+    def __init__(self, nc: Client, prefix: str, user: str = "manager-1") -> None:
+        self.nc = nc
+        self.prefix = prefix
+        self.user = user
+
+    async def raw(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        user: str | None = None,
+        roles: str = "",
+        lang: str | None = None,
+        timeout: float = 10.0,
+    ) -> Msg:
+        headers = {USER_HEADER: user if user is not None else self.user}
+        if roles:
+            headers[ROLES_HEADER] = roles
+        if lang:
+            headers[LANG_HEADER] = lang
+        return await self.nc.request(
+            f"{self.prefix}.{subject}", payload, timeout=timeout, headers=headers
+        )
+
+    async def call(self, subject: str, body: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        reply = await self.raw(subject, msgspec.json.encode(body), **kw)
+        data: dict[str, Any] = msgspec.json.decode(reply.data)
+        if reply.headers and ERROR_CODE_HEADER in reply.headers:
+            raise ApiFailed(int(reply.headers[ERROR_CODE_HEADER]), data)
+        return data
+
+    async def campaign(self, recipients: list[dict[str, Any]], **fields: Any) -> int:
+        body = {
+            "name": "Осенняя рассылка",
+            "subject": "Привет, это тест",
+            "body_text": "Здравствуйте, {{name}}!\nЭто письмо для {{email}}.",
+            "body_html": "<p>Здравствуйте, <b>{{name}}</b>!</p>",
+        }
+        body.update(fields)
+        created = await self.call("campaign.create", body)
+        cid = int(created["id"])
+        for i in range(0, len(recipients), 5000):
+            await self.call(
+                "recipients.add", {"campaign_id": cid, "recipients": recipients[i : i + 5000]}
+            )
+        return cid
+
+    async def start(self, campaign_id: int) -> dict[str, Any]:
+        return await self.call("campaign.start", {"campaign_id": campaign_id})
+
+    async def get(self, campaign_id: int) -> dict[str, Any]:
+        return await self.call("campaign.get", {"campaign_id": campaign_id})
+
+
+class Events:
+    """Collects campaign events; waits on them without polling."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self._changed = asyncio.Condition()
+
+    async def subscribe(self, nc: Client, prefix: str) -> None:
+        async def on_msg(msg: Msg) -> None:
+            async with self._changed:
+                self.seen.append(msgspec.json.decode(msg.data))
+                self._changed.notify_all()
+
+        await nc.subscribe(f"{prefix}.events.campaign.>", cb=on_msg)
+
+    async def wait(self, campaign_id: int, events: tuple[str, ...], timeout: float = 30.0) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            for e in self.seen:
+                if e["campaign_id"] == campaign_id and e["event"] in events:
+                    return e
+            return None
+
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: found() is not None)
+        result = found()
+        assert result is not None
+        return result
+
+    def of(self, campaign_id: int, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.seen if e["campaign_id"] == campaign_id and e["event"] == event]
+
+
+def people(n: int, domain: str = "example.org", start: int = 0) -> list[dict[str, Any]]:
+    return [
+        {"email": f"user{i}@{domain}", "name": f"Пользователь {i}"} for i in range(start, start + n)
+    ]

@@ -1,0 +1,123 @@
+"""The walking skeleton end to end: public NATS API -> actors -> SMTP sink.
+
+Real NATS, PostgreSQL, Redis and SMTP (the session's embedded stack); only
+the clock is faked where a test needs time to stand still.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from collections import Counter
+from datetime import UTC, datetime
+
+import pytest
+
+from mailer.clock import FakeClock
+from tests.helpers import Crm, Events, people
+
+
+async def test_campaign_sent_end_to_end(make_service, crm: Crm, events: Events, sink, db) -> None:
+    await make_service()
+    recipients = people(25)
+    recipients[3]["name"] = "<script>alert(1)</script>"
+    cid = await crm.campaign(recipients)
+    view = await crm.get(cid)
+    assert view["status"] == "draft" and view["counts"] == {"pending": 25}
+
+    started = await crm.start(cid)
+    assert started["campaign"]["status"] in ("ready", "sending", "sent")
+    done = await events.wait(cid, ("sent", "completed_with_errors"))
+    assert done["event"] == "sent"
+    assert done["counts"] == {"sent": 25}
+
+    got = sink.messages
+    assert len(got) == 25
+    assert Counter(r for m in got for r in m.rcpt_tos) == Counter(r["email"] for r in recipients)
+    by_rcpt = {m.rcpt_tos[0]: m for m in got}
+    for i, r in enumerate(recipients):
+        msg = email.message_from_bytes(by_rcpt[r["email"]].data, policy=email.policy.default)
+        assert msg["Subject"] == "Привет, это тест"
+        assert msg["To"].addresses[0].display_name == r["name"]
+        assert msg["To"].addresses[0].addr_spec == r["email"]
+        assert msg["From"].addresses[0].addr_spec == "crm@example.com"
+        assert msg["Message-ID"].startswith(f"<c{cid}.r")
+        assert msg["Date"] is not None
+        assert msg["List-Unsubscribe"].startswith("<http")
+        assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        text = msg.get_body(("plain",)).get_content()
+        html = msg.get_body(("html",)).get_content()
+        assert f"Здравствуйте, {r['name']}!" in text
+        assert f"Это письмо для {r['email']}." in text
+        if i == 3:
+            assert "&lt;script&gt;" in html and "<script>" not in html
+        assert "/u/" in text and "/u/" in html  # a visible unsubscribe link
+
+    view = await crm.get(cid)
+    assert view["status"] == "sent"
+    assert view["counts"] == {"sent": 25}
+    rows = await db.fetch("SELECT status, smtp_message_id FROM send_log WHERE campaign_id = $1", cid)
+    assert len(rows) == 25 and {r["status"] for r in rows} == {"sent"}
+    # The send log and the recipients agree, message id for message id.
+    ids = await db.fetch("SELECT smtp_message_id FROM recipient WHERE campaign_id = $1", cid)
+    assert {r["smtp_message_id"] for r in rows} == {r["smtp_message_id"] for r in ids}
+    audit = [r["action"] for r in await db.fetch(
+        "SELECT action FROM audit_log WHERE campaign_id = $1 ORDER BY id", cid)]
+    assert audit[:2] == ["campaign.create", "campaign.start"]
+
+
+async def test_crash_mid_campaign_is_restarted_without_duplicates(
+    make_service, crm: Crm, events: Events, sink, db
+) -> None:
+    crashes = []
+
+    async def fault(campaign_id: int, batch: int) -> None:
+        # Once, after batch 2 was accepted by SMTP and before it was recorded.
+        if batch == 2 and not crashes:
+            crashes.append(campaign_id)
+            raise RuntimeError("injected crash between send and record")
+
+    await make_service(batch_size=5, fault=fault)
+    recipients = people(23)
+    cid = await crm.campaign(recipients)
+    await crm.start(cid)
+    done = await events.wait(cid, ("sent", "completed_with_errors"))
+
+    assert crashes == [cid]
+    assert done["event"] == "sent", done
+    rcpts = Counter(r for m in sink.messages for r in m.rcpt_tos)
+    assert rcpts == Counter(r["email"] for r in recipients), "each exactly once"
+    dup = await db.fetchval(
+        "SELECT count(*) FROM (SELECT recipient_id FROM send_log WHERE campaign_id = $1 "
+        "GROUP BY recipient_id HAVING count(*) > 1) d", cid)
+    assert dup == 0
+    assert await db.fetchval("SELECT count(*) FROM send_log WHERE campaign_id = $1", cid) == 23
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+async def test_hourly_limit_is_never_exceeded(
+    make_service, crm: Crm, events: Events, sink, db, redis_client, settings, processes
+) -> None:
+    clock = FakeClock(datetime(2026, 11, 23, 10, 15, tzinfo=UTC))
+    # Two campaign actors ask at once: two campaigns allowed to run together,
+    # in one process or spread over two.
+    for _ in range(processes):
+        await make_service(
+            clock=clock, rate_per_hour=10, batch_size=3, max_active_campaigns=2 // processes
+        )
+    a = await crm.campaign(people(8, "a.example"))
+    b = await crm.campaign(people(7, "b.example"))
+    await crm.start(a)
+    await crm.start(b)
+    first = await events.wait(a, ("deferred",))
+    second = await events.wait(b, ("deferred",))
+
+    assert len(sink.messages) == 10
+    for e in (first, second):
+        assert e["defer_reason"] == "rate_per_hour"
+        assert e["deferred_until"].startswith("2026-11-23T11:00:00")
+    key = f"{settings.redis_key_prefix}rate:default:2026112310"
+    assert int(await redis_client.get(key)) == 10
+    sent = await db.fetchval("SELECT count(*) FROM recipient WHERE status = 'sent'")
+    assert sent == 10
+    assert await db.fetchval("SELECT count(*) FROM recipient WHERE status = 'pending'") == 5
