@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal, Protocol
+from typing import IO, Literal, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]  # typed once asyncpg-stubs is in
@@ -432,7 +432,10 @@ def _spawn(
     cwd: Path | None = None,
 ) -> _Child:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log_file:
+    # One log per start; the previous one (maybe of a crashed run) stays as <name>.1.
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(log_path, log_path.with_name(log_path.name + ".1"))
+    with open(log_path, "wb") as log_file:
         log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         log_file.flush()
         proc = subprocess.Popen(  # noqa: S603 - fixed argv of our own binaries
@@ -664,7 +667,11 @@ class EmbeddedStack:
             await self.stop()
             raise
         self.timings["total"] = time.perf_counter() - began
-        self._endpoints = self._build_endpoints()
+        try:
+            self._endpoints = self._build_endpoints()
+        except BaseException:
+            await self.stop()
+            raise
         log.info("embedded stack up in %.2fs: %s", self.timings["total"], self._describe())
         return self._endpoints
 
@@ -968,25 +975,22 @@ class EmbeddedStack:
         # every machine, no dependency on the OS's installed locales.
         argv += ["--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"]
         argv += ["--no-instructions"]
-        kwargs: dict[str, Any] = {}
-        if user is not None:
-            kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-        with open(log_path, "wb") as log_file:  # noqa: ASYNC230 - a local file, microseconds
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=data.parent,
-                **kwargs,
-            )
-            try:
-                code = await asyncio.wait_for(proc.wait(), self.start_timeout)
-            except BaseException:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-                raise
+        # Popen rather than asyncio's subprocess API: uvloop's rejects user/group.
+        child = _spawn(
+            "postgres",
+            argv,
+            log_path,
+            stop_signal=signal.SIGTERM,
+            death_signal=signal.SIGKILL,
+            user=user,
+            cwd=data.parent,
+        )
+        try:
+            if not await child.wait_exit(self.start_timeout):
+                raise StackError(f"initdb still running after {self.start_timeout:g}s")
+        finally:
+            child.kill_now()  # reaps it; kills it only if still running
+        code = child.proc.returncode
         if code != 0:
             raise StackError(f"initdb failed ({code}); log {log_path}:\n{_log_tail(log_path)}")
         building.rename(data)
@@ -1007,8 +1011,8 @@ class EmbeddedStack:
         if self._sink is not None:
             smtp_host, smtp_port, outbox = LOOPBACK, self._sink.port, self._sink.outbox_dir
         else:
-            assert o.smtp_host is not None and o.smtp_port is not None
-            smtp_host, smtp_port, outbox = o.smtp_host, o.smtp_port, None
+            assert o.smtp_host is not None
+            smtp_host, smtp_port, outbox = o.smtp_host, o.smtp_port or 25, None
         return StackEndpoints(
             nats_url=o.nats_url or self._urls["nats"],
             database_url=o.database_url or self._urls["postgres"],

@@ -8,9 +8,13 @@ environment cannot point it at the machine's own servers.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -40,7 +44,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(scope="module")
 async def stack() -> AsyncIterator[EmbeddedStack]:
-    var = Path(tempfile.mkdtemp(prefix="mailer-devstack-"))
+    var = _tempdir()
     st = EmbeddedStack(var, StackOverrides())
     began = time.perf_counter()
     await st.start()
@@ -50,6 +54,12 @@ async def stack() -> AsyncIterator[EmbeddedStack]:
     finally:
         await st.stop()
         shutil.rmtree(var, ignore_errors=True)
+
+
+def _tempdir() -> Path:
+    var = Path(tempfile.mkdtemp(prefix="mailer-devstack-"))
+    var.chmod(0o755)  # the postgres account must enter it when we run as root
+    return var
 
 
 def _sink(stack: EmbeddedStack) -> SmtpSink:
@@ -277,3 +287,71 @@ async def test_stop_leaves_no_process(stack: EmbeddedStack) -> None:
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", smtp_port), timeout=1):
         pass
     await stack.stop()  # idempotent
+
+
+def test_orphan_of_a_crashed_run_is_stopped(tmp_path: Path) -> None:
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    orphan = subprocess.Popen(["sleep", "60"], cwd=folder)
+    (folder / "server.pid").write_text(str(orphan.pid))
+    EmbeddedStack._reap_orphan(folder)
+    assert orphan.wait(timeout=5) == -signal.SIGKILL
+    assert not (folder / "server.pid").exists()
+
+    stranger = subprocess.Popen(["sleep", "60"])  # same pid file, not in that folder
+    try:
+        (folder / "server.pid").write_text(str(stranger.pid))
+        EmbeddedStack._reap_orphan(folder)
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def _alive_after(pids: dict[str, int], within: float) -> list[str]:
+    """Names of the pids still alive once all are gone or ``within`` seconds passed."""
+    deadline = time.monotonic() + within
+    while any(pid_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [name for name, pid in pids.items() if pid_alive(pid)]
+
+
+_CRASHING_PARENT = """
+import asyncio, json, sys
+from mailer.devstack import EmbeddedStack, StackOverrides
+
+async def main():
+    stack = EmbeddedStack(sys.argv[1], StackOverrides())
+    await stack.start()
+    print(json.dumps(stack.pids()), flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_servers_die_with_a_killed_parent_and_the_dir_is_reusable() -> None:
+    var = _tempdir()
+    try:
+        parent = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CRASHING_PARENT, str(var), stdout=asyncio.subprocess.PIPE
+        )
+        assert parent.stdout is not None
+        line = await asyncio.wait_for(parent.stdout.readline(), 20)
+        servers: dict[str, int] = json.loads(line)
+        assert set(servers) == {"nats", "postgres", "redis"}
+        parent.kill()  # SIGKILL: no atexit, no finally; only PR_SET_PDEATHSIG is left
+        await parent.wait()
+
+        alive = await asyncio.to_thread(_alive_after, servers, 10)
+        assert alive == []
+
+        # Same directory again: the lock died with the parent, stale pid files are ignored.
+        async with EmbeddedStack(var, StackOverrides()) as again:
+            conn = await asyncpg.connect(again.endpoints.database_url)
+            try:
+                assert await conn.fetchval("select 1") == 1
+            finally:
+                await conn.close()
+    finally:
+        shutil.rmtree(var, ignore_errors=True)

@@ -1,0 +1,109 @@
+"""``mailer demo``: a sample campaign sent end to end on the dev stack.
+
+It drives the service only through the public NATS API, as a CRM service
+would: create a campaign, add recipients, start it, then follow its events
+until it reaches a final status. Exit 0 only if every recipient was sent and
+the SMTP sink holds one message per recipient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import msgspec
+import nats
+from nats.aio.msg import Msg
+
+from mailer.bus import ERROR_CODE_HEADER, USER_HEADER
+from mailer.config import Settings
+from mailer.devrun import dev_stack
+from mailer.messages import CampaignEvent
+
+__all__ = ["run_demo"]
+
+FINAL = ("sent", "completed_with_errors", "cancelled")
+
+
+def _eml_files(outbox: Path | None) -> list[Path]:
+    return sorted(outbox.glob("*.eml")) if outbox is not None else []
+
+
+async def run_demo(settings: Settings, *, recipients: int = 25) -> int:
+    from mailer.service import Service
+
+    # The demo must not collide with a `mailer dev` left running: its own HTTP port.
+    settings = msgspec.structs.replace(settings, http_port=0)
+    began = time.perf_counter()
+    async with dev_stack(settings, fresh_outbox=True) as (stack, s):
+        service = Service(s)
+        await service.start()
+        try:
+            return await _drive(s, stack.endpoints.outbox_dir, recipients, began)
+        finally:
+            await service.stop()
+
+
+async def _drive(s: Settings, outbox: Path | None, n: int, began: float) -> int:
+    nc = await nats.connect(s.nats_url, name="mailer-demo")
+    finished: asyncio.Future[CampaignEvent] = asyncio.get_running_loop().create_future()
+    campaign_id = 0
+
+    async def on_event(msg: Msg) -> None:
+        event = msgspec.json.decode(msg.data, type=CampaignEvent)
+        if event.campaign_id != campaign_id:
+            return
+        counts = ", ".join(f"{k} {v}" for k, v in sorted((event.counts or {}).items()))
+        extra = (
+            f" ({event.defer_reason} until {event.deferred_until})" if event.defer_reason else ""
+        )
+        print(f"  event {event.event:<22} {counts}{extra}", flush=True)
+        if event.event in FINAL and not finished.done():
+            finished.set_result(event)
+
+    async def call(subject: str, body: dict[str, object]) -> dict[str, object]:
+        reply = await nc.request(
+            f"{s.subject_prefix}.{subject}",
+            msgspec.json.encode(body),
+            timeout=10,
+            headers={USER_HEADER: "demo-manager"},
+        )
+        data: dict[str, object] = msgspec.json.decode(reply.data)
+        if reply.headers and ERROR_CODE_HEADER in reply.headers:
+            raise RuntimeError(f"{subject} failed: {data}")
+        return data
+
+    try:
+        await nc.subscribe(f"{s.subject_prefix}.events.campaign.>", cb=on_event)
+        created = await call(
+            "campaign.create",
+            {
+                "name": "Демо-рассылка",
+                "subject": "Новости компании — демо",
+                "body_text": "Здравствуйте, {{name}}!\n\nЭто демонстрационное письмо mailer.",
+                "body_html": "<p>Здравствуйте, <b>{{name}}</b>!</p>"
+                "<p>Это демонстрационное письмо mailer.</p>",
+            },
+        )
+        campaign_id = int(str(created["id"]))
+        people = [{"email": f"client{i:03d}@example.org", "name": f"Клиент {i}"} for i in range(n)]
+        added = await call("recipients.add", {"campaign_id": campaign_id, "recipients": people})
+        print(f"campaign {campaign_id}: {added['added']} recipients added", flush=True)
+        started = await call("campaign.start", {"campaign_id": campaign_id})
+        warnings = started.get("warnings") or []
+        print(f"campaign {campaign_id} started{' ' + str(warnings) if warnings else ''}")
+        event = await asyncio.wait_for(finished, timeout=120)
+        view = await call("campaign.get", {"campaign_id": campaign_id})
+    finally:
+        await nc.close()
+
+    files = await asyncio.to_thread(_eml_files, outbox)
+    took = time.perf_counter() - began
+    print(
+        f"campaign {campaign_id}: status {view['status']}, counts {view['counts']}; "
+        f"{len(files)} messages in {outbox or 'the external SMTP server'}; {took:.1f}s"
+    )
+    ok = event.event == "sent" and (outbox is None or len(files) == n)
+    print("demo OK" if ok else "demo FAILED")
+    return 0 if ok else 1
