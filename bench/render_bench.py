@@ -8,7 +8,6 @@ Prints "render: X msg/s, Y µs/msg" and exits 0.
 """
 
 # Russian test content is intended: Cyrillic letters are not look-alikes here.
-# ruff: noqa: RUF001
 
 from __future__ import annotations
 

@@ -94,7 +94,9 @@ class Events:
 
         await nc.subscribe(f"{prefix}.events.campaign.>", cb=on_msg)
 
-    async def wait(self, campaign_id: int, events: tuple[str, ...], timeout: float = 30.0) -> dict[str, Any]:
+    async def wait(
+        self, campaign_id: int, events: tuple[str, ...], timeout: float = 30.0
+    ) -> dict[str, Any]:
         def found() -> dict[str, Any] | None:
             for e in self.seen:
                 if e["campaign_id"] == campaign_id and e["event"] in events:

@@ -56,13 +56,19 @@ async def test_campaign_sent_end_to_end(make_service, crm: Crm, events: Events, 
     view = await crm.get(cid)
     assert view["status"] == "sent"
     assert view["counts"] == {"sent": 25}
-    rows = await db.fetch("SELECT status, smtp_message_id FROM send_log WHERE campaign_id = $1", cid)
+    rows = await db.fetch(
+        "SELECT status, smtp_message_id FROM send_log WHERE campaign_id = $1", cid
+    )
     assert len(rows) == 25 and {r["status"] for r in rows} == {"sent"}
     # The send log and the recipients agree, message id for message id.
     ids = await db.fetch("SELECT smtp_message_id FROM recipient WHERE campaign_id = $1", cid)
     assert {r["smtp_message_id"] for r in rows} == {r["smtp_message_id"] for r in ids}
-    audit = [r["action"] for r in await db.fetch(
-        "SELECT action FROM audit_log WHERE campaign_id = $1 ORDER BY id", cid)]
+    audit = [
+        r["action"]
+        for r in await db.fetch(
+            "SELECT action FROM audit_log WHERE campaign_id = $1 ORDER BY id", cid
+        )
+    ]
     assert audit[:2] == ["campaign.create", "campaign.start"]
 
 
@@ -89,7 +95,9 @@ async def test_crash_mid_campaign_is_restarted_without_duplicates(
     assert rcpts == Counter(r["email"] for r in recipients), "each exactly once"
     dup = await db.fetchval(
         "SELECT count(*) FROM (SELECT recipient_id FROM send_log WHERE campaign_id = $1 "
-        "GROUP BY recipient_id HAVING count(*) > 1) d", cid)
+        "GROUP BY recipient_id HAVING count(*) > 1) d",
+        cid,
+    )
     assert dup == 0
     assert await db.fetchval("SELECT count(*) FROM send_log WHERE campaign_id = $1", cid) == 23
 

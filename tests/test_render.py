@@ -1,7 +1,6 @@
 """MIME rendering: what a standard parser reads back from MessageTemplate.render."""
 
 # Russian test content is intended: Cyrillic letters are not look-alikes here.
-# ruff: noqa: RUF001
 
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ never answering after the payload) use a scripted asyncio server instead.
 """
 
 # Russian test content is intended: Cyrillic letters are not look-alikes here.
-# ruff: noqa: RUF001
 
 from __future__ import annotations
 
@@ -449,7 +448,7 @@ def make_certificate(directory: Path) -> tuple[Path, Path, Path]:
         _cert_with_cryptography(chain, key)
         return chain, key, chain  # self-signed: it is its own CA
     try:
-        import trustme  # type: ignore[import-not-found]  # noqa: PLC0415
+        import trustme  # type: ignore[import-not-found]
     except ImportError:
         pass
     else:
@@ -480,13 +479,13 @@ def make_certificate(directory: Path) -> tuple[Path, Path, Path]:
 
 
 def _cert_with_cryptography(cert: Path, key: Path) -> None:
-    import datetime as dt  # noqa: PLC0415
-    import ipaddress  # noqa: PLC0415
+    import datetime as dt
+    import ipaddress
 
-    from cryptography import x509  # type: ignore[import-not-found]  # noqa: PLC0415
-    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+    from cryptography import x509  # type: ignore[import-not-found]
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
 
     private = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
