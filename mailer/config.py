@@ -61,6 +61,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         str,
         Meta(description="Redis URL; empty under `mailer dev` starts an embedded one."),
     ] = ""
+    nats_user: Annotated[str, Meta(description="NATS user (user/password auth).")] = ""
+    nats_password: Annotated[str, Meta(description="NATS password.")] = ""
+    nats_token: Annotated[str, Meta(description="NATS token auth.")] = ""
+    nats_creds_file: Annotated[
+        str, Meta(description="NATS credentials file (JWT + NKey seed).")
+    ] = ""
+    nats_nkey_seed_file: Annotated[str, Meta(description="NATS NKey seed file.")] = ""
     subject_prefix: Annotated[
         str,
         Meta(
@@ -124,6 +131,91 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     token_request_timeout_seconds: Annotated[
         Seconds, Meta(description="How long a campaign waits for the rate governor's reply.")
     ] = 5.0
+
+    transient_retry_delay_minutes: Annotated[
+        Annotated[float, Meta(gt=0)],
+        Meta(description="Wait after a transient SMTP error (4xx, timeout, refused)."),
+    ] = 5.0
+    circuit_breaker_threshold: Annotated[
+        PositiveInt,
+        Meta(description="Consecutive transient errors that pause a campaign."),
+    ] = 10
+    large_campaign_warning: Annotated[
+        PositiveInt, Meta(description="Starting a campaign larger than this warns the manager.")
+    ] = 5000
+    working_hours_start: Annotated[
+        str,
+        Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$", description="Sending starts (HH:MM)."),
+    ] = "09:00"
+    working_hours_end: Annotated[
+        str,
+        Meta(
+            pattern=r"^([01][0-9]|2[0-4]):[0-5][0-9]$",
+            description="Sending stops (HH:MM; 24:00 = midnight).",
+        ),
+    ] = "18:00"
+    timezone: Annotated[
+        str, Meta(description="Time zone of working hours and daily limits (IANA name).")
+    ] = "Europe/Moscow"
+    working_days: Annotated[
+        str,
+        Meta(
+            pattern=r"^[1-7](,[1-7])*$",
+            description="ISO weekdays when mail goes out (1 = Monday ... 7 = Sunday).",
+        ),
+    ] = "1,2,3,4,5,6,7"
+    daily_limit_default: Annotated[
+        Annotated[int, Meta(ge=0)],
+        Meta(description="Emails one manager may send per day (0: no daily limit)."),
+    ] = 0
+    daily_limits: Annotated[
+        str,
+        Meta(
+            pattern=r"^([^=,\s]+=[0-9]+(,[^=,\s]+=[0-9]+)*)?$",
+            description="Per-manager daily limits overriding the default: `user=500,user2=100`.",
+        ),
+    ] = ""
+    monthly_quota: Annotated[
+        Annotated[int, Meta(ge=0)],
+        Meta(description="The provider's monthly allowance (the `local` quota provider)."),
+    ] = 15_000
+    quota_provider: Annotated[
+        Literal["local", "http"],
+        Meta(description="`local`: allowance minus this month's sends; `http`: provider API."),
+    ] = "local"
+    quota_http_url: Annotated[
+        str, Meta(description="The provider's quota endpoint (JSON), for `http`.")
+    ] = ""
+    quota_http_token: Annotated[str, Meta(description="Bearer token for the quota endpoint.")] = ""
+    quota_http_field: Annotated[
+        str,
+        Meta(description="Dotted path of the emails-available number in the JSON reply."),
+    ] = "emails_available"
+    quota_sync_interval_seconds: Annotated[
+        Seconds, Meta(description="How often the quota is synced from the provider.")
+    ] = 3600.0
+    leader_ttl_seconds: Annotated[
+        Annotated[float, Meta(ge=1)],
+        Meta(description="Leader lease in NATS KV; a dead leader is replaced within it."),
+    ] = 6.0
+    reconcile_interval_seconds: Annotated[
+        Seconds, Meta(description="How often the leader repairs queue anomalies.")
+    ] = 300.0
+    stuck_after_minutes: Annotated[
+        Seconds, Meta(description="A campaign processing longer than this is reported.")
+    ] = 30.0
+    start_throttle_per_hour: Annotated[
+        PositiveInt, Meta(description="Campaign starts one manager may make per hour.")
+    ] = 10
+    test_email_throttle_per_hour: Annotated[
+        PositiveInt, Meta(description="Test emails one manager may send per hour.")
+    ] = 5
+    max_attachment_bytes: Annotated[PositiveInt, Meta(description="Largest single attachment.")] = (
+        10 * 1024 * 1024
+    )
+    max_attachments_total_bytes: Annotated[
+        PositiveInt, Meta(description="Largest sum of a campaign's attachments.")
+    ] = 20 * 1024 * 1024
 
     # --- links -------------------------------------------------------------------
     public_url: Annotated[
@@ -232,6 +324,8 @@ def _type_name(t: msgspec.inspect.Type) -> str:
         return "true or false"
     if isinstance(t, msgspec.inspect.Metadata):
         return _type_name(t.type)
+    if isinstance(t, msgspec.inspect.StrType) and t.pattern:
+        return f"a string matching {t.pattern}"
     return "a string"
 
 
