@@ -8,6 +8,7 @@ it. ``Bus.request`` turns an error reply back into ``RemoteError``.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any, TypeVar
 
@@ -73,20 +74,18 @@ class Bus:
         password: str | None = None,
         token: str | None = None,
         creds_file: str | None = None,
+        nkey_seed_file: str | None = None,
     ) -> None:
         self.url = url
         self.prefix = prefix
         self.name = name
-        self._auth: dict[str, Any] = {
-            k: v
-            for k, v in {
-                "user": user,
-                "password": password,
-                "token": token,
-                "user_credentials": creds_file,
-            }.items()
-            if v
-        }
+        self._auth = _auth_options(
+            user=user,
+            password=password,
+            token=token,
+            creds_file=creds_file,
+            nkey_seed_file=nkey_seed_file,
+        )
         self._nc: Client | None = None
 
     @property
@@ -154,6 +153,50 @@ class Bus:
         except Exception:  # a drain on a broken connection: close is what is left
             log.warning("nats drain failed; closing", exc_info=True)
             await nc.close()
+
+
+def _auth_options(
+    *,
+    user: str | None,
+    password: str | None,
+    token: str | None,
+    creds_file: str | None,
+    nkey_seed_file: str | None,
+) -> dict[str, Any]:
+    """nats.connect keyword arguments for the one configured way to authenticate.
+
+    Refuses a mix (the server would see only one of them, and which one is up to
+    the client library) and a key file that the nkeys package, which nats-py needs
+    to sign the server's nonce, could not use: both are configuration errors
+    better reported at start than as an authorization violation later.
+    """
+    methods = [
+        name
+        for name, configured in (
+            ("user/password", bool(user or password)),
+            ("token", bool(token)),
+            ("creds file", bool(creds_file)),
+            ("nkey seed file", bool(nkey_seed_file)),
+        )
+        if configured
+    ]
+    if len(methods) > 1:
+        raise ValueError(f"configure one NATS auth method, not {' and '.join(methods)}")
+    if bool(user) != bool(password):
+        raise ValueError("NATS user/password auth needs both a user and a password")
+    if (creds_file or nkey_seed_file) and importlib.util.find_spec("nkeys") is None:
+        raise ValueError(
+            "NATS creds/NKey auth needs the 'nkeys' package (pip install nats-py[nkeys])"
+        )
+    if user:
+        return {"user": user, "password": password}
+    if token:
+        return {"token": token}
+    if creds_file:
+        return {"user_credentials": creds_file}
+    if nkey_seed_file:
+        return {"nkeys_seed": nkey_seed_file}
+    return {}
 
 
 def parse_reply(reply: Msg, reply_type: type[T]) -> T:

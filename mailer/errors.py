@@ -1,14 +1,19 @@
 """Typed errors with stable codes, classified once.
 
-An ``ApiError`` carries a stable ``code`` (the key of its text in
-``mailer.texts``), an HTTP-like ``status`` for the NATS micro error headers,
-and the values its text needs. Anything else that escapes a handler becomes
-``internal_error`` (500) and is logged with its traceback.
+An ``ApiError`` carries a stable ``code`` (what a caller branches on), an
+HTTP-like ``status`` for the NATS micro error headers, the values its human
+text needs, and the key of that text in ``mailer.texts`` (the code itself
+unless one code has several wordings, e.g. ``throttled`` for a start and for a
+test email). Anything else that escapes a handler becomes ``internal_error``
+(500) and is logged with its traceback.
+
+``retryable`` tells a caller whether the same request may succeed later
+without being changed (throttles, outages) or never will (validation, rights).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "ApiError",
@@ -16,6 +21,10 @@ __all__ = [
     "Conflict",
     "Forbidden",
     "NotFound",
+    "PayloadTooLarge",
+    "Refused",
+    "SendFailed",
+    "Throttled",
     "Unauthenticated",
     "Unavailable",
     "ValidationFailed",
@@ -23,24 +32,35 @@ __all__ = [
 
 
 class ApiError(Exception):
-    status: int = 500
+    status: ClassVar[int] = 500
     code: str = "internal_error"
+    retryable: ClassVar[bool] = False
 
-    def __init__(self, code: str | None = None, /, **values: Any) -> None:
+    def __init__(self, code: str | None = None, /, *, text_key: str | None = None, **values: Any):
         if code is not None:
             self.code = code
+        self.text_key = text_key or self.code
         self.values = values
         super().__init__(self.code, values)
 
 
 class BadRequest(ApiError):
+    """Not JSON, not UTF-8, not an object: nothing could be read."""
+
     status = 400
     code = "bad_request"
 
 
 class ValidationFailed(ApiError):
+    """Readable, but a field is missing, unknown, of the wrong type or out of range."""
+
     status = 422
     code = "validation_error"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = "payload_too_large"
 
 
 class Unauthenticated(ApiError):
@@ -59,10 +79,38 @@ class NotFound(ApiError):
 
 
 class Conflict(ApiError):
+    """The campaign's status does not allow this now (``invalid_state`` and kin)."""
+
     status = 409
     code = "invalid_state"
 
 
+class Throttled(ApiError):
+    """Too many starts or test emails this hour; ``retry_at`` says when it opens."""
+
+    status = 429
+    code = "throttled"
+    retryable = True
+
+
+class Refused(ApiError):
+    """A sending rule said no (the rate governor's reason becomes the code)."""
+
+    status = 429
+    code = "rate_per_hour"
+    retryable = True
+
+
+class SendFailed(ApiError):
+    """The SMTP server did not accept a test email; the send log has the attempt."""
+
+    status = 502
+    code = "test_email_failed"
+
+
 class Unavailable(ApiError):
+    """A backend this request needs is down: try again later."""
+
     status = 503
     code = "throttle_backend_unavailable"
+    retryable = True

@@ -14,27 +14,76 @@ import msgspec
 from msgspec import Meta, Struct
 
 __all__ = [
+    "ActiveCampaign",
+    "AttachmentAdd",
+    "AttachmentList",
+    "AttachmentRef",
+    "AttachmentView",
+    "AuditEntry",
+    "AuditList",
+    "AuditPage",
     "CampaignCreate",
+    "CampaignDeleted",
     "CampaignEvent",
+    "CampaignList",
+    "CampaignPage",
     "CampaignRef",
+    "CampaignUpdate",
     "CampaignView",
+    "EmailRef",
+    "Empty",
     "ErrorBody",
     "ErrorReply",
     "InvalidAddress",
+    "ManagerStatus",
+    "NotRemoved",
     "QueueView",
+    "QueuedCampaign",
+    "QuotaSyncRequest",
+    "QuotaView",
     "RecipientIn",
+    "RecipientList",
+    "RecipientPage",
+    "RecipientView",
     "RecipientsAdd",
     "RecipientsAdded",
+    "RecipientsRemove",
+    "RecipientsRemoved",
+    "RunCampaign",
+    "RunReply",
     "StartReply",
+    "StartWarning",
+    "StatusRequest",
+    "TestEmail",
+    "TestEmailSent",
     "TokenReply",
     "TokenRequest",
+    "UnsubscribeAdd",
+    "UnsubscribeList",
+    "UnsubscribePage",
+    "UnsubscribeRemoved",
+    "UnsubscribeView",
     "Wake",
 ]
 
-# Header-safe single-line text: CR/LF would allow header injection.
-Line = Annotated[str, Meta(min_length=1, max_length=998, pattern=r"^[^\r\n]*$")]
-Name = Annotated[str, Meta(max_length=200, pattern=r"^[^\r\n]*$")]
+# Header-safe single-line text: CR/LF would allow header injection. \A..\Z,
+# not ^..$: "$" also matches before a trailing newline, which would let
+# "Subject\n" through. NUL is refused everywhere (PostgreSQL text cannot hold it).
+_ONE_LINE = r"\A[^\r\n\x00]*\Z"
+Line = Annotated[str, Meta(min_length=1, max_length=998, pattern=_ONE_LINE)]
+Name = Annotated[str, Meta(max_length=200, pattern=_ONE_LINE)]
 Body = Annotated[str, Meta(max_length=1_000_000)]
+# A database id (bigint): a larger number is refused before it reaches SQL.
+Id = Annotated[int, Meta(ge=1, le=2**63 - 1)]
+CampaignName = Annotated[str, Meta(min_length=1, max_length=200, pattern=_ONE_LINE)]
+Priority = Annotated[int, Meta(ge=-100, le=100)]
+Email = Annotated[str, Meta(min_length=1, max_length=320)]
+PageLimit = Annotated[int, Meta(ge=1, le=500)]
+UserId = Annotated[str, Meta(min_length=1, max_length=200, pattern=_ONE_LINE)]
+CampaignStatus = Literal[
+    "draft", "ready", "sending", "paused", "sent", "completed_with_errors", "cancelled"
+]
+RecipientStatus = Literal["pending", "sending", "sent", "failed", "unsubscribed", "in_doubt"]
 
 
 class _Strict(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -42,15 +91,15 @@ class _Strict(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class CampaignCreate(_Strict):
-    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    name: CampaignName
     subject: Line
     body_text: Body | None = None
     body_html: Body | None = None
-    priority: Annotated[int, Meta(ge=-100, le=100)] = 0
+    priority: Priority = 0
 
 
 class CampaignRef(_Strict):
-    campaign_id: Annotated[int, Meta(ge=1)]
+    campaign_id: Id
 
 
 class RecipientIn(_Strict):
@@ -62,7 +111,7 @@ class RecipientIn(_Strict):
 
 
 class RecipientsAdd(_Strict):
-    campaign_id: Annotated[int, Meta(ge=1)]
+    campaign_id: Id
     recipients: list[RecipientIn]
 
 
@@ -101,9 +150,16 @@ class CampaignView(Struct, kw_only=True):
     queue: QueueView | None = None
 
 
+class StartWarning(Struct, kw_only=True):
+    """Something the manager should know about an accepted start."""
+
+    code: str
+    message: str
+
+
 class StartReply(Struct, kw_only=True):
     campaign: CampaignView
-    warnings: list[str]
+    warnings: list[StartWarning]
 
 
 class ErrorBody(Struct, kw_only=True):
@@ -131,6 +187,22 @@ class TokenReply(Struct, kw_only=True):
     retry_at: datetime | None = None
     used: int = 0
     limit: int = 0
+    # The owner's sends of the local day and their daily limit (0: none): the
+    # {sent}/{limit} of the ``daily_limit`` text in mailer/texts.py.
+    daily_sent: int = 0
+    daily_limit: int = 0
+
+
+class RunCampaign(Struct, kw_only=True):
+    """The leader asks some process (the runners' queue group) to run a campaign."""
+
+    campaign_id: int
+    fence: int
+
+
+class RunReply(Struct, kw_only=True):
+    started: bool
+    runner: str
 
 
 class Wake(Struct, kw_only=True):
@@ -148,3 +220,256 @@ class CampaignEvent(Struct, kw_only=True):
     counts: dict[str, int] | None = None
     defer_reason: str | None = None
     deferred_until: datetime | None = None
+    # Values a reason's text needs (e.g. daily sent/limit), as strings.
+    details: dict[str, str] | None = None
+
+
+# --- the public API: campaigns ---------------------------------------------------------
+
+
+class CampaignUpdate(_Strict):
+    """Changes the given fields; an absent field is left as it is (null clears a body)."""
+
+    campaign_id: Id
+    name: CampaignName | msgspec.UnsetType = msgspec.UNSET
+    subject: Line | msgspec.UnsetType = msgspec.UNSET
+    body_text: Body | msgspec.UnsetType | None = msgspec.UNSET
+    body_html: Body | msgspec.UnsetType | None = msgspec.UNSET
+    priority: Priority | msgspec.UnsetType = msgspec.UNSET
+
+
+class CampaignList(_Strict):
+    """Newest first. ``cursor`` is the ``next_cursor`` of the previous page."""
+
+    owner_id: UserId | None = None
+    status: Annotated[list[CampaignStatus], Meta(max_length=7)] = msgspec.field(
+        default_factory=list
+    )
+    limit: PageLimit = 50
+    cursor: Id | None = None
+
+
+class CampaignPage(Struct, kw_only=True):
+    items: list[CampaignView]
+    next_cursor: int | None
+
+
+class CampaignDeleted(Struct, kw_only=True):
+    campaign_id: int
+    deleted: bool
+
+
+class TestEmail(_Strict):
+    """Sends the campaign's message once to ``email`` (through the rate governor)."""
+
+    campaign_id: Id
+    email: Email
+    name: Name | None = None
+    variables: dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=2000)]] = (
+        msgspec.field(default_factory=dict)
+    )
+
+
+class TestEmailSent(Struct, kw_only=True):
+    email: str
+    status: str
+    smtp_message_id: str | None
+    provider_answer: str | None
+    took_ms: float
+    send_log_id: int
+
+
+# --- recipients and attachments -----------------------------------------------------------
+
+
+class RecipientList(_Strict):
+    """In id order. ``cursor`` is the ``next_cursor`` of the previous page."""
+
+    campaign_id: Id
+    status: RecipientStatus | None = None
+    limit: PageLimit = 100
+    cursor: Id | None = None
+
+
+class RecipientView(Struct, kw_only=True):
+    id: int
+    email: str
+    name: str | None
+    variables: dict[str, str]
+    status: str
+    error: str | None
+    smtp_message_id: str | None
+    sent_at: datetime | None
+    updated_at: datetime
+
+
+class RecipientPage(Struct, kw_only=True):
+    items: list[RecipientView]
+    next_cursor: int | None
+
+
+class RecipientsRemove(_Strict):
+    campaign_id: Id
+    emails: Annotated[list[Email], Meta(min_length=1, max_length=5000)]
+
+
+class NotRemoved(Struct, kw_only=True):
+    email: str
+    # not_found | not_pending (already sent, failed, in progress: kept for the record)
+    reason: str
+
+
+class RecipientsRemoved(Struct, kw_only=True):
+    removed: int
+    not_removed: list[NotRemoved]
+
+
+class AttachmentAdd(_Strict):
+    """``content`` is base64 in JSON (standard alphabet, padded)."""
+
+    campaign_id: Id
+    filename: Annotated[str, Meta(min_length=1, max_length=255, pattern=r"\A[^\r\n\x00/\\]+\Z")]
+    content_type: Annotated[
+        str,
+        Meta(
+            max_length=255,
+            pattern=r"\A[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*\Z",
+        ),
+    ]
+    content: bytes
+
+
+class AttachmentRef(_Strict):
+    campaign_id: Id
+    attachment_id: Id
+
+
+class AttachmentView(Struct, kw_only=True):
+    id: int
+    campaign_id: int
+    filename: str
+    content_type: str
+    size: int
+    created_at: datetime
+
+
+class AttachmentList(Struct, kw_only=True):
+    items: list[AttachmentView]
+    total_size: int
+
+
+# --- unsubscribes, quota, audit -----------------------------------------------------------
+
+
+class EmailRef(_Strict):
+    email: Email
+
+
+class UnsubscribeAdd(_Strict):
+    email: Email
+    source: Annotated[str, Meta(min_length=1, max_length=100, pattern=_ONE_LINE)] = "api"
+
+
+class UnsubscribeView(Struct, kw_only=True):
+    email: str
+    unsubscribed: bool
+    source: str | None = None
+    created_at: datetime | None = None
+
+
+class UnsubscribeRemoved(Struct, kw_only=True):
+    email: str
+    removed: bool
+
+
+class UnsubscribeList(_Strict):
+    """In address order. ``cursor`` is the ``next_cursor`` of the previous page."""
+
+    limit: PageLimit = 100
+    cursor: Email | None = None
+
+
+class UnsubscribePage(Struct, kw_only=True):
+    items: list[UnsubscribeView]
+    next_cursor: str | None
+
+
+class Empty(_Strict):
+    """A request without fields: ``{}``."""
+
+
+class QuotaView(Struct, kw_only=True):
+    emails_available: int
+    monthly_limit: int
+    last_synced_at: datetime | None
+    sync_error: str | None
+
+
+class QuotaSyncRequest(Struct, kw_only=True):
+    """What the API asks the quota syncer (``<prefix>.internal.quota.sync``)."""
+
+    requested_by: str
+
+
+class AuditList(_Strict):
+    """In time order. ``cursor`` is the ``next_cursor`` of the previous page."""
+
+    campaign_id: Id
+    limit: PageLimit = 100
+    cursor: Id | None = None
+
+
+class AuditEntry(Struct, kw_only=True):
+    id: int
+    at: datetime
+    actor_id: str
+    action: str
+    campaign_id: int | None
+    details: dict[str, object]
+
+
+class AuditPage(Struct, kw_only=True):
+    items: list[AuditEntry]
+    next_cursor: int | None
+
+
+# --- the manager's view ---------------------------------------------------------------------
+
+
+class StatusRequest(_Strict):
+    """The acting user's view; an admin may ask for another ``owner_id``."""
+
+    owner_id: UserId | None = None
+
+
+class ActiveCampaign(Struct, kw_only=True):
+    id: int
+    name: str
+    status: str
+    counts: dict[str, int]
+    started_at: datetime | None
+
+
+class QueuedCampaign(Struct, kw_only=True):
+    id: int
+    name: str
+    status: str
+    priority: int
+    queued_at: datetime
+    defer_reason: str | None
+    deferred_until: datetime | None
+
+
+class ManagerStatus(Struct, kw_only=True):
+    owner_id: str
+    active_campaign: ActiveCampaign | None
+    # The owner's other campaigns waiting in the queue (ready or deferred), and paused.
+    queued_count: int
+    paused_count: int
+    # When the next of them may start: its deferral's end; null when it only waits its turn.
+    next_campaign_at: datetime | None
+    # Why the active campaign waits (null while it sends), its human text, and until when.
+    reason_code: str | None
+    reason: str | None
+    next_run_at: datetime | None
+    queue: list[QueuedCampaign]

@@ -1,45 +1,83 @@
-"""The hourly send budget of an SMTP account, reserved atomically in Redis.
+"""The hourly budget of an SMTP account and the daily budget of a manager, in Redis.
 
-One Lua script reads the hour's counter and adds at most what is left, so any
-number of governors in any number of processes never push an hour past its
-limit. A reserved token is spent whether or not its send succeeds (MISSION:
-better to under-send than to exceed the provider's limit).
+One Lua script reads both counters — the account's clock hour and the
+manager's local day — and adds to both at most what is left in either, so the
+two are reserved together, atomically: any number of governors in any number
+of processes never push an hour or a day past its limit. A reserved token is
+spent whether or not its send succeeds (MISSION: better to under-send than to
+exceed the provider's limit). Only tokens that were never handed out — the
+monthly quota could not cover them — are given back (``give_back``).
 
 Redis down: the limiter FAILS OPEN — it grants what was asked, logs ERROR with
-``policy="fail_open"`` and counts it — because stopping every campaign for a
-cache outage costs more than a possible overshoot the provider would refuse
-anyway. (The API throttles make the opposite choice; see ``throttle``.)
+``policy="fail_open"`` and counts it in ``mailer_rate_limiter_redis_errors_total``
+— because stopping every campaign for a cache outage costs more than a possible
+overshoot the provider would refuse anyway. Working hours and the monthly quota
+(PostgreSQL) still apply then. (The API throttles make the opposite choice; see
+``throttle``.)
+
+Keys: ``<prefix>rate:<account>:<YYYYMMDDHH UTC>`` and
+``<prefix>daily:<owner>:<YYYYMMDD local>``. Under Redis Cluster both keys of a
+script must share a slot: give ``MAILER_REDIS_KEY_PREFIX`` a hash tag (``{mailer}:``).
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 import msgspec
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from mailer import metrics
+from mailer.clock import utc
 
-__all__ = ["FAIL_OPEN", "HourlyLimiter", "Reservation", "hour_start"]
+__all__ = ["FAIL_OPEN", "Reservation", "SendLimiter", "hour_start"]
 
 log = logging.getLogger("mailer.ratelimit")
 
 FAIL_OPEN = "fail_open"
 
-# KEYS[1] counter of the hour; ARGV: limit, wanted, ttl seconds.
-# Returns {granted, used after the grant}.
+# An hour's counter outlives its hour (clock skew between pods); a day's
+# counter outlives the longest local day (25 h on a DST change).
+_HOUR_TTL_SECONDS = 2 * 3600
+_DAY_TTL_SECONDS = 2 * 86400
+
+# KEYS[1] the account's hour counter, KEYS[2] the manager's day counter.
+# ARGV: wanted, hour limit, hour ttl, day limit (0: none), day ttl.
+# Returns {granted, hour used after, day used after}. The day is counted even
+# without a limit, so that a limit switched on mid-day sees the day's sends.
 _RESERVE = """
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-local limit = tonumber(ARGV[1])
-local grant = math.min(tonumber(ARGV[2]), limit - used)
-if grant <= 0 then
-  return {0, used}
+local want = tonumber(ARGV[1])
+local hour_used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local day_used = tonumber(redis.call('GET', KEYS[2]) or '0')
+local grant = math.min(want, tonumber(ARGV[2]) - hour_used)
+local day_limit = tonumber(ARGV[4])
+if day_limit > 0 then
+  grant = math.min(grant, day_limit - day_used)
 end
-used = redis.call('INCRBY', KEYS[1], grant)
+if grant <= 0 then
+  return {0, hour_used, day_used}
+end
+hour_used = redis.call('INCRBY', KEYS[1], grant)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-return {grant, used}
+day_used = redis.call('INCRBY', KEYS[2], grant)
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
+return {grant, hour_used, day_used}
+"""
+
+# KEYS: counters to give ARGV[1] tokens back to. A missing key is left alone
+# (DECRBY would create it without a TTL), and no counter goes below zero.
+_GIVE_BACK = """
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    local left = redis.call('DECRBY', key, tonumber(ARGV[1]))
+    if left < 0 then
+      redis.call('INCRBY', key, -left)
+    end
+  end
+end
+return 0
 """
 
 
@@ -49,28 +87,58 @@ def hour_start(now: datetime) -> datetime:
 
 class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     granted: int
-    used: int
-    limit: int
-    # When the next window opens (only meaningful when granted < wanted).
-    retry_at: datetime
+    hour_used: int
+    hour_limit: int
+    day_used: int
+    day_limit: int  # 0: no daily limit
+    # The start of the next clock hour: when a refused hourly window reopens.
+    next_hour: datetime
+    hour_key: str
+    day_key: str
     failed_open: bool = False
 
+    @property
+    def refused_by(self) -> str | None:
+        """Why nothing was granted: ``daily_limit`` or ``rate_per_hour`` (None if granted).
 
-class HourlyLimiter:
-    def __init__(self, client: redis.Redis, *, key_prefix: str, account: str, limit: int) -> None:
+        When both are used up the day is named: its wait contains the hour's,
+        and a campaign woken at the next hour would only be refused again.
+        """
+        if self.granted > 0:
+            return None
+        if self.day_limit and self.day_used >= self.day_limit:
+            return "daily_limit"
+        return "rate_per_hour"
+
+
+class SendLimiter:
+    def __init__(
+        self, client: redis.Redis, *, key_prefix: str, account: str, hourly_limit: int
+    ) -> None:
         self._redis = client
-        self._prefix = f"{key_prefix}rate:{account}:"
-        self.limit = limit
-        self._script = client.register_script(_RESERVE)
+        self._prefix = key_prefix
+        self._hour_prefix = f"{key_prefix}rate:{account}:"
+        self.hourly_limit = hourly_limit
+        self._reserve = client.register_script(_RESERVE)
+        self._give_back = client.register_script(_GIVE_BACK)
 
-    def key(self, now: datetime) -> str:
-        return self._prefix + now.strftime("%Y%m%d%H")
+    def hour_key(self, now: datetime) -> str:
+        return self._hour_prefix + utc(now).strftime("%Y%m%d%H")
 
-    async def reserve(self, want: int, now: datetime) -> Reservation:
-        start = hour_start(now)
-        next_hour = start + timedelta(hours=1)
+    def day_key(self, owner_id: str, day: date) -> str:
+        return f"{self._prefix}daily:{owner_id}:{day.strftime('%Y%m%d')}"
+
+    async def reserve(
+        self, want: int, now: datetime, *, owner_id: str, day: date, daily_limit: int
+    ) -> Reservation:
+        """Reserves up to ``want`` tokens of this hour and of ``owner_id``'s ``day``."""
+        next_hour = hour_start(utc(now)) + timedelta(hours=1)
+        hour_key, day_key = self.hour_key(now), self.day_key(owner_id, day)
         try:
-            granted, used = await self._script(keys=[self.key(now)], args=[self.limit, want, 7200])
+            granted, hour_used, day_used = await self._reserve(
+                keys=[hour_key, day_key],
+                args=[want, self.hourly_limit, _HOUR_TTL_SECONDS, daily_limit, _DAY_TTL_SECONDS],
+            )
         except (RedisError, OSError) as exc:
             metrics.RATE_LIMITER_REDIS_ERRORS.labels(policy=FAIL_OPEN).inc()
             log.error(
@@ -78,12 +146,58 @@ class HourlyLimiter:
                 extra={"policy": FAIL_OPEN, "error": repr(exc), "rate_limit_count": want},
             )
             return Reservation(
-                granted=want, used=0, limit=self.limit, retry_at=next_hour, failed_open=True
+                granted=want,
+                hour_used=0,
+                hour_limit=self.hourly_limit,
+                day_used=0,
+                day_limit=daily_limit,
+                next_hour=next_hour,
+                hour_key=hour_key,
+                day_key=day_key,
+                failed_open=True,
             )
         return Reservation(
-            granted=int(granted), used=int(used), limit=self.limit, retry_at=next_hour
+            granted=int(granted),
+            hour_used=int(hour_used),
+            hour_limit=self.hourly_limit,
+            day_used=int(day_used),
+            day_limit=daily_limit,
+            next_hour=next_hour,
+            hour_key=hour_key,
+            day_key=day_key,
         )
 
-    async def used(self, now: datetime) -> int:
-        value = await self._redis.get(self.key(now))
+    async def give_back(self, r: Reservation, n: int) -> Reservation:
+        """Returns ``n`` reserved tokens that were never handed out; the updated view.
+
+        Best effort: if Redis fails here the tokens stay spent, which under-sends
+        (the safe side) until the hour or the day ends.
+        """
+        n = min(n, r.granted)
+        if n <= 0:
+            return r
+        updated = msgspec.structs.replace(
+            r,
+            granted=r.granted - n,
+            hour_used=max(0, r.hour_used - n),
+            day_used=max(0, r.day_used - n),
+        )
+        if r.failed_open:  # nothing was counted, nothing to give back
+            return updated
+        try:
+            await self._give_back(keys=[r.hour_key, r.day_key], args=[n])
+        except (RedisError, OSError) as exc:
+            metrics.RATE_LIMITER_REDIS_ERRORS.labels(policy=FAIL_OPEN).inc()
+            log.error(
+                "rate limiter could not give back unused tokens",
+                extra={"policy": FAIL_OPEN, "error": repr(exc), "rate_limit_count": n},
+            )
+        return updated
+
+    async def hour_used(self, now: datetime) -> int:
+        value = await self._redis.get(self.hour_key(now))
+        return int(value or 0)
+
+    async def day_used(self, owner_id: str, day: date) -> int:
+        value = await self._redis.get(self.day_key(owner_id, day))
         return int(value or 0)

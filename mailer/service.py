@@ -35,20 +35,25 @@ from mailer.actors import (
 from mailer.actors.api import ApiActor
 from mailer.actors.campaign import CampaignActor, CampaignSettings, FaultHook
 from mailer.actors.governor import GovernorActor, NatsTokenSource
-from mailer.actors.scheduler import CampaignEnded, SchedulerActor
+from mailer.actors.leader import LeaderActor
+from mailer.actors.runner import RunnerActor
+from mailer.actors.scheduler import Leadership, SchedulerActor, wake_subject
 from mailer.actors.sender import ActorMailer, SenderActor
+from mailer.breaker import CircuitBreaker
 from mailer.bus import Bus
 from mailer.clock import Clock, SystemClock
 from mailer.config import Settings
 from mailer.db import connect_pool
+from mailer.events import JetStreamEvents
 from mailer.http import HttpServer
-from mailer.messages import CampaignEvent
-from mailer.ratelimit import HourlyLimiter
+from mailer.messages import Wake
+from mailer.ratelimit import SendLimiter
 from mailer.store import PgStore
 from mailer.transport import SmtpTransport
-from mailer.unsubscribe import unsubscribe_url
+from mailer.unsubscribe import PgUnsubscribes, unsubscribe_url
+from mailer.unsubscribe_http import UnsubscribePages
 
-__all__ = ["BusEvents", "MetricsObserver", "Service"]
+__all__ = ["MetricsObserver", "Service"]
 
 log = logging.getLogger("mailer.service")
 
@@ -78,19 +83,6 @@ class MetricsObserver:
         metrics.ACTOR_RESTARTS.labels(actor=metrics.actor_kind(actor_name)).inc()
 
 
-class BusEvents:
-    """Campaign lifecycle events on ``<prefix>.events.campaign.<event>``."""
-
-    def __init__(self, bus: Bus) -> None:
-        self._bus = bus
-
-    async def emit(self, event: CampaignEvent) -> None:
-        try:
-            await self._bus.publish(self._bus.subject("events", "campaign", event.event), event)
-        except Exception:  # an event is a notice; the database holds the truth
-            log.warning("event not published", extra={"campaign_id": event.campaign_id})
-
-
 class Service:
     def __init__(
         self,
@@ -112,7 +104,12 @@ class Service:
         self._store: PgStore | None = None
         self._supervisor: Supervisor | None = None
         self._http: HttpServer | None = None
+        self._events: JetStreamEvents | None = None
         self._stopped = False
+        self._background: set[asyncio.Task[None]] = set()
+        self.leader_epoch: int | None = None
+        # Set while this process leads (tests and health checks wait on it).
+        self.leadership = asyncio.Event()
 
     # --- parts, for tests and the CLI -------------------------------------------------
 
@@ -145,22 +142,44 @@ class Service:
             s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
         )
         self._bus = Bus(
-            s.nats_url, prefix=s.subject_prefix, name=f"mailer-{s.effective_instance_id}"
+            s.nats_url,
+            prefix=s.subject_prefix,
+            name=f"mailer-{s.effective_instance_id}",
+            user=s.nats_user or None,
+            password=s.nats_password or None,
+            token=s.nats_token or None,
+            creds_file=s.nats_creds_file or None,
+            nkey_seed_file=s.nats_nkey_seed_file or None,
         )
         await self._bus.connect()
+        # Events go to JetStream; without their stream the service does not come up.
+        self._events = JetStreamEvents(self._bus, timezone=s.timezone)
+        await self._events.ensure_stream()
         metrics.set_build_info(__version__)
 
         bus, store, clock = self._bus, self._store, self.clock
-        limiter = HourlyLimiter(
+        limiter = SendLimiter(
             self._redis,
             key_prefix=s.redis_key_prefix,
             account=s.smtp_account,
-            limit=s.rate_per_hour,
+            hourly_limit=s.rate_per_hour,
+        )
+        # The account's breaker outlives sender restarts: a crash is no cure for a dead server.
+        breaker = CircuitBreaker(
+            s.smtp_account,
+            threshold=s.circuit_breaker_threshold,
+            cooldown=timedelta(minutes=s.transient_retry_delay_minutes),
         )
         children: list[ChildSpec[Any]] = [
-            ChildSpec("smtp-sender", lambda: SenderActor(self._new_transport())),
             ChildSpec(
-                "rate-governor", lambda: GovernorActor(bus=bus, limiter=limiter, clock=clock)
+                "smtp-sender",
+                lambda: SenderActor(self._new_transport(), breaker=breaker, clock=clock),
+            ),
+            ChildSpec(
+                "rate-governor",
+                lambda: GovernorActor.from_settings(
+                    bus=bus, limiter=limiter, pool=self._pool, settings=s, clock=clock
+                ),
             ),
             ChildSpec(
                 "api",
@@ -178,8 +197,27 @@ class Service:
                     bus=bus,
                     store=store,
                     clock=clock,
-                    spawn=self._spawn_campaign,
                     max_active=s.max_active_campaigns,
+                    lease_seconds=s.campaign_lease_seconds,
+                    reconcile_every=s.reconcile_interval_seconds,
+                    stuck_after=timedelta(minutes=s.stuck_after_minutes),
+                ),
+            ),
+            ChildSpec(
+                "leader",
+                lambda: LeaderActor(
+                    bus=bus,
+                    store=store,
+                    clock=clock,
+                    instance_id=s.effective_instance_id,
+                    ttl=s.leader_ttl_seconds,
+                    on_change=self._on_leadership,
+                ),
+            ),
+            ChildSpec(
+                "runner",
+                lambda: RunnerActor(
+                    bus=bus, spawn=self._spawn_campaign, instance_id=s.effective_instance_id
                 ),
             ),
         ]
@@ -194,6 +232,13 @@ class Service:
         await self._supervisor.start()
         if s.http_port or s.http_host:
             self._http = HttpServer(s.http_host, s.http_port, readiness=self.readiness)
+            unsubscribe_pages = UnsubscribePages(
+                secret=s.unsubscribe_secret,
+                store=PgUnsubscribes(self._pool),
+                events=self._events,
+                clock=self.clock,
+            )
+            self._http.add_routes(unsubscribe_pages.routes())
             await self._http.start()
         log.info(
             "mailer started",
@@ -216,7 +261,18 @@ class Service:
             connections=s.smtp_connections,
         )
 
-    async def _spawn_campaign(self, campaign_id: int) -> bool:
+    def _on_leadership(self, epoch: int | None) -> None:
+        self.leader_epoch = epoch
+        if epoch is None:
+            self.leadership.clear()
+        else:
+            self.leadership.set()
+        scheduler = self._supervisor.get("scheduler") if self._supervisor else None
+        if scheduler is not None:
+            with contextlib.suppress(ActorDead, MailboxFull):
+                scheduler.tell(Leadership(epoch))
+
+    async def _spawn_campaign(self, campaign_id: int, fence: int) -> bool:
         s = self.settings
         sup, bus, store = self.supervisor, self.bus, self.store
         sender = sup.get("smtp-sender")
@@ -226,7 +282,8 @@ class Service:
         batch_timeout = s.smtp_timeout_seconds * 4 * (s.batch_size / s.smtp_connections + 1)
         mailer = ActorMailer(sender, mail_from=s.from_email, timeout=batch_timeout)
         tokens = NatsTokenSource(bus, timeout=s.token_request_timeout_seconds)
-        events = BusEvents(bus)
+        events = self._events
+        assert events is not None, "service not started"
         settings = CampaignSettings(
             instance_id=s.effective_instance_id,
             batch_size=s.batch_size,
@@ -234,8 +291,8 @@ class Service:
             from_email=s.from_email,
             from_name=s.from_name,
             message_id_domain=s.effective_message_id_domain,
-            public_url=s.public_url,
-            transient_retry=timedelta(minutes=5),
+            transient_retry=timedelta(minutes=s.transient_retry_delay_minutes),
+            breaker_threshold=s.circuit_breaker_threshold,
         )
 
         def link(cid: int, email: str) -> str:
@@ -245,6 +302,7 @@ class Service:
             f"{CAMPAIGN_PREFIX}{campaign_id}",
             lambda: CampaignActor(
                 campaign_id,
+                fence=fence,
                 store=store,
                 tokens=tokens,
                 mailer=mailer,
@@ -257,23 +315,27 @@ class Service:
             restart=Restart.TRANSIENT,
         )
         try:
-            await sup.spawn(spec)
+            ref = await sup.spawn(spec)
         except (AlreadyRunning, SupervisorClosed):
             return False
         except Exception:
             log.exception("campaign actor failed to start", extra={"campaign_id": campaign_id})
             return False
-        return True
+        # An actor that could not take the lease has already asked to stop.
+        return ref.alive
 
     def _on_child_exit(self, name: str, error: BaseException | None) -> None:
-        if not name.startswith(CAMPAIGN_PREFIX) or self._supervisor is None:
-            return
-        scheduler = self._supervisor.get("scheduler")
-        if scheduler is None:
-            return
-        campaign_id = int(name.removeprefix(CAMPAIGN_PREFIX))
-        with contextlib.suppress(ActorDead, MailboxFull):
-            scheduler.tell(CampaignEnded(campaign_id, repr(error) if error else None))
+        # Wherever the leader runs, it must learn that a slot is free.
+        if name.startswith(CAMPAIGN_PREFIX) and self._bus is not None and not self._stopped:
+            task = asyncio.get_running_loop().create_task(self._publish_wake())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _publish_wake(self) -> None:
+        try:
+            await self.bus.publish(wake_subject(self.bus), Wake())
+        except Exception:  # the leader's timers and reconcile catch up
+            log.warning("wake not published")
 
     async def readiness(self) -> dict[str, bool]:
         checks: dict[str, bool] = {"nats": self._bus is not None and self._bus.connected}

@@ -126,6 +126,9 @@ class SmtpSink:
         self._port = 0
         #: Optional callable consulted before the address rules; see :data:`ReplyHook`.
         self.hook: ReplyHook | None = None
+        #: Seconds each DATA waits before its reply: a slow provider, for tests that
+        #: must act while a campaign is mid-way.
+        self.data_delay = 0.0
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -262,6 +265,7 @@ class SmtpSink:
         self._messages.clear()
         self._rejections.clear()
         self._count = 0
+        self.data_delay = 0.0
         self.clear_rules()
 
     # --- internals used by the handler ---------------------------------------------------
@@ -372,6 +376,8 @@ class _Handler:
             reply = self._sink._reply_for("data", address)
             if reply is not None:
                 return self._sink._refuse("data", address, reply)
+        if self._sink.data_delay:
+            await asyncio.sleep(self._sink.data_delay)
         data = envelope.original_content or b""
         self._sink._accept(envelope.mail_from or "", rcpt_tos, data)
         return "250 OK"

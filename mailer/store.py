@@ -73,6 +73,9 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     answer: str | None
     error: str | None
     took_ms: float
+    # Transient without an attempt (the account's breaker was open): it does
+    # not count towards the campaign's consecutive errors.
+    short_circuited: bool = False
 
 
 def _campaign(row: asyncpg.Record) -> CampaignRow:
@@ -205,9 +208,10 @@ class PgStore:
         return at
 
     async def acquire(
-        self, campaign_id: int, owner: str, *, until: datetime, now: datetime
+        self, campaign_id: int, owner: str, *, until: datetime, now: datetime, fence: int
     ) -> Lease | None:
-        row = await self.pool.fetchrow(Q["queue-acquire"], campaign_id, owner, until, now)
+        """Takes the campaign's lease for ``owner``, on the authority of leader epoch ``fence``."""
+        row = await self.pool.fetchrow(Q["queue-acquire"], campaign_id, owner, until, now, fence)
         if row is None:
             return None
         return Lease(
@@ -259,16 +263,34 @@ class PgStore:
         if ids:
             await self.pool.execute(Q["recipients-release"], list(ids), lease.claim_token, now)
 
-    async def record(self, lease: Lease, outcomes: Sequence[Outcome], now: datetime) -> None:
-        """Writes recipient outcomes and their send-log rows in one transaction.
+    async def record(
+        self,
+        lease: Lease,
+        outcomes: Sequence[Outcome],
+        now: datetime,
+        *,
+        transient_errors: int | None = None,
+        success: bool = False,
+    ) -> None:
+        """Writes recipient outcomes, their send-log rows and the campaign's
+        consecutive-transient-error count in one transaction.
 
         A ``transient`` outcome puts the recipient back to ``pending`` (it will
         be retried) while its attempt stays in the send log.
         """
         if not outcomes:
             return
-        rec = [o for o in outcomes]
+        rec = list(outcomes)
         async with self.pool.acquire() as conn, conn.transaction():
+            if transient_errors is not None:
+                await conn.execute(
+                    Q["queue-transient-count"],
+                    lease.campaign_id,
+                    lease.owner,
+                    lease.epoch,
+                    transient_errors,
+                    success,
+                )
             await conn.execute(
                 Q["recipients-record"],
                 [o.recipient_id for o in rec],
@@ -292,23 +314,114 @@ class PgStore:
                 now,
             )
 
-    async def defer(self, lease: Lease, reason: str, until: datetime, now: datetime) -> bool:
-        """The one way a campaign waits: reason and time on the queue entry, audited."""
+    async def defer(
+        self, lease: Lease, reason: str, until: datetime, now: datetime
+    ) -> tuple[bool, bool]:
+        """The one way a campaign waits: reason and time on the queue entry, audited.
+
+        Returns (deferred, notify): ``notify`` is False when the owner was
+        already told of this same ongoing reason.
+        """
+        return await self._wait(
+            lease, Q["queue-defer"], reason=reason, now=now, args=(reason, until)
+        )
+
+    async def pause_by_breaker(self, lease: Lease, now: datetime) -> tuple[bool, bool]:
+        """Pauses the campaign (status ``paused``, reason ``circuit_breaker``)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                Q["queue-defer"], lease.campaign_id, lease.owner, lease.epoch, reason, until
+            moved = await conn.fetchrow(
+                Q["campaign-set-status"], lease.campaign_id, "paused", ["sending", "ready"], now
             )
-            if row is None:
-                return False
+            if moved is None:
+                return False, False
             await conn.execute(
                 Q["audit-insert"],
                 now,
                 "system",
-                "campaign.defer",
+                "campaign.status",
                 lease.campaign_id,
-                {"reason": reason, "until": until.isoformat()},
+                {"from": "sending", "to": "paused", "reason": "circuit_breaker"},
             )
-        return True
+            return await self._wait(
+                lease,
+                Q["queue-pause-breaker"],
+                reason="circuit_breaker",
+                now=now,
+                args=(),
+                conn=conn,
+            )
+
+    async def _wait(
+        self,
+        lease: Lease,
+        sql: str,
+        *,
+        reason: str,
+        now: datetime,
+        args: tuple[Any, ...],
+        conn: Any = None,
+    ) -> tuple[bool, bool]:
+        if conn is None:
+            async with self.pool.acquire() as c, c.transaction():
+                return await self._wait(lease, sql, reason=reason, now=now, args=args, conn=c)
+        row = await conn.fetchrow(sql, lease.campaign_id, lease.owner, lease.epoch, *args)
+        if row is None:
+            return False, False
+        until = args[1].isoformat() if len(args) > 1 else None
+        await conn.execute(
+            Q["audit-insert"],
+            now,
+            "system",
+            "campaign.defer",
+            lease.campaign_id,
+            {"reason": reason, "until": until},
+        )
+        return True, row["previous_reason"] != reason
+
+    async def campaign_status(self, campaign_id: int) -> str | None:
+        status: str | None = await self.pool.fetchval(Q["campaign-status"], campaign_id)
+        return status
+
+    # --- the leader's view ------------------------------------------------------
+
+    async def take_fence(self, epoch: int, holder: str, now: datetime) -> bool:
+        return await self.pool.fetchrow(Q["fence-take"], epoch, holder, now) is not None
+
+    async def active(self, now: datetime) -> dict[int, str]:
+        rows = await self.pool.fetch(Q["queue-active"], now)
+        return {int(r["campaign_id"]): str(r["lease_owner"]) for r in rows}
+
+    async def queue_depth(self, now: datetime) -> int:
+        return int(await self.pool.fetchval(Q["queue-depth"], now))
+
+    async def processing_since(self, now: datetime) -> list[tuple[int, datetime, str | None]]:
+        rows = await self.pool.fetch(Q["queue-processing-since"], now)
+        return [(int(r["campaign_id"]), r["leased_at"], r["defer_reason"]) for r in rows]
+
+    async def finish_orphans(self, now: datetime, fence: int) -> list[tuple[int, str]]:
+        """Gives a final status to campaigns with nothing left and no live owner."""
+        done: list[tuple[int, str]] = []
+        for row in await self.pool.fetch(Q["queue-unfinished-without-work"], now):
+            cid = int(row["campaign_id"])
+            async with self.pool.acquire() as conn, conn.transaction():
+                if await conn.fetchrow(Q["queue-complete-fenced"], cid, now, fence) is None:
+                    continue
+                counts = await self.counts(cid, conn)
+                bad = counts.get("failed", 0) + counts.get("in_doubt", 0)
+                status = "completed_with_errors" if bad else "sent"
+                await conn.fetchrow(
+                    Q["campaign-set-status"], cid, status, ["sending", "ready"], now
+                )
+                await conn.execute(
+                    Q["audit-insert"],
+                    now,
+                    "system",
+                    "campaign.status",
+                    cid,
+                    {"to": status, "counts": counts, "by": "reconcile"},
+                )
+            done.append((cid, status))
+        return done
 
     async def finish(self, lease: Lease, now: datetime) -> tuple[str, dict[str, int]] | None:
         """Gives the campaign its honest final status when nothing is left to send.

@@ -41,10 +41,103 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "ru": "Нет писем в очереди",
         "en": "No emails in the queue",
     },
+    "circuit_breaker": {
+        "ru": "Рассылка приостановлена после {threshold} временных ошибок отправки подряд. "
+        "Проверьте SMTP-сервер и возобновите рассылку.",
+        "en": "Sending paused after {threshold} temporary sending errors in a row. "
+        "Check the SMTP server and resume the campaign.",
+    },
+    "paused": {
+        "ru": "Рассылка приостановлена вручную. Возобновите её, когда будете готовы.",
+        "en": "The campaign was paused by hand. Resume it when you are ready.",
+    },
+    # Warnings a manager sees when a start is accepted.
+    "warning_large_campaign": {
+        "ru": "Большая кампания: {count} получателей. При лимите {rate} писем/час "
+        "отправка займёт около {hours} ч.",
+        "en": "A large campaign: {count} recipients. At {rate} emails/hour sending "
+        "takes about {hours} h.",
+    },
+    "warning_quota_exhausted": {
+        "ru": "Глобальная квота исчерпана: кампания поставлена в очередь, отправка начнётся "
+        "после пополнения квоты.",
+        "en": "The global quota is exhausted: the campaign is queued and starts sending "
+        "once the quota is topped up.",
+    },
+    "warning_outside_hours": {
+        "ru": "Сейчас нерабочее время ({start}-{end}, {tz}): кампания поставлена в очередь, "
+        "отправка начнётся {next_open}.",
+        "en": "Outside working hours ({start}-{end}, {tz}): the campaign is queued and "
+        "starts sending {next_open}.",
+    },
+    # A test email's subject starts with this, so nobody takes it for the real one.
+    "test_subject_prefix": {
+        "ru": "[ТЕСТ] ",
+        "en": "[TEST] ",
+    },
     # The visible link in every message (RFC 8058 headers carry it too).
     "unsubscribe_footer": {
         "ru": "Отписаться от рассылки",
         "en": "Unsubscribe",
+    },
+    # The unsubscribe pages behind that link ({email} is shown masked).
+    "unsubscribe_page_title": {
+        "ru": "Отписка от рассылки",
+        "en": "Unsubscribe",
+    },
+    "unsubscribe_page_question": {
+        "ru": "Отписать адрес {email} от наших рассылок?",
+        "en": "Unsubscribe {email} from our mailings?",
+    },
+    "unsubscribe_page_button": {
+        "ru": "Отписаться",
+        "en": "Unsubscribe",
+    },
+    "unsubscribe_page_done_title": {
+        "ru": "Вы отписаны",
+        "en": "You are unsubscribed",
+    },
+    "unsubscribe_page_done": {
+        "ru": "Адрес {email} больше не будет получать наши рассылки.",
+        "en": "The address {email} will no longer receive our mailings.",
+    },
+    "unsubscribe_page_invalid_title": {
+        "ru": "Ссылка недействительна",
+        "en": "Invalid link",
+    },
+    "unsubscribe_page_invalid": {
+        "ru": "Ссылка для отписки повреждена или неполная. "
+        "Откройте её из письма целиком, не изменяя.",
+        "en": "This unsubscribe link is damaged or incomplete. "
+        "Open it from the email in full, unchanged.",
+    },
+    "unsubscribe_page_error_title": {
+        "ru": "Не получилось",
+        "en": "Something went wrong",
+    },
+    "unsubscribe_page_error": {
+        "ru": "Не удалось сохранить отписку. Попробуйте ещё раз через несколько минут.",
+        "en": "We could not record your unsubscribe. Please try again in a few minutes.",
+    },
+    # Owner notifications (events.notify) where no reason text above fits.
+    "notify_deferred_until": {
+        "ru": "Рассылка {campaign_id} отложена ({reason}) до {until}.",
+        "en": "Campaign {campaign_id} is deferred ({reason}) until {until}.",
+    },
+    "notify_deferred": {
+        "ru": "Рассылка {campaign_id} отложена ({reason}).",
+        "en": "Campaign {campaign_id} is deferred ({reason}).",
+    },
+    "notify_paused": {
+        "ru": "Рассылка {campaign_id} приостановлена ({reason}). "
+        "Возобновите её, когда будете готовы.",
+        "en": "Campaign {campaign_id} is paused ({reason}). Resume it when you are ready.",
+    },
+    "notify_completed_with_errors": {
+        "ru": "Рассылка {campaign_id} завершена с ошибками: отправлено {sent}, "
+        "не доставлено {failed}. Подробности в отчёте кампании.",
+        "en": "Campaign {campaign_id} finished with errors: {sent} sent, {failed} not "
+        "delivered. See the campaign's report.",
     },
     # Errors of the API.
     "bad_request": {
@@ -83,11 +176,96 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "ru": "Сервис временно недоступен. Попробуйте позже.",
         "en": "The service is temporarily unavailable. Try again later.",
     },
+    "payload_too_large": {
+        "ru": "Запрос слишком большой: {size} байт, максимум {limit}.",
+        "en": "The request is too large: {size} bytes, at most {limit}.",
+    },
+    "forbidden_admin": {
+        "ru": "Недостаточно прав: это действие доступно только администратору.",
+        "en": "Not allowed: only an admin may do this.",
+    },
+    "forbidden_other_owner": {
+        "ru": "Недостаточно прав: чужие кампании видит только администратор.",
+        "en": "Not allowed: only an admin may see other users' campaigns.",
+    },
+    "campaign_sending": {
+        "ru": "Кампания сейчас отправляется, удалить её нельзя. "
+        "Сначала приостановите или отмените её.",
+        "en": "The campaign is sending and cannot be deleted. Pause or cancel it first.",
+    },
+    "campaign_busy": {
+        "ru": "Кампания ещё останавливается. Повторите через минуту.",
+        "en": "The campaign is still stopping. Try again in a minute.",
+    },
+    "nothing_to_update": {
+        "ru": "Не указано ни одного поля для изменения.",
+        "en": "No field to change was given.",
+    },
+    "body_required": {
+        "ru": "Нужно тело письма: текст, HTML или оба.",
+        "en": "A body is required: text, HTML or both.",
+    },
+    "subject_placeholders": {
+        "ru": "Подстановки в теме письма не поддерживаются: уберите {{{{...}}}} из темы.",
+        "en": "Placeholders in the subject are not supported: remove {{{{...}}}} from it.",
+    },
+    "invalid_email": {
+        "ru": "Неверный адрес «{email}»: {reason}.",
+        "en": "Invalid address {email!r}: {reason}.",
+    },
+    "attachment_too_large": {
+        "ru": "Вложение «{filename}» занимает {size} байт, максимум {limit}.",
+        "en": "The attachment {filename!r} is {size} bytes, at most {limit} allowed.",
+    },
+    "attachments_total_too_large": {
+        "ru": "Вложения кампании вместе заняли бы {total} байт, максимум {limit}.",
+        "en": "The campaign's attachments would total {total} bytes, at most {limit} allowed.",
+    },
+    "attachment_not_found": {
+        "ru": "Вложение {attachment_id} не найдено в кампании {campaign_id}.",
+        "en": "Attachment {attachment_id} not found in campaign {campaign_id}.",
+    },
+    "throttled_start": {
+        "ru": "Слишком много запусков рассылок: не больше {limit} в час. "
+        "Попробуйте снова через {minutes} мин.",
+        "en": "Too many campaign starts: at most {limit} per hour. Try again in {minutes} min.",
+    },
+    "throttled_test_email": {
+        "ru": "Слишком много тестовых писем: не больше {limit} в час. "
+        "Попробуйте снова через {minutes} мин.",
+        "en": "Too many test emails: at most {limit} per hour. Try again in {minutes} min.",
+    },
+    "governor_unavailable": {
+        "ru": "Не удалось получить разрешение на отправку: сервис лимитов не отвечает. "
+        "Попробуйте позже.",
+        "en": "No permission to send could be obtained: the rate governor does not answer. "
+        "Try again later.",
+    },
+    "sender_unavailable": {
+        "ru": "Отправка писем временно недоступна. Попробуйте позже.",
+        "en": "Sending is temporarily unavailable. Try again later.",
+    },
+    "test_email_failed": {
+        "ru": "Тестовое письмо не отправлено: {error}",
+        "en": "The test email was not sent: {error}",
+    },
+    "quota_sync_unavailable": {
+        "ru": "Синхронизация квоты сейчас недоступна. Попробуйте позже.",
+        "en": "Quota sync is unavailable right now. Try again later.",
+    },
+    "quota_sync_failed": {
+        "ru": "Не удалось синхронизировать квоту: {detail}",
+        "en": "The quota sync failed: {detail}",
+    },
     "internal_error": {
         "ru": "Внутренняя ошибка сервиса. Мы уже разбираемся.",
         "en": "Internal service error. We are on it.",
     },
 }
+
+# The manager's view says "empty" when nothing is queued: the same words as the
+# start refusal, one definition.
+TEXTS["empty"] = TEXTS["empty_campaign"]
 
 
 def text(code: str, lang: str | None = None, **values: object) -> str:

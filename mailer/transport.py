@@ -79,6 +79,8 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None
     took_ms: float
     in_doubt: bool = False
+    # Not attempted: the account's circuit breaker is open (see mailer.breaker).
+    short_circuited: bool = False
 
 
 class ConnectionSetupError(Exception):

@@ -3,6 +3,9 @@
 A token is ``base64url(campaign_id:email) "." base64url(HMAC-SHA256)[:22]``;
 the HMAC key is ``MAILER_UNSUBSCRIBE_SECRET``. ``verify`` returns the address
 and campaign only for a token this key signed.
+
+``PgUnsubscribes`` records an unsubscribe (the pages in ``unsubscribe_http``
+use it); the claim query skips every recorded address in later campaigns.
 """
 
 from __future__ import annotations
@@ -10,9 +13,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from datetime import datetime
+from typing import Any
 from urllib.parse import quote
 
-__all__ = ["sign", "unsubscribe_url", "verify"]
+import msgspec
+
+from mailer.db import Q
+
+__all__ = ["PgUnsubscribes", "Recorded", "sign", "unsubscribe_url", "verify"]
 
 _MAC_CHARS = 22  # 132 bits of the MAC: far beyond guessing
 
@@ -51,3 +60,38 @@ def verify(secret: str, token: str) -> tuple[int, str] | None:
 
 def unsubscribe_url(public_url: str, secret: str, campaign_id: int, email: str) -> str:
     return f"{public_url.rstrip('/')}/u/{quote(sign(secret, campaign_id, email))}"
+
+
+class Recorded(msgspec.Struct, frozen=True, kw_only=True):
+    created_at: datetime  # when the address was first unsubscribed
+    new: bool  # False: it already was (a repeated click or one-click POST)
+
+
+class PgUnsubscribes:
+    """The unsubscribe table (and its audit rows) on an asyncpg pool."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    async def record(
+        self,
+        email: str,
+        *,
+        source: str,
+        campaign_id: int | None,
+        audit: dict[str, str],
+        now: datetime,
+    ) -> Recorded:
+        """Idempotent: the first call records (and audits) it, later ones find it."""
+        async with self._pool.acquire() as conn:
+            created = await conn.fetchval(
+                Q["unsubscribe-insert"], email, source, now, campaign_id, audit
+            )
+            if created is not None:
+                return Recorded(created_at=created, new=True)
+            # A separate statement: its snapshot sees a row another request
+            # committed while ours waited on the conflict.
+            row = await conn.fetchrow(Q["unsubscribe-get"], email)
+        if row is None:  # pragma: no cover - the row cannot vanish but by a manual delete
+            raise RuntimeError("unsubscribe row neither inserted nor found")
+        return Recorded(created_at=row["created_at"], new=False)

@@ -72,6 +72,11 @@ def settings(stack: EmbeddedStack, database_url: str) -> Settings:
         http_port=0,
         instance_id=f"test-{n}",
         shutdown_timeout_seconds=10.0,
+        # Tests run at any hour of the real clock: open all day unless a test
+        # places itself in time with a FakeClock and its own hours.
+        working_hours_start="00:00",
+        working_hours_end="24:00",
+        leader_ttl_seconds=3.0,
     )
 
 

@@ -109,6 +109,19 @@ class Events:
         assert result is not None
         return result
 
+    async def wait_count(
+        self, campaign_id: int, event: str, n: int, *, stop_on: str = "", timeout: float = 15.0
+    ) -> None:
+        """Waits until ``event`` was seen n times (or ``stop_on`` was seen once)."""
+
+        def enough() -> bool:
+            return len(self.of(campaign_id, event)) >= n or bool(
+                stop_on and self.of(campaign_id, stop_on)
+            )
+
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(enough)
+
     def of(self, campaign_id: int, event: str) -> list[dict[str, Any]]:
         return [e for e in self.seen if e["campaign_id"] == campaign_id and e["event"] == event]
 
@@ -117,3 +130,40 @@ def people(n: int, domain: str = "example.org", start: int = 0) -> list[dict[str
     return [
         {"email": f"user{i}@{domain}", "name": f"Пользователь {i}"} for i in range(start, start + n)
     ]
+
+
+class LeaderWatch:
+    """Follows the leader lease in NATS KV: who leads, as it changes."""
+
+    def __init__(self) -> None:
+        self.holder: str | None = None
+        self._changed = asyncio.Condition()
+
+    async def start(self, nc: Client, prefix: str) -> None:
+        from mailer.actors.leader import KEY, bucket_name
+
+        kv = await nc.jetstream().create_key_value(bucket=bucket_name(prefix), ttl=3.0, history=1)
+        watcher = await kv.watch(KEY)
+
+        async def follow() -> None:
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                async with self._changed:
+                    deleted = entry.operation is not None
+                    self.holder = None if deleted else entry.value.decode()
+                    self._changed.notify_all()
+
+        self._task = asyncio.get_running_loop().create_task(follow())
+
+    async def wait(self, *, other_than: str | None = None, timeout: float = 15.0) -> str:
+        def found() -> bool:
+            return self.holder is not None and self.holder != other_than
+
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(found)
+        assert self.holder is not None
+        return self.holder
+
+    def stop(self) -> None:
+        self._task.cancel()

@@ -10,6 +10,12 @@ Crash policy ("stop means mark, drain, then clean up and record"):
 - outcomes known but not yet written are written in teardown;
 - recipients handed to SMTP whose outcome is unknown stay ``sending``; the
   next owner turns them into ``in_doubt`` — never re-sent, never lost.
+
+SMTP outcomes: permanent (5xx, invalid address) → that recipient ``failed``,
+the campaign goes on; transient (4xx, timeout, refused) → the recipient goes
+back to ``pending`` and the campaign is deferred ``transient_error``; the
+count of consecutive transient errors (reset by any success) reaching the
+circuit-breaker threshold pauses the campaign until a manager resumes it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ __all__ = [
     "CampaignStore",
     "Continue",
     "EventSink",
+    "FaultHook",
+    "LeaseLost",
     "Mail",
     "Mailer",
     "TokenSource",
@@ -56,17 +64,29 @@ class Mail(msgspec.Struct, frozen=True):
 
 class CampaignStore(Protocol):
     async def acquire(
-        self, campaign_id: int, owner: str, *, until: datetime, now: datetime
+        self, campaign_id: int, owner: str, *, until: datetime, now: datetime, fence: int
     ) -> Lease | None: ...
     async def renew(self, lease: Lease, until: datetime) -> bool: ...
     async def release(self, lease: Lease) -> None: ...
     async def begin_sending(self, lease: Lease, now: datetime) -> int: ...
     async def get_campaign(self, campaign_id: int) -> CampaignRow | None: ...
+    async def campaign_status(self, campaign_id: int) -> str | None: ...
     async def attachments(self, campaign_id: int) -> list[Attachment]: ...
     async def claim(self, lease: Lease, n: int, now: datetime) -> tuple[list[Claimed], int]: ...
     async def release_claims(self, lease: Lease, ids: Sequence[int], now: datetime) -> None: ...
-    async def record(self, lease: Lease, outcomes: Sequence[Outcome], now: datetime) -> None: ...
-    async def defer(self, lease: Lease, reason: str, until: datetime, now: datetime) -> bool: ...
+    async def record(
+        self,
+        lease: Lease,
+        outcomes: Sequence[Outcome],
+        now: datetime,
+        *,
+        transient_errors: int | None = None,
+        success: bool = False,
+    ) -> None: ...
+    async def defer(
+        self, lease: Lease, reason: str, until: datetime, now: datetime
+    ) -> tuple[bool, bool]: ...
+    async def pause_by_breaker(self, lease: Lease, now: datetime) -> tuple[bool, bool]: ...
     async def finish(self, lease: Lease, now: datetime) -> tuple[str, dict[str, int]] | None: ...
 
 
@@ -81,7 +101,13 @@ class Mailer(Protocol):
 
 
 class EventSink(Protocol):
-    async def emit(self, event: CampaignEvent) -> None: ...
+    async def emit(self, event: CampaignEvent) -> None:
+        """A lifecycle event for every interested service."""
+        ...
+
+    async def notify(self, event: CampaignEvent) -> None:
+        """A notification for the campaign's owner (the caller deduplicates)."""
+        ...
 
 
 class CampaignSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -91,8 +117,8 @@ class CampaignSettings(msgspec.Struct, frozen=True, kw_only=True):
     from_email: str
     from_name: str
     message_id_domain: str
-    public_url: str
     transient_retry: timedelta = timedelta(minutes=5)
+    breaker_threshold: int = 10
 
 
 # A test hook called after a batch was sent and before it is recorded: the
@@ -100,11 +126,16 @@ class CampaignSettings(msgspec.Struct, frozen=True, kw_only=True):
 FaultHook = Callable[[int, int], Awaitable[None]]
 
 
+class LeaseLost(Exception):
+    """Another process took the campaign: this actor must stop sending."""
+
+
 class CampaignActor(Actor[Continue]):
     def __init__(
         self,
         campaign_id: int,
         *,
+        fence: int,
         store: CampaignStore,
         tokens: TokenSource,
         mailer: Mailer,
@@ -115,6 +146,7 @@ class CampaignActor(Actor[Continue]):
         fault: FaultHook | None = None,
     ) -> None:
         self.campaign_id = campaign_id
+        self._fence = fence
         self._store = store
         self._tokens = tokens
         self._mailer = mailer
@@ -127,6 +159,7 @@ class CampaignActor(Actor[Continue]):
         self._campaign: CampaignRow | None = None
         self._template: MessageTemplate | None = None
         self._batches = 0
+        self._transient_errors = 0
         # Batch state, for teardown: claimed-not-handed, handed, known outcomes.
         self._claimed: list[Claimed] = []
         self._handed: list[Claimed] = []
@@ -139,15 +172,17 @@ class CampaignActor(Actor[Continue]):
         now = self._clock.now()
         until = now + timedelta(seconds=self._s.lease_seconds)
         lease = await self._store.acquire(
-            self.campaign_id, self._s.instance_id, until=until, now=now
+            self.campaign_id, self._s.instance_id, until=until, now=now, fence=self._fence
         )
         if lease is None:
-            # Another process holds it, or it waits: nothing to do here.
+            # Another process holds it, it waits, or the dispatch came from a
+            # deposed leader: nothing to do here.
             log.info("campaign not acquired", extra={"campaign_id": self.campaign_id})
             self._ended = True
             self.request_stop()
             return
         self._lease = lease
+        self._transient_errors = lease.transient_errors
         doubts = await self._store.begin_sending(lease, now)
         if doubts:
             metrics.EMAILS_FAILED.labels(kind="campaign", reason="in_doubt").inc(doubts)
@@ -168,7 +203,7 @@ class CampaignActor(Actor[Continue]):
             message_id_domain=self._s.message_id_domain,
             attachments=[(a.filename, a.content_type, a.content) for a in attachments],
         )
-        self.spawn_task(self._heartbeat(lease), name=f"{self.name}-heartbeat")
+        self.spawn_task(self._heartbeat(lease), name="heartbeat")
         await self._emit("started")
         self._again()
 
@@ -184,7 +219,8 @@ class CampaignActor(Actor[Continue]):
     # --- running ----------------------------------------------------------------
 
     async def handle(self, msg: Continue) -> object:
-        await self._batch()
+        if not self._ended:
+            await self._batch()
         return None
 
     def _again(self) -> None:
@@ -193,8 +229,6 @@ class CampaignActor(Actor[Continue]):
             self.ref.tell(Continue())
 
     async def _batch(self) -> None:
-        if self._ended:
-            return
         lease, campaign, template = self._lease, self._campaign, self._template
         assert lease is not None and campaign is not None and template is not None
         now = self._clock.now()
@@ -202,8 +236,8 @@ class CampaignActor(Actor[Continue]):
         if not self._claimed:
             if unsubscribed:  # a batch of only unsubscribed addresses: go on
                 self._again()
-                return
-            await self._finish(lease)
+            else:
+                await self._nothing_claimed(lease)
             return
 
         reply = await self._tokens.request_tokens(
@@ -213,9 +247,32 @@ class CampaignActor(Actor[Continue]):
         await self._store.release_claims(lease, [r.id for r in refused], now)
         self._claimed = granted
         if not granted:
-            await self._defer(lease, reply.reason or "rate_per_hour", reply.retry_at)
+            details = {}
+            if reply.reason == "rate_per_hour":
+                details = {"limit": str(reply.limit), "used": str(reply.used)}
+            details.update(_reply_details(reply))
+            await self._defer(lease, reply.reason or "rate_per_hour", reply.retry_at, details)
             return
 
+        outcomes = await self._send(template, granted, now)
+        self._batches += 1
+        if self._fault is not None:
+            await self._fault(self.campaign_id, self._batches)
+        await self._flush(lease)
+
+        if self._transient_errors >= self._s.breaker_threshold:
+            await self._pause_by_breaker(lease)
+        elif any(o.status == "transient" for o in outcomes):
+            retry_at = self._clock.now() + self._s.transient_retry
+            await self._defer(lease, "transient_error", retry_at, {})
+        else:
+            # Fewer tokens than wanted: the next ask is refused with the time
+            # the window reopens, which defers the campaign there.
+            self._again()
+
+    async def _send(
+        self, template: MessageTemplate, granted: list[Claimed], now: datetime
+    ) -> list[Outcome]:
         # A recipient whose message cannot be built (an address or name the
         # renderer refuses) fails permanently without reaching SMTP.
         sendable: list[tuple[Claimed, Mail, str]] = []
@@ -232,18 +289,7 @@ class CampaignActor(Actor[Continue]):
             _outcome(r, mid, res) for (r, _, mid), res in zip(sendable, results, strict=True)
         ]
         self._handed = []
-        self._batches += 1
-        if self._fault is not None:
-            await self._fault(self.campaign_id, self._batches)
-        recorded = await self._flush(lease)
-
-        if any(o.status == "transient" for o in recorded):
-            retry_at = self._clock.now() + self._s.transient_retry
-            await self._defer(lease, "transient_error", retry_at)
-            return
-        # Fewer tokens than wanted: the next ask is refused with the time the
-        # window reopens, which defers the campaign there.
-        self._again()
+        return self._unrecorded
 
     def _render(self, template: MessageTemplate, r: Claimed, mid: str, now: datetime) -> Mail:
         data = template.render(
@@ -256,9 +302,21 @@ class CampaignActor(Actor[Continue]):
         )
         return Mail(r.email, data)
 
-    async def _flush(self, lease: Lease) -> list[Outcome]:
+    async def _flush(self, lease: Lease) -> None:
         outcomes = self._unrecorded
-        await self._store.record(lease, outcomes, self._clock.now())
+        success = False
+        for o in outcomes:  # in recipient order: the last run of transients counts
+            if o.status == "sent":
+                self._transient_errors, success = 0, True
+            elif o.status == "transient" and not o.short_circuited:
+                self._transient_errors += 1
+        await self._store.record(
+            lease,
+            outcomes,
+            self._clock.now(),
+            transient_errors=self._transient_errors,
+            success=success,
+        )
         self._unrecorded = []
         for o in outcomes:
             if o.status == "sent":
@@ -266,13 +324,24 @@ class CampaignActor(Actor[Continue]):
             else:
                 reason = "permanent" if o.status == "failed" else o.status
                 metrics.EMAILS_FAILED.labels(kind="campaign", reason=reason).inc()
-        await self._emit("progress")
-        return outcomes
+        await self._emit("progress", counts=_tally(outcomes))
 
-    async def _finish(self, lease: Lease) -> None:
+    async def _nothing_claimed(self, lease: Lease) -> None:
+        status = await self._store.campaign_status(self.campaign_id)
+        if status != "sending":
+            # Paused or cancelled by a manager: the API recorded it; let go.
+            log.info(
+                "campaign stopped by its status",
+                extra={"campaign_id": self.campaign_id, "status": status},
+            )
+            await self._store.release(lease)
+            self._ended = True
+            self.request_stop()
+            return
         result = await self._store.finish(lease, self._clock.now())
         if result is None:
-            # Rows still pending or claimed elsewhere: look again shortly.
+            # Rows still claimed by a batch of ours in flight elsewhere, or new
+            # recipients: look again shortly rather than spin.
             await self._clock.sleep(1.0)
             self._again()
             return
@@ -287,48 +356,86 @@ class CampaignActor(Actor[Continue]):
                 "counts": counts,
             },
         )
+        if self._campaign is not None:
+            metrics.PROCESSING_SECONDS.observe(
+                max(0.0, (self._clock.now() - self._campaign.created_at).total_seconds())
+            )
         await self._emit(status, counts=counts)
         self.request_stop()
 
-    async def _defer(self, lease: Lease, reason: str, until: datetime | None) -> None:
+    async def _defer(
+        self, lease: Lease, reason: str, until: datetime | None, details: dict[str, str]
+    ) -> None:
         until = until or self._clock.now() + timedelta(minutes=1)
-        if await self._store.defer(lease, reason, until, self._clock.now()):
-            metrics.DEFERS.labels(reason=reason).inc()
-            log.info(
-                "campaign deferred",
-                extra={
-                    "campaign_id": self.campaign_id,
-                    "defer_reason": reason,
-                    "deferred_until": until.isoformat(),
-                },
-            )
-            await self._emit("deferred", defer_reason=reason, deferred_until=until)
+        deferred, notify = await self._store.defer(lease, reason, until, self._clock.now())
         self._ended = True
         self.request_stop()
+        if not deferred:
+            return
+        metrics.DEFERS.labels(reason=reason).inc()
+        log.info(
+            "campaign deferred",
+            extra={
+                "campaign_id": self.campaign_id,
+                "defer_reason": reason,
+                "deferred_until": until.isoformat(),
+            },
+        )
+        event = self._event("deferred", defer_reason=reason, deferred_until=until, details=details)
+        await self._events.emit(event)
+        if notify:
+            await self._events.notify(event)
 
-    async def _emit(
+    async def _pause_by_breaker(self, lease: Lease) -> None:
+        paused, notify = await self._store.pause_by_breaker(lease, self._clock.now())
+        self._ended = True
+        self.request_stop()
+        if not paused:
+            return
+        metrics.DEFERS.labels(reason="circuit_breaker").inc()
+        log.warning(
+            "campaign paused by the circuit breaker",
+            extra={
+                "campaign_id": self.campaign_id,
+                "defer_reason": "circuit_breaker",
+                "consecutive_transient_errors": self._transient_errors,
+            },
+        )
+        event = self._event(
+            "paused",
+            status="paused",
+            defer_reason="circuit_breaker",
+            details={"errors": str(self._transient_errors)},
+        )
+        await self._events.emit(event)
+        if notify:
+            await self._events.notify(event)
+
+    async def _emit(self, event: str, *, counts: dict[str, int] | None = None) -> None:
+        status = event if event in ("sent", "completed_with_errors") else "sending"
+        await self._events.emit(self._event(event, status=status, counts=counts))
+
+    def _event(
         self,
         event: str,
         *,
+        status: str = "sending",
         counts: dict[str, int] | None = None,
         defer_reason: str | None = None,
         deferred_until: datetime | None = None,
-    ) -> None:
-        campaign = self._campaign
-        if campaign is None:
-            return
-        status = event if event in ("sent", "completed_with_errors") else "sending"
-        await self._events.emit(
-            CampaignEvent(
-                event=event,
-                campaign_id=self.campaign_id,
-                owner_id=campaign.owner_id,
-                status=status,
-                at=self._clock.now(),
-                counts=counts,
-                defer_reason=defer_reason,
-                deferred_until=deferred_until,
-            )
+        details: dict[str, str] | None = None,
+    ) -> CampaignEvent:
+        assert self._campaign is not None
+        return CampaignEvent(
+            event=event,
+            campaign_id=self.campaign_id,
+            owner_id=self._campaign.owner_id,
+            status=status,
+            at=self._clock.now(),
+            counts=counts,
+            defer_reason=defer_reason,
+            deferred_until=deferred_until,
+            details=details or None,
         )
 
     # --- teardown ---------------------------------------------------------------
@@ -359,8 +466,21 @@ class CampaignActor(Actor[Continue]):
             )
 
 
-class LeaseLost(Exception):
-    """Another process took the campaign: this actor must stop sending."""
+def _reply_details(reply: TokenReply) -> dict[str, str]:
+    """Values for the refusal's text that the governor sent along (if any)."""
+    details: dict[str, str] = {}
+    for name in ("daily_sent", "daily_limit"):
+        value = getattr(reply, name, None)
+        if value is not None:
+            details[name] = str(value)
+    return details
+
+
+def _tally(outcomes: Sequence[Outcome]) -> dict[str, int]:
+    tally: dict[str, int] = {}
+    for o in outcomes:
+        tally[o.status] = tally.get(o.status, 0) + 1
+    return tally
 
 
 def _unsendable(r: Claimed, error: str) -> Outcome:
@@ -392,4 +512,5 @@ def _outcome(r: Claimed, message_id: str, res: SendResult) -> Outcome:
         answer=res.provider_answer,
         error=res.error,
         took_ms=res.took_ms,
+        short_circuited=res.short_circuited,
     )

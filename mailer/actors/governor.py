@@ -1,44 +1,116 @@
 """The rate governor: the one place that decides whether mail may go now.
 
-Campaign actors in any process ask it over NATS request/reply (subject
-``<prefix>.internal.governor.tokens``, queue group ``governor``: one governor
-per process, any of them may answer). It grants k <= n tokens, reserved
-atomically in Redis before any send, or refuses with a reason and the time
-to retry.
+Campaign actors (and test emails) in any process ask it over NATS
+request/reply (subject ``<prefix>.internal.governor.tokens``, queue group
+``governor``: one governor per process, any of them may answer). For a
+``TokenRequest`` it grants k <= want tokens or refuses with a reason and the
+time to retry. The rules, in this order — the first that refuses names the
+reason:
+
+1. working hours (``outside_hours``; campaigns only, test emails ignore them),
+   retry at the next working start. Nothing is granted at or after the end,
+   and campaigns ask per batch, so a campaign stops at its first batch after it;
+2. the SMTP account's clock hour (``rate_per_hour``, retry at the next hour)
+   and the owner's local day (``daily_limit``, retry at the next working
+   day's start), reserved together by one Redis script; when both are used
+   up the day is named, its wait being the longer;
+3. the monthly quota in PostgreSQL (``quota_exhausted``, retry after one sync
+   interval — a safety net: a sync that restores the quota resumes waiting
+   campaigns at once). Redis tokens the quota cannot cover are given back.
+
+Any number of governors share Redis and PostgreSQL, and each step is atomic
+there, so together they never exceed a limit. Redis down: the hour and the
+day FAIL OPEN (see ``mailer.ratelimit``); working hours and the quota still hold.
+A token is spent once granted: the governor never hears whether a send failed.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
+from typing import Literal, Protocol
 
+import asyncpg
 import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from mailer import metrics
 from mailer.actors.runtime import Actor
-from mailer.bus import Bus, decode, encode
+from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus, decode, encode
 from mailer.clock import Clock
+from mailer.config import Settings
 from mailer.messages import ErrorBody, ErrorReply, TokenReply, TokenRequest
-from mailer.ratelimit import HourlyLimiter
+from mailer.quota import PgQuota
+from mailer.ratelimit import Reservation, SendLimiter
+from mailer.rules import DailyLimits, WorkingHours
 
-__all__ = ["GOVERNOR_QUEUE", "GovernorActor", "NatsTokenSource", "governor_subject"]
+__all__ = [
+    "GOVERNOR_QUEUE",
+    "GovernorActor",
+    "NatsTokenSource",
+    "QuotaTaker",
+    "governor_subject",
+]
 
 log = logging.getLogger("mailer.governor")
 
 GOVERNOR_QUEUE = "governor"
+# How long the NATS callback waits for the governor's mailbox; a campaign's own
+# request timeout (token_request_timeout_seconds) is usually shorter.
+_ASK_TIMEOUT_SECONDS = 10.0
 
 
 def governor_subject(bus: Bus) -> str:
     return bus.subject("internal", "governor", "tokens")
 
 
+class QuotaTaker(Protocol):
+    async def take(self, n: int) -> int:
+        """Takes up to ``n`` from the monthly allowance atomically; returns how many."""
+        ...
+
+
 class GovernorActor(Actor[TokenRequest]):
-    def __init__(self, *, bus: Bus, limiter: HourlyLimiter, clock: Clock) -> None:
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        limiter: SendLimiter,
+        quota: QuotaTaker,
+        hours: WorkingHours,
+        daily: DailyLimits,
+        clock: Clock,
+        quota_retry: timedelta,
+    ) -> None:
         self._bus = bus
         self._limiter = limiter
+        self._quota = quota
+        self._hours = hours
+        self._daily = daily
         self._clock = clock
+        self._quota_retry = quota_retry
         self._sub: Subscription | None = None
+
+    @classmethod
+    def from_settings(
+        cls,
+        *,
+        bus: Bus,
+        limiter: SendLimiter,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        clock: Clock,
+    ) -> GovernorActor:
+        return cls(
+            bus=bus,
+            limiter=limiter,
+            quota=PgQuota(pool),
+            hours=WorkingHours.from_settings(settings),
+            daily=DailyLimits.from_settings(settings),
+            clock=clock,
+            quota_retry=timedelta(seconds=settings.quota_sync_interval_seconds),
+        )
 
     async def on_start(self) -> None:
         self._sub = await self._bus.nc.subscribe(
@@ -52,30 +124,99 @@ class GovernorActor(Actor[TokenRequest]):
         try:
             request = decode(msg.data, TokenRequest)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            body = ErrorReply(error=ErrorBody(code="bad_request", message=str(exc)))
-            await msg.respond(encode(body))
+            await self._respond_error(msg, 400, "bad_request", str(exc))
             return
-        reply = await self.ref.ask(request, timeout=10.0)
+        try:
+            reply = await self.ref.ask(request, timeout=_ASK_TIMEOUT_SECONDS)
+        except Exception as exc:  # the asker gets an error now instead of its timeout
+            log.exception("token request failed", extra={"campaign_id": request.campaign_id})
+            await self._respond_error(msg, 503, "governor_unavailable", repr(exc))
+            return
         await msg.respond(encode(reply))
+
+    async def _respond_error(self, msg: Msg, status: int, code: str, message: str) -> None:
+        """An error reply the way ``Bus.request`` reads it (micro error headers)."""
+        if not msg.reply:
+            return
+        body = ErrorReply(error=ErrorBody(code=code, message=message))
+        # Header values must be one line; the whole text is in the body.
+        one_line = " ".join(message.split())[:200]
+        headers = {ERROR_HEADER: one_line, ERROR_CODE_HEADER: str(status)}
+        # Msg.respond would echo the request's headers and cannot set others.
+        await self._bus.nc.publish(msg.reply, encode(body), headers=headers)
 
     async def handle(self, msg: TokenRequest) -> object:
         now = self._clock.now()
-        r = await self._limiter.reserve(msg.want, now)
-        if r.granted:
-            metrics.TOKENS_GRANTED.inc(r.granted)
-            return TokenReply(granted=r.granted, used=r.used, limit=r.limit)
-        metrics.TOKENS_DENIED.labels(reason="rate_per_hour").inc(msg.want)
+        if msg.kind == "campaign" and not self._hours.is_open(now):
+            return self._refuse(msg, "outside_hours", self._hours.next_open(now), count=0)
+
+        daily_limit = self._daily.limit_for(msg.owner_id)
+        r = await self._limiter.reserve(
+            msg.want,
+            now,
+            owner_id=msg.owner_id,
+            day=self._hours.local_date(now),
+            daily_limit=daily_limit,
+        )
+        if r.refused_by == "daily_limit":
+            return self._refuse(
+                msg, "daily_limit", self._hours.next_day_start(now), count=r.day_used, r=r
+            )
+        if r.refused_by == "rate_per_hour":
+            return self._refuse(msg, "rate_per_hour", r.next_hour, count=r.hour_used, r=r)
+
+        try:
+            taken = await self._quota.take(r.granted)
+        except BaseException:
+            # Nothing was handed out: the reserved tokens go back before the error does.
+            await self._limiter.give_back(r, r.granted)
+            raise
+        if taken < r.granted:
+            r = await self._limiter.give_back(r, r.granted - taken)
+        if taken == 0:
+            return self._refuse(msg, "quota_exhausted", now + self._quota_retry, count=0, r=r)
+
+        metrics.TOKENS_GRANTED.inc(taken)
+        return TokenReply(
+            granted=taken,
+            used=r.hour_used,
+            limit=r.hour_limit,
+            daily_sent=r.day_used,
+            daily_limit=r.day_limit,
+        )
+
+    def _refuse(
+        self,
+        msg: TokenRequest,
+        reason: Literal["outside_hours", "daily_limit", "rate_per_hour", "quota_exhausted"],
+        retry_at: datetime,
+        *,
+        count: int,
+        r: Reservation | None = None,
+    ) -> TokenReply:
+        # Counted in tokens, like the grants: the metric's unit.
+        metrics.TOKENS_DENIED.labels(reason=reason).inc(msg.want)
         log.info(
             "tokens refused",
             extra={
                 "campaign_id": msg.campaign_id,
-                "defer_reason": "rate_per_hour",
-                "rate_limit_count": r.used,
-                "deferred_until": r.retry_at.isoformat(),
+                "owner_id": msg.owner_id,
+                "kind": msg.kind,
+                "want": msg.want,
+                "defer_reason": reason,
+                "deferred_until": retry_at.isoformat(),
+                # The count of the limit that refused (0 where none is counted).
+                "rate_limit_count": count,
             },
         )
         return TokenReply(
-            granted=0, reason="rate_per_hour", retry_at=r.retry_at, used=r.used, limit=r.limit
+            granted=0,
+            reason=reason,
+            retry_at=retry_at,
+            used=r.hour_used if r else 0,
+            limit=r.hour_limit if r else self._limiter.hourly_limit,
+            daily_sent=r.day_used if r else 0,
+            daily_limit=r.day_limit if r else self._daily.limit_for(msg.owner_id),
         )
 
     async def on_stop(self, error: BaseException | None) -> None:
@@ -93,10 +234,17 @@ class NatsTokenSource:
         self._bus = bus
         self._timeout = timeout
 
-    async def request_tokens(self, campaign_id: int, owner_id: str, want: int) -> TokenReply:
+    async def request_tokens(
+        self,
+        campaign_id: int,
+        owner_id: str,
+        want: int,
+        *,
+        kind: Literal["campaign", "test"] = "campaign",
+    ) -> TokenReply:
         return await self._bus.request(
             governor_subject(self._bus),
-            TokenRequest(campaign_id=campaign_id, owner_id=owner_id, want=want),
+            TokenRequest(campaign_id=campaign_id, owner_id=owner_id, want=want, kind=kind),
             TokenReply,
             timeout=self._timeout,
         )

@@ -1,12 +1,18 @@
 """The scheduler: decides which queued campaigns run now, in queue order.
 
-It reacts to events, never polls on a beat:
-- ``Wake`` arrives over NATS the moment the API queues or resumes a campaign
+One runs in every process; only the elected leader's acts (``Leadership``
+tells it when it gains or loses the lease). It reacts to events, never polls
+on a beat:
+- ``WakeUp`` arrives over NATS the moment the API queues or resumes a
+  campaign, a campaign actor ends anywhere, or a quota sync lifts a deferral
   (subject ``<prefix>.internal.scheduler.wake``, delivered to every process);
-- ``CampaignEnded`` arrives when one of its campaign actors ends;
-- ``Tick`` comes from the one timer it holds: set to the earliest moment a
-  waiting entry becomes runnable (a deferral ends, a dead owner's lease runs
-  out), re-armed after every decision.
+- ``Tick`` comes from the one timer it holds: the earliest moment a waiting
+  entry becomes runnable (a deferral ends, a dead owner's lease runs out);
+- ``Reconcile`` comes from a second timer, every reconcile interval, and on
+  every takeover.
+
+It starts a campaign by dispatching ``RunCampaign`` to the runners' queue
+group (any process; see ``runner``), carrying its epoch as fencing token.
 """
 
 from __future__ import annotations
@@ -14,8 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 import msgspec
@@ -26,8 +31,18 @@ from mailer import metrics
 from mailer.actors.runtime import Actor
 from mailer.bus import Bus
 from mailer.clock import Clock
+from mailer.messages import RunCampaign, RunReply
 
-__all__ = ["CampaignEnded", "SchedulerActor", "SchedulerStore", "Tick", "WakeUp", "wake_subject"]
+__all__ = [
+    "Leadership",
+    "Reconcile",
+    "SchedulerActor",
+    "SchedulerStore",
+    "Tick",
+    "WakeUp",
+    "run_subject",
+    "wake_subject",
+]
 
 log = logging.getLogger("mailer.scheduler")
 
@@ -40,25 +55,34 @@ class Tick(msgspec.Struct):
     """The timer fired: a waiting entry may be runnable now."""
 
 
-class CampaignEnded(msgspec.Struct):
-    campaign_id: int
-    error: str | None = None
+class Reconcile(msgspec.Struct):
+    """Repair anomalies and report stuck campaigns."""
 
 
-SchedulerMsg = WakeUp | Tick | CampaignEnded
+class Leadership(msgspec.Struct):
+    """This process now leads with ``epoch``, or (None) no longer does."""
+
+    epoch: int | None
+
+
+SchedulerMsg = WakeUp | Tick | Reconcile | Leadership
 
 
 class SchedulerStore(Protocol):
     async def runnable(self, now: datetime, limit: int) -> list[int]: ...
     async def next_wakeup(self, now: datetime) -> datetime | None: ...
-
-
-# Starts a campaign actor; returns False when it could not (already running).
-SpawnCampaign = Callable[[int], Awaitable[bool]]
+    async def active(self, now: datetime) -> dict[int, str]: ...
+    async def queue_depth(self, now: datetime) -> int: ...
+    async def processing_since(self, now: datetime) -> list[tuple[int, datetime, str | None]]: ...
+    async def finish_orphans(self, now: datetime, fence: int) -> list[tuple[int, str]]: ...
 
 
 def wake_subject(bus: Bus) -> str:
     return bus.subject("internal", "scheduler", "wake")
+
+
+def run_subject(bus: Bus) -> str:
+    return bus.subject("internal", "campaign", "run")
 
 
 class SchedulerActor(Actor[SchedulerMsg]):
@@ -68,67 +92,155 @@ class SchedulerActor(Actor[SchedulerMsg]):
         bus: Bus,
         store: SchedulerStore,
         clock: Clock,
-        spawn: SpawnCampaign,
         max_active: int,
+        lease_seconds: float,
+        reconcile_every: float,
+        stuck_after: timedelta,
     ) -> None:
         self._bus = bus
         self._store = store
         self._clock = clock
-        self._spawn = spawn
         self._max_active = max_active
-        self._running: set[int] = set()
+        self._lease_seconds = lease_seconds
+        self._reconcile_every = reconcile_every
+        self._stuck_after = stuck_after
+        self._epoch: int | None = None
+        # Dispatched but not yet seen holding a lease: counted as running for
+        # a lease period so a slow start is not dispatched twice.
+        self._dispatched: dict[int, datetime] = {}
         self._timer: asyncio.Task[None] | None = None
         self._timer_at: datetime | None = None
+        self._reconciler: asyncio.Task[None] | None = None
         self._sub: Subscription | None = None
 
     async def on_start(self) -> None:
         self._sub = await self._bus.nc.subscribe(wake_subject(self._bus), cb=self._on_wake)
-        # Ready means the server knows the subscription: a request right after start works.
         await self._bus.nc.flush()
-        self.ref.tell(Tick())
 
     async def _on_wake(self, msg: Msg) -> None:
         # A burst of wakes collapses: one queued is enough.
-        if self.ref.alive and self.ref.mailbox_depth == 0:
-            self.ref.tell(WakeUp())
+        if self._epoch is not None and self.ref.alive and self.ref.mailbox_depth == 0:
+            with contextlib.suppress(Exception):
+                self.ref.tell(WakeUp())
 
     async def handle(self, msg: SchedulerMsg) -> object:
-        if isinstance(msg, CampaignEnded):
-            self._running.discard(msg.campaign_id)
-            metrics.CAMPAIGNS_ACTIVE.set(len(self._running))
-        await self._fill()
+        if isinstance(msg, Leadership):
+            await self._lead(msg.epoch)
+        elif self._epoch is None:
+            return None  # a follower keeps no timers and decides nothing
+        elif isinstance(msg, Reconcile):
+            await self._reconcile()
+            await self._fill()
+        else:
+            await self._fill()
         return None
 
+    async def _lead(self, epoch: int | None) -> None:
+        self._epoch = epoch
+        if epoch is None:
+            for task in (self._timer, self._reconciler):
+                if task is not None:
+                    task.cancel()
+            self._timer = self._reconciler = None
+            self._timer_at = None
+            self._dispatched.clear()
+            return
+        log.info("scheduler leads", extra={"epoch": epoch})
+        self._reconciler = self.spawn_task(self._reconcile_timer(), name="reconcile-timer")
+        # A takeover reconciles at once: the old leader may have died mid-way.
+        await self._reconcile()
+        await self._fill()
+
     async def _fill(self) -> None:
+        assert self._epoch is not None
         now = self._clock.now()
-        free = self._max_active - len(self._running)
+        active = await self._store.active(now)
+        horizon = now - timedelta(seconds=self._lease_seconds)
+        self._dispatched = {
+            cid: at for cid, at in self._dispatched.items() if cid not in active and at > horizon
+        }
+        running = set(active) | set(self._dispatched)
+        free = self._max_active - len(running)
         if free > 0:
-            # Ask for a few more than free slots: some may be running here already.
-            candidates = await self._store.runnable(now, free + len(self._running))
-            for campaign_id in candidates:
+            for campaign_id in await self._store.runnable(now, free + len(running)):
                 if free <= 0:
                     break
-                if campaign_id in self._running:
+                if campaign_id in running:
                     continue
-                if await self._spawn(campaign_id):
-                    self._running.add(campaign_id)
+                if await self._dispatch(campaign_id, self._epoch):
+                    self._dispatched[campaign_id] = now
+                    running.add(campaign_id)
                     free -= 1
-                    log.info("campaign actor spawned", extra={"campaign_id": campaign_id})
-            metrics.CAMPAIGNS_ACTIVE.set(len(self._running))
+        metrics.CAMPAIGNS_ACTIVE.set(len(running))
+        metrics.QUEUE_DEPTH.set(await self._store.queue_depth(now))
         self._arm(await self._store.next_wakeup(now))
 
+    async def _dispatch(self, campaign_id: int, epoch: int) -> bool:
+        try:
+            reply = await self._bus.request(
+                run_subject(self._bus),
+                RunCampaign(campaign_id=campaign_id, fence=epoch),
+                RunReply,
+                timeout=10.0,
+            )
+        except Exception as exc:
+            # No runner answered (all busy or NATS trouble): try again soon.
+            log.warning("campaign dispatch failed: %r", exc, extra={"campaign_id": campaign_id})
+            self._arm(self._clock.now() + timedelta(seconds=1))
+            return False
+        log.info(
+            "campaign dispatched",
+            extra={"campaign_id": campaign_id, "runner": reply.runner, "started": reply.started},
+        )
+        return reply.started
+
     def _arm(self, at: datetime | None) -> None:
-        if at == self._timer_at and self._timer is not None and not self._timer.done():
+        """Keeps one timer, at the earliest moment anything is due."""
+        if at is None:
+            return  # nothing waits for a time; a pending earlier timer is harmless
+        pending = self._timer is not None and not self._timer.done()
+        if pending and self._timer_at is not None and self._timer_at <= at:
             return
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = at
-        self._timer = None if at is None else self.spawn_task(self._sleep(at), name="sched-timer")
+        self._timer = self.spawn_task(self._sleep(at), name="timer")
 
     async def _sleep(self, at: datetime) -> None:
         await self._clock.sleep_until(at)
+        self._timer_at = None
         if self.ref.alive:
             self.ref.tell(Tick())
+
+    async def _reconcile_timer(self) -> None:
+        while True:
+            await self._clock.sleep(self._reconcile_every)
+            if self.ref.alive:
+                self.ref.tell(Reconcile())
+
+    async def _reconcile(self) -> None:
+        """Repairs what no event would: finals never written, stuck campaigns."""
+        assert self._epoch is not None
+        now = self._clock.now()
+        for campaign_id, status in await self._store.finish_orphans(now, self._epoch):
+            log.warning(
+                "reconcile: campaign had nothing left but was not final",
+                extra={"campaign_id": campaign_id, "status": status},
+            )
+        oldest = 0.0
+        for campaign_id, leased_at, reason in await self._store.processing_since(now):
+            age = (now - leased_at).total_seconds()
+            oldest = max(oldest, age)
+            if age > self._stuck_after.total_seconds():
+                log.error(
+                    "campaign processing for too long",
+                    extra={
+                        "campaign_id": campaign_id,
+                        "processing_minutes": round(age / 60, 1),
+                        "defer_reason": reason,
+                    },
+                )
+        metrics.PROCESSING_OLDEST_SECONDS.set(oldest)
 
     async def on_stop(self, error: BaseException | None) -> None:
         if self._sub is not None:

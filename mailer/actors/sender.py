@@ -1,9 +1,11 @@
 """The SMTP sender: owns the process's pool of reused SMTP connections.
 
-Campaign actors ask it to send a rendered batch; it sends the messages in
-parallel over the pool and answers with one result per message, in order.
-Being an actor, it is stopped after every campaign actor at shutdown, so
-the SMTP transactions in flight finish before the connections close.
+Campaign actors (and test emails) ask it to send a rendered batch; it sends
+the messages in parallel over the pool and answers with one result per
+message, in order. Being an actor, it is stopped after every campaign actor
+at shutdown, so the SMTP transactions in flight finish before the
+connections close. It keeps the SMTP account's circuit breaker: while the
+breaker is open nothing is attempted.
 """
 
 from __future__ import annotations
@@ -16,9 +18,20 @@ import msgspec
 from mailer import metrics
 from mailer.actors.campaign import Mail
 from mailer.actors.runtime import Actor, ActorRef
+from mailer.breaker import CircuitBreaker
+from mailer.clock import Clock
 from mailer.transport import SendResult, SmtpTransport
 
 __all__ = ["ActorMailer", "SendBatch", "SenderActor"]
+
+_SHORT_CIRCUIT = SendResult(
+    outcome="transient",
+    smtp_code=None,
+    provider_answer="",
+    error="not attempted: the SMTP circuit breaker is open",
+    took_ms=0.0,
+    short_circuited=True,
+)
 
 
 class SendBatch(msgspec.Struct, frozen=True):
@@ -27,18 +40,27 @@ class SendBatch(msgspec.Struct, frozen=True):
 
 
 class SenderActor(Actor[SendBatch]):
-    def __init__(self, transport: SmtpTransport) -> None:
+    def __init__(self, transport: SmtpTransport, *, breaker: CircuitBreaker, clock: Clock) -> None:
         self._transport = transport
+        self._breaker = breaker
+        self._clock = clock
 
     async def on_start(self) -> None:
         await self._transport.start()
 
     async def handle(self, msg: SendBatch) -> object:
+        if not self._breaker.allow(self._clock.now()):
+            return [_SHORT_CIRCUIT] * len(msg.mails)
         results = await asyncio.gather(
             *(self._transport.send(msg.mail_from, m.rcpt, m.data) for m in msg.mails)
         )
         for r in results:
             metrics.SEND_DURATION.observe(r.took_ms / 1000)
+        self._breaker.record(
+            successes=sum(r.outcome == "sent" for r in results),
+            transient_failures=sum(r.outcome == "transient" and not r.in_doubt for r in results),
+            now=self._clock.now(),
+        )
         return list(results)
 
     async def on_stop(self, error: BaseException | None) -> None:
@@ -54,6 +76,8 @@ class ActorMailer:
         self._timeout = timeout
 
     async def send_all(self, mails: Sequence[Mail]) -> list[SendResult]:
+        if not mails:
+            return []
         result = await self._sender.ask(SendBatch(self._from, list(mails)), timeout=self._timeout)
         assert isinstance(result, list)
         return result

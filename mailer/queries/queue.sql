@@ -5,7 +5,7 @@ VALUES ($1, $2, $3)
 ON CONFLICT (campaign_id) DO UPDATE
 SET priority = EXCLUDED.priority, queued_at = EXCLUDED.queued_at, completed_at = NULL,
     started_at = NULL, defer_reason = NULL, deferred_until = NULL,
-    consecutive_transient_errors = 0
+    consecutive_transient_errors = 0, notified_reason = NULL
 RETURNING id;
 
 -- name: queue-runnable
@@ -31,17 +31,24 @@ SELECT min(t) AS at FROM (
 ) s;
 
 -- name: queue-acquire
--- Takes the campaign's lease when it is free or expired (or already ours);
--- lease_epoch grows on every new holder: a fencing token for later writes.
-UPDATE queue_entry
+-- Takes the campaign's lease when it is free or expired; lease_epoch grows on
+-- every new holder and is the fencing token of every later write. Only for
+-- the current leader's dispatch ($5 = its epoch, checked against the fence):
+-- a deposed leader's late dispatch acquires nothing.
+UPDATE queue_entry q
 SET lease_owner = $2, lease_until = $3,
-    lease_epoch = lease_epoch + CASE WHEN lease_owner = $2 THEN 0 ELSE 1 END,
-    started_at = COALESCE(started_at, $4),
+    lease_epoch = q.lease_epoch + 1,
+    leased_at = $4,
+    started_at = COALESCE(q.started_at, $4),
     defer_reason = NULL, deferred_until = NULL
-WHERE campaign_id = $1 AND completed_at IS NULL
-  AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until <= $4)
-  AND (deferred_until IS NULL OR deferred_until <= $4)
-RETURNING id, lease_epoch, consecutive_transient_errors;
+FROM campaign c
+WHERE q.campaign_id = $1 AND c.id = q.campaign_id AND q.completed_at IS NULL
+  AND c.status IN ('ready', 'sending')
+  AND (q.lease_owner IS NULL OR q.lease_until <= $4)
+  AND (q.deferred_until IS NULL OR q.deferred_until <= $4)
+  AND (q.defer_reason IS NULL OR q.defer_reason NOT IN ('paused', 'circuit_breaker'))
+  AND (SELECT epoch FROM leader_fence) = $5
+RETURNING q.id, q.lease_epoch, q.consecutive_transient_errors, q.started_at;
 
 -- name: queue-renew
 UPDATE queue_entry SET lease_until = $3
@@ -54,8 +61,29 @@ WHERE campaign_id = $1 AND lease_owner = $2 AND lease_epoch = $3;
 
 -- name: queue-defer
 -- The one way a campaign waits: the reason and until when, under our lease.
+-- Returns the reason the owner was last notified of, before this update.
+UPDATE queue_entry q
+SET defer_reason = $4, deferred_until = $5, lease_owner = NULL, lease_until = NULL,
+    notified_reason = $4
+FROM (SELECT id, notified_reason FROM queue_entry WHERE campaign_id = $1 FOR UPDATE) old
+WHERE q.id = old.id AND q.campaign_id = $1 AND q.lease_owner = $2 AND q.lease_epoch = $3
+RETURNING q.id, old.notified_reason AS previous_reason;
+
+-- name: queue-pause-breaker
+-- The circuit breaker pauses the campaign: only a manager's resume restarts it.
+UPDATE queue_entry q
+SET defer_reason = 'circuit_breaker', deferred_until = NULL, lease_owner = NULL,
+    lease_until = NULL, notified_reason = 'circuit_breaker'
+FROM (SELECT id, notified_reason FROM queue_entry WHERE campaign_id = $1 FOR UPDATE) old
+WHERE q.id = old.id AND q.campaign_id = $1 AND q.lease_owner = $2 AND q.lease_epoch = $3
+RETURNING q.id, old.notified_reason AS previous_reason;
+
+-- name: queue-transient-count
+-- Consecutive transient SMTP errors of the campaign (0 after any success);
+-- a success also ends the episode the owner was notified of.
 UPDATE queue_entry
-SET defer_reason = $4, deferred_until = $5, lease_owner = NULL, lease_until = NULL
+SET consecutive_transient_errors = $4,
+    notified_reason = CASE WHEN $5 THEN NULL ELSE notified_reason END
 WHERE campaign_id = $1 AND lease_owner = $2 AND lease_epoch = $3
 RETURNING id;
 
@@ -70,3 +98,50 @@ RETURNING id;
 SELECT id, campaign_id, priority, queued_at, started_at, completed_at, defer_reason,
        deferred_until, consecutive_transient_errors, lease_owner, lease_until, lease_epoch
 FROM queue_entry WHERE campaign_id = $1;
+
+-- name: queue-active
+-- Campaigns some process is running now (a live lease).
+SELECT campaign_id, lease_owner FROM queue_entry
+WHERE completed_at IS NULL AND lease_until > $1;
+
+-- name: queue-depth
+-- Entries waiting to run (not running, not finished, not paused).
+SELECT count(*)::bigint FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
+WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
+  AND (q.lease_owner IS NULL OR q.lease_until <= $1);
+
+-- name: queue-processing-since
+-- Entries an owner is processing now (live lease), longest-held first: the
+-- stuck-campaign report. Deferred campaigns hold no lease: waiting for the
+-- next hour or for quota is not being stuck.
+SELECT q.campaign_id, q.leased_at, q.defer_reason
+FROM queue_entry q
+WHERE q.completed_at IS NULL AND q.lease_until > $1 AND q.leased_at IS NOT NULL
+ORDER BY q.leased_at;
+
+-- name: queue-unfinished-without-work
+-- Anomaly: a campaign in ready/sending with no recipient left to send and no
+-- live owner; nobody would ever mark it final.
+SELECT q.campaign_id FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
+WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
+  AND (q.lease_owner IS NULL OR q.lease_until <= $1)
+  AND NOT EXISTS (SELECT 1 FROM recipient r WHERE r.campaign_id = q.campaign_id
+                  AND r.status IN ('pending', 'sending'));
+
+-- name: queue-complete-fenced
+-- Marks an entry finished on the leader's authority (reconcile).
+UPDATE queue_entry
+SET completed_at = $2, lease_owner = NULL, lease_until = NULL,
+    defer_reason = NULL, deferred_until = NULL
+WHERE campaign_id = $1 AND completed_at IS NULL
+  AND (lease_owner IS NULL OR lease_until <= $2)
+  AND (SELECT epoch FROM leader_fence) = $3
+RETURNING id;
+
+-- name: fence-take
+-- A new leader raises the fence to its epoch; a stale one raises nothing.
+UPDATE leader_fence SET epoch = $1, holder = $2, since = $3 WHERE epoch < $1
+RETURNING epoch;
+
+-- name: campaign-status
+SELECT status FROM campaign WHERE id = $1;

@@ -16,6 +16,8 @@ WITH picked AS (
            EXISTS (SELECT 1 FROM unsubscribe u WHERE u.email = lower(r.email)) AS unsub
     FROM recipient r
     WHERE r.campaign_id = $1 AND r.status = 'pending'
+      -- A paused or cancelled campaign claims nothing: its actor stops there.
+      AND EXISTS (SELECT 1 FROM campaign c WHERE c.id = $1 AND c.status = 'sending')
     ORDER BY r.id
     LIMIT $2
     FOR UPDATE OF r SKIP LOCKED

@@ -1,0 +1,287 @@
+"""Events other CRM services consume, published on JetStream so none is lost.
+
+One stream per subject prefix (``MAILER_EVENTS_<prefix with _ for .>``) captures
+``<prefix>.events.>``:
+
+* ``<prefix>.events.campaign.<event>``: ``CampaignEvent`` (queued, started, deferred,
+  resumed, paused, progress, sent, completed_with_errors, cancelled);
+* ``<prefix>.events.notify.<owner>``: ``Notification`` for the campaign's owner;
+* ``<prefix>.events.unsubscribe``: ``UnsubscribeEvent``, with the full address: updating
+  the CRM's records of that address is the event's whole purpose. Logs never carry it.
+
+A consumer that was down catches up from the stream (kept ``max_age``, 7 days by
+default). Core NATS subscribers on the same subjects still see every message live.
+
+Publishing is best effort by design: the database holds the truth, so a publish that
+fails is logged and counted (``mailer_events_publish_failures_total``), never raised into
+the sending path. Each event with a natural identity carries ``Nats-Msg-Id`` so a repeated
+publish (a retry, a restarted actor re-announcing) is stored once within the stream's
+duplicate window.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import string
+from datetime import datetime
+from typing import Final, Literal
+from zoneinfo import ZoneInfo
+
+import nats.errors
+from msgspec import Struct
+from nats.js import api
+from nats.js.errors import BadRequestError
+from prometheus_client import Counter
+
+from mailer.bus import Bus, encode
+from mailer.messages import CampaignEvent
+from mailer.texts import TEXTS, text
+
+__all__ = [
+    "EVENTS_PUBLISH_FAILURES",
+    "MSG_ID_HEADER",
+    "JetStreamEvents",
+    "Notification",
+    "UnsubscribeEvent",
+    "notification_for",
+    "owner_token",
+    "stream_name",
+]
+
+log = logging.getLogger("mailer.events")
+
+MSG_ID_HEADER: Final = "Nats-Msg-Id"
+# The server's error code for "stream name already in use with a different
+# configuration": the one case where add_stream must become update_stream.
+_STREAM_CONFIG_DIFFERS: Final = 10058
+
+EventKind = Literal["campaign", "notify", "unsubscribe"]
+
+EVENTS_PUBLISH_FAILURES: Final = Counter(
+    "mailer_events_publish_failures_total",
+    "Events that could not be stored on JetStream (the database still holds the truth).",
+    ["kind"],
+)
+
+# Subject tokens may not contain '.', '*', '>' or whitespace; '%' is escaped too so
+# the encoding stays reversible.
+_UNSAFE_TOKEN_CHAR = re.compile(r"[.*>%\s\x00-\x1f\x7f]")
+
+
+class Notification(Struct, kw_only=True):
+    """Something the campaign's owner should see, e.g. why their campaign waits."""
+
+    owner_id: str
+    campaign_id: int
+    kind: str  # deferred | paused | completed_with_errors
+    reason_code: str
+    message: str  # Russian, ready to show
+    deferred_until: datetime | None = None
+    at: datetime
+
+
+class UnsubscribeEvent(Struct, kw_only=True):
+    email: str  # the full address: other services update their records by it
+    email_hash: str
+    email_domain: str
+    source: str
+    campaign_id: int | None
+    at: datetime  # when the unsubscribe was first recorded
+
+
+def stream_name(prefix: str) -> str:
+    """``t3.mailer`` -> ``MAILER_EVENTS_t3_mailer`` (stream names may not hold dots)."""
+    return "MAILER_EVENTS_" + prefix.replace(".", "_")
+
+
+def owner_token(owner_id: str) -> str:
+    """An owner id as one subject token: unsafe characters percent-encoded.
+
+    CRM user ids are normally plain, so they read as themselves; an odd one
+    (``a.b``) cannot break out into another subject level.
+    """
+    token = _UNSAFE_TOKEN_CHAR.sub(lambda m: "".join(f"%{b:02X}" for b in m[0].encode()), owner_id)
+    return token or "%00"
+
+
+def _subject_token(name: str) -> str:
+    return _UNSAFE_TOKEN_CHAR.sub("_", name) or "_"
+
+
+def _text_fields(code: str) -> set[str]:
+    template = TEXTS[code]["ru"]
+    return {field for _, field, _, _ in string.Formatter().parse(template) if field}
+
+
+def notification_for(
+    event: CampaignEvent, *, timezone: str = "Europe/Moscow", **values: object
+) -> Notification | None:
+    """The owner's notification for a campaign event, or None if it needs none.
+
+    ``event.details``, then ``values``, fill the reason text (``limit`` for
+    rate_per_hour, ``sent`` and ``limit`` for daily_limit); ``next_hour`` and
+    ``until`` are derived from ``deferred_until`` in ``timezone``. A reason
+    whose text would keep a placeholder unfilled gets the generic deferral text
+    instead: the owner never reads a literal ``{limit}``.
+    """
+    if event.event == "deferred":
+        reason = event.defer_reason or "deferred"
+    elif event.event == "paused":
+        reason = event.defer_reason or "paused"
+    elif event.event == "completed_with_errors":
+        reason = "completed_with_errors"
+    else:
+        return None
+    until = event.deferred_until
+    fill: dict[str, object] = {"campaign_id": event.campaign_id}
+    if until is not None:
+        local = until.astimezone(ZoneInfo(timezone))
+        fill["next_hour"] = f"{local.hour:02d}"
+        fill["until"] = local.strftime("%d.%m.%Y %H:%M")
+    if event.event == "completed_with_errors":
+        counts = event.counts or {}
+        code = "notify_completed_with_errors"
+        fill["sent"] = counts.get("sent", 0)
+        fill["failed"] = counts.get("failed", 0) + counts.get("in_doubt", 0)
+    else:
+        code = reason
+    fill.update(event.details or {})
+    fill.update(values)
+
+    if code not in TEXTS or not _text_fields(code) <= fill.keys():
+        if event.event == "paused":
+            code = "notify_paused"
+        else:
+            code = "notify_deferred_until" if until is not None else "notify_deferred"
+        fill.setdefault("reason", reason)
+    return Notification(
+        owner_id=event.owner_id,
+        campaign_id=event.campaign_id,
+        kind=event.event,
+        reason_code=reason,
+        message=text(code, "ru", **fill),
+        deferred_until=until,
+        at=event.at,
+    )
+
+
+class JetStreamEvents:
+    """The EventSink of campaign actors, plus notifications and unsubscribes.
+
+    ``ensure_stream`` once at start (it raises: a service without its event
+    stream should not come up); the publish methods never raise.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        max_age_seconds: float = 7 * 24 * 3600,
+        max_bytes: int = 1024**3,
+        replicas: int = 1,
+        duplicate_window_seconds: float = 15 * 60,
+        publish_timeout: float = 2.0,
+        timezone: str = "Europe/Moscow",
+    ) -> None:
+        self._bus = bus
+        self._timezone = timezone  # of the times in notification texts
+        self.stream = stream_name(bus.prefix)
+        self._config = api.StreamConfig(
+            name=self.stream,
+            description="mailer events: campaigns, owner notifications, unsubscribes",
+            subjects=[bus.subject("events", ">")],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            # Old events go first when full: consumers are days behind at worst,
+            # and the database can answer anything older.
+            discard=api.DiscardPolicy.OLD,
+            max_age=max_age_seconds,
+            max_bytes=max_bytes,
+            num_replicas=replicas,
+            # Long enough to cover a publish retried after a reconnect or a
+            # restarted actor re-announcing; ids are kept in memory for this long.
+            duplicate_window=duplicate_window_seconds,
+        )
+        self._timeout = publish_timeout
+
+    @property
+    def config(self) -> api.StreamConfig:
+        return self._config
+
+    async def ensure_stream(self) -> api.StreamInfo:
+        """Creates the stream, or brings an existing one to this configuration.
+
+        Idempotent and safe when several pods start at once: creating a stream
+        that exists with the same configuration is a no-op on the server.
+        """
+        js = self._bus.nc.jetstream(timeout=self._timeout * 2)
+        try:
+            return await js.add_stream(self._config)
+        except BadRequestError as exc:
+            if exc.err_code != _STREAM_CONFIG_DIFFERS:
+                raise
+        info = await js.update_stream(self._config)
+        log.info("event stream updated to the configured limits", extra={"stream": self.stream})
+        return info
+
+    # --- the EventSink of campaign actors ----------------------------------------------
+
+    async def emit(self, event: CampaignEvent) -> None:
+        # Progress events repeat with the same timestamp under a still clock and
+        # carry no identity of their own: they get no dedup id.
+        msg_id = (
+            None
+            if event.event == "progress"
+            else f"{event.campaign_id}:{event.event}:{event.at.isoformat()}"
+        )
+        subject = self._bus.subject("events", "campaign", _subject_token(event.event))
+        await self._publish("campaign", subject, encode(event), msg_id, event.campaign_id)
+
+    async def notify(self, event: CampaignEvent) -> None:
+        """The owner's notification for ``event``; whether one is due is the caller's call.
+
+        The campaign actor calls this once per ongoing reason (the queue entry
+        remembers which reason was notified); ``event.details`` fill its text.
+        """
+        note = notification_for(event, timezone=self._timezone)
+        if note is not None:
+            await self.publish_notification(note)
+
+    async def publish_notification(self, note: Notification) -> None:
+        when = (note.deferred_until or note.at).isoformat()
+        msg_id = f"notify:{note.campaign_id}:{note.kind}:{note.reason_code}:{when}"
+        subject = self._bus.subject("events", "notify", owner_token(note.owner_id))
+        await self._publish("notify", subject, encode(note), msg_id, note.campaign_id)
+
+    async def unsubscribed(self, event: UnsubscribeEvent) -> None:
+        # One unsubscribe per address and record time: a repeat is the same fact.
+        msg_id = f"unsubscribe:{event.email_hash}:{event.at.isoformat()}"
+        subject = self._bus.subject("events", "unsubscribe")
+        await self._publish("unsubscribe", subject, encode(event), msg_id, event.campaign_id)
+
+    async def _publish(
+        self,
+        kind: EventKind,
+        subject: str,
+        payload: bytes,
+        msg_id: str | None,
+        campaign_id: int | None,
+    ) -> None:
+        headers = {MSG_ID_HEADER: msg_id} if msg_id is not None else None
+        try:
+            js = self._bus.nc.jetstream(timeout=self._timeout)
+            await js.publish(subject, payload, timeout=self._timeout, headers=headers)
+        except (nats.errors.Error, RuntimeError, TimeoutError) as exc:
+            # TimeoutError: stored or not, unknown (a repeat would be deduplicated);
+            # NoRespondersError: no stream; RuntimeError: the bus is closed.
+            EVENTS_PUBLISH_FAILURES.labels(kind=kind).inc()
+            log.warning(
+                "event not stored on JetStream",
+                extra={
+                    "event_kind": kind,
+                    "subject": subject,
+                    "campaign_id": campaign_id,
+                    "error": repr(exc),
+                },
+            )

@@ -1,0 +1,353 @@
+"""The provider's monthly allowance: where it is kept, taken, and synced from.
+
+PostgreSQL's one ``quota`` row is the number the rate governor takes from
+(``PgQuota.take``, one token per granted send). A ``QuotaSyncActor`` replaces
+it with the provider's own count on start, every
+``quota_sync_interval_seconds`` and on ``SyncNow``. Providers are pluggable:
+
+* ``local`` — ``monthly_quota`` minus this calendar month's sends (send-log
+  rows ``sent`` or ``in_doubt``, test emails included; the month of the
+  configured timezone). Exact between batches; a sync during a batch gives
+  back at most that batch's tokens for a moment.
+* ``http`` — GET ``quota_http_url`` with ``Authorization: Bearer <token>``;
+  the number sits at the dotted path ``quota_http_field`` of the JSON reply
+  (``data.emails_available``), so another provider's API is a setting away.
+
+A failed sync keeps the last numbers, records ``sync_error`` and leaves
+``last_synced_at`` at the last success: together they say how old the number
+is and why. A sync that takes the allowance from 0 to more calls
+``on_restored`` — the campaigns deferred with ``quota_exhausted`` resume with
+nobody acting (``lift_deferrals`` is the store half of that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta, tzinfo
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import asyncpg
+import msgspec
+
+from mailer.actors.runtime import Actor, MailboxFull
+from mailer.clock import Clock
+from mailer.config import Settings
+from mailer.db import Q
+from mailer.rules import month_bounds
+
+__all__ = [
+    "HttpQuotaProvider",
+    "LocalQuotaProvider",
+    "PgQuota",
+    "ProviderReading",
+    "QuotaError",
+    "QuotaProvider",
+    "QuotaState",
+    "QuotaSyncActor",
+    "SyncNow",
+    "lift_deferrals",
+    "provider_from_settings",
+]
+
+log = logging.getLogger("mailer.quota")
+
+HTTP_TIMEOUT_SECONDS = 10.0
+# sync_error is for a person to read; a provider's whole error page is not.
+_MAX_ERROR_CHARS = 500
+
+
+class QuotaState(msgspec.Struct, frozen=True, kw_only=True):
+    """The quota row as an operator sees it."""
+
+    emails_available: int
+    monthly_limit: int
+    last_synced_at: datetime | None
+    sync_error: str | None
+
+
+class ProviderReading(msgspec.Struct, frozen=True, kw_only=True):
+    emails_available: int
+    monthly_limit: int | None = None  # None: the provider does not say; keep ours
+
+
+class QuotaError(Exception):
+    """The provider's answer cannot be used; the text goes to ``sync_error``."""
+
+
+def _state(row: asyncpg.Record) -> QuotaState:
+    return QuotaState(
+        emails_available=row["emails_available"],
+        monthly_limit=row["monthly_limit"],
+        last_synced_at=row["last_synced_at"],
+        sync_error=row["sync_error"],
+    )
+
+
+class PgQuota:
+    """The quota row in PostgreSQL: what the governor takes from and a sync writes."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def take(self, n: int) -> int:
+        """Takes up to ``n`` emails atomically; returns how many (0: exhausted)."""
+        if n <= 0:
+            return 0
+        row = await self._pool.fetchrow(Q["quota-take"], n)
+        return 0 if row is None else int(row["taken"])
+
+    async def state(self) -> QuotaState:
+        row = await self._pool.fetchrow(Q["quota-get"])
+        assert row is not None, "the quota row is created by the schema migration"
+        return _state(row)
+
+    async def record_sync(self, reading: ProviderReading, now: datetime) -> tuple[int, QuotaState]:
+        """Writes a successful reading; returns (the value it replaced, the new state)."""
+        row = await self._pool.fetchrow(
+            Q["quota-record-sync"],
+            max(0, reading.emails_available),
+            reading.monthly_limit,
+            now,
+        )
+        assert row is not None, "the quota row is created by the schema migration"
+        return int(row["previous"]), _state(row)
+
+    async def record_sync_error(self, error: str) -> QuotaState:
+        row = await self._pool.fetchrow(Q["quota-record-sync-error"], error)
+        assert row is not None, "the quota row is created by the schema migration"
+        return _state(row)
+
+
+async def lift_deferrals(pool: asyncpg.Pool, reason: str, now: datetime) -> list[int]:
+    """Ends now every unfinished deferral for ``reason``; returns the campaign ids.
+
+    The entries become runnable at once; wake the scheduler after this.
+    """
+    rows = await pool.fetch(Q["queue-lift-reason"], reason, now)
+    return [int(r["campaign_id"]) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------
+# Providers
+# ---------------------------------------------------------------------------------------
+
+
+class QuotaProvider(Protocol):
+    name: str
+
+    async def fetch(self, now: datetime) -> ProviderReading:
+        """The provider's count now; raises on any failure (the sync records it)."""
+        ...
+
+
+class LocalQuotaProvider:
+    """The allowance minus this calendar month's sends, from our own send log."""
+
+    name = "local"
+
+    def __init__(self, pool: asyncpg.Pool, *, monthly_quota: int, tz: tzinfo) -> None:
+        self._pool = pool
+        self._monthly = monthly_quota
+        self._tz = tz
+
+    async def fetch(self, now: datetime) -> ProviderReading:
+        start, end = month_bounds(now, self._tz)
+        sent = int(await self._pool.fetchval(Q["quota-sent-between"], start, end))
+        return ProviderReading(
+            emails_available=max(0, self._monthly - sent), monthly_limit=self._monthly
+        )
+
+
+def dig(data: Any, path: str) -> Any:
+    """The value at a dotted path (``data.quota.0.left``: keys, or list indexes)."""
+    node = data
+    for part in path.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise QuotaError(f"no field {path!r} in the quota reply")
+    return node
+
+
+def _count(value: Any, path: str) -> int:
+    """A count from JSON: an integer, a whole float, or digits in a string."""
+    if isinstance(value, bool):  # bool is an int to Python, never a count here
+        raise QuotaError(f"field {path!r} is not a number: {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    raise QuotaError(f"field {path!r} is not a number: {value!r}"[:_MAX_ERROR_CHARS])
+
+
+class HttpQuotaProvider:
+    """The provider's API: GET a JSON document, read one number from it."""
+
+    name = "http"
+
+    def __init__(
+        self, url: str, *, token: str, field: str, timeout: float = HTTP_TIMEOUT_SECONDS
+    ) -> None:
+        if not url:
+            raise ValueError("the http quota provider needs MAILER_QUOTA_HTTP_URL")
+        self._url = url
+        self._token = token
+        self._field = field
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def fetch(self, now: datetime) -> ProviderReading:
+        headers = {"Accept": "application/json"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        # A session per sync: syncs are hourly, and nothing is left open between them.
+        async with (
+            aiohttp.ClientSession(timeout=self._timeout) as session,
+            session.get(self._url, headers=headers) as resp,
+        ):
+            body = await resp.read()
+            if not 200 <= resp.status < 300:
+                snippet = body[:200].decode("utf-8", "replace")
+                raise QuotaError(f"quota endpoint answered HTTP {resp.status}: {snippet}")
+        try:
+            data = msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            raise QuotaError(f"quota endpoint answered invalid JSON: {exc}") from None
+        return ProviderReading(emails_available=_count(dig(data, self._field), self._field))
+
+
+def provider_from_settings(s: Settings, pool: asyncpg.Pool) -> QuotaProvider:
+    if s.quota_provider == "http":
+        return HttpQuotaProvider(
+            s.quota_http_url, token=s.quota_http_token, field=s.quota_http_field
+        )
+    return LocalQuotaProvider(pool, monthly_quota=s.monthly_quota, tz=ZoneInfo(s.timezone))
+
+
+# ---------------------------------------------------------------------------------------
+# The sync actor
+# ---------------------------------------------------------------------------------------
+
+
+class SyncNow(msgspec.Struct, frozen=True):
+    """Sync the quota now; an ask returns the new ``QuotaState``."""
+
+
+class _Tick(msgspec.Struct, frozen=True):
+    """The interval's sync (and the first one), told by the actor to itself."""
+
+
+class QuotaLedger(Protocol):
+    async def record_sync(
+        self, reading: ProviderReading, now: datetime
+    ) -> tuple[int, QuotaState]: ...
+    async def record_sync_error(self, error: str) -> QuotaState: ...
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, QuotaError):
+        text = str(exc)
+    else:  # a timeout has no message: its type is the message
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text[:_MAX_ERROR_CHARS]
+
+
+class QuotaSyncActor(Actor[SyncNow | _Tick]):
+    """Syncs on start, every ``interval_seconds`` of the Clock, and on ``SyncNow``.
+
+    Every sync runs in ``handle``, so timer and on-demand syncs never overlap.
+    A provider failure is recorded, not raised; a database failure is raised
+    (to the asker, or as a crash the supervisor restarts from).
+    """
+
+    mailbox_size = 16
+
+    def __init__(
+        self,
+        *,
+        ledger: QuotaLedger,
+        provider: QuotaProvider,
+        clock: Clock,
+        interval_seconds: float,
+        on_restored: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._ledger = ledger
+        self._provider = provider
+        self._clock = clock
+        self._interval = timedelta(seconds=interval_seconds)
+        self._on_restored = on_restored
+        # on_restored failed: call it again after the next good sync, even if
+        # that one does not see a 0 -> n change (the first one consumed it).
+        self._restore_pending = False
+
+    @classmethod
+    def from_settings(
+        cls,
+        *,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        clock: Clock,
+        on_restored: Callable[[], Awaitable[None]],
+    ) -> QuotaSyncActor:
+        return cls(
+            ledger=PgQuota(pool),
+            provider=provider_from_settings(settings, pool),
+            clock=clock,
+            interval_seconds=settings.quota_sync_interval_seconds,
+            on_restored=on_restored,
+        )
+
+    async def on_start(self) -> None:
+        # The first sync goes through the mailbox: start does not wait on the provider.
+        self.ref.tell(_Tick())
+        self.spawn_task(self._timer(), name="quota-timer")
+
+    async def _timer(self) -> None:
+        while True:
+            await self._clock.sleep(self._interval.total_seconds())
+            # A full mailbox already holds syncs; dropping this one loses nothing.
+            with contextlib.suppress(MailboxFull):
+                self.ref.tell(_Tick())
+
+    async def handle(self, msg: SyncNow | _Tick) -> object:
+        return await self._sync()
+
+    async def _sync(self) -> QuotaState:
+        now = self._clock.now()
+        try:
+            reading = await self._provider.fetch(now)
+        except Exception as exc:  # any provider failure is data for the operator
+            error = _error_text(exc)
+            log.warning(
+                "quota sync failed", extra={"provider": self._provider.name, "error": error}
+            )
+            return await self._ledger.record_sync_error(error)
+        previous, state = await self._ledger.record_sync(reading, now)
+        log.info(
+            "quota synced",
+            extra={
+                "provider": self._provider.name,
+                "emails_available": state.emails_available,
+                "previous": previous,
+            },
+        )
+        if state.emails_available > 0 and (previous == 0 or self._restore_pending):
+            await self._restored()
+        return state
+
+    async def _restored(self) -> None:
+        try:
+            await self._on_restored()
+        except Exception:
+            self._restore_pending = True
+            log.exception("quota restored but waiting campaigns were not resumed")
+        else:
+            self._restore_pending = False
+            log.info("quota restored; campaigns waiting for it resume")

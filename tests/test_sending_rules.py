@@ -1,0 +1,160 @@
+"""Sending rules end to end: deferrals with reasons, resumption by timers,
+transient errors and the circuit breaker, honest final statuses.
+
+Time is moved through the injected FakeClock; NATS, PostgreSQL, Redis and
+the SMTP sink are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+from mailer.clock import FakeClock
+from tests.helpers import Crm, Events, people
+
+# A Monday, 13:15 Moscow time: inside working hours.
+MONDAY_1015_UTC = datetime(2026, 11, 23, 10, 15, tzinfo=UTC)
+
+
+async def _settle() -> None:
+    # Lets actors react to a clock move (timers resolve on the next loop turns).
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+
+
+async def test_101_at_100_per_hour_resumes_at_the_next_hour(
+    make_service, crm: Crm, events: Events, sink, db
+) -> None:
+    clock = FakeClock(MONDAY_1015_UTC)
+    await make_service(clock=clock, rate_per_hour=100, batch_size=30)
+    cid = await crm.campaign(people(101))
+    await crm.start(cid)
+
+    deferred = await events.wait(cid, ("deferred",))
+    assert deferred["defer_reason"] == "rate_per_hour"
+    assert deferred["deferred_until"].startswith("2026-11-23T11:00:00")
+    assert len(sink.messages) == 100
+    q = await db.fetchrow("SELECT * FROM queue_entry WHERE campaign_id = $1", cid)
+    assert q["defer_reason"] == "rate_per_hour"
+    assert q["deferred_until"] == datetime(2026, 11, 23, 11, 0, tzinfo=UTC)
+    view = await crm.get(cid)
+    assert view["status"] == "sending" and view["counts"] == {"sent": 100, "pending": 1}
+
+    # Nobody acts: the clock reaches the next hour and the campaign goes on.
+    clock.set(datetime(2026, 11, 23, 11, 0, tzinfo=UTC))
+    done = await events.wait(cid, ("sent", "completed_with_errors"))
+    assert done["event"] == "sent"
+    assert len(sink.messages) == 101
+    assert Counter(r for m in sink.messages for r in m.rcpt_tos).most_common(1)[0][1] == 1
+    assert len(events.of(cid, "deferred")) == 1
+
+
+async def test_a_permanent_rejection_fails_one_recipient_and_the_campaign_goes_on(
+    make_service, crm: Crm, events: Events, sink, db
+) -> None:
+    await make_service()
+    recipients = people(5)
+    sink.fail(recipients[2]["email"], "550 5.1.1 No such user")
+    cid = await crm.campaign(recipients)
+    await crm.start(cid)
+    done = await events.wait(cid, ("sent", "completed_with_errors"))
+
+    assert done["event"] == "completed_with_errors"
+    view = await crm.get(cid)
+    assert view["status"] == "completed_with_errors"  # never `sent` with a failure
+    assert view["counts"] == {"sent": 4, "failed": 1}
+    assert len(sink.messages) == 4
+    row = await db.fetchrow(
+        "SELECT status, error FROM recipient WHERE campaign_id = $1 AND email = $2",
+        cid,
+        recipients[2]["email"],
+    )
+    assert row["status"] == "failed" and "550" in row["error"]
+    log = await db.fetchrow(
+        "SELECT status, provider_answer FROM send_log WHERE campaign_id = $1 AND email = $2",
+        cid,
+        recipients[2]["email"],
+    )
+    assert log["status"] == "failed" and log["provider_answer"].startswith("550")
+
+
+async def _transient_rounds(
+    clock: FakeClock, events: Events, cid: int, rounds: int, start: int = 0
+) -> None:
+    """Waits for each transient deferral and moves the clock past its retry."""
+    for n in range(start, start + rounds):
+        await events.wait_count(cid, "deferred", n + 1, stop_on="paused")
+        if events.of(cid, "paused"):
+            return
+        last = events.of(cid, "deferred")[n]
+        assert last["defer_reason"] == "transient_error"
+        clock.advance(timedelta(minutes=5))
+        await _settle()
+
+
+async def _notifications(nc, prefix: str) -> list[bytes]:
+    notes: list[bytes] = []
+
+    async def on_note(msg) -> None:
+        notes.append(msg.data)
+
+    await nc.subscribe(f"{prefix}.events.notify.>", cb=on_note)
+    await nc.flush()
+    return notes
+
+
+async def test_nine_transient_errors_do_not_pause_and_a_success_resets(
+    make_service, crm: Crm, events: Events, sink, db, nc, settings
+) -> None:
+    notes = await _notifications(nc, settings.subject_prefix)
+    clock = FakeClock(MONDAY_1015_UTC)
+    await make_service(clock=clock, batch_size=1)
+    recipients = people(2)
+    sink.fail(recipients[0]["email"], "451 4.3.0 Try again later", times=9)
+    cid = await crm.campaign(recipients)
+    await crm.start(cid)
+    await _transient_rounds(clock, events, cid, 9)
+    done = await events.wait(cid, ("sent", "completed_with_errors"))
+    assert done["event"] == "sent"
+    assert not events.of(cid, "paused")
+    assert (
+        await db.fetchval(
+            "SELECT consecutive_transient_errors FROM queue_entry WHERE campaign_id = $1", cid
+        )
+        == 0
+    )
+    attempts = await db.fetch(
+        "SELECT status FROM send_log WHERE campaign_id = $1 AND email = $2 ORDER BY id",
+        cid,
+        recipients[0]["email"],
+    )
+    assert [a["status"] for a in attempts] == ["transient"] * 9 + ["sent"]
+    assert len(events.of(cid, "deferred")) == 9
+    await nc.flush()
+    # The owner was told once of the ongoing transient trouble, not nine times.
+    assert len(notes) == 1
+
+
+async def test_the_tenth_consecutive_transient_error_pauses_the_campaign(
+    make_service, crm: Crm, events: Events, sink, db, nc, settings
+) -> None:
+    notes = await _notifications(nc, settings.subject_prefix)
+    clock = FakeClock(MONDAY_1015_UTC)
+    await make_service(clock=clock, batch_size=1)
+    recipients = people(1)
+    sink.fail(recipients[0]["email"], "451 4.3.0 Try again later")
+    cid = await crm.campaign(recipients)
+    await crm.start(cid)
+    await _transient_rounds(clock, events, cid, 10)
+    paused = await events.wait(cid, ("paused",))
+    assert paused["defer_reason"] == "circuit_breaker"
+    view = await crm.get(cid)
+    assert view["status"] == "paused"
+    assert view["queue"]["defer_reason"] == "circuit_breaker"
+    assert view["queue"]["consecutive_transient_errors"] == 10
+    assert len(events.of(cid, "deferred")) == 9
+    await nc.flush()
+    # One notification for the transient episode, one for the pause.
+    assert len(notes) == 2
