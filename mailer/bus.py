@@ -87,6 +87,7 @@ class Bus:
             nkey_seed_file=nkey_seed_file,
         )
         self._nc: Client | None = None
+        self._closing = False
 
     @property
     def nc(self) -> Client:
@@ -106,7 +107,10 @@ class Bus:
             return
 
         async def on_disconnect() -> None:
-            log.warning("nats disconnected", extra={"nats_url": self.url})
+            if self._closing:  # our own drain: nothing to warn about
+                log.debug("nats disconnected on close", extra={"nats_url": self.url})
+            else:
+                log.warning("nats disconnected", extra={"nats_url": self.url})
 
         async def on_reconnect() -> None:
             log.info("nats reconnected", extra={"nats_url": self.url})
@@ -146,6 +150,7 @@ class Bus:
     async def close(self) -> None:
         """Drains (flushes what we publish, finishes subscriptions) and closes."""
         nc, self._nc = self._nc, None
+        self._closing = True
         if nc is None or nc.is_closed:
             return
         try:
