@@ -17,7 +17,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 from mailer.actors import SupervisorEscalation
@@ -65,6 +65,22 @@ async def serve(service: Service, *, until: Callable[[], Awaitable[object]] | No
     return 0
 
 
+@contextlib.contextmanager
+def _cancel_on_signals() -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, task.cancel)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
 async def _run(settings: Settings) -> int:
     missing = [
         name
@@ -80,9 +96,16 @@ async def _run(settings: Settings) -> int:
         raise ConfigError(
             f"{', '.join(missing)} must be set for `mailer run` (or use `mailer dev`)"
         )
-    await migrate(settings.database_url)
     service = Service(settings)
-    await service.start()
+    try:
+        # Until serve() takes over, a SIGTERM (a pod stopped while migrating
+        # or starting) cancels the start-up instead of being ignored.
+        with _cancel_on_signals():
+            await migrate(settings.database_url)
+            await service.start()
+    except asyncio.CancelledError:
+        await service.stop()
+        return 0
     return await serve(service)
 
 
