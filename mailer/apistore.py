@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
+from asyncpg.pool import PoolConnectionProxy
 
 from mailer.db import Q
 from mailer.messages import (
@@ -72,7 +73,7 @@ class Locked:
 
     def __init__(
         self,
-        conn: asyncpg.Connection,
+        conn: asyncpg.Connection | PoolConnectionProxy,
         campaign: LockedCampaign | None,
         lease_until: datetime | None,
     ) -> None:
@@ -127,7 +128,9 @@ class Locked:
         Returns the addresses removed, and the status of those present but kept.
         """
         cid = self._id()
-        removed = {r["email"] for r in await self._conn.fetch(Q["api-recipients-remove"], cid, emails)}
+        removed = {
+            r["email"] for r in await self._conn.fetch(Q["api-recipients-remove"], cid, emails)
+        }
         kept_rows = await self._conn.fetch(
             Q["api-recipients-status-of"], cid, [e for e in emails if e not in removed]
         )
@@ -186,9 +189,7 @@ class ApiStore:
         self, *, owner_id: str | None, statuses: Sequence[str], cursor: int | None, limit: int
     ) -> list[CampaignView]:
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                Q["api-campaign-list"], owner_id, list(statuses), cursor, limit
-            )
+            rows = await conn.fetch(Q["api-campaign-list"], owner_id, list(statuses), cursor, limit)
             ids = [int(r["id"]) for r in rows]
             counts: dict[int, dict[str, int]] = {i: {} for i in ids}
             for c in await conn.fetch(Q["api-counts-of-campaigns"], ids):
@@ -222,9 +223,7 @@ class ApiStore:
         self, campaign_id: int, *, status: str | None, cursor: int | None, limit: int
     ) -> list[RecipientView]:
         rows = await self.pool.fetch(Q["api-recipients-list"], campaign_id, status, cursor, limit)
-        return [
-            RecipientView(**{**dict(r), "variables": r["variables"] or {}}) for r in rows
-        ]
+        return [RecipientView(**{**dict(r), "variables": r["variables"] or {}}) for r in rows]
 
     async def list_attachments(self, campaign_id: int) -> list[AttachmentView]:
         rows = await self.pool.fetch(Q["api-attachments-list"], campaign_id)
@@ -256,7 +255,12 @@ class ApiStore:
             gone = await conn.fetchrow(Q["api-unsubscribe-delete"], email) is not None
             if gone:
                 await conn.execute(
-                    Q["api-audit-insert"], now, actor_id, "unsubscribe.remove", None, {"email": email}
+                    Q["api-audit-insert"],
+                    now,
+                    actor_id,
+                    "unsubscribe.remove",
+                    None,
+                    {"email": email},
                 )
         return gone
 
@@ -277,7 +281,11 @@ class ApiStore:
         return None if row is None else QuotaView(**dict(row))
 
     async def audit(
-        self, campaign_id: int | None, actor_id: str, action: str, details: dict[str, Any],
+        self,
+        campaign_id: int | None,
+        actor_id: str,
+        action: str,
+        details: dict[str, Any],
         now: datetime,
     ) -> None:
         await self.pool.execute(Q["api-audit-insert"], now, actor_id, action, campaign_id, details)

@@ -8,6 +8,8 @@ it. ``Bus.request`` turns an error reply back into ``RemoteError``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import logging
 from typing import Any, TypeVar
@@ -23,6 +25,7 @@ __all__ = [
     "ERROR_CODE_HEADER",
     "ERROR_HEADER",
     "Bus",
+    "NatsAuthError",
     "RemoteError",
     "decode",
     "encode",
@@ -115,22 +118,46 @@ class Bus:
         async def on_reconnect() -> None:
             log.info("nats reconnected", extra={"nats_url": self.url})
 
+        nc = Client()
+        # Set when the server refuses our credentials before the first connection
+        # is up: retrying forever would hide a configuration error behind a pod
+        # that never gets ready, so connect() fails at once instead.
+        refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+
         async def on_error(exc: Exception) -> None:
+            if not refused.done() and not nc.is_connected and _is_auth_error(exc):
+                refused.set_result(exc)
             log.error("nats error: %s", exc, extra={"nats_url": self.url})
 
-        self._nc = await nats.connect(
-            self.url,
-            name=self.name,
-            # Reconnect forever: the orchestrator, not this loop, decides when
-            # a pod is dead. The client's own backoff has jitter.
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=1,
-            allow_reconnect=True,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
-            error_cb=on_error,
-            **self._auth,
+        connecting = asyncio.ensure_future(
+            nc.connect(
+                self.url,
+                name=self.name,
+                # Reconnect forever: the orchestrator, not this loop, decides when
+                # a pod is dead. The client's own backoff has jitter.
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                allow_reconnect=True,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                error_cb=on_error,
+                **self._auth,
+            )
         )
+        try:
+            waiting: list[asyncio.Future[Any]] = [connecting, refused]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not connecting.done():  # refused, or our caller gave up: stop trying
+                connecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await connecting
+                with contextlib.suppress(Exception):
+                    await nc.close()
+        if refused.done() and not nc.is_connected:
+            raise NatsAuthError(f"NATS refused the credentials: {refused.result()}")
+        connecting.result()  # raises what the connect raised
+        self._nc = nc
 
     async def publish(self, subject: str, msg: Any, headers: dict[str, str] | None = None) -> None:
         await self.nc.publish(subject, encode(msg), headers=headers)
@@ -158,6 +185,18 @@ class Bus:
         except Exception:  # a drain on a broken connection: close is what is left
             log.warning("nats drain failed; closing", exc_info=True)
             await nc.close()
+
+
+class NatsAuthError(Exception):
+    """The server refused this process's NATS credentials at connect."""
+
+
+def _is_auth_error(exc: Exception) -> bool:
+    # Before the first connection nats-py reports the server's -ERR as a plain
+    # Error with the text; afterwards as AuthorizationError.
+    return isinstance(exc, nats.errors.AuthorizationError) or (
+        "authorization violation" in str(exc).lower()
+    )
 
 
 def _auth_options(

@@ -22,6 +22,7 @@ __all__ = [
     "Forbidden",
     "NotFound",
     "PayloadTooLarge",
+    "QuotaSyncFailed",
     "Refused",
     "SendFailed",
     "Throttled",
@@ -106,6 +107,14 @@ class SendFailed(ApiError):
 
     status = 502
     code = "test_email_failed"
+
+
+class QuotaSyncFailed(ApiError):
+    """The quota syncer answered with an error (the provider's API failed)."""
+
+    status = 502
+    code = "quota_sync_failed"
+    retryable = True
 
 
 class Unavailable(ApiError):

@@ -201,13 +201,10 @@ class JetStreamEvents:
             num_replicas=replicas,
             # Long enough to cover a publish retried after a reconnect or a
             # restarted actor re-announcing; ids are kept in memory for this long.
-            duplicate_window=duplicate_window_seconds,
+            # (The server refuses a window longer than max_age.)
+            duplicate_window=min(duplicate_window_seconds, max_age_seconds),
         )
         self._timeout = publish_timeout
-
-    @property
-    def config(self) -> api.StreamConfig:
-        return self._config
 
     async def ensure_stream(self) -> api.StreamInfo:
         """Creates the stream, or brings an existing one to this configuration.

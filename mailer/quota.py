@@ -32,11 +32,14 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import asyncpg
 import msgspec
+from nats.aio.msg import Msg
 
 from mailer.actors.runtime import Actor, MailboxFull
+from mailer.bus import ERROR_CODE_HEADER, Bus, encode
 from mailer.clock import Clock
 from mailer.config import Settings
 from mailer.db import Q
+from mailer.messages import ErrorBody, ErrorReply
 from mailer.rules import month_bounds
 
 __all__ = [
@@ -236,6 +239,10 @@ def provider_from_settings(s: Settings, pool: asyncpg.Pool) -> QuotaProvider:
 # ---------------------------------------------------------------------------------------
 
 
+def sync_subject(bus: Bus) -> str:
+    return bus.subject("internal", "quota", "sync")
+
+
 class SyncNow(msgspec.Struct, frozen=True):
     """Sync the quota now; an ask returns the new ``QuotaState``."""
 
@@ -277,7 +284,9 @@ class QuotaSyncActor(Actor[SyncNow | _Tick]):
         clock: Clock,
         interval_seconds: float,
         on_restored: Callable[[], Awaitable[None]],
+        bus: Bus | None = None,
     ) -> None:
+        self._bus = bus
         self._ledger = ledger
         self._provider = provider
         self._clock = clock
@@ -295,8 +304,10 @@ class QuotaSyncActor(Actor[SyncNow | _Tick]):
         settings: Settings,
         clock: Clock,
         on_restored: Callable[[], Awaitable[None]],
+        bus: Bus | None = None,
     ) -> QuotaSyncActor:
         return cls(
+            bus=bus,
             ledger=PgQuota(pool),
             provider=provider_from_settings(settings, pool),
             clock=clock,
@@ -308,6 +319,24 @@ class QuotaSyncActor(Actor[SyncNow | _Tick]):
         # The first sync goes through the mailbox: start does not wait on the provider.
         self.ref.tell(_Tick())
         self.spawn_task(self._timer(), name="quota-timer")
+        if self._bus is not None:
+            # "Sync now" from the API (any process answers: queue group "quota").
+            await self._bus.nc.subscribe(
+                sync_subject(self._bus), queue="quota", cb=self._on_sync_request
+            )
+            await self._bus.nc.flush()
+
+    async def _on_sync_request(self, msg: Msg) -> None:
+        try:
+            state = await self.ref.ask(SyncNow(), timeout=30.0)
+            await msg.respond(encode(state))
+        except Exception as exc:
+            body = ErrorReply(error=ErrorBody(code="quota_sync_failed", message=repr(exc)))
+            if self._bus is not None and msg.reply:
+                with contextlib.suppress(Exception):
+                    await self._bus.nc.publish(
+                        msg.reply, encode(body), headers={ERROR_CODE_HEADER: "503"}
+                    )
 
     async def _timer(self) -> None:
         while True:

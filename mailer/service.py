@@ -47,6 +47,7 @@ from mailer.db import connect_pool
 from mailer.events import JetStreamEvents
 from mailer.http import HttpServer
 from mailer.messages import Wake
+from mailer.quota import QuotaSyncActor, lift_deferrals
 from mailer.ratelimit import SendLimiter
 from mailer.store import PgStore
 from mailer.transport import SmtpTransport
@@ -158,6 +159,7 @@ class Service:
         metrics.set_build_info(__version__)
 
         bus, store, clock = self._bus, self._store, self.clock
+        redis_client, events = self._redis, self._events
         limiter = SendLimiter(
             self._redis,
             key_prefix=s.redis_key_prefix,
@@ -182,12 +184,26 @@ class Service:
                 ),
             ),
             ChildSpec(
+                "quota-sync",
+                lambda: QuotaSyncActor.from_settings(
+                    pool=self._pool,
+                    settings=s,
+                    clock=clock,
+                    on_restored=self._quota_restored,
+                    bus=bus,
+                ),
+            ),
+            ChildSpec(
                 "api",
                 lambda: ApiActor(
                     bus=bus,
                     store=store,
                     clock=clock,
-                    max_campaign_recipients=s.max_campaign_recipients,
+                    settings=s,
+                    redis_client=redis_client,
+                    # Started before the api child; a supervised ref follows its restarts.
+                    sender=self.supervisor.get("smtp-sender"),
+                    events=events,
                     version=__version__,
                 ),
             ),
@@ -327,13 +343,20 @@ class Service:
     def _on_child_exit(self, name: str, error: BaseException | None) -> None:
         # Wherever the leader runs, it must learn that a slot is free.
         if name.startswith(CAMPAIGN_PREFIX) and self._bus is not None and not self._stopped:
-            task = asyncio.get_running_loop().create_task(self._publish_wake())
+            ended = int(name.removeprefix(CAMPAIGN_PREFIX))
+            task = asyncio.get_running_loop().create_task(self._publish_wake(ended))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _publish_wake(self) -> None:
+    async def _quota_restored(self) -> None:
+        """A sync brought the quota back: campaigns waiting for it go on now."""
+        lifted = await lift_deferrals(self._pool, "quota_exhausted", self.clock.now())
+        log.info("quota restored; deferrals lifted", extra={"campaigns": lifted})
+        await self._publish_wake()
+
+    async def _publish_wake(self, campaign_id: int | None = None) -> None:
         try:
-            await self.bus.publish(wake_subject(self.bus), Wake())
+            await self.bus.publish(wake_subject(self.bus), Wake(campaign_id=campaign_id))
         except Exception:  # the leader's timers and reconcile catch up
             log.warning("wake not published")
 

@@ -66,9 +66,9 @@ TEXTS: dict[str, dict[Lang, str]] = {
     },
     "warning_outside_hours": {
         "ru": "Сейчас нерабочее время ({start}-{end}, {tz}): кампания поставлена в очередь, "
-        "отправка начнётся {next_open}.",
+        "отправка начнётся {date} в {time}.",
         "en": "Outside working hours ({start}-{end}, {tz}): the campaign is queued and "
-        "starts sending {next_open}.",
+        "starts sending on {date} at {time}.",
     },
     # A test email's subject starts with this, so nobody takes it for the real one.
     "test_subject_prefix": {
@@ -139,6 +139,17 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "en": "Campaign {campaign_id} finished with errors: {sent} sent, {failed} not "
         "delivered. See the campaign's report.",
     },
+    # Campaign statuses as people read them (errors name the current one).
+    "status_draft": {"ru": "черновик", "en": "draft"},
+    "status_ready": {"ru": "в очереди", "en": "queued"},
+    "status_sending": {"ru": "отправляется", "en": "sending"},
+    "status_paused": {"ru": "приостановлена", "en": "paused"},
+    "status_sent": {"ru": "отправлена", "en": "sent"},
+    "status_completed_with_errors": {
+        "ru": "завершена с ошибками",
+        "en": "completed with errors",
+    },
+    "status_cancelled": {"ru": "отменена", "en": "cancelled"},
     # Errors of the API.
     "bad_request": {
         "ru": "Некорректный запрос: {detail}",

@@ -15,10 +15,15 @@ FINAL = ("sent", "completed_with_errors", "cancelled")
 
 
 class ApiFailed(Exception):
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
+    def __init__(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         self.status = status
         self.body = body
         self.code = body.get("error", {}).get("code")
+        self.message: str = body.get("error", {}).get("message", "")
+        self.details: dict[str, str] = body.get("error", {}).get("details") or {}
+        self.headers = headers or {}
         super().__init__(f"{status} {body}")
 
 
@@ -53,10 +58,20 @@ class Crm:
         reply = await self.raw(subject, msgspec.json.encode(body), **kw)
         data: dict[str, Any] = msgspec.json.decode(reply.data)
         if reply.headers and ERROR_CODE_HEADER in reply.headers:
-            raise ApiFailed(int(reply.headers[ERROR_CODE_HEADER]), data)
+            raise ApiFailed(int(reply.headers[ERROR_CODE_HEADER]), data, dict(reply.headers))
         return data
 
-    async def campaign(self, recipients: list[dict[str, Any]], **fields: Any) -> int:
+    async def fails(self, subject: str, body: dict[str, Any], **kw: Any) -> ApiFailed:
+        """The error of a request expected to be refused (fails the test if it succeeds)."""
+        try:
+            reply = await self.call(subject, body, **kw)
+        except ApiFailed as exc:
+            return exc
+        raise AssertionError(f"{subject} {body} succeeded: {reply}")
+
+    async def campaign(
+        self, recipients: list[dict[str, Any]], *, user: str | None = None, **fields: Any
+    ) -> int:
         body = {
             "name": "Осенняя рассылка",
             "subject": "Привет, это тест",
@@ -64,11 +79,13 @@ class Crm:
             "body_html": "<p>Здравствуйте, <b>{{name}}</b>!</p>",
         }
         body.update(fields)
-        created = await self.call("campaign.create", body)
+        created = await self.call("campaign.create", body, user=user)
         cid = int(created["id"])
         for i in range(0, len(recipients), 5000):
             await self.call(
-                "recipients.add", {"campaign_id": cid, "recipients": recipients[i : i + 5000]}
+                "recipients.add",
+                {"campaign_id": cid, "recipients": recipients[i : i + 5000]},
+                user=user,
             )
         return cid
 

@@ -15,9 +15,11 @@ from mailer.rules import DailyLimits, WorkingHours, month_bounds, parse_daily_li
 MSK = ZoneInfo("Europe/Moscow")
 
 
-def msk(*args: int) -> datetime:
+def msk(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, us: int = 0
+) -> datetime:
     """A Moscow wall time as the aware UTC instant the governor sees."""
-    return datetime(*args, tzinfo=MSK).astimezone(UTC)  # type: ignore[misc]
+    return datetime(year, month, day, hour, minute, second, us, tzinfo=MSK).astimezone(UTC)
 
 
 DEFAULT = WorkingHours()  # 09:00-18:00 Europe/Moscow, every day

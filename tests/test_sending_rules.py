@@ -158,3 +158,21 @@ async def test_the_tenth_consecutive_transient_error_pauses_the_campaign(
     await nc.flush()
     # One notification for the transient episode, one for the pause.
     assert len(notes) == 2
+
+
+async def test_a_deferral_ends_on_the_real_clock(
+    make_service, crm: Crm, events: Events, sink
+) -> None:
+    # The one boundary crossed in real time: a 1.2-second transient retry.
+    await make_service(transient_retry_delay_minutes=0.02)
+    recipients = people(3)
+    sink.fail(recipients[1]["email"], "421 4.7.0 Slow down", times=1)
+    cid = await crm.campaign(recipients)
+    await crm.start(cid)
+    deferred = await events.wait(cid, ("deferred",))
+    assert deferred["defer_reason"] == "transient_error"
+    done = await events.wait(cid, ("sent", "completed_with_errors"), timeout=10)
+    assert done["event"] == "sent"
+    assert sorted(r for m in sink.messages for r in m.rcpt_tos) == sorted(
+        r["email"] for r in recipients
+    )

@@ -1,78 +1,73 @@
 """The public NATS API: a nats-py ``micro`` service other CRM services call.
 
-Every request names the acting user in the ``Mailer-User`` header (and roles,
-comma-separated, in ``Mailer-Roles``; ``admin`` may act on any campaign).
-Requests are decoded strictly; every failure is one ``ErrorReply`` shape with
-a stable code, its human text (Russian, or English with ``Mailer-Lang: en``),
-and the micro error headers. Nothing is written before a request is valid.
+Discoverable with ``$SRV.PING`` / ``$SRV.INFO`` / ``$SRV.STATS`` (service name
+``mailer``; its metadata names the subject prefix). Each endpoint listens on
+``<prefix>.<subject>`` in the micro queue group, so any number of pods share
+the load. The subjects and their operations are listed in ``mailer.api.routes``
+and documented in docs/api.md.
+
+Every request names the acting user in the ``Mailer-User`` header (roles,
+comma-separated, in ``Mailer-Roles``; ``admin`` may act on any campaign) and
+may ask for English with ``Mailer-Lang: en``. A request is checked in this
+order, and nothing is written before it passes: size, caller, strict JSON
+decoding into its msgspec Struct (unknown fields, wrong types, out-of-range
+values and NUL characters refused), then the operation's own checks. Every
+failure is one ``ErrorReply`` shape -- a stable ``code``, a human ``message``
+(Russian by default), ``details`` -- and also the micro error headers
+(``Nats-Service-Error`` = the message on one line, ``Nats-Service-Error-Code``
+= an HTTP-like status), so micro-aware clients and plain ones both see it.
+
+nats-py micro awaits each handler inside its subscription's callback: one
+endpoint serves one request at a time per process (others queue in the
+client). Handlers are therefore short; the slowest, a test email, waits for
+one SMTP transaction.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+import unicodedata
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import msgspec
+import redis.asyncio as redis
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 
-from mailer import addresses
-from mailer.actors.runtime import Actor
-from mailer.bus import (
-    ERROR_CODE_HEADER,
-    ERROR_HEADER,
-    LANG_HEADER,
-    ROLES_HEADER,
-    USER_HEADER,
-    Bus,
-    encode,
-)
+from mailer.actors.campaign import Mail
+from mailer.actors.governor import NatsTokenSource
+from mailer.actors.runtime import Actor, ActorRef
+from mailer.actors.sender import ActorMailer, SendBatch
+from mailer.api.context import ApiContext, Caller, EventSink, caller_from, lang_of
+from mailer.api.recipients import MAX_RECIPIENTS_PER_CALL
+from mailer.api.routes import LARGE_PAYLOAD, Route, routes
+from mailer.apistore import ApiStore
+from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus, encode
 from mailer.clock import Clock
-from mailer.errors import (
-    ApiError,
-    BadRequest,
-    Conflict,
-    Forbidden,
-    NotFound,
-    Unauthenticated,
-    ValidationFailed,
-)
-from mailer.messages import (
-    CampaignCreate,
-    CampaignRef,
-    CampaignView,
-    ErrorBody,
-    ErrorReply,
-    InvalidAddress,
-    RecipientsAdd,
-    RecipientsAdded,
-    StartReply,
-    Wake,
-)
+from mailer.config import Settings
+from mailer.errors import ApiError, BadRequest, PayloadTooLarge, Unavailable, ValidationFailed
+from mailer.messages import ErrorBody, ErrorReply
+from mailer.ratelimit import SendLimiter
+from mailer.rules import DailyLimits, WorkingHours
 from mailer.store import PgStore
-from mailer.texts import text
+from mailer.texts import Lang, text
+from mailer.throttle import Throttle
+from mailer.transport import SendResult
 
-__all__ = ["MAX_PAYLOAD", "MAX_RECIPIENTS_PER_CALL", "ApiActor", "Caller"]
+__all__ = ["MAX_PAYLOAD", "MAX_RECIPIENTS_PER_CALL", "SERVICE_NAME", "ApiActor", "Caller"]
 
 log = logging.getLogger("mailer.api")
 
-MAX_PAYLOAD = 4 * 1024 * 1024
-MAX_RECIPIENTS_PER_CALL = 5000
-LARGE_CAMPAIGN = 5000
+SERVICE_NAME = "mailer"
+MAX_PAYLOAD = LARGE_PAYLOAD
+# Error details quote the offending input (msgspec names the field and what
+# it expected); a hostile request must not make the reply or header huge.
+_MAX_DETAIL = 300
+_MAX_HEADER = 500
 
-Req = TypeVar("Req")
-
-
-class Caller(msgspec.Struct, frozen=True):
-    user: str
-    roles: frozenset[str]
-    lang: str | None
-
-    @property
-    def is_admin(self) -> bool:
-        return "admin" in self.roles
+Handler = Callable[[Request], Awaitable[None]]
 
 
 class ApiActor(Actor[None]):
@@ -84,173 +79,173 @@ class ApiActor(Actor[None]):
         bus: Bus,
         store: PgStore,
         clock: Clock,
-        max_campaign_recipients: int,
+        settings: Settings,
+        redis_client: redis.Redis,
+        sender: ActorRef[SendBatch] | None,
+        events: EventSink,
         version: str,
     ) -> None:
+        s = settings
         self._bus = bus
-        self._store = store
-        self._clock = clock
-        self._max_recipients = max_campaign_recipients
+        self._settings = s
         self._version = version
         self._service: Service | None = None
+        key_prefix = s.redis_key_prefix
+        self._ctx = ApiContext(
+            bus=bus,
+            store=store,
+            db=ApiStore(store.pool),
+            clock=clock,
+            settings=s,
+            hours=WorkingHours.from_settings(s),
+            daily_limits=DailyLimits.from_settings(s),
+            # Read-only use: the day's counter for the manager's view.
+            daily_counter=SendLimiter(
+                redis_client,
+                key_prefix=key_prefix,
+                account=s.smtp_account,
+                hourly_limit=s.rate_per_hour,
+            ),
+            start_throttle=Throttle(
+                redis_client, key_prefix=key_prefix, action="start", limit=s.start_throttle_per_hour
+            ),
+            test_throttle=Throttle(
+                redis_client,
+                key_prefix=key_prefix,
+                action="test_email",
+                limit=s.test_email_throttle_per_hour,
+            ),
+            tokens=NatsTokenSource(bus, timeout=s.token_request_timeout_seconds),
+            mailer=_NoSender()
+            if sender is None
+            # One message: its SMTP steps, plus a wait for a free pooled connection.
+            else ActorMailer(sender, mail_from=s.from_email, timeout=s.smtp_timeout_seconds * 5),
+            events=events,
+        )
+
+    @property
+    def context(self) -> ApiContext:
+        return self._ctx
 
     async def on_start(self) -> None:
         svc = await add_service(
             self._bus.nc,
-            name="mailer",
+            name=SERVICE_NAME,
             version=self._version,
             description="Email campaigns of the CRM",
             metadata={"subject_prefix": self._bus.prefix},
         )
-        routes: list[tuple[str, str, Callable[[Request], Awaitable[None]]]] = [
-            ("campaign-create", "campaign.create", self._endpoint(CampaignCreate, self.create)),
-            ("campaign-get", "campaign.get", self._endpoint(CampaignRef, self.get)),
-            ("campaign-start", "campaign.start", self._endpoint(CampaignRef, self.start)),
-            ("recipients-add", "recipients.add", self._endpoint(RecipientsAdd, self.add)),
-        ]
-        for name, subject, handler in routes:
-            await svc.add_endpoint(
-                EndpointConfig(name=name, subject=self._bus.subject(subject), handler=handler)
-            )
+        # Assigned before the endpoints: a failure half-way still stops what was added.
         self._service = svc
-        # Ready means the server knows the subscription: a request right after start works.
+        for route in routes(self._settings):
+            await svc.add_endpoint(
+                EndpointConfig(
+                    name=route.name,
+                    subject=self._bus.subject(route.subject),
+                    handler=self._endpoint(route),
+                    metadata={"max_payload": str(route.max_payload)},
+                )
+            )
+        # Ready means the server knows the subscriptions: a request right after start works.
         await self._bus.nc.flush()
 
     async def handle(self, msg: None) -> object:
         return None
 
     async def on_stop(self, error: BaseException | None) -> None:
-        # Stop taking work first: unsubscribes every endpoint.
+        # Stop taking work first: unsubscribes every endpoint (idempotent).
         if self._service is not None:
             await self._service.stop()
 
-    # --- plumbing -----------------------------------------------------------------
+    def _endpoint(self, route: Route) -> Handler:
+        ctx = self._ctx
 
-    def _endpoint(
-        self, req_type: type[Req], fn: Callable[[Caller, Req], Awaitable[Any]]
-    ) -> Callable[[Request], Awaitable[None]]:
         async def handler(request: Request) -> None:
             headers = request.headers or {}
-            lang = headers.get(LANG_HEADER)
             try:
-                caller = _caller(headers)
-                if len(request.data) > MAX_PAYLOAD:
-                    raise BadRequest(detail=f"payload over {MAX_PAYLOAD} bytes")
-                try:
-                    body = msgspec.json.decode(request.data, type=req_type, strict=True)
-                except msgspec.ValidationError as exc:
-                    raise ValidationFailed(detail=str(exc)) from None
-                except msgspec.DecodeError as exc:
-                    raise BadRequest(detail=str(exc)) from None
-                reply = await fn(caller, body)
+                if len(request.data) > route.max_payload:
+                    raise PayloadTooLarge(size=len(request.data), limit=route.max_payload)
+                caller = caller_from(headers)
+                body = decode_request(request.data, route.request)
+                reply = await route.operation(ctx, caller, body)
             except ApiError as exc:
-                await _respond_error(request, exc, lang)
+                await _respond_error(request, exc, lang_of(headers))
                 return
             except Exception:
-                log.exception("request failed", extra={"subject": request.subject})
-                await _respond_error(request, ApiError(), lang)
+                log.exception("request failed", extra={"nats_subject": request.subject})
+                await _respond_error(request, ApiError(), lang_of(headers))
                 return
             await request.respond(encode(reply))
 
         return handler
 
-    async def _own(self, caller: Caller, campaign_id: int) -> CampaignView:
-        view = await self._store.view(campaign_id)
-        if view is None:
-            raise NotFound(campaign_id=campaign_id)
-        if view.owner_id != caller.user and not caller.is_admin:
-            raise Forbidden()
-        return view
 
-    # --- operations -----------------------------------------------------------------
+class _NoSender:
+    """Stands in when the process runs no SMTP sender: test emails are refused."""
 
-    async def create(self, caller: Caller, req: CampaignCreate) -> CampaignView:
-        if req.body_text is None and req.body_html is None:
-            raise ValidationFailed(detail="body_text or body_html is required")
-        row = await self._store.create_campaign(
-            owner_id=caller.user,
-            name=req.name,
-            subject=req.subject,
-            body_text=req.body_text,
-            body_html=req.body_html,
-            priority=req.priority,
-            now=self._clock.now(),
-        )
-        view = await self._store.view(row.id)
-        assert view is not None
-        return view
-
-    async def get(self, caller: Caller, req: CampaignRef) -> CampaignView:
-        return await self._own(caller, req.campaign_id)
-
-    async def add(self, caller: Caller, req: RecipientsAdd) -> RecipientsAdded:
-        if len(req.recipients) > MAX_RECIPIENTS_PER_CALL:
-            raise ValidationFailed("too_many_in_one_call", limit=MAX_RECIPIENTS_PER_CALL)
-        view = await self._own(caller, req.campaign_id)
-        if view.status not in ("draft", "ready", "paused"):
-            raise Conflict(status=view.status)
-        invalid: list[InvalidAddress] = []
-        rows: list[tuple[str, str | None, dict[str, str]]] = []
-        seen: set[str] = set()
-        duplicates = 0
-        for r in req.recipients:
-            reason = addresses.validate(r.email)
-            if reason is not None:
-                invalid.append(InvalidAddress(email=r.email, reason=reason))
-                continue
-            key = addresses.normalize(r.email)
-            if key in seen:
-                duplicates += 1
-                continue
-            seen.add(key)
-            rows.append((r.email, r.name, r.variables))
-        added = await self._store.add_recipients(req.campaign_id, rows, self._clock.now())
-        return RecipientsAdded(
-            added=added, duplicates=duplicates + len(rows) - added, invalid=invalid
-        )
-
-    async def start(self, caller: Caller, req: CampaignRef) -> StartReply:
-        view = await self._own(caller, req.campaign_id)
-        if view.status != "draft":
-            raise Conflict(status=view.status)
-        total = sum(view.counts.values())
-        if view.counts.get("pending", 0) == 0:
-            raise ValidationFailed("empty_campaign")
-        if total > self._max_recipients:
-            raise ValidationFailed("too_many_recipients", count=total, limit=self._max_recipients)
-        row = await self._store.start(
-            req.campaign_id, actor_id=caller.user, now=self._clock.now(), allowed_from=["draft"]
-        )
-        if row is None:  # lost a race with another start
-            raise Conflict(status="ready")
-        warnings: list[str] = []
-        if total > LARGE_CAMPAIGN:
-            warnings.append("large_campaign")
-        await self._bus.publish(
-            self._bus.subject("internal", "scheduler", "wake"), Wake(campaign_id=req.campaign_id)
-        )
-        started = await self._store.view(req.campaign_id)
-        assert started is not None
-        return StartReply(campaign=started, warnings=warnings)
+    async def send_all(self, mails: Sequence[Mail]) -> list[SendResult]:
+        raise Unavailable("sender_unavailable")
 
 
-def _caller(headers: dict[str, str]) -> Caller:
-    user = headers.get(USER_HEADER, "").strip()
-    if not user:
-        raise Unauthenticated()
-    roles = frozenset(r.strip() for r in headers.get(ROLES_HEADER, "").split(",") if r.strip())
-    return Caller(user=user, roles=roles, lang=headers.get(LANG_HEADER))
+def decode_request(data: bytes, req_type: type[Any]) -> Any:
+    """Strict JSON into ``req_type``; raises BadRequest / ValidationFailed."""
+    try:
+        body = msgspec.json.decode(data, type=req_type, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ValidationFailed(detail=_short(str(exc))) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(detail=_short(str(exc))) from None
+    _refuse_nul(body, "$")
+    return body
 
 
-async def _respond_error(request: Request, exc: ApiError, lang: str | None) -> None:
-    message = text(exc.code, lang, **exc.values)
-    details = {k: str(v) for k, v in exc.values.items()} or None
-    body = ErrorReply(error=ErrorBody(code=exc.code, message=message, details=details))
-    # Header values must be one line; the full text is in the body too.
+def _refuse_nul(value: object, path: str) -> None:
+    """PostgreSQL text cannot hold NUL, and no field has a use for it: refuse it anywhere."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValidationFailed(detail=f"NUL character - at `{path}`")
+    elif isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            _refuse_nul(getattr(value, name), f"{path}.{name}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_nul(item, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_nul(key, f"{path}.<key>")
+            _refuse_nul(item, f"{path}.{key}")
+
+
+def _short(detail: str) -> str:
+    return detail if len(detail) <= _MAX_DETAIL else detail[: _MAX_DETAIL - 1] + "…"
+
+
+def _one_line(message: str) -> str:
+    # Header values must be one line of printable text; the body has it whole.
+    flat = "".join(" " if unicodedata.category(ch)[0] in "CZ" else ch for ch in message)
+    flat = " ".join(flat.split())
+    return flat if len(flat) <= _MAX_HEADER else flat[: _MAX_HEADER - 1] + "…"
+
+
+def render_error(exc: ApiError, lang: Lang) -> ErrorReply:
+    """The one error shape: code, the text in the caller's language, details."""
+    shown: dict[str, object] = dict(exc.values)
+    status = exc.values.get("status")
+    if isinstance(status, str):
+        # Statuses read as words in the message; details keep the stable value.
+        label = text(f"status_{status}", lang)
+        shown["status"] = status if label == f"status_{status}" else label
+    message = text(exc.text_key, lang, **shown)
+    details = {k: _short(str(v)) for k, v in exc.values.items()} or None
+    return ErrorReply(error=ErrorBody(code=exc.code, message=message, details=details))
+
+
+async def _respond_error(request: Request, exc: ApiError, lang: Lang) -> None:
+    body = render_error(exc, lang)
     await request.respond(
         encode(body),
         headers={
-            ERROR_HEADER: message.replace("\r", " ").replace("\n", " "),
+            ERROR_HEADER: _one_line(body.error.message),
             ERROR_CODE_HEADER: str(exc.status),
         },
     )

@@ -109,7 +109,9 @@ class GovernorActor(Actor[TokenRequest]):
             hours=WorkingHours.from_settings(settings),
             daily=DailyLimits.from_settings(settings),
             clock=clock,
-            quota_retry=timedelta(seconds=settings.quota_sync_interval_seconds),
+            # The sync that restores the quota lifts the wait at once; this
+            # time is only the safety net for a sync that never comes.
+            quota_retry=timedelta(seconds=2 * settings.quota_sync_interval_seconds),
         )
 
     async def on_start(self) -> None:

@@ -29,9 +29,9 @@ from nats.aio.subscription import Subscription
 
 from mailer import metrics
 from mailer.actors.runtime import Actor
-from mailer.bus import Bus
+from mailer.bus import Bus, decode
 from mailer.clock import Clock
-from mailer.messages import RunCampaign, RunReply
+from mailer.messages import RunCampaign, RunReply, Wake
 
 __all__ = [
     "Leadership",
@@ -48,7 +48,10 @@ log = logging.getLogger("mailer.scheduler")
 
 
 class WakeUp(msgspec.Struct):
-    """The queue changed somewhere: look again."""
+    """The queue changed somewhere: look again. ``ended``: a campaign actor
+    that ended (its slot is free even if its lease period has not passed)."""
+
+    ended: int | None = None
 
 
 class Tick(msgspec.Struct):
@@ -118,10 +121,16 @@ class SchedulerActor(Actor[SchedulerMsg]):
         await self._bus.nc.flush()
 
     async def _on_wake(self, msg: Msg) -> None:
-        # A burst of wakes collapses: one queued is enough.
-        if self._epoch is not None and self.ref.alive and self.ref.mailbox_depth == 0:
+        if self._epoch is None or not self.ref.alive:
+            return
+        try:
+            campaign_id = decode(msg.data, Wake).campaign_id if msg.data else None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            campaign_id = None
+        # A burst of plain wakes collapses: one queued is enough.
+        if campaign_id is not None or self.ref.mailbox_depth == 0:
             with contextlib.suppress(Exception):
-                self.ref.tell(WakeUp())
+                self.ref.tell(WakeUp(ended=campaign_id))
 
     async def handle(self, msg: SchedulerMsg) -> object:
         if isinstance(msg, Leadership):
@@ -132,6 +141,8 @@ class SchedulerActor(Actor[SchedulerMsg]):
             await self._reconcile()
             await self._fill()
         else:
+            if isinstance(msg, WakeUp) and msg.ended is not None:
+                self._dispatched.pop(msg.ended, None)
             await self._fill()
         return None
 

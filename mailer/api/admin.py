@@ -1,0 +1,128 @@
+"""Unsubscribes, the quota and the audit log.
+
+Who may (``Mailer-Roles``):
+- unsubscribe.check, quota.get: any authenticated caller (a CRM screen asks
+  "may I mail this address?" and "how much quota is left?");
+- unsubscribe.add, unsubscribe.remove, unsubscribe.list, quota.sync: ``admin``
+  only (they change who gets mail, list people's addresses, or spend the
+  provider's API budget);
+- audit.list: the campaign's owner or an admin, like the campaign itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+import nats.errors
+
+from mailer import addresses
+from mailer.api.context import ApiContext, Caller, check_address, require_admin
+from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, encode
+from mailer.errors import QuotaSyncFailed, Unavailable, ValidationFailed
+from mailer.messages import (
+    AuditList,
+    AuditPage,
+    EmailRef,
+    Empty,
+    ErrorReply,
+    QuotaSyncRequest,
+    QuotaView,
+    UnsubscribeAdd,
+    UnsubscribeList,
+    UnsubscribePage,
+    UnsubscribeRemoved,
+    UnsubscribeView,
+)
+
+__all__ = [
+    "QUOTA_SYNC_TIMEOUT_SECONDS",
+    "audit_list",
+    "quota_get",
+    "quota_sync",
+    "unsubscribe_add",
+    "unsubscribe_check",
+    "unsubscribe_list",
+    "unsubscribe_remove",
+]
+
+log = logging.getLogger("mailer.api")
+
+# A provider's API answers in seconds; the endpoint is blocked meanwhile.
+QUOTA_SYNC_TIMEOUT_SECONDS = 15.0
+
+
+def _address(email: str) -> str:
+    reason = check_address(email)
+    if reason is not None:
+        raise ValidationFailed(
+            "validation_error", text_key="invalid_email", email=email, reason=reason
+        )
+    return addresses.normalize(email)
+
+
+async def unsubscribe_add(ctx: ApiContext, caller: Caller, req: UnsubscribeAdd) -> UnsubscribeView:
+    require_admin(caller)
+    email = _address(req.email)
+    view, _ = await ctx.db.unsubscribe(email, req.source, actor_id=caller.user, now=ctx.clock.now())
+    return view
+
+
+async def unsubscribe_remove(ctx: ApiContext, caller: Caller, req: EmailRef) -> UnsubscribeRemoved:
+    require_admin(caller)
+    email = _address(req.email)
+    removed = await ctx.db.resubscribe(email, actor_id=caller.user, now=ctx.clock.now())
+    return UnsubscribeRemoved(email=email, removed=removed)
+
+
+async def unsubscribe_check(ctx: ApiContext, caller: Caller, req: EmailRef) -> UnsubscribeView:
+    return await ctx.db.unsubscribed(_address(req.email))
+
+
+async def unsubscribe_list(
+    ctx: ApiContext, caller: Caller, req: UnsubscribeList
+) -> UnsubscribePage:
+    require_admin(caller)
+    cursor = addresses.normalize(req.cursor) if req.cursor is not None else None
+    items = await ctx.db.list_unsubscribes(cursor=cursor, limit=req.limit + 1)
+    more = len(items) > req.limit
+    items = items[: req.limit]
+    return UnsubscribePage(items=items, next_cursor=items[-1].email if more else None)
+
+
+async def quota_get(ctx: ApiContext, caller: Caller, req: Empty) -> QuotaView:
+    quota = await ctx.db.quota()
+    assert quota is not None, "the migration inserts the quota row"
+    return quota
+
+
+async def quota_sync(ctx: ApiContext, caller: Caller, req: Empty) -> QuotaView:
+    """Asks the quota syncer (``<prefix>.internal.quota.sync``) and returns the fresh row."""
+    require_admin(caller)
+    subject = ctx.bus.subject("internal", "quota", "sync")
+    try:
+        reply = await ctx.bus.nc.request(
+            subject,
+            encode(QuotaSyncRequest(requested_by=caller.user)),
+            timeout=QUOTA_SYNC_TIMEOUT_SECONDS,
+        )
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
+        log.warning("quota sync: nobody answered", extra={"nats_subject": subject})
+        raise Unavailable("quota_sync_unavailable") from None
+    headers = reply.headers or {}
+    if ERROR_CODE_HEADER in headers:
+        try:
+            detail = msgspec.json.decode(reply.data, type=ErrorReply).error.message
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+            detail = headers.get(ERROR_HEADER, "")
+        raise QuotaSyncFailed(detail=detail[:500])
+    await ctx.db.audit(None, caller.user, "quota.sync", {}, ctx.clock.now())
+    return await quota_get(ctx, caller, req)
+
+
+async def audit_list(ctx: ApiContext, caller: Caller, req: AuditList) -> AuditPage:
+    await ctx.own(caller, req.campaign_id)
+    items = await ctx.db.list_audit(req.campaign_id, cursor=req.cursor, limit=req.limit + 1)
+    more = len(items) > req.limit
+    items = items[: req.limit]
+    return AuditPage(items=items, next_cursor=items[-1].id if more else None)

@@ -1,0 +1,300 @@
+"""Campaigns: create, update, get, list, delete, and the state changes a manager makes.
+
+State changes (the contract the campaign actor and the scheduler rely on):
+
+- start:  draft -> ready; the queue entry is (re)created; ``Wake`` is published.
+- pause:  ready | sending -> paused; queue entry defer_reason='paused',
+  deferred_until=NULL. A running campaign actor sees the status at its next
+  batch (it claims only while 'sending') and stops.
+- resume: paused -> ready; queue entry defer_reason=NULL, deferred_until=NULL,
+  consecutive_transient_errors=0 (this also ends a circuit-breaker pause);
+  then ``Wake``, so the scheduler runs it at once.
+- cancel: draft | ready | sending | paused -> cancelled (finished_at set);
+  queue entry completed_at=now, defer fields NULL. Pending recipients stay
+  pending: a cancelled campaign is history, never resumed.
+- delete: only draft, paused, sent, completed_with_errors or cancelled, and
+  only while no campaign actor holds the campaign (one may still be finishing
+  the batch it had when the campaign was paused or cancelled). A sending
+  campaign is never deleted: ``campaign_sending`` tells to pause or cancel it
+  first; a ready one must be cancelled (or paused) first.
+
+Each runs in one transaction holding the campaign's locks (``ApiStore.locked``)
+and writes its audit row there; the event is published after the commit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+from mailer.api.context import EDITABLE, ApiContext, Caller, check_message, require_owner
+from mailer.apistore import Locked, LockedCampaign
+from mailer.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from mailer.messages import (
+    CampaignCreate,
+    CampaignDeleted,
+    CampaignList,
+    CampaignPage,
+    CampaignRef,
+    CampaignUpdate,
+    CampaignView,
+    StartReply,
+    StartWarning,
+    Wake,
+)
+from mailer.texts import text
+
+__all__ = [
+    "cancel",
+    "create",
+    "delete",
+    "get",
+    "list_campaigns",
+    "pause",
+    "resume",
+    "start",
+    "update",
+]
+
+PAUSABLE = ("ready", "sending")
+CANCELLABLE = ("draft", "ready", "sending", "paused")
+DELETABLE = ("draft", "paused", "sent", "completed_with_errors", "cancelled")
+
+
+async def create(ctx: ApiContext, caller: Caller, req: CampaignCreate) -> CampaignView:
+    check_message(
+        ctx.settings, subject=req.subject, body_text=req.body_text, body_html=req.body_html
+    )
+    row = await ctx.store.create_campaign(
+        owner_id=caller.user,
+        name=req.name,
+        subject=req.subject,
+        body_text=req.body_text,
+        body_html=req.body_html,
+        priority=req.priority,
+        now=ctx.clock.now(),
+    )
+    return await _view(ctx, row.id)
+
+
+async def get(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignView:
+    return await ctx.own(caller, req.campaign_id)
+
+
+async def update(ctx: ApiContext, caller: Caller, req: CampaignUpdate) -> CampaignView:
+    fields = ("name", "subject", "body_text", "body_html", "priority")
+    changes = sorted(f for f in fields if getattr(req, f) is not msgspec.UNSET)
+    if not changes:
+        raise ValidationFailed("validation_error", text_key="nothing_to_update")
+    now = ctx.clock.now()
+
+    async def change(tx: Locked) -> None:
+        c = _locked(tx, caller, req.campaign_id)
+        if c.status not in EDITABLE:
+            raise Conflict(status=c.status)
+        name = c.name if isinstance(req.name, msgspec.UnsetType) else req.name
+        subject = c.subject if isinstance(req.subject, msgspec.UnsetType) else req.subject
+        body_text = c.body_text if isinstance(req.body_text, msgspec.UnsetType) else req.body_text
+        body_html = c.body_html if isinstance(req.body_html, msgspec.UnsetType) else req.body_html
+        priority = c.priority if isinstance(req.priority, msgspec.UnsetType) else req.priority
+        check_message(ctx.settings, subject=subject, body_text=body_text, body_html=body_html)
+        await tx.update(
+            name=name,
+            subject=subject,
+            body_text=body_text,
+            body_html=body_html,
+            priority=priority,
+            now=now,
+        )
+        await tx.audit(caller.user, "campaign.update", {"fields": changes}, now)
+
+    await ctx.db.locked(req.campaign_id, change)
+    return await _view(ctx, req.campaign_id)
+
+
+async def list_campaigns(ctx: ApiContext, caller: Caller, req: CampaignList) -> CampaignPage:
+    owner = req.owner_id
+    if not caller.is_admin:
+        # A manager lists their own; only an admin sees everyone's (owner_id omitted).
+        if owner is not None and owner != caller.user:
+            raise Forbidden(text_key="forbidden_other_owner")
+        owner = caller.user
+    items = await ctx.db.list_campaigns(
+        owner_id=owner, statuses=req.status, cursor=req.cursor, limit=req.limit + 1
+    )
+    more = len(items) > req.limit
+    items = items[: req.limit]
+    return CampaignPage(items=items, next_cursor=items[-1].id if more else None)
+
+
+async def delete(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignDeleted:
+    now = ctx.clock.now()
+    owner = ""
+
+    async def change(tx: Locked) -> None:
+        nonlocal owner
+        c = _locked(tx, caller, req.campaign_id)
+        owner = c.owner_id
+        if c.status == "sending":
+            raise Conflict("campaign_sending", status=c.status)
+        if c.status not in DELETABLE:
+            raise Conflict(status=c.status)
+        if tx.lease_until is not None and tx.lease_until > now:
+            raise Conflict("campaign_busy", status=c.status)
+        # The audit row outlives the campaign (its campaign_id becomes NULL),
+        # so the id and name go into the details.
+        await tx.audit(
+            caller.user,
+            "campaign.delete",
+            {"campaign_id": c.id, "name": c.name, "status": c.status},
+            now,
+        )
+        await tx.delete()
+
+    await ctx.db.locked(req.campaign_id, change, for_delete=True)
+    await ctx.emit("deleted", campaign_id=req.campaign_id, owner_id=owner, status="deleted", at=now)
+    return CampaignDeleted(campaign_id=req.campaign_id, deleted=True)
+
+
+async def start(ctx: ApiContext, caller: Caller, req: CampaignRef) -> StartReply:
+    s = ctx.settings
+    view = await ctx.own(caller, req.campaign_id)
+    if view.status != "draft":
+        raise Conflict(status=view.status)
+    total = sum(view.counts.values())
+    if total > s.max_campaign_recipients:
+        raise ValidationFailed("too_many_recipients", count=total, limit=s.max_campaign_recipients)
+    if view.counts.get("pending", 0) == 0:
+        raise ValidationFailed("empty_campaign")
+    now = ctx.clock.now()
+    # Counted only once the request is known to be startable: a refused start
+    # (empty, too large, wrong state) does not use up the manager's hour.
+    await ctx.start_throttle.check(caller.user, now)
+    row = await ctx.store.start(
+        req.campaign_id, actor_id=caller.user, now=now, allowed_from=["draft"]
+    )
+    if row is None:  # lost a race with another start, a cancel or a delete
+        current = await ctx.store.view(req.campaign_id)
+        if current is None:
+            raise NotFound(campaign_id=req.campaign_id)
+        raise Conflict(status=current.status)
+    warnings = await _start_warnings(ctx, caller, total)
+    await _wake(ctx, req.campaign_id)
+    await ctx.emit("queued", campaign_id=row.id, owner_id=row.owner_id, status="ready", at=now)
+    return StartReply(campaign=await _view(ctx, req.campaign_id), warnings=warnings)
+
+
+async def pause(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignView:
+    now = ctx.clock.now()
+
+    async def change(tx: Locked) -> str:
+        c = _locked(tx, caller, req.campaign_id)
+        if c.status not in PAUSABLE:
+            raise Conflict(status=c.status)
+        await tx.set_status("paused", now)
+        await tx.pause_queue()
+        await tx.audit(caller.user, "campaign.pause", {}, now)
+        await tx.audit(caller.user, "campaign.status", {"from": c.status, "to": "paused"}, now)
+        return c.owner_id
+
+    owner = await ctx.db.locked(req.campaign_id, change)
+    await ctx.emit("paused", campaign_id=req.campaign_id, owner_id=owner, status="paused", at=now)
+    return await _view(ctx, req.campaign_id)
+
+
+async def resume(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignView:
+    now = ctx.clock.now()
+
+    async def change(tx: Locked) -> str:
+        c = _locked(tx, caller, req.campaign_id)
+        if c.status != "paused":
+            raise Conflict(status=c.status)
+        await tx.set_status("ready", now)
+        await tx.resume_queue()
+        await tx.audit(caller.user, "campaign.resume", {}, now)
+        await tx.audit(caller.user, "campaign.status", {"from": "paused", "to": "ready"}, now)
+        return c.owner_id
+
+    owner = await ctx.db.locked(req.campaign_id, change)
+    await _wake(ctx, req.campaign_id)
+    await ctx.emit("resumed", campaign_id=req.campaign_id, owner_id=owner, status="ready", at=now)
+    return await _view(ctx, req.campaign_id)
+
+
+async def cancel(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignView:
+    now = ctx.clock.now()
+
+    async def change(tx: Locked) -> str:
+        c = _locked(tx, caller, req.campaign_id)
+        if c.status not in CANCELLABLE:
+            raise Conflict(status=c.status)
+        await tx.set_status("cancelled", now)
+        await tx.cancel_queue(now)
+        await tx.audit(caller.user, "campaign.cancel", {}, now)
+        await tx.audit(caller.user, "campaign.status", {"from": c.status, "to": "cancelled"}, now)
+        return c.owner_id
+
+    owner = await ctx.db.locked(req.campaign_id, change)
+    await ctx.emit(
+        "cancelled", campaign_id=req.campaign_id, owner_id=owner, status="cancelled", at=now
+    )
+    return await _view(ctx, req.campaign_id)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _locked(tx: Locked, caller: Caller, campaign_id: int) -> LockedCampaign:
+    if tx.campaign is None:
+        raise NotFound(campaign_id=campaign_id)
+    require_owner(caller, tx.campaign.owner_id)
+    return tx.campaign
+
+
+async def _view(ctx: ApiContext, campaign_id: int) -> CampaignView:
+    view = await ctx.store.view(campaign_id)
+    if view is None:  # deleted between the change and this read
+        raise NotFound(campaign_id=campaign_id)
+    return view
+
+
+async def _wake(ctx: ApiContext, campaign_id: int) -> None:
+    # Every process's scheduler listens; the leader picks the campaign up now
+    # instead of at its next timer.
+    await ctx.bus.publish(
+        ctx.bus.subject("internal", "scheduler", "wake"), Wake(campaign_id=campaign_id)
+    )
+
+
+async def _start_warnings(ctx: ApiContext, caller: Caller, total: int) -> list[StartWarning]:
+    """Accepted, but the manager should know it will not (all) go out now."""
+    s, now, lang = ctx.settings, ctx.clock.now(), caller.lang
+    warnings: list[StartWarning] = []
+    quota = await ctx.db.quota()
+    if quota is not None and quota.emails_available == 0:
+        warnings.append(
+            StartWarning(code="quota_exhausted", message=text("warning_quota_exhausted", lang))
+        )
+    if not ctx.hours.is_open(now):
+        opens = ctx.hours.next_open(now).astimezone(ctx.hours.tz)
+        message = text(
+            "warning_outside_hours",
+            lang,
+            start=s.working_hours_start,
+            end=s.working_hours_end,
+            tz=s.timezone,
+            date=opens.strftime("%d.%m"),
+            time=opens.strftime("%H:%M"),
+        )
+        warnings.append(StartWarning(code="outside_hours", message=message))
+    if total > s.large_campaign_warning:
+        message = text(
+            "warning_large_campaign",
+            lang,
+            count=total,
+            rate=s.rate_per_hour,
+            hours=math.ceil(total / s.rate_per_hour),
+        )
+        warnings.append(StartWarning(code="large_campaign", message=message))
+    return warnings

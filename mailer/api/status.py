@@ -1,0 +1,127 @@
+"""The manager's view (the seeds' poll endpoint): what runs, what waits, and why.
+
+For the acting user (an admin may name another ``owner_id``):
+- ``active_campaign``: the owner's campaign being sent now -- the one in
+  status 'sending' first, else the head of their queue, else a paused one --
+  with its recipient counts;
+- ``queued_count`` / ``paused_count``: the owner's other unfinished campaigns
+  waiting in the queue (ready, or sending but deferred) / paused;
+- ``next_campaign_at``: when the next of those may start: its deferral's end,
+  or null when it only waits for its turn;
+- ``reason_code`` + ``reason``: why the active campaign waits (null while it
+  sends), with its human text in the caller's language; ``empty`` when the
+  owner has nothing queued; ``paused`` for a manager's pause,
+  ``circuit_breaker`` for the breaker's;
+- ``next_run_at``: until when it waits (its ``deferred_until``; null for a
+  pause, which only a resume ends).
+
+Placeholders of the texts come from data: the hourly limit from settings and
+the hour the deferral ends (in the working-hours time zone); the daily
+sent/limit from the owner's limit and, best effort, the day's counter in
+Redis (the limit itself when Redis does not answer: the day is used up).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from mailer.api.context import ApiContext, Caller
+from mailer.apistore import OwnerQueueRow
+from mailer.errors import Forbidden
+from mailer.messages import ActiveCampaign, ManagerStatus, QueuedCampaign, StatusRequest
+from mailer.texts import Lang, text
+
+__all__ = ["STATUS_QUEUE_LIMIT", "reason_text", "status"]
+
+log = logging.getLogger("mailer.api")
+
+# The view lists at most this many of the owner's unfinished campaigns.
+STATUS_QUEUE_LIMIT = 50
+
+
+async def status(ctx: ApiContext, caller: Caller, req: StatusRequest) -> ManagerStatus:
+    owner = req.owner_id or caller.user
+    if owner != caller.user and not caller.is_admin:
+        raise Forbidden(text_key="forbidden_other_owner")
+    rows, queued, paused = await ctx.db.owner_queue(owner, STATUS_QUEUE_LIMIT)
+    queue = [
+        QueuedCampaign(
+            id=r.id,
+            name=r.name,
+            status=r.status,
+            priority=r.priority,
+            queued_at=r.queued_at,
+            defer_reason=r.defer_reason,
+            deferred_until=r.deferred_until,
+        )
+        for r in rows
+    ]
+    if not rows:
+        return ManagerStatus(
+            owner_id=owner,
+            active_campaign=None,
+            queued_count=0,
+            paused_count=0,
+            next_campaign_at=None,
+            reason_code="empty",
+            reason=text("empty", caller.lang),
+            next_run_at=None,
+            queue=[],
+        )
+    active = rows[0]
+    code = _reason_code(active)
+    waiting = [r for r in rows[1:] if r.status in ("ready", "sending")]
+    now = ctx.clock.now()
+    nxt = waiting[0].deferred_until if waiting else None
+    return ManagerStatus(
+        owner_id=owner,
+        active_campaign=ActiveCampaign(
+            id=active.id,
+            name=active.name,
+            status=active.status,
+            counts=await ctx.store.counts(active.id),
+            started_at=active.started_at,
+        ),
+        queued_count=queued - (active.status != "paused"),
+        paused_count=paused - (active.status == "paused"),
+        next_campaign_at=nxt if nxt is not None and nxt > now else None,
+        reason_code=code,
+        reason=None if code is None else await reason_text(ctx, code, owner, active, caller.lang),
+        next_run_at=active.deferred_until,
+        queue=queue,
+    )
+
+
+def _reason_code(row: OwnerQueueRow) -> str | None:
+    if row.status == "paused":
+        # A late deferral by an actor that had not yet seen the pause may have
+        # overwritten the reason; the status says it is a pause all the same.
+        return "circuit_breaker" if row.defer_reason == "circuit_breaker" else "paused"
+    return row.defer_reason
+
+
+async def reason_text(
+    ctx: ApiContext, code: str, owner_id: str, row: OwnerQueueRow, lang: Lang
+) -> str:
+    s = ctx.settings
+    until: datetime = row.deferred_until or ctx.clock.now()
+    values: dict[str, object] = {
+        "limit": s.rate_per_hour,
+        "next_hour": until.astimezone(ctx.hours.tz).strftime("%H"),
+        "threshold": s.circuit_breaker_threshold,
+    }
+    if code == "daily_limit":
+        limit = ctx.daily_limits.limit_for(owner_id)
+        values.update(limit=limit, sent=await _sent_today(ctx, owner_id, limit))
+    return text(code, lang, **values)
+
+
+async def _sent_today(ctx: ApiContext, owner_id: str, limit: int) -> int:
+    if ctx.daily_counter is None:
+        return limit
+    try:
+        return await ctx.daily_counter.day_used(owner_id, ctx.hours.local_date(ctx.clock.now()))
+    except Exception:  # best effort: a view must not fail because Redis does
+        log.warning("daily counter unavailable for the manager's view", exc_info=True)
+        return limit

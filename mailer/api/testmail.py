@@ -1,0 +1,159 @@
+"""A test email: the campaign's message, once, to an address the manager names.
+
+It takes the same road as a campaign's mail, never a shortcut from the API:
+the rate governor grants one token (``kind="test"``: it counts against the
+hourly limit, the owner's day and the quota; working hours do not apply),
+the SMTP sender actor sends it over the shared connection pool, and the
+attempt is written to the send log with ``is_test = true``.
+
+The message is rendered exactly as recipients get it (attachments, the
+unsubscribe footer and headers included) except that the subject starts with
+``[ТЕСТ] `` (``[TEST] `` for ``Mailer-Lang: en``), so nobody takes it for
+the real one. The unsubscribe link is real and signed for the test address:
+clicking it unsubscribes that address. The Message-ID names recipient 0.
+
+Order of checks: address, rights, renderable message (nothing counted yet),
+then the hourly test-email throttle, then the governor's token.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import nats.errors
+
+from mailer import metrics
+from mailer.actors.campaign import Mail
+from mailer.actors.runtime import ActorDead, AskTimeout, MailboxFull
+from mailer.api.context import ApiContext, Caller, check_address, require_owner
+from mailer.bus import RemoteError
+from mailer.errors import NotFound, Refused, SendFailed, Unavailable, ValidationFailed
+from mailer.messages import TestEmail, TestEmailSent
+from mailer.render import MessageTemplate, make_message_id
+from mailer.texts import text
+from mailer.transport import SendResult
+from mailer.unsubscribe import unsubscribe_url
+
+__all__ = ["send_test"]
+
+log = logging.getLogger("mailer.api")
+
+# The Message-ID's recipient part for a test email (no recipient row exists).
+TEST_RECIPIENT_ID = 0
+
+
+async def send_test(ctx: ApiContext, caller: Caller, req: TestEmail) -> TestEmailSent:
+    s = ctx.settings
+    reason = check_address(req.email)
+    if reason is not None:
+        raise ValidationFailed(
+            "validation_error", text_key="invalid_email", email=req.email, reason=reason
+        )
+    campaign = await ctx.store.get_campaign(req.campaign_id)
+    if campaign is None:
+        raise NotFound(campaign_id=req.campaign_id)
+    require_owner(caller, campaign.owner_id)
+    attachments = await ctx.store.attachments(req.campaign_id)
+    try:
+        template = MessageTemplate(
+            from_email=s.from_email,
+            from_name=s.from_name,
+            subject=text("test_subject_prefix", caller.lang) + campaign.subject,
+            text=campaign.body_text,
+            html=campaign.body_html,
+            message_id_domain=s.effective_message_id_domain,
+            attachments=[(a.filename, a.content_type, a.content) for a in attachments],
+        )
+        now = ctx.clock.now()
+        message_id = make_message_id(campaign.id, TEST_RECIPIENT_ID, s.effective_message_id_domain)
+        data = template.render(
+            to_email=req.email,
+            to_name=req.name,
+            variables=req.variables,
+            message_id=message_id,
+            date=now,
+            unsubscribe_url=unsubscribe_url(
+                s.public_url, s.unsubscribe_secret, campaign.id, req.email
+            ),
+        )
+    except ValueError as exc:
+        raise ValidationFailed(detail=str(exc)) from None
+
+    await ctx.test_throttle.check(caller.user, now)
+    try:
+        grant = await ctx.tokens.request_tokens(campaign.id, campaign.owner_id, 1, kind="test")
+    except (RemoteError, nats.errors.Error, TimeoutError) as exc:
+        log.error("rate governor unavailable for a test email", extra={"error": repr(exc)})
+        raise Unavailable("governor_unavailable") from None
+    if grant.granted < 1:
+        reason_code = grant.reason or "rate_per_hour"
+        next_run = grant.retry_at or now
+        raise Refused(
+            reason_code,
+            limit=grant.daily_limit if reason_code == "daily_limit" else grant.limit,
+            sent=grant.daily_sent,
+            next_hour=next_run.astimezone(ctx.hours.tz).strftime("%H"),
+            retry_at=next_run.isoformat(),
+        )
+
+    result = await _send(ctx, Mail(req.email, data))
+    status = _status(result)
+    log_id = await ctx.db.log_test_send(
+        campaign_id=campaign.id,
+        email=req.email,
+        status=status,
+        message_id=message_id,
+        answer=result.provider_answer or None,
+        error=result.error,
+        took_ms=result.took_ms,
+        actor_id=caller.user,
+        now=ctx.clock.now(),
+    )
+    if status != "sent":
+        metrics.EMAILS_FAILED.labels(kind="test", reason=_metric_reason(status)).inc()
+        raise SendFailed(
+            error=result.error or result.provider_answer or status,
+            status=status,
+            send_log_id=log_id,
+        )
+    metrics.EMAILS_SENT.labels(kind="test").inc()
+    return TestEmailSent(
+        email=req.email,
+        status=status,
+        smtp_message_id=message_id,
+        provider_answer=result.provider_answer or None,
+        took_ms=result.took_ms,
+        send_log_id=log_id,
+    )
+
+
+async def _send(ctx: ApiContext, mail: Mail) -> SendResult:
+    try:
+        [result] = await ctx.mailer.send_all([mail])
+    except (ActorDead, MailboxFull):
+        # Not handed to SMTP: nothing to log, the token is spent (never given back).
+        raise Unavailable("sender_unavailable") from None
+    except AskTimeout:
+        # Handed over, outcome unknown: the send log says so instead of guessing.
+        return SendResult(
+            outcome="transient",
+            smtp_code=None,
+            provider_answer="",
+            error="no answer from the SMTP sender in time; delivery unknown",
+            took_ms=0.0,
+            in_doubt=True,
+        )
+    return result
+
+
+def _status(result: SendResult) -> str:
+    """The send-log status of an attempt: sent, failed, transient or in_doubt."""
+    if result.outcome == "sent":
+        return "sent"
+    if result.in_doubt:
+        return "in_doubt"
+    return "failed" if result.outcome == "permanent" else "transient"
+
+
+def _metric_reason(status: str) -> str:
+    return "permanent" if status == "failed" else status

@@ -1,0 +1,135 @@
+"""Unsubscribes, the quota and the audit log through the public API."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from mailer.actors.api import ApiActor
+from mailer.api import admin
+from mailer.api.context import Caller
+from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus
+from mailer.errors import ApiError
+from mailer.messages import CampaignEvent, Empty, ErrorBody, ErrorReply
+from tests.helpers import Crm
+
+ADMIN = {"user": "root", "roles": "admin"}
+
+
+async def test_unsubscribes(make_service, crm: Crm, db) -> None:
+    await make_service()
+    err = await crm.fails("unsubscribe.add", {"email": "anna@example.org"})
+    assert err.code == "forbidden"
+    assert err.message == "Недостаточно прав: это действие доступно только администратору."
+
+    added = await crm.call(
+        "unsubscribe.add", {"email": "Anna@Example.org", "source": "crm-import"}, **ADMIN
+    )
+    assert added["email"] == "anna@example.org" and added["unsubscribed"] is True
+    assert added["source"] == "crm-import"
+    # Again: the first source and time stay.
+    again = await crm.call("unsubscribe.add", {"email": "anna@example.org"}, **ADMIN)
+    assert again == added
+
+    # Anyone may check.
+    assert (await crm.call("unsubscribe.check", {"email": "ANNA@example.org"}))["unsubscribed"]
+    assert not (await crm.call("unsubscribe.check", {"email": "b@example.org"}))["unsubscribed"]
+    err = await crm.fails("unsubscribe.check", {"email": "nope"})
+    assert err.code == "validation_error"
+
+    for i in range(3):
+        await crm.call("unsubscribe.add", {"email": f"z{i}@example.org"}, **ADMIN)
+    assert (await crm.fails("unsubscribe.list", {})).code == "forbidden"
+    page = await crm.call("unsubscribe.list", {"limit": 3}, **ADMIN)
+    assert [u["email"] for u in page["items"]] == [
+        "anna@example.org",
+        "z0@example.org",
+        "z1@example.org",
+    ]
+    rest = await crm.call("unsubscribe.list", {"cursor": page["next_cursor"]}, **ADMIN)
+    assert [u["email"] for u in rest["items"]] == ["z2@example.org"]
+
+    assert (await crm.fails("unsubscribe.remove", {"email": "anna@example.org"})).code == (
+        "forbidden"
+    )
+    removed = await crm.call("unsubscribe.remove", {"email": "anna@example.org"}, **ADMIN)
+    assert removed == {"email": "anna@example.org", "removed": True}
+    assert not (await crm.call("unsubscribe.check", {"email": "anna@example.org"}))["unsubscribed"]
+    actions = [r["action"] for r in await db.fetch("SELECT action FROM audit_log ORDER BY id")]
+    assert actions == ["unsubscribe.add"] * 4 + ["unsubscribe.remove"]
+
+
+async def test_quota_get_and_sync(make_service, crm: Crm, db, settings, redis_client) -> None:
+    service = await make_service()
+    quota = await crm.call("quota.get", {})
+    assert set(quota) == {"emails_available", "monthly_limit", "last_synced_at", "sync_error"}
+    assert (await crm.fails("quota.sync", {})).code == "forbidden"
+    assert (await crm.fails("quota.get", {"x": 1})).code == "validation_error"
+
+    # The operation itself, on a prefix of its own: whether the service wires a
+    # syncer or not, these paths are exactly the ones asserted.
+    lonely = Bus(settings.nats_url, prefix=f"{settings.subject_prefix}-nosync", name="t")
+    await lonely.connect()
+    try:
+        ctx = ApiActor(
+            bus=lonely,
+            store=service.store,
+            clock=service.clock,
+            settings=settings,
+            redis_client=redis_client,
+            sender=None,
+            events=_NoEvents(),
+            version="0.0.0",
+        ).context
+        caller = _admin()
+        with pytest.raises(ApiError) as caught:
+            await admin.quota_sync(ctx, caller, Empty())
+        assert caught.value.code == "quota_sync_unavailable" and caught.value.status == 503
+
+        async def syncer(msg) -> None:
+            request = msgspec.json.decode(msg.data)
+            if request["requested_by"] == "fail":
+                body = ErrorReply(error=ErrorBody(code="provider", message="provider said 401"))
+                await lonely.nc.publish(
+                    msg.reply,
+                    msgspec.json.encode(body),
+                    headers={ERROR_CODE_HEADER: "502", ERROR_HEADER: "provider said 401"},
+                )
+                return
+            await db.execute("UPDATE quota SET emails_available = 1234, last_synced_at = now()")
+            await msg.respond(b"{}")
+
+        await lonely.nc.subscribe(lonely.subject("internal", "quota", "sync"), cb=syncer)
+        await lonely.nc.flush()
+        fresh = await admin.quota_sync(ctx, caller, Empty())
+        assert fresh.emails_available == 1234 and fresh.last_synced_at is not None
+        with pytest.raises(ApiError) as caught:
+            await admin.quota_sync(ctx, msgspec.structs.replace(caller, user="fail"), Empty())
+        assert caught.value.code == "quota_sync_failed"
+        assert caught.value.values["detail"] == "provider said 401"
+    finally:
+        await lonely.close()
+    assert await db.fetchval("SELECT count(*) FROM audit_log WHERE action = 'quota.sync'") == 1
+
+
+async def test_audit_list(make_service, crm: Crm) -> None:
+    await make_service()
+    cid = await crm.campaign([{"email": "a@example.org"}])
+    for i in range(3):
+        await crm.call("campaign.update", {"campaign_id": cid, "priority": i})
+    page = await crm.call("audit.list", {"campaign_id": cid, "limit": 2})
+    assert [e["action"] for e in page["items"]] == ["campaign.create", "campaign.update"]
+    assert page["items"][1]["details"] == {"fields": ["priority"]}
+    assert page["items"][0]["actor_id"] == "manager-1"
+    rest = await crm.call("audit.list", {"campaign_id": cid, "cursor": page["next_cursor"]})
+    assert len(rest["items"]) == 2 and rest["next_cursor"] is None
+    assert (await crm.fails("audit.list", {"campaign_id": cid}, user="x")).code == "forbidden"
+
+
+def _admin() -> Caller:
+    return Caller(user="root", roles=frozenset({"admin"}), lang="ru")
+
+
+class _NoEvents:
+    async def emit(self, event: CampaignEvent) -> None:
+        pass

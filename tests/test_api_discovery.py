@@ -1,0 +1,57 @@
+"""The API is a NATS micro service: $SRV.PING / INFO / STATS find it and every endpoint."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from nats.aio.client import Client
+
+from mailer.api.routes import routes
+from tests.helpers import Crm
+
+
+async def _ours(nc: Client, subject: str, prefix: str) -> dict[str, Any]:
+    """Publishes a discovery request; returns the reply of this test's service.
+
+    The NATS server is shared by the session, so other services may answer
+    too; ours is the one whose metadata names this test's subject prefix.
+    """
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish(subject, b"", reply=inbox)
+        while True:
+            msg = await sub.next_msg(timeout=5)
+            data: dict[str, Any] = json.loads(msg.data)
+            if data.get("metadata", {}).get("subject_prefix") == prefix:
+                return data
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_discovery_lists_the_service_and_every_endpoint(
+    make_service, nc: Client, crm: Crm, settings
+) -> None:
+    await make_service()
+    prefix = settings.subject_prefix
+    for ping_subject in ("$SRV.PING", "$SRV.PING.mailer"):
+        ping = await _ours(nc, ping_subject, prefix)
+        assert ping["name"] == "mailer" and ping["type"] == "io.nats.micro.v1.ping_response"
+    service_id = ping["id"]
+
+    info = json.loads((await nc.request(f"$SRV.INFO.mailer.{service_id}", b"", timeout=5)).data)
+    assert info["description"] == "Email campaigns of the CRM"
+    listed = {e["name"]: e["subject"] for e in info["endpoints"]}
+    expected = {r.name: f"{prefix}.{r.subject}" for r in routes(settings)}
+    assert listed == expected
+    assert len(expected) == 24
+    assert all(e["queue_group"] == "q" for e in info["endpoints"])
+
+    await crm.call("quota.get", {})
+    await crm.fails("campaign.get", {"campaign_id": 1})
+    stats = json.loads((await nc.request(f"$SRV.STATS.mailer.{service_id}", b"", timeout=5)).data)
+    by_name = {e["name"]: e for e in stats["endpoints"]}
+    assert set(by_name) == set(expected)
+    assert by_name["quota-get"]["num_requests"] == 1
+    assert by_name["campaign-get"]["num_requests"] == 1
