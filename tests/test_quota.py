@@ -19,7 +19,6 @@ import pytest
 from aiohttp import web
 
 from mailer.actors.runtime import ActorRef, start_actor
-from mailer.actors.scheduler import wake_subject
 from mailer.clock import FakeClock
 from mailer.config import Settings
 from mailer.db import connect_pool
