@@ -94,13 +94,26 @@ async def _transient_rounds(
         await _settle()
 
 
-async def _notifications(nc, prefix: str) -> list[bytes]:
-    notes: list[bytes] = []
+class Notes(list[bytes]):
+    """Owner notifications as they arrive; ``wait`` for a count without polling."""
 
-    async def on_note(msg) -> None:
-        notes.append(msg.data)
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = asyncio.Condition()
 
-    await nc.subscribe(f"{prefix}.events.notify.>", cb=on_note)
+    async def on_msg(self, msg) -> None:
+        async with self.changed:
+            self.append(msg.data)
+            self.changed.notify_all()
+
+    async def wait(self, n: int, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout), self.changed:
+            await self.changed.wait_for(lambda: len(self) >= n)
+
+
+async def _notifications(nc, prefix: str) -> Notes:
+    notes = Notes()
+    await nc.subscribe(f"{prefix}.events.notify.>", cb=notes.on_msg)
     await nc.flush()
     return notes
 
@@ -132,6 +145,7 @@ async def test_nine_transient_errors_do_not_pause_and_a_success_resets(
     )
     assert [a["status"] for a in attempts] == ["transient"] * 9 + ["sent"]
     assert len(events.of(cid, "deferred")) == 9
+    await notes.wait(1)
     await nc.flush()
     # The owner was told once of the ongoing transient trouble, not nine times.
     assert len(notes) == 1
@@ -155,8 +169,8 @@ async def test_the_tenth_consecutive_transient_error_pauses_the_campaign(
     assert view["queue"]["defer_reason"] == "circuit_breaker"
     assert view["queue"]["consecutive_transient_errors"] == 10
     assert len(events.of(cid, "deferred")) == 9
-    await nc.flush()
     # One notification for the transient episode, one for the pause.
+    await notes.wait(2)
     assert len(notes) == 2
 
 
@@ -176,3 +190,75 @@ async def test_a_deferral_ends_on_the_real_clock(
     assert sorted(r for m in sink.messages for r in m.rcpt_tos) == sorted(
         r["email"] for r in recipients
     )
+
+
+OFFICE = {"working_hours_start": "09:00", "working_hours_end": "18:00"}
+TUESDAY_0900_MSK = datetime(2026, 11, 24, 6, 0, tzinfo=UTC)
+
+
+async def test_started_at_eight_pm_waits_until_nine_and_goes_by_itself(
+    make_service, crm: Crm, events: Events, sink
+) -> None:
+    clock = FakeClock(datetime(2026, 11, 23, 17, 0, tzinfo=UTC))  # Monday 20:00 MSK
+    await make_service(clock=clock, **OFFICE)
+    cid = await crm.campaign(people(4))
+    started = await crm.start(cid)
+    assert [w["code"] for w in started["warnings"]] == ["outside_hours"]
+    deferred = await events.wait(cid, ("deferred",))
+    assert deferred["defer_reason"] == "outside_hours"
+    assert datetime.fromisoformat(deferred["deferred_until"]) == TUESDAY_0900_MSK
+    assert len(sink.messages) == 0
+
+    clock.set(TUESDAY_0900_MSK)
+    done = await events.wait(cid, ("sent",))
+    assert done["counts"] == {"sent": 4}
+
+
+async def test_running_at_six_pm_stops_there_and_resumes_at_nine(
+    make_service, crm: Crm, events: Events, sink
+) -> None:
+    clock = FakeClock(datetime(2026, 11, 23, 14, 59, 50, tzinfo=UTC))  # 17:59:50 MSK
+
+    async def six_pm_strikes(campaign_id: int, batches: int) -> None:
+        if batches == 1:
+            clock.set(datetime(2026, 11, 23, 15, 0, tzinfo=UTC))
+
+    await make_service(clock=clock, fault=six_pm_strikes, batch_size=3, **OFFICE)
+    cid = await crm.campaign(people(7))
+    await crm.start(cid)
+    deferred = await events.wait(cid, ("deferred",))
+    assert deferred["defer_reason"] == "outside_hours"
+    assert len(sink.messages) == 3
+
+    clock.set(TUESDAY_0900_MSK)
+    done = await events.wait(cid, ("sent",))
+    assert done["counts"] == {"sent": 7}
+    assert len(sink.messages) == 7
+
+
+async def test_a_managers_daily_limit_waits_for_the_next_morning(
+    make_service, crm: Crm, events: Events, sink, nc, settings
+) -> None:
+    notes = await _notifications(nc, settings.subject_prefix)
+    clock = FakeClock(MONDAY_1015_UTC)
+    await make_service(clock=clock, daily_limits="manager-1=3", batch_size=2, **OFFICE)
+    cid = await crm.campaign(people(5))
+    await crm.start(cid)
+    deferred = await events.wait(cid, ("deferred",))
+    assert deferred["defer_reason"] == "daily_limit"
+    assert datetime.fromisoformat(deferred["deferred_until"]) == TUESDAY_0900_MSK
+    assert deferred["details"] == {"sent": "3", "limit": "3"}
+    assert len(sink.messages) == 3
+    await notes.wait(1)
+    assert "3/3" in str(msgspec_json(notes[0])["message"])
+
+    clock.set(TUESDAY_0900_MSK)
+    done = await events.wait(cid, ("sent",))
+    assert done["counts"] == {"sent": 5}
+
+
+def msgspec_json(data: bytes) -> dict[str, object]:
+    import msgspec
+
+    result: dict[str, object] = msgspec.json.decode(data)
+    return result

@@ -247,11 +247,8 @@ class CampaignActor(Actor[Continue]):
         await self._store.release_claims(lease, [r.id for r in refused], now)
         self._claimed = granted
         if not granted:
-            details = {}
-            if reply.reason == "rate_per_hour":
-                details = {"limit": str(reply.limit), "used": str(reply.used)}
-            details.update(_reply_details(reply))
-            await self._defer(lease, reply.reason or "rate_per_hour", reply.retry_at, details)
+            reason = reply.reason or "rate_per_hour"
+            await self._defer(lease, reason, reply.retry_at, _reply_details(reply))
             return
 
         outcomes = await self._send(template, granted, now)
@@ -467,13 +464,12 @@ class CampaignActor(Actor[Continue]):
 
 
 def _reply_details(reply: TokenReply) -> dict[str, str]:
-    """Values for the refusal's text that the governor sent along (if any)."""
-    details: dict[str, str] = {}
-    for name in ("daily_sent", "daily_limit"):
-        value = getattr(reply, name, None)
-        if value is not None:
-            details[name] = str(value)
-    return details
+    """The values a refusal's text needs («{sent}/{limit}», «{limit} писем/час»)."""
+    if reply.reason == "daily_limit":
+        return {"sent": str(reply.daily_sent), "limit": str(reply.daily_limit)}
+    if reply.reason == "rate_per_hour":
+        return {"limit": str(reply.limit), "used": str(reply.used)}
+    return {}
 
 
 def _tally(outcomes: Sequence[Outcome]) -> dict[str, int]:
