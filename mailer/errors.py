@@ -13,9 +13,11 @@ without being changed (throttles, outages) or never will (validation, rights).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final
 
 __all__ = [
+    "CODES",
     "ApiError",
     "BadRequest",
     "Conflict",
@@ -30,6 +32,39 @@ __all__ = [
     "Unavailable",
     "ValidationFailed",
 ]
+
+# Every code an error reply may carry, with its status: the API's stable
+# vocabulary (docs/api.md lists what each means). Texts live in mailer.texts.
+CODES: Final[Mapping[str, int]] = {
+    "bad_request": 400,
+    "unauthenticated": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "attachment_not_found": 404,
+    "invalid_state": 409,
+    "campaign_sending": 409,
+    "campaign_busy": 409,
+    "payload_too_large": 413,
+    "validation_error": 422,
+    "too_many_in_one_call": 422,
+    "too_many_recipients": 422,
+    "empty_campaign": 422,
+    "attachment_too_large": 422,
+    "attachments_total_too_large": 422,
+    "throttled": 429,
+    # The rate governor's reasons, when it refuses a test email's token.
+    "rate_per_hour": 429,
+    "daily_limit": 429,
+    "quota_exhausted": 429,
+    "outside_hours": 429,
+    "internal_error": 500,
+    "test_email_failed": 502,
+    "quota_sync_failed": 502,
+    "throttle_backend_unavailable": 503,
+    "governor_unavailable": 503,
+    "sender_unavailable": 503,
+    "quota_sync_unavailable": 503,
+}
 
 
 class ApiError(Exception):

@@ -121,6 +121,12 @@ RATE_LIMITER_REDIS_ERRORS: Final = Counter(
     "without the Redis window check.",
     ["policy"],
 )
+API_THROTTLE_REDIS_ERRORS: Final = Counter(
+    "mailer_api_throttle_redis_errors_total",
+    "Redis errors in the API throttles (start, test email); policy=fail_closed means the "
+    "request was refused as temporarily unavailable.",
+    ["policy", "action"],
+)
 
 # ---------------------------------------------------------------------------------------
 # Actor runtime

@@ -28,6 +28,7 @@ import msgspec
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from mailer import metrics
 from mailer.errors import Throttled, Unavailable
 
 __all__ = ["FAIL_CLOSED", "Decision", "Throttle"]
@@ -92,6 +93,7 @@ class Throttle:
                 keys=[self.key(user)], args=[now_ms, self._window_ms, self.limit, member]
             )
         except (RedisError, OSError) as exc:
+            metrics.API_THROTTLE_REDIS_ERRORS.labels(policy=FAIL_CLOSED, action=self.action).inc()
             log.error(
                 "API throttle cannot reach Redis; refusing the request",
                 extra={"policy": FAIL_CLOSED, "action": self.action, "error": repr(exc)},

@@ -6,7 +6,9 @@ FakeClock on a Monday inside working hours (13:15 Moscow time).
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
@@ -335,3 +337,45 @@ async def test_error_shape_and_languages(make_service, crm: Crm) -> None:
     assert reply.headers[ERROR_CODE_HEADER] == "413"
     err = await crm.fails("campaign.create", {"name": "a", "subject": "s", "body_text": "b\x00"})
     assert err.code == "validation_error" and "NUL" in err.message
+
+
+async def test_pause_stops_a_running_campaign_and_resume_finishes_it(
+    make_service, crm: Crm, events: Events, sink, db
+) -> None:
+    """Paused mid-batch: the actor stops at its next batch; resumed, each goes out once."""
+    mid_batch = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def hold(campaign_id: int, batch: int) -> None:
+        # After batch 2 went to SMTP, before it is recorded: the campaign is sending.
+        if batch == 2:
+            mid_batch.set()
+            await go_on.wait()
+
+    service = await make_service(clock=FakeClock(MONDAY_MIDDAY), batch_size=2, fault=hold)
+    recipients = people(9)
+    cid = await crm.campaign(recipients)
+    await crm.start(cid)
+    async with asyncio.timeout(20):
+        await mid_batch.wait()
+    actor = service.supervisor.get(f"campaign-{cid}")
+    assert actor is not None
+    assert (await crm.call("campaign.pause", {"campaign_id": cid}))["status"] == "paused"
+    go_on.set()
+    await events.wait(cid, ("paused",))
+
+    # The actor records the batch it had in flight, claims nothing more (the
+    # campaign is no longer 'sending'), lets the campaign go and ends.
+    async with asyncio.timeout(20):
+        await actor.wait()
+    owner = await db.fetchval("SELECT lease_owner FROM queue_entry WHERE campaign_id = $1", cid)
+    assert owner is None
+    assert (await crm.get(cid))["counts"] == {"sent": 4, "pending": 5}
+    assert len(sink.messages) == 4
+    resumed = await crm.call("campaign.resume", {"campaign_id": cid})
+    assert resumed["status"] in ("ready", "sending", "sent")
+    done = await events.wait(cid, ("sent", "completed_with_errors"), timeout=60)
+    assert done["event"] == "sent"
+    got = Counter(r for m in sink.messages for r in m.rcpt_tos)
+    assert got == Counter(r["email"] for r in recipients), "each exactly once"
+    assert await db.fetchval("SELECT count(*) FROM send_log WHERE campaign_id = $1", cid) == 9

@@ -35,6 +35,7 @@ from mailer.api.routes import SMALL_PAYLOAD, Route, routes
 from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, LANG_HEADER, ROLES_HEADER, USER_HEADER
 from mailer.clock import FakeClock
 from mailer.config import Settings
+from mailer.errors import CODES
 from mailer.texts import TEXTS
 from tests.helpers import Crm, people
 
@@ -238,6 +239,13 @@ async def _row_counts(db: Any) -> dict[str, int]:
     return {r["t"]: int(r["n"]) for r in await db.fetch(sql)}
 
 
+def test_every_error_code_has_its_texts() -> None:
+    for code in CODES:
+        keys = [k for k in TEXTS if k == code or k.startswith(f"{code}_")]
+        assert keys, code
+        assert all(set(TEXTS[k]) == {"ru", "en"} for k in keys), code
+
+
 async def test_hostile_requests_get_structured_errors_and_write_nothing(
     make_service, nc, crm: Crm, db, settings: Settings
 ) -> None:
@@ -267,8 +275,9 @@ async def test_hostile_requests_get_structured_errors_and_write_nothing(
         code = error["code"]
         seen[code] = seen.get(code, 0) + 1
         assert code != "internal_error", (subject, payload[:200], data)
-        assert code in TEXTS, code  # every code has its human text
-        assert error["message"] and error["message"] != code
+        assert code in CODES, code
+        assert int(reply_headers[ERROR_CODE_HEADER]) == CODES[code]
+        assert error["message"] and error["message"] != code  # a human text, not the key
         assert reply_headers[ERROR_HEADER]
         assert 400 <= int(reply_headers[ERROR_CODE_HEADER]) < 600
         if code != "test_email_failed":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from datetime import UTC, datetime, timedelta
 
@@ -52,8 +53,6 @@ async def test_eleventh_start_in_an_hour_is_refused(
 
 
 async def test_throttle_window_is_atomic_and_per_user(redis_client, settings) -> None:
-    import asyncio
-
     throttle = Throttle(
         redis_client, key_prefix=settings.redis_key_prefix, action="start", limit=10
     )

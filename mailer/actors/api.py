@@ -229,7 +229,10 @@ def _one_line(message: str) -> str:
 
 def render_error(exc: ApiError, lang: Lang) -> ErrorReply:
     """The one error shape: code, the text in the caller's language, details."""
-    shown: dict[str, object] = dict(exc.values)
+    # Values may quote the request (an address, a field name): bounded in both places.
+    shown: dict[str, object] = {
+        k: v if isinstance(v, int) else _short(str(v)) for k, v in exc.values.items()
+    }
     status = exc.values.get("status")
     if isinstance(status, str):
         # Statuses read as words in the message; details keep the stable value.

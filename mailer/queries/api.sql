@@ -69,9 +69,11 @@ UPDATE queue_entry SET defer_reason = 'paused', deferred_until = NULL
 WHERE campaign_id = $1 AND completed_at IS NULL;
 
 -- name: api-queue-resume
--- Ends any pause (a manager's or the circuit breaker's); the breaker counts anew.
+-- Ends any pause (a manager's or the circuit breaker's); the breaker counts
+-- anew, and a new trouble after the resume is a new episode to notify.
 UPDATE queue_entry
-SET defer_reason = NULL, deferred_until = NULL, consecutive_transient_errors = 0
+SET defer_reason = NULL, deferred_until = NULL, consecutive_transient_errors = 0,
+    notified_reason = NULL
 WHERE campaign_id = $1 AND completed_at IS NULL;
 
 -- name: api-queue-cancel

@@ -1,0 +1,105 @@
+"""Redis dies under a running service: sending fails open, the API throttles fail closed.
+
+This test owns its Redis (a separate redis-server process on a free port) so
+that stopping it does not touch the session's shared one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as redis
+
+from mailer import metrics
+from mailer.devstack import free_port
+from tests.helpers import Crm, Events, people
+
+UNAVAILABLE = "Сервис временно недоступен. Попробуйте позже."
+
+
+@pytest.fixture
+def redis_process(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    binary = Path(sys.executable).parent / "redis-server"
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield f"redis://127.0.0.1:{port}/0", proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+async def own_redis(
+    redis_process: tuple[str, subprocess.Popen[bytes]],
+) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
+    url, proc = redis_process
+    client = redis.Redis.from_url(url)
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    if await client.ping():
+                        break
+                except (redis.ConnectionError, OSError):
+                    await asyncio.sleep(0.05)
+        yield url, proc
+    finally:
+        await client.aclose()
+
+
+def _fail_open_count() -> float:
+    return metrics.RATE_LIMITER_REDIS_ERRORS.labels(policy="fail_open")._value.get()
+
+
+async def test_sending_goes_on_and_throttles_refuse_when_redis_stops(
+    make_service, crm: Crm, events: Events, sink, own_redis
+) -> None:
+    url, proc = own_redis
+    await make_service(redis_url=url, batch_size=5)
+    sink.data_delay = 0.02  # slow enough that Redis dies mid-campaign
+    cid = await crm.campaign(people(60))
+    other = await crm.campaign(people(1, "other.example"))
+    await crm.start(cid)
+    await sink.wait_for(10, timeout=20)
+
+    before = _fail_open_count()
+    proc.kill()
+    proc.wait()
+
+    # The API throttles fail closed, with the text the manager reads.
+    err = await crm.fails("campaign.start", {"campaign_id": other})
+    assert err.code == "throttle_backend_unavailable" and err.message == UNAVAILABLE
+    err = await crm.fails("campaign.test", {"campaign_id": cid, "email": "me@example.org"})
+    assert err.code == "throttle_backend_unavailable" and err.message == UNAVAILABLE
+    assert (await crm.get(other))["status"] == "draft"
+
+    # The running campaign fails open: it keeps sending to the end.
+    done = await events.wait(cid, ("sent", "completed_with_errors"), timeout=60)
+    assert done["event"] == "sent" and done["counts"] == {"sent": 60}
+    assert sorted(r for m in sink.messages for r in m.rcpt_tos) == sorted(
+        p["email"] for p in people(60)
+    )
+    assert _fail_open_count() > before
