@@ -817,9 +817,14 @@ class EmbeddedStack:
         folder = self.stack_dir / "nats"
         folder.mkdir(parents=True, exist_ok=True)
 
+        # The default 1 MB max_payload would cap attachments at ~700 KiB; the API's
+        # largest request (a 10 MiB attachment, base64) needs ~14 MB.
+        config = folder / "nats.conf"
+        config.write_text("max_payload: 16MB\n", encoding="utf-8")
+
         def launch(port: int) -> _Child:
-            argv = [str(binary), "-a", LOOPBACK, "-p", str(port), "-n", "mailer-dev"]
-            argv += ["-js", "-sd", str(folder / "store")]
+            argv = [str(binary), "-c", str(config), "-a", LOOPBACK, "-p", str(port)]
+            argv += ["-n", "mailer-dev", "-js", "-sd", str(folder / "store")]
             return _spawn(
                 "nats",
                 argv,
