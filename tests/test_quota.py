@@ -368,6 +368,9 @@ async def test_a_campaign_waiting_for_quota_resumes_when_a_sync_restores_it(
     assert len(sink.messages) == 0
     view = await crm.get(cid)
     assert view["queue"]["defer_reason"] == "quota_exhausted"
+    manager = await crm.call("manager.status", {})
+    assert manager["reason_code"] == "quota_exhausted"
+    assert manager["reason"].startswith("Глобальная квота исчерпана.")
 
     # The provider's quota is topped up; the hourly sync sees it and resumes
     # the campaign. The deferral itself, a safety net, runs two intervals.

@@ -18,6 +18,11 @@ from tests.helpers import Crm, Events, people
 MONDAY_1015_UTC = datetime(2026, 11, 23, 10, 15, tzinfo=UTC)
 
 
+async def _view(crm: Crm, lang: str | None = None) -> dict:
+    """The manager's view, as the CRM polls it."""
+    return await crm.call("manager.status", {}, lang=lang)
+
+
 async def _settle() -> None:
     # Lets actors react to a clock move (timers resolve on the next loop turns).
     for _ in range(5):
@@ -41,6 +46,13 @@ async def test_101_at_100_per_hour_resumes_at_the_next_hour(
     assert q["deferred_until"] == datetime(2026, 11, 23, 11, 0, tzinfo=UTC)
     view = await crm.get(cid)
     assert view["status"] == "sending" and view["counts"] == {"sent": 100, "pending": 1}
+    manager = await _view(crm)
+    assert manager["active_campaign"]["id"] == cid
+    assert manager["reason_code"] == "rate_per_hour"
+    assert manager["reason"] == "Достигнут лимит 100 писем/час. Продолжим в 14:00."
+    assert manager["next_run_at"].startswith("2026-11-23T11:00:00")
+    english = await _view(crm, lang="en")
+    assert english["reason"] == "The limit of 100 emails/hour is reached. We continue at 14:00."
 
     # Nobody acts: the clock reaches the next hour and the campaign goes on.
     clock.set(datetime(2026, 11, 23, 11, 0, tzinfo=UTC))
@@ -49,6 +61,7 @@ async def test_101_at_100_per_hour_resumes_at_the_next_hour(
     assert len(sink.messages) == 101
     assert Counter(r for m in sink.messages for r in m.rcpt_tos).most_common(1)[0][1] == 1
     assert len(events.of(cid, "deferred")) == 1
+    assert (await _view(crm))["reason_code"] == "empty"
 
 
 async def test_a_permanent_rejection_fails_one_recipient_and_the_campaign_goes_on(
@@ -161,6 +174,11 @@ async def test_the_tenth_consecutive_transient_error_pauses_the_campaign(
     sink.fail(recipients[0]["email"], "451 4.3.0 Try again later")
     cid = await crm.campaign(recipients)
     await crm.start(cid)
+    await events.wait(cid, ("deferred",))
+    manager = await _view(crm)
+    assert manager["reason_code"] == "transient_error"
+    assert manager["reason"] == "Временная ошибка отправки. Повторим попытку через 5 минут."
+    assert manager["next_run_at"].startswith("2026-11-23T10:20:00")
     await _transient_rounds(clock, events, cid, 10)
     paused = await events.wait(cid, ("paused",))
     assert paused["defer_reason"] == "circuit_breaker"
@@ -168,6 +186,8 @@ async def test_the_tenth_consecutive_transient_error_pauses_the_campaign(
     assert view["status"] == "paused"
     assert view["queue"]["defer_reason"] == "circuit_breaker"
     assert view["queue"]["consecutive_transient_errors"] == 10
+    manager = await _view(crm)
+    assert manager["reason_code"] == "circuit_breaker" and manager["next_run_at"] is None
     assert len(events.of(cid, "deferred")) == 9
     # One notification for the transient episode, one for the pause.
     await notes.wait(2)
@@ -208,6 +228,12 @@ async def test_started_at_eight_pm_waits_until_nine_and_goes_by_itself(
     assert deferred["defer_reason"] == "outside_hours"
     assert datetime.fromisoformat(deferred["deferred_until"]) == TUESDAY_0900_MSK
     assert len(sink.messages) == 0
+    manager = await _view(crm)
+    assert manager["reason_code"] == "outside_hours"
+    assert manager["reason"] == (
+        "Сейчас вне рабочего времени (9:00-18:00 МСК). Продолжим завтра в 09:00 МСК."
+    )
+    assert datetime.fromisoformat(manager["next_run_at"]) == TUESDAY_0900_MSK
 
     clock.set(TUESDAY_0900_MSK)
     done = await events.wait(cid, ("sent",))
@@ -251,6 +277,9 @@ async def test_a_managers_daily_limit_waits_for_the_next_morning(
     assert len(sink.messages) == 3
     await notes.wait(1)
     assert "3/3" in str(msgspec_json(notes[0])["message"])
+    manager = await _view(crm)
+    assert manager["reason_code"] == "daily_limit"
+    assert manager["reason"] == ("Вы достигли дневного лимита 3/3. Продолжим завтра в 09:00 МСК.")
 
     clock.set(TUESDAY_0900_MSK)
     done = await events.wait(cid, ("sent",))
