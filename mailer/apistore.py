@@ -35,26 +35,13 @@ from mailer.messages import (
     RecipientView,
     UnsubscribeView,
 )
+from mailer.store import CampaignRow
 
-__all__ = ["ApiStore", "Locked", "LockedCampaign", "OwnerQueueRow"]
+__all__ = ["ApiStore", "Locked", "OwnerQueueRow"]
 
 T = TypeVar("T")
 
 _DEADLOCK_RETRIES = 3
-
-
-class LockedCampaign(msgspec.Struct, frozen=True, kw_only=True):
-    id: int
-    owner_id: str
-    name: str
-    subject: str
-    body_text: str | None
-    body_html: str | None
-    priority: int
-    status: str
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
 
 
 class OwnerQueueRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -74,7 +61,7 @@ class Locked:
     def __init__(
         self,
         conn: asyncpg.Connection | PoolConnectionProxy,
-        campaign: LockedCampaign | None,
+        campaign: CampaignRow | None,
         lease_until: datetime | None,
     ) -> None:
         self._conn = conn
@@ -170,7 +157,7 @@ class ApiStore:
                     queue = await conn.fetchrow(Q["api-queue-lock"], campaign_id)
                     lock = "api-campaign-lock-delete" if for_delete else "api-campaign-lock"
                     row = await conn.fetchrow(Q[lock], campaign_id)
-                    campaign = None if row is None else LockedCampaign(**dict(row))
+                    campaign = None if row is None else CampaignRow(**dict(row))
                     lease_until = None
                     if queue is not None and queue["lease_owner"] is not None:
                         lease_until = queue["lease_until"]

@@ -29,7 +29,6 @@ from mailer.config import Settings
 from mailer.db import connect_pool
 from mailer.messages import TokenReply, TokenRequest
 from mailer.ratelimit import SendLimiter
-from tests.helpers import Crm, Events, people
 
 # 2026-11-23 is a Monday; 10:15 UTC is 13:15 in Moscow.
 MONDAY_1315_MSK = datetime(2026, 11, 23, 10, 15, tzinfo=UTC)
@@ -153,27 +152,6 @@ async def test_nothing_is_granted_at_or_after_the_end(settings) -> None:
         refused = await gov.ask(3)
         assert (refused.granted, refused.reason) == (0, "outside_hours")
         assert refused.retry_at == TUESDAY_0900_MSK
-
-
-async def test_a_campaign_running_at_six_pm_stops_at_its_next_batch(
-    make_service, crm: Crm, events: Events, sink, db
-) -> None:
-    clock = FakeClock(datetime(2026, 11, 23, 14, 59, 50, tzinfo=UTC))  # 17:59:50 MSK
-
-    async def six_pm_strikes(campaign_id: int, batches: int) -> None:
-        # After the first batch went out and before it is recorded: 18:00.
-        if batches == 1:
-            clock.set(datetime(2026, 11, 23, 15, 0, tzinfo=UTC))
-
-    await make_service(clock=clock, fault=six_pm_strikes, batch_size=3, **OFFICE)
-    cid = await crm.campaign(people(7))
-    await crm.start(cid)
-    deferred = await events.wait(cid, ("deferred",))
-    assert deferred["defer_reason"] == "outside_hours"
-    assert datetime.fromisoformat(deferred["deferred_until"]) == TUESDAY_0900_MSK
-    assert len(sink.messages) == 3
-    q = await db.fetchrow("SELECT defer_reason, deferred_until FROM queue_entry")
-    assert (q["defer_reason"], q["deferred_until"]) == ("outside_hours", TUESDAY_0900_MSK)
 
 
 # --- the hour -------------------------------------------------------------------------------

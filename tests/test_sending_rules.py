@@ -241,7 +241,7 @@ async def test_started_at_eight_pm_waits_until_nine_and_goes_by_itself(
 
 
 async def test_running_at_six_pm_stops_there_and_resumes_at_nine(
-    make_service, crm: Crm, events: Events, sink
+    make_service, crm: Crm, events: Events, sink, db
 ) -> None:
     clock = FakeClock(datetime(2026, 11, 23, 14, 59, 50, tzinfo=UTC))  # 17:59:50 MSK
 
@@ -255,6 +255,8 @@ async def test_running_at_six_pm_stops_there_and_resumes_at_nine(
     deferred = await events.wait(cid, ("deferred",))
     assert deferred["defer_reason"] == "outside_hours"
     assert len(sink.messages) == 3
+    q = await db.fetchrow("SELECT defer_reason, deferred_until FROM queue_entry")
+    assert (q["defer_reason"], q["deferred_until"]) == ("outside_hours", TUESDAY_0900_MSK)
 
     clock.set(TUESDAY_0900_MSK)
     done = await events.wait(cid, ("sent",))

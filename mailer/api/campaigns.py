@@ -29,7 +29,7 @@ import math
 import msgspec
 
 from mailer.api.context import EDITABLE, ApiContext, Caller, check_message, require_owner
-from mailer.apistore import Locked, LockedCampaign
+from mailer.apistore import Locked
 from mailer.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from mailer.messages import (
     CampaignCreate,
@@ -43,6 +43,7 @@ from mailer.messages import (
     StartWarning,
     Wake,
 )
+from mailer.store import CampaignRow
 from mailer.texts import text
 
 __all__ = [
@@ -245,7 +246,7 @@ async def cancel(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignV
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _locked(tx: Locked, caller: Caller, campaign_id: int) -> LockedCampaign:
+def _locked(tx: Locked, caller: Caller, campaign_id: int) -> CampaignRow:
     if tx.campaign is None:
         raise NotFound(campaign_id=campaign_id)
     require_owner(caller, tx.campaign.owner_id)
