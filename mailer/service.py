@@ -217,6 +217,7 @@ class Service:
                     lease_seconds=s.campaign_lease_seconds,
                     reconcile_every=s.reconcile_interval_seconds,
                     stuck_after=timedelta(minutes=s.stuck_after_minutes),
+                    events=events,
                 ),
             ),
             ChildSpec(

@@ -398,9 +398,14 @@ class PgStore:
         rows = await self.pool.fetch(Q["queue-processing-since"], now)
         return [(int(r["campaign_id"]), r["leased_at"], r["defer_reason"]) for r in rows]
 
-    async def finish_orphans(self, now: datetime, fence: int) -> list[tuple[int, str]]:
-        """Gives a final status to campaigns with nothing left and no live owner."""
-        done: list[tuple[int, str]] = []
+    async def finish_orphans(
+        self, now: datetime, fence: int
+    ) -> list[tuple[int, str, str, dict[str, int]]]:
+        """Gives a final status to campaigns with nothing left and no live owner.
+
+        Returns (campaign_id, owner_id, status, counts) of each one finished.
+        """
+        done: list[tuple[int, str, str, dict[str, int]]] = []
         for row in await self.pool.fetch(Q["queue-unfinished-without-work"], now):
             cid = int(row["campaign_id"])
             async with self.pool.acquire() as conn, conn.transaction():
@@ -409,9 +414,11 @@ class PgStore:
                 counts = await self.counts(cid, conn)
                 bad = counts.get("failed", 0) + counts.get("in_doubt", 0)
                 status = "completed_with_errors" if bad else "sent"
-                await conn.fetchrow(
+                moved = await conn.fetchrow(
                     Q["campaign-set-status"], cid, status, ["sending", "ready"], now
                 )
+                if moved is None:
+                    continue
                 await conn.execute(
                     Q["audit-insert"],
                     now,
@@ -420,7 +427,7 @@ class PgStore:
                     cid,
                     {"to": status, "counts": counts, "by": "reconcile"},
                 )
-            done.append((cid, status))
+            done.append((cid, str(moved["owner_id"]), status, counts))
         return done
 
     async def finish(self, lease: Lease, now: datetime) -> tuple[str, dict[str, int]] | None:

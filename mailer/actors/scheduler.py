@@ -31,7 +31,7 @@ from mailer import metrics
 from mailer.actors.runtime import Actor
 from mailer.bus import Bus, decode
 from mailer.clock import Clock
-from mailer.messages import RunCampaign, RunReply, Wake
+from mailer.messages import CampaignEvent, RunCampaign, RunReply, Wake
 
 __all__ = [
     "Leadership",
@@ -71,13 +71,19 @@ class Leadership(msgspec.Struct):
 SchedulerMsg = WakeUp | Tick | Reconcile | Leadership
 
 
+class FinalEvents(Protocol):
+    async def emit(self, event: CampaignEvent) -> None: ...
+
+
 class SchedulerStore(Protocol):
     async def runnable(self, now: datetime, limit: int) -> list[int]: ...
     async def next_wakeup(self, now: datetime) -> datetime | None: ...
     async def active(self, now: datetime) -> dict[int, str]: ...
     async def queue_depth(self, now: datetime) -> int: ...
     async def processing_since(self, now: datetime) -> list[tuple[int, datetime, str | None]]: ...
-    async def finish_orphans(self, now: datetime, fence: int) -> list[tuple[int, str]]: ...
+    async def finish_orphans(
+        self, now: datetime, fence: int
+    ) -> list[tuple[int, str, str, dict[str, int]]]: ...
 
 
 def wake_subject(bus: Bus) -> str:
@@ -99,7 +105,9 @@ class SchedulerActor(Actor[SchedulerMsg]):
         lease_seconds: float,
         reconcile_every: float,
         stuck_after: timedelta,
+        events: FinalEvents | None = None,
     ) -> None:
+        self._events = events
         self._bus = bus
         self._store = store
         self._clock = clock
@@ -233,11 +241,6 @@ class SchedulerActor(Actor[SchedulerMsg]):
         """Repairs what no event would: finals never written, stuck campaigns."""
         assert self._epoch is not None
         now = self._clock.now()
-        for campaign_id, status in await self._store.finish_orphans(now, self._epoch):
-            log.warning(
-                "reconcile: campaign had nothing left but was not final",
-                extra={"campaign_id": campaign_id, "status": status},
-            )
         oldest = 0.0
         for campaign_id, leased_at, reason in await self._store.processing_since(now):
             age = (now - leased_at).total_seconds()
@@ -252,6 +255,24 @@ class SchedulerActor(Actor[SchedulerMsg]):
                     },
                 )
         metrics.PROCESSING_OLDEST_SECONDS.set(oldest)
+        for campaign_id, owner, status, counts in await self._store.finish_orphans(
+            now, self._epoch
+        ):
+            log.warning(
+                "reconcile: campaign had nothing left but was not final",
+                extra={"campaign_id": campaign_id, "status": status},
+            )
+            if self._events is not None:
+                await self._events.emit(
+                    CampaignEvent(
+                        event=status,
+                        campaign_id=campaign_id,
+                        owner_id=owner,
+                        status=status,
+                        at=now,
+                        counts=counts,
+                    )
+                )
 
     async def on_stop(self, error: BaseException | None) -> None:
         if self._sub is not None:

@@ -23,7 +23,7 @@ SET status = $2, updated_at = $4,
     finished_at = CASE WHEN $2 IN ('sent', 'completed_with_errors', 'cancelled') THEN $4
                        ELSE finished_at END
 WHERE id = $1 AND status = ANY($3::text[])
-RETURNING status;
+RETURNING status, owner_id;
 
 -- name: attachments-of-campaign
 SELECT filename, content_type, content FROM attachment WHERE campaign_id = $1 ORDER BY id;

@@ -1,0 +1,154 @@
+"""What the leader's authority means: fencing, reconcile, the stuck report,
+and the SMTP account's circuit breaker."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from mailer import metrics
+from mailer.breaker import BreakerState, CircuitBreaker
+from mailer.clock import FakeClock
+from mailer.store import PgStore
+
+NOW = datetime(2026, 11, 23, 10, 15, tzinfo=UTC)
+
+
+@pytest.fixture
+async def store(database_url: str):
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    yield PgStore(pool)
+    await pool.close()
+
+
+async def _queued_campaign(db, recipients: int = 3, status: str = "ready") -> int:
+    cid = await db.fetchval(
+        "INSERT INTO campaign (owner_id, name, subject, body_text, status, created_at, "
+        "updated_at) VALUES ('m', 'n', 's', 'b', $1, $2, $2) RETURNING id",
+        status,
+        NOW,
+    )
+    for i in range(recipients):
+        await db.execute(
+            "INSERT INTO recipient (campaign_id, email, created_at, updated_at) "
+            "VALUES ($1, $2, $3, $3)",
+            cid,
+            f"r{i}@example.org",
+            NOW,
+        )
+    await db.execute("INSERT INTO queue_entry (campaign_id, queued_at) VALUES ($1, $2)", cid, NOW)
+    return int(cid)
+
+
+async def test_a_deposed_leaders_dispatch_acquires_nothing(store: PgStore, db) -> None:
+    cid = await _queued_campaign(db)
+    assert await store.take_fence(5, "old", NOW)
+    assert await store.take_fence(9, "new", NOW)
+    assert not await store.take_fence(7, "late", NOW)  # the fence never goes back
+    until = NOW + timedelta(seconds=30)
+    assert await store.acquire(cid, "p1", until=until, now=NOW, fence=5) is None
+    lease = await store.acquire(cid, "p2", until=until, now=NOW, fence=9)
+    assert lease is not None and lease.owner == "p2"
+    # Held: nobody else acquires it until the lease runs out.
+    assert await store.acquire(cid, "p3", until=until, now=NOW, fence=9) is None
+    later = until + timedelta(seconds=1)
+    taken = await store.acquire(cid, "p3", until=later + timedelta(seconds=30), now=later, fence=9)
+    assert taken is not None and taken.epoch > lease.epoch
+    # The old holder's writes carry its epoch: they change nothing now.
+    assert not await store.renew(lease, later + timedelta(minutes=1))
+
+
+async def test_reconcile_finishes_what_nobody_would_and_reports_stuck_campaigns(
+    make_service, db, caplog, events: Events
+) -> None:
+    # A campaign whose every recipient was recorded but whose final status
+    # was never written (its owner died right there).
+    done = await _queued_campaign(db, recipients=2, status="sending")
+    await db.execute("UPDATE recipient SET status = 'sent' WHERE campaign_id = $1", done)
+    # A campaign an owner has held for 40 minutes without letting go.
+    stuck = await _queued_campaign(db, recipients=1, status="sending")
+    await db.execute(
+        "UPDATE queue_entry SET lease_owner = 'elsewhere', lease_until = $2, leased_at = $3, "
+        "started_at = $3 WHERE campaign_id = $1",
+        stuck,
+        NOW + timedelta(hours=1),
+        NOW - timedelta(minutes=40),
+    )
+    clock = FakeClock(NOW)
+    with caplog.at_level(logging.ERROR, logger="mailer.scheduler"):
+        await make_service(clock=clock)
+        final = await events.wait(done, ("sent", "completed_with_errors"))
+        assert final["counts"] == {"sent": 2}
+        assert await db.fetchval("SELECT status FROM campaign WHERE id = $1", done) == "sent"
+        by = await db.fetchval(
+            "SELECT details->>'by' FROM audit_log WHERE campaign_id = $1 "
+            "AND action = 'campaign.status'",
+            done,
+        )
+        assert by == "reconcile"
+    assert (
+        await db.fetchval("SELECT completed_at FROM queue_entry WHERE campaign_id = $1", done)
+        == NOW
+    )
+    stuck_logs = [r for r in caplog.records if r.getMessage() == "campaign processing for too long"]
+    assert [r.campaign_id for r in stuck_logs] == [stuck]  # type: ignore[attr-defined]
+    assert metrics.PROCESSING_OLDEST_SECONDS._value.get() == pytest.approx(40 * 60)
+
+
+def test_the_accounts_breaker_opens_half_opens_and_closes() -> None:
+    b = CircuitBreaker("acct", threshold=3, cooldown=timedelta(minutes=5))
+    gauge = metrics.CIRCUIT_BREAKER_STATE.labels(account="acct")
+    assert b.allow(NOW) and b.state is BreakerState.CLOSED
+    b.record(successes=0, transient_failures=2, now=NOW)
+    assert b.state is BreakerState.CLOSED
+    b.record(successes=1, transient_failures=0, now=NOW)  # a success resets the count
+    b.record(successes=0, transient_failures=2, now=NOW)
+    assert b.state is BreakerState.CLOSED
+    b.record(successes=0, transient_failures=1, now=NOW)
+    assert b.state is BreakerState.OPEN and gauge._value.get() == 2
+    assert not b.allow(NOW + timedelta(minutes=4))
+    assert b.allow(NOW + timedelta(minutes=5))  # the probe
+    assert b.state is BreakerState.HALF_OPEN and gauge._value.get() == 1
+    b.record(successes=0, transient_failures=1, now=NOW + timedelta(minutes=5))
+    assert b.state is BreakerState.OPEN  # a failed probe opens it again
+    assert b.allow(NOW + timedelta(minutes=10))
+    b.record(successes=1, transient_failures=0, now=NOW + timedelta(minutes=10))
+    assert b.state is BreakerState.CLOSED and gauge._value.get() == 0
+
+
+async def test_an_open_breaker_sends_nothing(sink, stack) -> None:
+    from mailer.actors import start_actor
+    from mailer.actors.campaign import Mail
+    from mailer.actors.sender import SendBatch, SenderActor
+    from mailer.transport import SmtpTransport
+
+    clock = FakeClock(NOW)
+    breaker = CircuitBreaker("acct", threshold=1, cooldown=timedelta(minutes=5))
+    transport = SmtpTransport(
+        stack.endpoints.smtp_host,
+        stack.endpoints.smtp_port,
+        security="none",
+        username=None,
+        password=None,
+        timeout=5.0,
+        connections=1,
+    )
+    ref = await start_actor(SenderActor(transport, breaker=breaker, clock=clock), name="s")
+    try:
+        sink.fail("a@example.org", "421 4.3.2 Shutting down", times=1)
+        batch = SendBatch("crm@example.com", [Mail("a@example.org", b"Subject: x\r\n\r\nx")])
+        first = await ref.ask(batch, timeout=10)
+        assert first[0].outcome == "transient" and not first[0].short_circuited
+        assert breaker.state is BreakerState.OPEN
+        second = await ref.ask(batch, timeout=10)
+        assert second[0].short_circuited  # not attempted: the server is left alone
+        assert sink.count == 0 and len(sink.rejections) == 1
+        clock.advance(timedelta(minutes=5))
+        third = await ref.ask(batch, timeout=10)  # the half-open probe goes out
+        assert third[0].outcome == "sent" and breaker.state is BreakerState.CLOSED
+        assert sink.count == 1
+    finally:
+        await ref.stop()
