@@ -13,6 +13,7 @@ from mailer import metrics
 from mailer.breaker import BreakerState, CircuitBreaker
 from mailer.clock import FakeClock
 from mailer.store import PgStore
+from tests.helpers import Events
 
 NOW = datetime(2026, 11, 23, 10, 15, tzinfo=UTC)
 
