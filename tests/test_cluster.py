@@ -67,6 +67,10 @@ async def workers(
         return proc
 
     yield start
+    # Shown by pytest only when the test failed: what each worker said.
+    for log_path in sorted(tmp_path.glob("*.log")):
+        print(f"--- {log_path.name} ---")
+        print("\n".join(log_path.read_text(errors="replace").splitlines()[-40:]))
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
