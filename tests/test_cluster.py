@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,9 +50,9 @@ def _env(settings: Settings, instance: str, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def workers(
+def workers(
     settings: Settings, tmp_path: Path
-) -> AsyncIterator[Callable[..., subprocess.Popen[bytes]]]:
+) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(instance: str, **extra: str) -> subprocess.Popen[bytes]:
