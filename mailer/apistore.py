@@ -30,12 +30,11 @@ from mailer.messages import (
     AttachmentView,
     AuditEntry,
     CampaignView,
-    QueueView,
     QuotaView,
     RecipientView,
     UnsubscribeView,
 )
-from mailer.store import CampaignRow
+from mailer.store import CampaignRow, campaign_view
 
 __all__ = ["ApiStore", "Locked", "OwnerQueueRow"]
 
@@ -182,27 +181,10 @@ class ApiStore:
             for c in await conn.fetch(Q["api-counts-of-campaigns"], ids):
                 counts[int(c["campaign_id"])][c["status"]] = int(c["n"])
             queues = {
-                int(q["campaign_id"]): QueueView(
-                    **{k: v for k, v in dict(q).items() if k != "campaign_id"}
-                )
+                int(q["campaign_id"]): q
                 for q in await conn.fetch(Q["api-queues-of-campaigns"], ids)
             }
-        return [
-            CampaignView(
-                id=int(r["id"]),
-                owner_id=r["owner_id"],
-                name=r["name"],
-                subject=r["subject"],
-                status=r["status"],
-                priority=r["priority"],
-                created_at=r["created_at"],
-                updated_at=r["updated_at"],
-                finished_at=r["finished_at"],
-                counts=counts[int(r["id"])],
-                queue=queues.get(int(r["id"])),
-            )
-            for r in rows
-        ]
+        return [campaign_view(r, counts[int(r["id"])], queues.get(int(r["id"]))) for r in rows]
 
     # --- recipients and attachments --------------------------------------------------------
 

@@ -17,7 +17,7 @@ import msgspec
 from mailer.db import Q
 from mailer.messages import CampaignView, QueueView
 
-__all__ = ["Attachment", "CampaignRow", "Claimed", "Lease", "Outcome", "PgStore"]
+__all__ = ["Attachment", "CampaignRow", "Claimed", "Lease", "Outcome", "PgStore", "campaign_view"]
 
 FINAL_STATUSES = ("sent", "completed_with_errors", "cancelled")
 
@@ -82,6 +82,36 @@ def _campaign(row: asyncpg.Record) -> CampaignRow:
     return CampaignRow(**dict(row))
 
 
+def campaign_view(
+    row: asyncpg.Record, counts: dict[str, int], queue: asyncpg.Record | None
+) -> CampaignView:
+    """The API's view of a campaign row, its counts and its queue entry (if any)."""
+    q = None
+    if queue is not None:
+        q = QueueView(
+            priority=queue["priority"],
+            queued_at=queue["queued_at"],
+            started_at=queue["started_at"],
+            completed_at=queue["completed_at"],
+            defer_reason=queue["defer_reason"],
+            deferred_until=queue["deferred_until"],
+            consecutive_transient_errors=queue["consecutive_transient_errors"],
+        )
+    return CampaignView(
+        id=int(row["id"]),
+        owner_id=row["owner_id"],
+        name=row["name"],
+        subject=row["subject"],
+        status=row["status"],
+        priority=row["priority"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        finished_at=row["finished_at"],
+        counts=counts,
+        queue=q,
+    )
+
+
 class PgStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -128,31 +158,7 @@ class PgStore:
                 return None
             counts = await self.counts(campaign_id, conn)
             q = await conn.fetchrow(Q["queue-get"], campaign_id)
-        queue = None
-        if q is not None:
-            queue = QueueView(
-                priority=q["priority"],
-                queued_at=q["queued_at"],
-                started_at=q["started_at"],
-                completed_at=q["completed_at"],
-                defer_reason=q["defer_reason"],
-                deferred_until=q["deferred_until"],
-                consecutive_transient_errors=q["consecutive_transient_errors"],
-            )
-        c = _campaign(row)
-        return CampaignView(
-            id=c.id,
-            owner_id=c.owner_id,
-            name=c.name,
-            subject=c.subject,
-            status=c.status,
-            priority=c.priority,
-            created_at=c.created_at,
-            updated_at=c.updated_at,
-            finished_at=c.finished_at,
-            counts=counts,
-            queue=queue,
-        )
+        return campaign_view(row, counts, q)
 
     async def add_recipients(
         self,
