@@ -149,7 +149,7 @@ ACTOR_RESTARTS: Final = Counter(
 
 CAMPAIGNS_ACTIVE: Final = Gauge(
     "mailer_campaigns_active",
-    "Campaigns currently being sent by this process.",
+    "Campaigns running across the cluster, as the leader counts them (0 on followers).",
 )
 QUEUE_DEPTH: Final = Gauge(
     "mailer_queue_depth",
@@ -203,6 +203,10 @@ for _kind in SEND_KINDS:
 for _reason in KNOWN_DEFER_REASONS:
     DEFERS.labels(reason=_reason)
 RATE_LIMITER_REDIS_ERRORS.labels(policy="fail_open")
+for _action in ("start", "test_email"):
+    API_THROTTLE_REDIS_ERRORS.labels(policy="fail_closed", action=_action)
+for _reason in ("rate_per_hour", "daily_limit", "quota_exhausted", "outside_hours"):
+    TOKENS_DENIED.labels(reason=_reason)
 
 # ---------------------------------------------------------------------------------------
 # Actor kinds

@@ -362,6 +362,12 @@ class Service:
             log.warning("wake not published")
 
     async def readiness(self) -> dict[str, bool]:
+        """Ready when NATS and PostgreSQL answer.
+
+        Redis is left out on purpose: sending fails open without it, and the
+        HTTP routes (unsubscribe, metrics) do not need it; a Redis outage must
+        not take every pod out of its Service.
+        """
         checks: dict[str, bool] = {"nats": self._bus is not None and self._bus.connected}
         try:
             assert self._pool is not None
@@ -369,11 +375,6 @@ class Service:
             checks["postgres"] = True
         except Exception:
             checks["postgres"] = False
-        try:
-            assert self._redis is not None
-            checks["redis"] = bool(await self._redis.ping())
-        except Exception:
-            checks["redis"] = False
         return checks
 
     async def wait(self) -> None:

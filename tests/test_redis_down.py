@@ -12,6 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import redis.asyncio as redis
 
@@ -78,7 +79,7 @@ async def test_sending_goes_on_and_throttles_refuse_when_redis_stops(
     make_service, crm: Crm, events: Events, sink, own_redis
 ) -> None:
     url, proc = own_redis
-    await make_service(redis_url=url, batch_size=5)
+    service = await make_service(redis_url=url, batch_size=5)
     sink.data_delay = 0.02  # slow enough that Redis dies mid-campaign
     cid = await crm.campaign(people(60))
     other = await crm.campaign(people(1, "other.example"))
@@ -103,3 +104,10 @@ async def test_sending_goes_on_and_throttles_refuse_when_redis_stops(
         p["email"] for p in people(60)
     )
     assert _fail_open_count() > before
+
+    # Still ready: without Redis the pod keeps serving (fail open), so its
+    # readiness must not take it out of the Service.
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{service.http_port}/readyz") as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"nats": True, "postgres": True}

@@ -163,6 +163,11 @@ class SchedulerActor(Actor[SchedulerMsg]):
             self._timer = self._reconciler = None
             self._timer_at = None
             self._dispatched.clear()
+            # These gauges are the leader's view of the cluster: a follower shows
+            # zeros, so alerts summing or filtering by leader stay right.
+            metrics.CAMPAIGNS_ACTIVE.set(0)
+            metrics.QUEUE_DEPTH.set(0)
+            metrics.PROCESSING_OLDEST_SECONDS.set(0)
             return
         log.info("scheduler leads", extra={"epoch": epoch})
         self._reconciler = self.spawn_task(self._reconcile_timer(), name="reconcile-timer")
