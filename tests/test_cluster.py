@@ -125,7 +125,9 @@ async def test_a_graceful_stop_hands_leadership_over_within_a_second(
     began = time.monotonic()
     await leader.stop()  # resigns: deletes the lease key
     await leaders.wait(other_than=leader.settings.instance_id, timeout=5)
-    assert time.monotonic() - began < 1.0
+    took = time.monotonic() - began
+    print(f"handover took {took:.3f} s")
+    assert took < 1.0
     async with asyncio.timeout(5):
         await other.leadership.wait()
     assert other.leader_epoch > old_epoch  # the fencing token only grows
