@@ -107,7 +107,7 @@ async def test_sending_goes_on_and_throttles_refuse_when_redis_stops(
 
     # Still ready: without Redis the pod keeps serving (fail open), so its
     # readiness must not take it out of the Service.
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{service.http_port}/readyz") as resp:
-            assert resp.status == 200
-            assert await resp.json() == {"nats": True, "postgres": True}
+    url = f"http://127.0.0.1:{service.http_port}/readyz"
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"nats": True, "postgres": True}
