@@ -390,6 +390,8 @@ class Service:
             await self._http.stop()
         if self._supervisor is not None:
             await self._supervisor.shutdown()
+        if self._background:  # wakes still being published: let them finish
+            await asyncio.gather(*self._background, return_exceptions=True)
         if self._bus is not None:
             await self._bus.close()
         if self._redis is not None:
