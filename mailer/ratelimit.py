@@ -15,8 +15,9 @@ overshoot the provider would refuse anyway. Working hours and the monthly quota
 (PostgreSQL) still apply then. (The API throttles make the opposite choice; see
 ``throttle``.)
 
-Keys: ``<prefix>rate:<account>:<YYYYMMDDHH UTC>`` and
-``<prefix>daily:<owner>:<YYYYMMDD local>``. Under Redis Cluster both keys of a
+Keys: ``<prefix>rate:<account>:<YYYYMMDDHH UTC>``,
+``<prefix>daily:<owner>:<YYYYMMDD local>`` and ``<prefix>askers:<account>`` (the
+campaigns sharing the hour fairly). Under Redis Cluster both keys of a
 script must share a slot: give ``MAILER_REDIS_KEY_PREFIX`` a hash tag (``{mailer}:``).
 """
 
@@ -38,43 +39,78 @@ log = logging.getLogger("mailer.ratelimit")
 
 FAIL_OPEN = "fail_open"
 
+# Campaigns that asked within this many seconds share what is left of the hour.
+FAIR_SHARE_WINDOW_SECONDS = 30.0
+
 # An hour's counter outlives its hour (clock skew between pods); a day's
 # counter outlives the longest local day (25 h on a DST change).
 _HOUR_TTL_SECONDS = 2 * 3600
 _DAY_TTL_SECONDS = 2 * 86400
 
-# KEYS[1] the account's hour counter, KEYS[2] the manager's day counter.
-# ARGV: wanted, hour limit, hour ttl, day limit (0: none), day ttl.
-# Returns {granted, hour used after, day used after}. The day is counted even
-# without a limit, so that a limit switched on mid-day sees the day's sends.
+# KEYS[1] the account's hour counter, KEYS[2] the manager's day counter,
+# KEYS[3] the campaigns that asked lately (a sorted set scored by time),
+# KEYS[4] what each campaign got this hour (a hash).
+# ARGV: wanted, hour limit, hour ttl, day limit (0: none), day ttl, campaign
+# id, now (epoch seconds), fair-share window (seconds).
+# Returns {granted, hour used after, day used after, capped}. The day is
+# counted even without a limit, so that a limit switched on mid-day sees the
+# day's sends.
+#
+# Fair share: the campaigns that asked within the window split the hour
+# equally — each gets at most limit/askers of it, minus what it already had;
+# a campaign alone may take all of it. ``capped`` = 1 when only its share
+# refused while the hour still has room (the share grows as others finish).
 _RESERVE = """
 local want = tonumber(ARGV[1])
+local hour_limit = tonumber(ARGV[2])
 local hour_used = tonumber(redis.call('GET', KEYS[1]) or '0')
 local day_used = tonumber(redis.call('GET', KEYS[2]) or '0')
-local grant = math.min(want, tonumber(ARGV[2]) - hour_used)
+local now = tonumber(ARGV[7])
+local window = tonumber(ARGV[8])
+redis.call('ZADD', KEYS[3], now, ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
+redis.call('EXPIRE', KEYS[3], math.ceil(window * 2))
+local askers = math.max(1, redis.call('ZCARD', KEYS[3]))
+local mine = tonumber(redis.call('HGET', KEYS[4], ARGV[6]) or '0')
+local left = hour_limit - hour_used
+local share = math.ceil(hour_limit / askers) - mine
+local grant = math.min(want, left, share)
 local day_limit = tonumber(ARGV[4])
 if day_limit > 0 then
   grant = math.min(grant, day_limit - day_used)
 end
 if grant <= 0 then
-  return {0, hour_used, day_used}
+  local capped = 0
+  if left > 0 and share <= 0 and (day_limit == 0 or day_used < day_limit) then
+    capped = 1
+  end
+  return {0, hour_used, day_used, capped}
 end
 hour_used = redis.call('INCRBY', KEYS[1], grant)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 day_used = redis.call('INCRBY', KEYS[2], grant)
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
-return {grant, hour_used, day_used}
+redis.call('HINCRBY', KEYS[4], ARGV[6], grant)
+redis.call('EXPIRE', KEYS[4], tonumber(ARGV[3]))
+return {grant, hour_used, day_used, 0}
 """
 
-# KEYS: counters to give ARGV[1] tokens back to. A missing key is left alone
-# (DECRBY would create it without a TTL), and no counter goes below zero.
+# KEYS: the hour and day counters, then the shares hash; ARGV: tokens to give
+# back, campaign id. A missing key is left alone (DECRBY would create it
+# without a TTL), and no counter goes below zero.
 _GIVE_BACK = """
-for _, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then
-    local left = redis.call('DECRBY', key, tonumber(ARGV[1]))
+for i = 1, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local left = redis.call('DECRBY', KEYS[i], tonumber(ARGV[1]))
     if left < 0 then
-      redis.call('INCRBY', key, -left)
+      redis.call('INCRBY', KEYS[i], -left)
     end
+  end
+end
+if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then
+  local left = redis.call('HINCRBY', KEYS[3], ARGV[2], -tonumber(ARGV[1]))
+  if left < 0 then
+    redis.call('HINCRBY', KEYS[3], ARGV[2], -left)
   end
 end
 return 0
@@ -95,6 +131,10 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     next_hour: datetime
     hour_key: str
     day_key: str
+    shares_key: str = ""
+    campaign_id: int = 0
+    # Refused only by the campaign's fair share while the hour has room.
+    capped: bool = False
     failed_open: bool = False
 
     @property
@@ -118,6 +158,7 @@ class SendLimiter:
         self._redis = client
         self._prefix = key_prefix
         self._hour_prefix = f"{key_prefix}rate:{account}:"
+        self._askers_key = f"{key_prefix}askers:{account}"
         self.hourly_limit = hourly_limit
         self._reserve = client.register_script(_RESERVE)
         self._give_back = client.register_script(_GIVE_BACK)
@@ -129,15 +170,33 @@ class SendLimiter:
         return f"{self._prefix}daily:{owner_id}:{day.strftime('%Y%m%d')}"
 
     async def reserve(
-        self, want: int, now: datetime, *, owner_id: str, day: date, daily_limit: int
+        self,
+        want: int,
+        now: datetime,
+        *,
+        owner_id: str,
+        day: date,
+        daily_limit: int,
+        campaign_id: int = 0,
     ) -> Reservation:
-        """Reserves up to ``want`` tokens of this hour and of ``owner_id``'s ``day``."""
+        """Reserves up to ``want`` tokens of this hour and of ``owner_id``'s ``day``,
+        at most ``campaign_id``'s fair share of the hour's rest."""
         next_hour = hour_start(utc(now)) + timedelta(hours=1)
         hour_key, day_key = self.hour_key(now), self.day_key(owner_id, day)
+        shares_key = f"{self._prefix}shares:{hour_key.removeprefix(self._prefix)}"
         try:
-            granted, hour_used, day_used = await self._reserve(
-                keys=[hour_key, day_key],
-                args=[want, self.hourly_limit, _HOUR_TTL_SECONDS, daily_limit, _DAY_TTL_SECONDS],
+            granted, hour_used, day_used, capped = await self._reserve(
+                keys=[hour_key, day_key, self._askers_key, shares_key],
+                args=[
+                    want,
+                    self.hourly_limit,
+                    _HOUR_TTL_SECONDS,
+                    daily_limit,
+                    _DAY_TTL_SECONDS,
+                    campaign_id,
+                    utc(now).timestamp(),
+                    FAIR_SHARE_WINDOW_SECONDS,
+                ],
             )
         except (RedisError, OSError) as exc:
             metrics.RATE_LIMITER_REDIS_ERRORS.labels(policy=FAIL_OPEN).inc()
@@ -165,6 +224,9 @@ class SendLimiter:
             next_hour=next_hour,
             hour_key=hour_key,
             day_key=day_key,
+            shares_key=shares_key,
+            campaign_id=campaign_id,
+            capped=bool(capped),
         )
 
     async def give_back(self, r: Reservation, n: int) -> Reservation:
@@ -185,7 +247,10 @@ class SendLimiter:
         if r.failed_open:  # nothing was counted, nothing to give back
             return updated
         try:
-            await self._give_back(keys=[r.hour_key, r.day_key], args=[n])
+            await self._give_back(
+                keys=[r.hour_key, r.day_key, r.shares_key],
+                args=[n, r.campaign_id],
+            )
         except (RedisError, OSError) as exc:
             metrics.RATE_LIMITER_REDIS_ERRORS.labels(policy=FAIL_OPEN).inc()
             log.error(

@@ -376,3 +376,50 @@ async def test_two_governors_under_concurrency_never_exceed_any_limit(
     assert hour == total
     assert (anna_day, boris_day) == (got["anna"], got["boris"])
     assert available == quota - total
+
+
+# --- sharing the hour ---------------------------------------------------------------------
+
+
+async def test_campaigns_asking_together_share_the_hour_fairly(redis_client) -> None:
+    limiter = SendLimiter(redis_client, key_prefix="fair:", account="a", hourly_limit=100)
+    day = MONDAY_1315_MSK.date()
+
+    async def ask(cid: int, want: int, at: datetime = MONDAY_1315_MSK) -> Any:
+        return await limiter.reserve(
+            want, at, owner_id="m", day=day, daily_limit=0, campaign_id=cid
+        )
+
+    # Alone, a campaign may take the whole hour's rest in one ask.
+    assert (await ask(1, 30)).granted == 30
+    # A second campaign asks: each may now have at most half of the hour.
+    got = {1: 30, 2: 0}
+    capped = []
+    for turn in range(10):
+        cid = 2 - turn % 2  # 2, 1, 2, 1, ...
+        r = await ask(cid, 200)
+        got[cid] += r.granted
+        if not r.granted:
+            capped.append(r.capped)
+    assert got == {1: 50, 2: 50}  # the batch size (200) never lets one take it all
+    assert capped and not any(capped)  # refused at the end: the hour is used up
+
+    # A share refusal while the hour still has room says so: the governor
+    # then retries soon instead of at the next hour.
+    other = SendLimiter(redis_client, key_prefix="fair2:", account="a", hourly_limit=100)
+    for cid in (1, 2):
+        await other.reserve(
+            1, MONDAY_1315_MSK, owner_id="m", day=day, daily_limit=0, campaign_id=cid
+        )
+    first = await other.reserve(
+        200, MONDAY_1315_MSK, owner_id="m", day=day, daily_limit=0, campaign_id=1
+    )
+    assert first.granted == 49
+    again = await other.reserve(
+        5, MONDAY_1315_MSK, owner_id="m", day=day, daily_limit=0, campaign_id=1
+    )
+    assert (again.granted, again.capped, again.refused_by) == (0, True, "rate_per_hour")
+    # Once campaign 2 has stopped asking for a while, campaign 1 may take the rest.
+    later = MONDAY_1315_MSK + timedelta(seconds=31)
+    rest = await other.reserve(200, later, owner_id="m", day=day, daily_limit=0, campaign_id=1)
+    assert rest.granted == 49

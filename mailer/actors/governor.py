@@ -42,7 +42,7 @@ from mailer.clock import Clock
 from mailer.config import Settings
 from mailer.messages import ErrorBody, ErrorReply, TokenReply, TokenRequest
 from mailer.quota import PgQuota
-from mailer.ratelimit import Reservation, SendLimiter
+from mailer.ratelimit import FAIR_SHARE_WINDOW_SECONDS, Reservation, SendLimiter
 from mailer.rules import DailyLimits, WorkingHours
 
 __all__ = [
@@ -159,13 +159,17 @@ class GovernorActor(Actor[TokenRequest]):
             owner_id=msg.owner_id,
             day=self._hours.local_date(now),
             daily_limit=daily_limit,
+            campaign_id=msg.campaign_id,
         )
         if r.refused_by == "daily_limit":
             return self._refuse(
                 msg, "daily_limit", self._hours.next_day_start(now), count=r.day_used, r=r
             )
         if r.refused_by == "rate_per_hour":
-            return self._refuse(msg, "rate_per_hour", r.next_hour, count=r.hour_used, r=r)
+            # Capped by its fair share only: others use the rest of the hour;
+            # the share grows when they stop asking, so look again soon.
+            retry = now + timedelta(seconds=FAIR_SHARE_WINDOW_SECONDS) if r.capped else r.next_hour
+            return self._refuse(msg, "rate_per_hour", retry, count=r.hour_used, r=r)
 
         try:
             taken = await self._quota.take(r.granted)
