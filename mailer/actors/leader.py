@@ -103,7 +103,12 @@ class LeaderActor(Actor[TryLead]):
         try:
             revision = await self._kv.create(KEY, self._me.encode())
         except KeyWrongLastSequenceError:
-            return  # someone leads; the watcher tells us when that ends
+            # Someone leads, or a dead leader's entry has not expired yet (the
+            # server's expiry can lag its max age). A live leader's renewals
+            # re-arm this timer via the watcher; a dead one's never come, so
+            # we look again shortly instead of waiting for an event.
+            self._arm(self._ttl / 3)
+            return
         except Exception as exc:  # NATS unreachable: the watcher or timer retries
             log.warning("leader election attempt failed: %r", exc)
             self._arm(self._ttl / 3)
