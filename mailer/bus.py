@@ -182,9 +182,10 @@ class Bus:
             return
         try:
             await nc.drain()
-        except Exception:  # a drain on a broken connection: close is what is left
-            log.warning("nats drain failed; closing", exc_info=True)
-            await nc.close()
+        except Exception as exc:  # a drain on a broken connection: close is what is left
+            log.warning("nats drain failed (%r); closing", exc)
+            with contextlib.suppress(Exception):
+                await nc.close()
 
 
 class NatsAuthError(Exception):
