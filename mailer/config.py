@@ -217,6 +217,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         PositiveInt, Meta(description="Largest sum of a campaign's attachments.")
     ] = 20 * 1024 * 1024
 
+    events_max_bytes: Annotated[
+        PositiveInt,
+        Meta(
+            description="Size cap of the JetStream events stream (reserved on the server's disk)."
+        ),
+    ] = 256 * 1024 * 1024
+
     # --- links -------------------------------------------------------------------
     public_url: Annotated[
         str, Meta(description="Public base URL of the HTTP server (unsubscribe links).")

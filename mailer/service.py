@@ -154,7 +154,7 @@ class Service:
         )
         await self._bus.connect()
         # Events go to JetStream; without their stream the service does not come up.
-        self._events = JetStreamEvents(self._bus, timezone=s.timezone)
+        self._events = JetStreamEvents(self._bus, timezone=s.timezone, max_bytes=s.events_max_bytes)
         await self._events.ensure_stream()
         metrics.set_build_info(__version__)
 

@@ -77,6 +77,9 @@ def settings(stack: EmbeddedStack, database_url: str) -> Settings:
         working_hours_start="00:00",
         working_hours_end="24:00",
         leader_ttl_seconds=3.0,
+        # Every test has its own events stream; JetStream reserves each one's cap
+        # on disk, so a session of hundreds must keep them small.
+        events_max_bytes=8 * 1024 * 1024,
     )
 
 

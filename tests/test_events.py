@@ -32,6 +32,9 @@ from mailer.messages import CampaignEvent
 from tests.conftest import MakeService
 from tests.helpers import Crm, Events, people
 
+# JetStream reserves a stream's byte cap on disk: tests keep theirs small.
+SMALL = 8 * 1024 * 1024
+
 AT = datetime(2026, 11, 23, 7, 15, tzinfo=UTC)  # 10:15 in Moscow
 
 
@@ -45,7 +48,7 @@ async def bus(settings: Settings) -> AsyncIterator[Bus]:
 
 @pytest.fixture
 async def js_events(bus: Bus, nc: Client) -> AsyncIterator[JetStreamEvents]:
-    events = JetStreamEvents(bus)
+    events = JetStreamEvents(bus, max_bytes=SMALL)
     await events.ensure_stream()
     yield events
     # Streams live on the session's server: drop this test's one.
@@ -96,7 +99,7 @@ async def test_stream_is_created_once_and_brought_to_the_configured_limits(
     bus: Bus, nc: Client, settings: Settings
 ) -> None:
     js = nc.jetstream()
-    events = JetStreamEvents(bus, max_age_seconds=3600)
+    events = JetStreamEvents(bus, max_age_seconds=3600, max_bytes=SMALL)
     try:
         info = await events.ensure_stream()
         assert events.stream == stream_name(settings.subject_prefix)
@@ -106,11 +109,11 @@ async def test_stream_is_created_once_and_brought_to_the_configured_limits(
         assert info.config.max_age == 3600
 
         # A second pod starting with the same configuration: no error, same stream.
-        again = await JetStreamEvents(bus, max_age_seconds=3600).ensure_stream()
+        again = await JetStreamEvents(bus, max_age_seconds=3600, max_bytes=SMALL).ensure_stream()
         assert again.created == info.created
 
         # A new release with other limits updates the stream in place.
-        changed = await JetStreamEvents(bus, max_age_seconds=7200).ensure_stream()
+        changed = await JetStreamEvents(bus, max_age_seconds=7200, max_bytes=SMALL).ensure_stream()
         assert changed.created == info.created
         assert changed.config.max_age == 7200
         assert (await js.stream_info(events.stream)).config.max_age == 7200
@@ -199,7 +202,7 @@ async def test_failed_publish_is_logged_and_counted_never_raised(
     bus: Bus, caplog: pytest.LogCaptureFixture
 ) -> None:
     # No ensure_stream: nothing captures the subjects, JetStream has no responder.
-    events = JetStreamEvents(bus, publish_timeout=1.0)
+    events = JetStreamEvents(bus, publish_timeout=1.0, max_bytes=SMALL)
     before = failures("campaign"), failures("unsubscribe")
     with caplog.at_level(logging.WARNING, logger="mailer.events"):
         await events.emit(deferred())
