@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Process entry point: `python cmd/mailer.py run|migrate|dev|demo`.
+"""Process entry point: `python cmd/main.py run|migrate|dev|demo`.
 
 Thin on purpose (the wiring is in mailer.service and mailer.cli); the same
 as the installed `mailer` console script. Not an importable package: `cmd`
