@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import resources
-from typing import Any
 
 import asyncpg
 
@@ -44,7 +43,7 @@ class Queries(Mapping[str, str]):
     def __getitem__(self, name: str) -> str:
         return self._sql[name]
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[str]:
         return iter(self._sql)
 
     def __len__(self) -> int:

@@ -23,12 +23,6 @@ async def _view(crm: Crm, lang: str | None = None) -> dict:
     return await crm.call("manager.status", {}, lang=lang)
 
 
-async def _settle() -> None:
-    # Lets actors react to a clock move (timers resolve on the next loop turns).
-    for _ in range(5):
-        await asyncio.sleep(0.01)
-
-
 async def test_101_at_100_per_hour_resumes_at_the_next_hour(
     make_service, crm: Crm, events: Events, sink, db
 ) -> None:
@@ -104,7 +98,6 @@ async def _transient_rounds(
         last = events.of(cid, "deferred")[n]
         assert last["defer_reason"] == "transient_error"
         clock.advance(timedelta(minutes=5))
-        await _settle()
 
 
 class Notes(list[bytes]):

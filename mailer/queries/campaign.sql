@@ -10,11 +10,6 @@ SELECT id, owner_id, name, subject, body_text, body_html, priority, status,
        created_at, updated_at, finished_at
 FROM campaign WHERE id = $1;
 
--- name: campaign-get-for-update
-SELECT id, owner_id, name, subject, body_text, body_html, priority, status,
-       created_at, updated_at, finished_at
-FROM campaign WHERE id = $1 FOR UPDATE;
-
 -- name: campaign-set-status
 -- Moves a campaign from one of the expected statuses to a new one; returns
 -- nothing when it was not in an expected status (a lost race is visible).
