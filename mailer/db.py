@@ -14,13 +14,13 @@ from importlib import resources
 
 import asyncpg
 
-__all__ = ["Q", "Queries", "connect_pool", "migrate"]
+__all__ = ["MIGRATION_LOCK_KEY", "Q", "Queries", "connect_pool", "migrate"]
 
 log = logging.getLogger("mailer.db")
 
 _NAME = re.compile(r"^--\s*name:\s*([a-z0-9-]+)\s*$", re.MULTILINE)
 # A constant key for the advisory lock that serializes migrations across pods.
-_MIGRATION_LOCK_KEY = 0x6D61696C6572  # "mailer"
+MIGRATION_LOCK_KEY = 0x6D61696C6572  # "mailer"
 
 
 class Queries(Mapping[str, str]):
@@ -101,29 +101,20 @@ async def migrate(dsn: str) -> list[int]:
     conn: asyncpg.Connection = await asyncpg.connect(dsn)
     applied: list[int] = []
     try:
-        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
+        await conn.execute(Q["migration-lock"], MIGRATION_LOCK_KEY)
         try:
-            await conn.execute(
-                """CREATE TABLE IF NOT EXISTS schema_migration (
-                       version integer PRIMARY KEY,
-                       name text NOT NULL,
-                       applied_at timestamptz NOT NULL DEFAULT now())"""
-            )
-            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migration")}
+            await conn.execute(Q["migration-create-table"])
+            done = {r["version"] for r in await conn.fetch(Q["migration-versions"])}
             for version, name, sql in _migrations():
                 if version in done:
                     continue
                 async with conn.transaction():
                     await conn.execute(sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migration (version, name) VALUES ($1, $2)",
-                        version,
-                        name,
-                    )
+                    await conn.execute(Q["migration-record"], version, name)
                 applied.append(version)
                 log.info("migration applied", extra={"version": version, "migration": name})
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
+            await conn.execute(Q["migration-unlock"], MIGRATION_LOCK_KEY)
     finally:
         await conn.close()
     return applied

@@ -43,7 +43,7 @@ from mailer.breaker import CircuitBreaker
 from mailer.bus import Bus
 from mailer.clock import Clock, SystemClock
 from mailer.config import Settings
-from mailer.db import connect_pool
+from mailer.db import Q, connect_pool
 from mailer.events import JetStreamEvents
 from mailer.http import HttpServer
 from mailer.messages import Wake
@@ -371,7 +371,7 @@ class Service:
         checks: dict[str, bool] = {"nats": self._bus is not None and self._bus.connected}
         try:
             assert self._pool is not None
-            await self._pool.fetchval("SELECT 1")
+            await self._pool.fetchval(Q["health-ping"])
             checks["postgres"] = True
         except Exception:
             checks["postgres"] = False

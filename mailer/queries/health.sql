@@ -1,0 +1,3 @@
+-- name: health-ping
+-- Readiness: PostgreSQL answers a query on a pool connection.
+SELECT 1;
