@@ -12,6 +12,7 @@ from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
+from prometheus_client import REGISTRY
 
 from mailer.clock import FakeClock
 from tests.helpers import Crm, Events, people
@@ -83,6 +84,11 @@ async def test_crash_mid_campaign_is_restarted_without_duplicates(
             crashes.append(campaign_id)
             raise RuntimeError("injected crash between send and record")
 
+    def campaign_restarts() -> float:
+        value = REGISTRY.get_sample_value("mailer_actor_restarts_total", {"actor": "campaign"})
+        return value or 0.0
+
+    restarts_before = campaign_restarts()
     await make_service(batch_size=5, fault=fault)
     recipients = people(23)
     cid = await crm.campaign(recipients)
@@ -91,6 +97,9 @@ async def test_crash_mid_campaign_is_restarted_without_duplicates(
 
     assert crashes == [cid]
     assert done["event"] == "sent", done
+    # The supervisor restarted the crashed actor in place, once: the campaign was
+    # not merely dispatched again by the scheduler after its actor ended.
+    assert campaign_restarts() - restarts_before == 1
     rcpts = Counter(r for m in sink.messages for r in m.rcpt_tos)
     assert rcpts == Counter(r["email"] for r in recipients), "each exactly once"
     dup = await db.fetchval(
