@@ -2,22 +2,40 @@
 
 Codes are stable API; texts may change. ``text(code, lang, **values)`` fills
 the placeholders; an unknown language falls back to Russian.
+
+Values that come from settings or from the calendar are worded here too, so
+no caller writes "завтра" or "5 минут" of its own: ``resume_phrase`` (when a
+deferral ends: "сегодня"/"завтра"/a weekday and date, the time, the zone),
+``duration_phrase`` (a delay with its Russian plural), ``working_time`` and
+``tz_label`` (the configured working hours and their zone).
 """
 
 from __future__ import annotations
 
+from datetime import datetime, tzinfo
 from typing import Literal
 
-__all__ = ["DEFAULT_LANG", "TEXTS", "Lang", "text"]
+__all__ = [
+    "DEFAULT_LANG",
+    "TEXTS",
+    "Lang",
+    "duration_phrase",
+    "resume_phrase",
+    "text",
+    "tz_label",
+    "working_time",
+]
 
 Lang = Literal["ru", "en"]
 DEFAULT_LANG: Lang = "ru"
 
 TEXTS: dict[str, dict[Lang, str]] = {
     # Why a campaign waits (reason_code of the manager's view).
+    # {until}: when sending goes on, as ``resume_phrase`` words it ("завтра в 09:00
+    # МСК"); a caller without the calendar may give a plain date and time instead.
     "daily_limit": {
-        "ru": "Вы достигли дневного лимита {sent}/{limit}. Продолжим завтра в 09:00 МСК.",
-        "en": "You reached your daily limit of {sent}/{limit}. We continue tomorrow at 09:00 MSK.",
+        "ru": "Вы достигли дневного лимита {sent}/{limit}. Продолжим {until}.",
+        "en": "You reached your daily limit of {sent}/{limit}. We continue {until}.",
     },
     "quota_exhausted": {
         "ru": "Глобальная квота исчерпана. Администратор пополнит квоту, "
@@ -29,13 +47,15 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "ru": "Достигнут лимит {limit} писем/час. Продолжим в {next_hour}:00.",
         "en": "The limit of {limit} emails/hour is reached. We continue at {next_hour}:00.",
     },
+    # {start}-{end} {tz}: the configured working hours (``hours_phrase``, ``tz_label``).
     "outside_hours": {
-        "ru": "Сейчас вне рабочего времени (9:00-18:00 МСК). Продолжим завтра в 09:00 МСК.",
-        "en": "Outside working hours (9:00-18:00 MSK). We continue tomorrow at 09:00 MSK.",
+        "ru": "Сейчас вне рабочего времени ({start}-{end} {tz}). Продолжим {until}.",
+        "en": "Outside working hours ({start}-{end} {tz}). We continue {until}.",
     },
+    # {retry_in}: the configured retry delay, as ``duration_phrase`` words it.
     "transient_error": {
-        "ru": "Временная ошибка отправки. Повторим попытку через 5 минут.",
-        "en": "Temporary sending error. We retry in 5 minutes.",
+        "ru": "Временная ошибка отправки. Повторим попытку через {retry_in}.",
+        "en": "Temporary sending error. We retry in {retry_in}.",
     },
     "empty_campaign": {
         "ru": "Нет писем в очереди",
@@ -288,3 +308,119 @@ def text(code: str, lang: str | None = None, **values: object) -> str:
         return template.format(**values)
     except (KeyError, IndexError):
         return template
+
+
+# ---------------------------------------------------------------------------------------
+# Values worded from settings and from the calendar
+# ---------------------------------------------------------------------------------------
+
+# Zones people name by an abbreviation of their own; any other reads as its IANA name.
+_TZ_LABELS: dict[str, dict[Lang, str]] = {
+    "Europe/Moscow": {"ru": "МСК", "en": "MSK"},
+    "UTC": {"ru": "UTC", "en": "UTC"},
+    "Etc/UTC": {"ru": "UTC", "en": "UTC"},
+}
+
+_DAY_WORDS: dict[Lang, tuple[str, str]] = {
+    "ru": ("сегодня", "завтра"),
+    "en": ("today", "tomorrow"),
+}
+
+# "On <weekday>" in each language (Russian: the accusative after в/во).
+_ON_WEEKDAY: dict[Lang, tuple[str, ...]] = {
+    "ru": (
+        "в понедельник",
+        "во вторник",
+        "в среду",
+        "в четверг",
+        "в пятницу",
+        "в субботу",
+        "в воскресенье",
+    ),
+    "en": (
+        "on Monday",
+        "on Tuesday",
+        "on Wednesday",
+        "on Thursday",
+        "on Friday",
+        "on Saturday",
+        "on Sunday",
+    ),
+}
+
+_RESUME: dict[Lang, tuple[str, str]] = {
+    # (a day named by a word, a day named by weekday and date)
+    "ru": ("{day} в {time} {tz}", "{day}, {date}, в {time} {tz}"),
+    "en": ("{day} at {time} {tz}", "{day}, {date}, at {time} {tz}"),
+}
+
+# Units after "через N" / "in N": Russian (1, 2-4, 5+) forms, English (1, many).
+_UNITS: dict[str, dict[Lang, tuple[str, ...]]] = {
+    "hour": {"ru": ("час", "часа", "часов"), "en": ("hour", "hours")},
+    "minute": {"ru": ("минуту", "минуты", "минут"), "en": ("minute", "minutes")},
+    "second": {"ru": ("секунду", "секунды", "секунд"), "en": ("second", "seconds")},
+}
+
+
+def _lang(lang: str | None) -> Lang:
+    return "en" if lang == "en" else DEFAULT_LANG
+
+
+def tz_label(tz: tzinfo, lang: str | None = None) -> str:
+    """How a time zone is named after a time: ``МСК`` / ``MSK`` for Moscow, else its name."""
+    name = str(getattr(tz, "key", None) or tz)
+    labels = _TZ_LABELS.get(name)
+    return labels[_lang(lang)] if labels else name
+
+
+def working_time(hhmm: str) -> str:
+    """A configured ``HH:MM`` as people write it in a range: ``09:00`` -> ``9:00``."""
+    hours, sep, minutes = hhmm.partition(":")
+    if not sep or not hours.isdigit():
+        return hhmm
+    return f"{int(hours)}:{minutes}"
+
+
+def resume_phrase(at: datetime, *, now: datetime, tz: tzinfo, lang: str | None = None) -> str:
+    """When a deferral ends, as the manager reads it, relative to ``now`` in ``tz``.
+
+    ``сегодня в 09:00 МСК`` / ``завтра в 09:00 МСК`` when it is today or the next
+    calendar day there, else ``в понедельник, 30.11, в 09:00 МСК`` (a weekend or
+    any other non-working day in between is never called "tomorrow").
+    """
+    lang = _lang(lang)
+    local = at.astimezone(tz)
+    days = (local.date() - now.astimezone(tz).date()).days
+    values = {"time": local.strftime("%H:%M"), "tz": tz_label(tz, lang)}
+    by_word, by_date = _RESUME[lang]
+    if days <= 1:
+        return by_word.format(day=_DAY_WORDS[lang][max(days, 0)], **values)
+    return by_date.format(
+        day=_ON_WEEKDAY[lang][local.weekday()], date=local.strftime("%d.%m"), **values
+    )
+
+
+def _plural(n: int, forms: tuple[str, ...], lang: Lang) -> str:
+    if lang == "en":
+        return forms[0] if n == 1 else forms[1]
+    if n % 10 == 1 and n % 100 != 11:
+        return forms[0]
+    if 2 <= n % 10 <= 4 and not 12 <= n % 100 <= 14:
+        return forms[1]
+    return forms[2]
+
+
+def duration_phrase(minutes: float, lang: str | None = None) -> str:
+    """A delay after "через" / "in": ``5 минут``, ``1 минуту``, ``2 hours``, ``90 секунд``.
+
+    Whole hours and whole minutes read as such; anything else in seconds.
+    """
+    lang = _lang(lang)
+    seconds = max(0, round(minutes * 60))
+    if seconds >= 3600 and seconds % 3600 == 0:
+        n, unit = seconds // 3600, "hour"
+    elif seconds >= 60 and seconds % 60 == 0:
+        n, unit = seconds // 60, "minute"
+    else:
+        n, unit = seconds, "second"
+    return f"{n} {_plural(n, _UNITS[unit][lang], lang)}"

@@ -15,10 +15,13 @@ For the acting user (an admin may name another ``owner_id``):
 - ``next_run_at``: until when it waits (its ``deferred_until``; null for a
   pause, which only a resume ends).
 
-Placeholders of the texts come from data: the hourly limit from settings and
-the hour the deferral ends (in the working-hours time zone); the daily
-sent/limit from the owner's limit and, best effort, the day's counter in
-Redis (the limit itself when Redis does not answer: the day is used up).
+Placeholders of the texts come from data, never from wording fixed in a
+template: the hourly limit, the working hours, their time zone and the
+transient retry delay from settings; when the deferral ends (its hour, and
+"today"/"tomorrow"/a weekday and date relative to now, in the working-hours
+time zone) from ``deferred_until``; the daily sent/limit from the owner's
+limit and, best effort, the day's counter in Redis (the limit itself when
+Redis does not answer: the day is used up).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from mailer.api.context import ApiContext, Caller
 from mailer.apistore import OwnerQueueRow
 from mailer.errors import Forbidden
 from mailer.messages import ActiveCampaign, ManagerStatus, QueuedCampaign, StatusRequest
-from mailer.texts import Lang, text
+from mailer.texts import Lang, duration_phrase, resume_phrase, text, tz_label, working_time
 
 __all__ = ["STATUS_QUEUE_LIMIT", "reason_text", "status"]
 
@@ -104,11 +107,16 @@ def _reason_code(row: OwnerQueueRow) -> str | None:
 async def reason_text(
     ctx: ApiContext, code: str, owner_id: str, row: OwnerQueueRow, lang: Lang
 ) -> str:
-    s = ctx.settings
-    until: datetime = row.deferred_until or ctx.clock.now()
+    s, tz, now = ctx.settings, ctx.hours.tz, ctx.clock.now()
+    until: datetime = row.deferred_until or now
     values: dict[str, object] = {
         "limit": s.rate_per_hour,
-        "next_hour": until.astimezone(ctx.hours.tz).strftime("%H"),
+        "next_hour": until.astimezone(tz).strftime("%H"),
+        "until": resume_phrase(until, now=now, tz=tz, lang=lang),
+        "start": working_time(s.working_hours_start),
+        "end": working_time(s.working_hours_end),
+        "tz": tz_label(tz, lang),
+        "retry_in": duration_phrase(s.transient_retry_delay_minutes, lang),
         "threshold": s.circuit_breaker_threshold,
     }
     if code == "daily_limit":
