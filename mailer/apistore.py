@@ -108,6 +108,22 @@ class Locked:
     ) -> None:
         await self._conn.execute(Q["api-audit-insert"], now, actor_id, action, self._id(), details)
 
+    async def add_recipients(
+        self, rows: Sequence[tuple[str, str | None, dict[str, str]]], now: datetime
+    ) -> int:
+        """Inserts (email, name, variables) rows; returns how many were new (others collapse)."""
+        if not rows:
+            return 0
+        inserted = await self._conn.fetch(
+            Q["recipients-insert"],
+            self._id(),
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            now,
+        )
+        return len(inserted)
+
     async def remove_pending(self, emails: Sequence[str]) -> tuple[set[str], dict[str, str]]:
         """Deletes pending recipients by (lowercased) address.
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email
 import email.policy
+import json
 from datetime import UTC, datetime
 
 from mailer.clock import FakeClock
@@ -150,3 +152,146 @@ async def test_attachments_limits(make_service, crm: Crm, sink, db) -> None:
     assert part.get_filename() == "notes.txt" and len(part.get_content()) == 600
     actions = [r["action"] for r in await db.fetch("SELECT action FROM audit_log ORDER BY id")]
     assert actions.count("attachment.add") == 2 and "attachment.remove" in actions
+
+
+async def test_adding_recipients_is_audited(make_service, crm: Crm, db) -> None:
+    await make_service()
+    cid = await crm.campaign([])
+    added = await crm.call(
+        "recipients.add",
+        {
+            "campaign_id": cid,
+            "recipients": [
+                {"email": "anna@example.org"},
+                {"email": "ANNA@example.org"},
+                {"email": "boris@example.org"},
+                {"email": "no-at-sign"},
+            ],
+        },
+    )
+    assert added["added"] == 2 and added["duplicates"] == 1
+    # An admin adding to someone's campaign is the one the audit names.
+    await crm.call(
+        "recipients.add",
+        {"campaign_id": cid, "recipients": [{"email": "vera@example.org"}]},
+        user="boss",
+        roles="admin",
+    )
+    # Nothing new (only a duplicate): nothing happened, nothing to audit.
+    await crm.call(
+        "recipients.add", {"campaign_id": cid, "recipients": [{"email": "Vera@Example.org"}]}
+    )
+    rows = await db.fetch(
+        "SELECT actor_id, details FROM audit_log WHERE campaign_id = $1 "
+        "AND action = 'recipients.add' ORDER BY id",
+        cid,
+    )
+    assert [(r["actor_id"], json.loads(r["details"])) for r in rows] == [
+        ("manager-1", {"count": 2, "duplicates": 1}),
+        ("boss", {"count": 1, "duplicates": 0}),
+    ]
+    page = await crm.call("audit.list", {"campaign_id": cid})
+    assert [e["action"] for e in page["items"]] == [
+        "campaign.create",
+        "recipients.add",
+        "recipients.add",
+    ]
+
+
+async def test_recipients_refused_once_sending_or_over(
+    make_service, crm: Crm, events: Events, db
+) -> None:
+    mid_batch = asyncio.Event()
+    go_on = asyncio.Event()
+    held = 0  # the campaign kept sending: its first batch waits for go_on
+
+    async def hold(campaign_id: int, batch: int) -> None:
+        if campaign_id == held:
+            mid_batch.set()
+            await go_on.wait()
+
+    await make_service(clock=FakeClock(datetime(2026, 11, 23, 10, 15, tzinfo=UTC)), fault=hold)
+    done = await crm.campaign(people(2))
+    await crm.start(done)
+    assert (await events.wait(done, ("sent", "completed_with_errors")))["event"] == "sent"
+    cancelled = await crm.campaign(people(2))
+    await crm.call("campaign.cancel", {"campaign_id": cancelled})
+    held = await crm.campaign(people(2))
+    await crm.start(held)
+    async with asyncio.timeout(20):
+        await mid_batch.wait()
+    assert (await crm.get(held))["status"] == "sending"
+
+    try:
+        for cid, status in [(held, "sending"), (done, "sent"), (cancelled, "cancelled")]:
+            before = await _campaign_rows(db, cid)
+            for who in ({}, {"user": "boss", "roles": "admin"}):
+                err = await crm.fails(
+                    "recipients.add",
+                    {"campaign_id": cid, "recipients": [{"email": "late@example.org"}]},
+                    **who,
+                )
+                assert err.code == "invalid_state" and err.status == 409, (status, who)
+                assert err.details == {"status": status}
+            assert await _campaign_rows(db, cid) == before, status
+    finally:
+        go_on.set()
+
+
+async def test_adding_waits_for_a_concurrent_status_change(make_service, crm: Crm, db) -> None:
+    """The status is checked under the campaign's row lock, not before it.
+
+    Another transaction (what the engine does when a campaign begins sending)
+    holds the campaign row and moves it to 'sending'. recipients.add must wait
+    for it and then refuse; checked before the lock, it would read 'draft' and
+    insert, because inserting a recipient does not conflict with that lock.
+    """
+    await make_service()
+    cid = await crm.campaign(people(1))
+    tx = db.transaction()
+    await tx.start()
+    committed = False
+    try:
+        await db.execute("UPDATE campaign SET status = 'sending' WHERE id = $1", cid)
+        adding = asyncio.ensure_future(
+            crm.fails(
+                "recipients.add", {"campaign_id": cid, "recipients": [{"email": "x@example.org"}]}
+            )
+        )
+        # Until the request blocks on the lock (pg_stat_activity shows it), or
+        # answers without having waited; at most 10 s.
+        for _ in range(1000):
+            if adding.done() or await _someone_waits_for_a_lock(db):
+                break
+            await asyncio.wait({adding}, timeout=0.01)
+        assert not adding.done(), "recipients.add did not wait for the campaign's lock"
+        await tx.commit()
+        committed = True
+    finally:
+        if not committed:
+            await tx.rollback()
+    err = await adding
+    assert err.code == "invalid_state" and err.details == {"status": "sending"}
+    assert await db.fetchval("SELECT count(*) FROM recipient WHERE campaign_id = $1", cid) == 1
+
+
+async def _someone_waits_for_a_lock(db) -> bool:
+    return bool(
+        await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+    )
+
+
+async def _campaign_rows(db, cid: int) -> tuple[object, ...]:
+    recipients = await db.fetch(
+        "SELECT id, email, status FROM recipient WHERE campaign_id = $1 ORDER BY id", cid
+    )
+    audit = await db.fetch(
+        "SELECT id, action FROM audit_log WHERE campaign_id = $1 AND actor_id <> 'system' "
+        "ORDER BY id",
+        cid,
+    )
+    status = await db.fetchval("SELECT status FROM campaign WHERE id = $1", cid)
+    return status, [tuple(r) for r in recipients], [tuple(r) for r in audit]

@@ -46,9 +46,6 @@ MAX_RECIPIENTS_PER_CALL = 5000
 async def add(ctx: ApiContext, caller: Caller, req: RecipientsAdd) -> RecipientsAdded:
     if len(req.recipients) > MAX_RECIPIENTS_PER_CALL:
         raise ValidationFailed("too_many_in_one_call", limit=MAX_RECIPIENTS_PER_CALL)
-    view = await ctx.own(caller, req.campaign_id)
-    if view.status not in EDITABLE:
-        raise Conflict(status=view.status)
     invalid: list[InvalidAddress] = []
     rows: list[tuple[str, str | None, dict[str, str]]] = []
     seen: set[str] = set()
@@ -64,8 +61,25 @@ async def add(ctx: ApiContext, caller: Caller, req: RecipientsAdd) -> Recipients
             continue
         seen.add(key)
         rows.append((r.email, r.name, r.variables))
-    # One INSERT ... SELECT FROM unnest: all rows or none.
-    added = await ctx.store.add_recipients(req.campaign_id, rows, ctx.clock.now())
+
+    async def change(tx: Locked) -> int:
+        # Checked and inserted under the campaign's lock: a start (or pause,
+        # cancel) waits for this transaction, so nobody is added to a campaign
+        # that has begun sending or is over.
+        _editable(tx, caller, req.campaign_id)
+        now = ctx.clock.now()
+        # One INSERT ... SELECT FROM unnest: all rows or none.
+        added = await tx.add_recipients(rows, now)
+        if added:
+            await tx.audit(
+                caller.user,
+                "recipients.add",
+                {"count": added, "duplicates": duplicates + len(rows) - added},
+                now,
+            )
+        return added
+
+    added = await ctx.db.locked(req.campaign_id, change)
     return RecipientsAdded(added=added, duplicates=duplicates + len(rows) - added, invalid=invalid)
 
 
