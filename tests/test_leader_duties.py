@@ -13,7 +13,7 @@ from mailer import metrics
 from mailer.breaker import BreakerState, CircuitBreaker
 from mailer.clock import FakeClock
 from mailer.store import PgStore
-from tests.helpers import Events
+from tests.helpers import Crm, Events, people
 
 NOW = datetime(2026, 11, 23, 10, 15, tzinfo=UTC)
 
@@ -153,3 +153,84 @@ async def test_an_open_breaker_sends_nothing(sink, stack) -> None:
         assert sink.count == 1
     finally:
         await ref.stop()
+
+
+async def _finished_by_reconcile(db, campaign_id: int, recipients: dict[str, str]) -> None:
+    """Turns a fresh queued campaign into the anomaly reconcile exists for: nothing
+    left to send, not final, and deferred (so no wake or timer of the scheduler
+    dispatches it and lets its own actor finish it: only reconcile can)."""
+    for email, status in recipients.items():
+        await db.execute(
+            "INSERT INTO recipient (campaign_id, email, status, error, created_at, updated_at) "
+            "VALUES ($1, $2, $3, $4, $5, $5)",
+            campaign_id,
+            email,
+            status,
+            "550 5.1.1 No such user" if status == "failed" else None,
+            NOW,
+        )
+    await db.execute(
+        "UPDATE queue_entry SET defer_reason = 'rate_per_hour', deferred_until = $2 "
+        "WHERE campaign_id = $1",
+        campaign_id,
+        NOW + timedelta(hours=2),
+    )
+
+
+async def test_the_leader_reconciles_again_every_five_minutes(
+    make_service, db, crm: Crm, events: Events, sink, caplog
+) -> None:
+    # Present at takeover: repaired at once (and tells us the takeover pass ran).
+    before = await _queued_campaign(db, recipients=0, status="sending")
+    await _finished_by_reconcile(db, before, {"a@example.org": "sent"})
+    clock = FakeClock(NOW)
+    with caplog.at_level(logging.INFO, logger="mailer.scheduler"):
+        await make_service(clock=clock, reconcile_interval_seconds=300.0)
+        assert (await events.wait(before, ("sent", "completed_with_errors")))["event"] == "sent"
+
+        # Created after the takeover pass: one recipient sent, one failed.
+        after = await _queued_campaign(db, recipients=0, status="sending")
+        await _finished_by_reconcile(
+            db, after, {"b@example.org": "sent", "c@example.org": "failed"}
+        )
+        # 4:59 later the scheduler still works (a campaign started now is sent)
+        # but has not reconciled: the anomaly is still there.
+        clock.advance(timedelta(seconds=299))
+        other = await crm.campaign(people(1))
+        await crm.start(other)
+        assert (await events.wait(other, ("sent", "completed_with_errors")))["event"] == "sent"
+        assert await db.fetchval("SELECT status FROM campaign WHERE id = $1", after) == "sending"
+        assert not events.of(after, "completed_with_errors") and not events.of(after, "sent")
+
+        # The 5-minute mark: the periodic pass finishes it, honestly.
+        clock.advance(timedelta(seconds=1))
+        final = await events.wait(after, ("sent", "completed_with_errors"))
+        assert final["event"] == "completed_with_errors"
+        assert final["counts"] == {"sent": 1, "failed": 1}
+        row = await db.fetchrow(
+            "SELECT c.status, q.completed_at FROM campaign c JOIN queue_entry q "
+            "ON q.campaign_id = c.id WHERE c.id = $1",
+            after,
+        )
+        assert (row["status"], row["completed_at"]) == (
+            "completed_with_errors",
+            NOW + timedelta(minutes=5),
+        )
+
+        # And again five minutes after that, not only once.
+        third = await _queued_campaign(db, recipients=0, status="sending")
+        await _finished_by_reconcile(db, third, {"d@example.org": "sent"})
+        clock.advance(timedelta(minutes=5))
+        assert (await events.wait(third, ("sent", "completed_with_errors")))["event"] == "sent"
+
+    # Logged like the campaign actor logs a finish: with finished_with_errors.
+    finished = {
+        r.campaign_id: r  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage() == "reconcile: campaign had nothing left but was not final"
+    }
+    assert set(finished) == {before, after, third}
+    assert finished[after].finished_with_errors is True  # type: ignore[attr-defined]
+    assert finished[after].status == "completed_with_errors"  # type: ignore[attr-defined]
+    assert finished[after].counts == {"sent": 1, "failed": 1}  # type: ignore[attr-defined]
+    assert finished[before].finished_with_errors is False  # type: ignore[attr-defined]

@@ -263,9 +263,16 @@ class SchedulerActor(Actor[SchedulerMsg]):
         for campaign_id, owner, status, counts in await self._store.finish_orphans(
             now, self._epoch
         ):
+            # The same fields as the campaign actor's "campaign finished": a search
+            # for finished_with_errors=true finds campaigns reconcile finished too.
             log.warning(
                 "reconcile: campaign had nothing left but was not final",
-                extra={"campaign_id": campaign_id, "status": status},
+                extra={
+                    "campaign_id": campaign_id,
+                    "status": status,
+                    "finished_with_errors": status != "sent",
+                    "counts": counts,
+                },
             )
             if self._events is not None:
                 await self._events.emit(
