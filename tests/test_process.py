@@ -1,0 +1,208 @@
+"""A real ``mailer run`` OS process: SIGTERM mid-campaign, and the supervisor giving up.
+
+The processes run ``python -m mailer.cli run`` against the session's embedded
+stack (like tests/test_cluster.py); the test drives them over NATS and signals,
+and reads the outcome from the SMTP sink, PostgreSQL and the process's own log
+and exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mailer.config import Settings, env_name
+from tests.helpers import Crm, Events, LeaderWatch, people
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _env(settings: Settings, instance: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    values = {
+        "nats_url": settings.nats_url,
+        "database_url": settings.database_url,
+        "redis_url": settings.redis_url,
+        "smtp_host": settings.smtp_host,
+        "smtp_port": str(settings.smtp_port),
+        "subject_prefix": settings.subject_prefix,
+        "redis_key_prefix": settings.redis_key_prefix,
+        "instance_id": instance,
+        "http_port": "0",
+        "working_hours_start": "00:00",
+        "working_hours_end": "24:00",
+        "leader_ttl_seconds": "3",
+        "batch_size": "10",
+        "smtp_connections": "2",
+        "rate_per_hour": "100000",
+        "events_max_bytes": str(8 * 1024 * 1024),
+        "log_level": "WARNING",
+    }
+    values.update(extra)
+    env.update({env_name(k): v for k, v in values.items()})
+    return env
+
+
+@dataclass
+class Worker:
+    proc: asyncio.subprocess.Process
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def exit_code(self, timeout: float) -> int:
+        # Awaited, never a blocking wait(): the SMTP sink runs on this test's loop,
+        # and the process finishes its batch in flight against it.
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+
+StartWorker = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def start_worker(settings: Settings, tmp_path: Path) -> AsyncIterator[StartWorker]:
+    workers: list[Worker] = []
+
+    async def start(instance: str, **extra: str) -> Worker:
+        log_path = tmp_path / f"{instance}.log"
+        with log_path.open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "mailer.cli",
+                "run",
+                env=_env(settings, instance, **extra),
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        worker = Worker(proc, log_path)
+        workers.append(worker)
+        return worker
+
+    yield start
+    # Shown by pytest only when the test failed: what each process said.
+    for w in workers:
+        print(f"--- {w.log_path.name} (exit {w.proc.returncode}) ---")
+        print("\n".join(w.log().splitlines()[-60:]))
+    for w in workers:
+        if w.proc.returncode is None:
+            w.proc.send_signal(signal.SIGTERM)
+    for w in workers:
+        try:
+            await w.exit_code(15)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.kill()
+            await w.proc.wait()
+
+
+@pytest.fixture
+async def leaders(nc, settings: Settings) -> AsyncIterator[LeaderWatch]:
+    watch = LeaderWatch()
+    await watch.start(nc, settings.subject_prefix)
+    yield watch
+    watch.stop()
+
+
+SHUTDOWN_DEADLINE = 10.0
+
+
+async def test_sigterm_mid_campaign_records_the_batch_and_hands_the_campaign_over(
+    start_worker: StartWorker, crm: Crm, events: Events, sink, db, leaders: LeaderWatch
+) -> None:
+    sink.data_delay = 0.02  # a slow provider: the signal lands mid-campaign
+    # A lease far longer than the test waits: the next process can take the
+    # campaign only if the stopping one gave its lease back.
+    common = {
+        "shutdown_timeout_seconds": str(SHUTDOWN_DEADLINE),
+        "campaign_lease_seconds": "120",
+    }
+    first = await start_worker("first", **common)
+    assert await leaders.wait(timeout=30) == "first"
+    recipients = people(300)
+    cid = await crm.campaign(recipients)
+    await crm.start(cid)
+    await sink.wait_for(30, timeout=30)
+
+    first.proc.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    code = await first.exit_code(SHUTDOWN_DEADLINE + 10)
+    took = time.monotonic() - began
+    print(f"SIGTERM to exit: {took:.2f} s")
+    assert code == 0, first.log()
+    assert took < SHUTDOWN_DEADLINE, "graceful stop within the shutdown deadline"
+    assert "shutdown deadline exceeded" not in first.log()
+
+    # The batch in flight was sent and recorded: nothing left sending or in doubt,
+    # and what the sink got is exactly what the database says was sent.
+    by_status = dict(
+        await db.fetch(
+            "SELECT status, count(*) FROM recipient WHERE campaign_id = $1 GROUP BY status", cid
+        )
+    )
+    assert set(by_status) == {"sent", "pending"}, by_status  # stopped mid-campaign
+    sent = {
+        r["email"]
+        for r in await db.fetch(
+            "SELECT email FROM recipient WHERE campaign_id = $1 AND status = 'sent'", cid
+        )
+    }
+    received = Counter(r for m in sink.messages for r in m.rcpt_tos)
+    assert set(received) == sent and max(received.values()) == 1
+    # The lease was given back, not left to expire.
+    entry = await db.fetchrow(
+        "SELECT lease_owner, lease_until, completed_at FROM queue_entry WHERE campaign_id = $1",
+        cid,
+    )
+    assert entry is not None
+    assert entry["lease_owner"] is None and entry["lease_until"] is None, dict(entry)
+    assert entry["completed_at"] is None
+
+    # A second process takes the campaign over and completes it.
+    await start_worker("second", **common)
+    done = await events.wait(cid, ("sent", "completed_with_errors"), timeout=60)
+    assert done["event"] == "sent", done
+    received = Counter(r for m in sink.messages for r in m.rcpt_tos)
+    assert received == Counter(r["email"] for r in recipients), "each exactly once"
+    dup = await db.fetchval(
+        "SELECT count(*) FROM (SELECT recipient_id FROM send_log WHERE campaign_id = $1 "
+        "GROUP BY recipient_id HAVING count(*) > 1) d",
+        cid,
+    )
+    assert dup == 0
+    assert await db.fetchval("SELECT count(*) FROM send_log WHERE campaign_id = $1", cid) == 300
+
+
+async def test_restart_intensity_exceeded_exits_1(
+    start_worker: StartWorker, crm: Crm, sink, leaders: LeaderWatch
+) -> None:
+    # A rate governor that never answers in time: every campaign actor's token
+    # request times out, the actor crashes and the supervisor restarts it with
+    # backoff. Eight campaigns crashing together exceed the service's restart
+    # intensity (20 restarts in 60 s) within a few seconds.
+    worker = await start_worker(
+        "fragile", token_request_timeout_seconds="0.000001", max_active_campaigns="8"
+    )
+    await leaders.wait(timeout=30)
+    campaigns = [await crm.campaign(people(3, f"c{i}.example")) for i in range(8)]
+    for cid in campaigns:
+        await crm.start(cid)
+
+    code = await worker.exit_code(60)
+    log = worker.log()
+    assert code == 1, log
+    assert "restart intensity exceeded; shutting down" in log
+    assert "supervisor gave up: exiting non-zero so the pod is restarted" in log
+    assert "actor crashed" in log
+    assert sink.count == 0  # no token ever reached an actor: nothing was sent
