@@ -50,6 +50,13 @@ class CircuitBreaker:
             self._set(BreakerState.HALF_OPEN)
         return True
 
+    def blocked_until(self, now: datetime) -> datetime | None:
+        """When an open breaker lets the next probe through; None when sends may go now."""
+        until = self.open_until
+        if self.state is BreakerState.OPEN and until is not None and now < until:
+            return until
+        return None
+
     def record(self, *, successes: int, transient_failures: int, now: datetime) -> None:
         """Feeds one batch's results (the order inside a batch is not known)."""
         if successes:

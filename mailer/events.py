@@ -35,7 +35,7 @@ from nats.js.errors import BadRequestError
 from prometheus_client import Counter
 
 from mailer.bus import Bus, encode
-from mailer.messages import CampaignEvent
+from mailer.messages import CampaignEvent, Notice
 from mailer.texts import TEXTS, text
 
 __all__ = [
@@ -235,21 +235,40 @@ class JetStreamEvents:
         subject = self._bus.subject("events", "campaign", _subject_token(event.event))
         await self._publish("campaign", subject, encode(event), msg_id, event.campaign_id)
 
-    async def notify(self, event: CampaignEvent) -> None:
-        """The owner's notification for ``event``; whether one is due is the caller's call.
+    def notice(self, event: CampaignEvent) -> Notice | None:
+        """The owner's notification for ``event``, ready for the outbox (None if it needs none).
 
-        The campaign actor calls this once per ongoing reason (the queue entry
-        remembers which reason was notified); ``event.details`` fill its text.
+        Whether one is due is the caller's call: the campaign actor asks once per
+        ongoing reason (the queue entry remembers which reason was notified) and
+        stores the notice in the same transaction as the deferral.
         """
         note = notification_for(event, timezone=self._timezone)
-        if note is not None:
-            await self.publish_notification(note)
+        return None if note is None else self.notification_notice(note)
 
-    async def publish_notification(self, note: Notification) -> None:
+    async def notify(self, event: CampaignEvent) -> None:
+        """Publishes the owner's notification for ``event`` at once, without the outbox."""
+        notice = self.notice(event)
+        if notice is not None:
+            await self.publish_notice(notice)
+
+    def notification_notice(self, note: Notification) -> Notice:
         when = (note.deferred_until or note.at).isoformat()
-        msg_id = f"notify:{note.campaign_id}:{note.kind}:{note.reason_code}:{when}"
-        subject = self._bus.subject("events", "notify", owner_token(note.owner_id))
-        await self._publish("notify", subject, encode(note), msg_id, note.campaign_id)
+        return Notice(
+            kind="notify",
+            subject=self._bus.subject("events", "notify", owner_token(note.owner_id)),
+            msg_id=f"notify:{note.campaign_id}:{note.kind}:{note.reason_code}:{when}",
+            payload=encode(note),
+            campaign_id=note.campaign_id,
+        )
+
+    async def publish_notification(self, note: Notification) -> bool:
+        return await self.publish_notice(self.notification_notice(note))
+
+    async def publish_notice(self, notice: Notice) -> bool:
+        """Publishes a stored notice; False if JetStream did not confirm it."""
+        return await self._publish(
+            _kind(notice.kind), notice.subject, notice.payload, notice.msg_id, notice.campaign_id
+        )
 
     async def unsubscribed(self, event: UnsubscribeEvent) -> None:
         # One unsubscribe per address and record time: a repeat is the same fact.
@@ -264,11 +283,12 @@ class JetStreamEvents:
         payload: bytes,
         msg_id: str | None,
         campaign_id: int | None,
-    ) -> None:
+    ) -> bool:
         headers = {MSG_ID_HEADER: msg_id} if msg_id is not None else None
         try:
             js = self._bus.nc.jetstream(timeout=self._timeout)
             await js.publish(subject, payload, timeout=self._timeout, headers=headers)
+            return True
         except (nats.errors.Error, RuntimeError, TimeoutError) as exc:
             # TimeoutError: stored or not, unknown (a repeat would be deduplicated);
             # NoRespondersError: no stream; RuntimeError: the bus is closed.
@@ -282,3 +302,13 @@ class JetStreamEvents:
                     "error": repr(exc),
                 },
             )
+            return False
+
+
+def _kind(kind: str) -> EventKind:
+    # Outbox rows are checked by the table; anything else counts as a notification.
+    if kind == "campaign":
+        return "campaign"
+    if kind == "unsubscribe":
+        return "unsubscribe"
+    return "notify"

@@ -37,6 +37,7 @@ __all__ = [
     "InvalidAddress",
     "ManagerStatus",
     "NotRemoved",
+    "Notice",
     "QueueView",
     "QueuedCampaign",
     "QuotaSyncRequest",
@@ -222,6 +223,18 @@ class CampaignEvent(Struct, kw_only=True):
     deferred_until: datetime | None = None
     # Values a reason's text needs (e.g. daily sent/limit), as strings.
     details: dict[str, str] | None = None
+
+
+class Notice(Struct, frozen=True, kw_only=True):
+    """An event ready to publish later, as the outbox stores it: an owner
+    notification is written in the transaction of the deferral that calls for
+    it, so a crash or an outage between the two cannot lose it."""
+
+    kind: str  # campaign | notify | unsubscribe (the events' metric label)
+    subject: str
+    msg_id: str  # Nats-Msg-Id: a repeated publish is stored once
+    payload: bytes
+    campaign_id: int | None = None
 
 
 # --- the public API: campaigns ---------------------------------------------------------

@@ -47,6 +47,7 @@ from mailer.db import Q, connect_pool
 from mailer.events import JetStreamEvents
 from mailer.http import HttpServer
 from mailer.messages import Wake
+from mailer.outbox import OutboxRelay
 from mailer.quota import QuotaSyncActor, lift_deferrals
 from mailer.ratelimit import SendLimiter
 from mailer.store import PgStore
@@ -106,6 +107,7 @@ class Service:
         self._supervisor: Supervisor | None = None
         self._http: HttpServer | None = None
         self._events: JetStreamEvents | None = None
+        self._outbox: OutboxRelay | None = None
         self._stopped = False
         self._background: set[asyncio.Task[None]] = set()
         self.leader_epoch: int | None = None
@@ -156,6 +158,7 @@ class Service:
         # Events go to JetStream; without their stream the service does not come up.
         self._events = JetStreamEvents(self._bus, timezone=s.timezone, max_bytes=s.events_max_bytes)
         await self._events.ensure_stream()
+        self._outbox = OutboxRelay(self._pool, self._events)
         metrics.set_build_info(__version__)
 
         bus, store, clock = self._bus, self._store, self.clock
@@ -299,8 +302,8 @@ class Service:
         batch_timeout = s.smtp_timeout_seconds * 4 * (s.batch_size / s.smtp_connections + 1)
         mailer = ActorMailer(sender, mail_from=s.from_email, timeout=batch_timeout)
         tokens = NatsTokenSource(bus, timeout=s.token_request_timeout_seconds)
-        events = self._events
-        assert events is not None, "service not started"
+        events, outbox = self._events, self._outbox
+        assert events is not None and outbox is not None, "service not started"
         settings = CampaignSettings(
             instance_id=s.effective_instance_id,
             batch_size=s.batch_size,
@@ -324,6 +327,7 @@ class Service:
                 tokens=tokens,
                 mailer=mailer,
                 events=events,
+                outbox=outbox,
                 clock=self.clock,
                 settings=settings,
                 unsubscribe_url=link,

@@ -15,9 +15,18 @@ import asyncpg
 import msgspec
 
 from mailer.db import Q
-from mailer.messages import CampaignView, QueueView
+from mailer.messages import CampaignView, Notice, QueueView
 
-__all__ = ["Attachment", "CampaignRow", "Claimed", "Lease", "Outcome", "PgStore", "campaign_view"]
+__all__ = [
+    "Attachment",
+    "CampaignRow",
+    "Claimed",
+    "Finish",
+    "Lease",
+    "Outcome",
+    "PgStore",
+    "campaign_view",
+]
 
 FINAL_STATUSES = ("sent", "completed_with_errors", "cancelled")
 
@@ -60,6 +69,14 @@ class Claimed(msgspec.Struct, frozen=True):
     email: str
     name: str | None
     variables: dict[str, str]
+
+
+class Finish(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``finish`` found: the final status given, or why there is none yet."""
+
+    status: str | None  # sent | completed_with_errors; None: not finished
+    counts: dict[str, int]
+    lease_lost: bool = False
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -321,18 +338,27 @@ class PgStore:
             )
 
     async def defer(
-        self, lease: Lease, reason: str, until: datetime, now: datetime
+        self,
+        lease: Lease,
+        reason: str,
+        until: datetime,
+        now: datetime,
+        *,
+        notice: Notice | None = None,
     ) -> tuple[bool, bool]:
         """The one way a campaign waits: reason and time on the queue entry, audited.
 
-        Returns (deferred, notify): ``notify`` is False when the owner was
-        already told of this same ongoing reason.
+        ``notice`` is the owner's notification for this deferral: it goes into
+        the event outbox in the same transaction, unless the owner was already
+        told of this same ongoing reason. Returns (deferred, notice stored).
         """
         return await self._wait(
-            lease, Q["queue-defer"], reason=reason, now=now, args=(reason, until)
+            lease, Q["queue-defer"], reason=reason, now=now, args=(reason, until), notice=notice
         )
 
-    async def pause_by_breaker(self, lease: Lease, now: datetime) -> tuple[bool, bool]:
+    async def pause_by_breaker(
+        self, lease: Lease, now: datetime, *, notice: Notice | None = None
+    ) -> tuple[bool, bool]:
         """Pauses the campaign (status ``paused``, reason ``circuit_breaker``)."""
         async with self.pool.acquire() as conn, conn.transaction():
             moved = await conn.fetchrow(
@@ -354,6 +380,7 @@ class PgStore:
                 reason="circuit_breaker",
                 now=now,
                 args=(),
+                notice=notice,
                 conn=conn,
             )
 
@@ -365,11 +392,14 @@ class PgStore:
         reason: str,
         now: datetime,
         args: tuple[Any, ...],
+        notice: Notice | None,
         conn: Any = None,
     ) -> tuple[bool, bool]:
         if conn is None:
             async with self.pool.acquire() as c, c.transaction():
-                return await self._wait(lease, sql, reason=reason, now=now, args=args, conn=c)
+                return await self._wait(
+                    lease, sql, reason=reason, now=now, args=args, notice=notice, conn=c
+                )
         row = await conn.fetchrow(sql, lease.campaign_id, lease.owner, lease.epoch, *args)
         if row is None:
             return False, False
@@ -382,7 +412,18 @@ class PgStore:
             lease.campaign_id,
             {"reason": reason, "until": until},
         )
-        return True, row["previous_reason"] != reason
+        if notice is None or row["previous_reason"] == reason:
+            return True, False
+        await conn.execute(
+            Q["outbox-insert"],
+            notice.kind,
+            notice.subject,
+            notice.msg_id,
+            notice.payload,
+            notice.campaign_id,
+            now,
+        )
+        return True, True
 
     async def campaign_status(self, campaign_id: int) -> str | None:
         status: str | None = await self.pool.fetchval(Q["campaign-status"], campaign_id)
@@ -436,23 +477,24 @@ class PgStore:
             done.append((cid, str(moved["owner_id"]), status, counts))
         return done
 
-    async def finish(self, lease: Lease, now: datetime) -> tuple[str, dict[str, int]] | None:
+    async def finish(self, lease: Lease, now: datetime) -> Finish:
         """Gives the campaign its honest final status when nothing is left to send.
 
-        Returns (status, counts), or None when recipients are still pending or
-        claimed (someone added recipients, or another claimer is mid-batch).
+        Not finished when recipients are still pending or claimed (someone added
+        recipients, or rows were locked when the claim looked), nor when the
+        lease is no longer ours (``lease_lost``).
         """
         async with self.pool.acquire() as conn, conn.transaction():
             counts = await self.counts(lease.campaign_id, conn)
             if counts.get("pending", 0) or counts.get("sending", 0):
-                return None
+                return Finish(status=None, counts=counts)
             bad = counts.get("failed", 0) + counts.get("in_doubt", 0)
             status = "completed_with_errors" if bad else "sent"
             done = await conn.fetchrow(
                 Q["queue-complete"], lease.campaign_id, lease.owner, lease.epoch, now
             )
             if done is None:
-                return None
+                return Finish(status=None, counts=counts, lease_lost=True)
             await conn.fetchrow(
                 Q["campaign-set-status"], lease.campaign_id, status, ["sending", "ready"], now
             )
@@ -464,4 +506,4 @@ class PgStore:
                 lease.campaign_id,
                 {"from": "sending", "to": status, "counts": counts},
             )
-        return status, counts
+        return Finish(status=status, counts=counts)

@@ -286,3 +286,80 @@ def msgspec_json(data: bytes) -> dict[str, object]:
 
     result: dict[str, object] = msgspec.json.decode(data)
     return result
+
+
+def _hour_key(settings, at: datetime) -> str:
+    return f"{settings.redis_key_prefix}rate:{settings.smtp_account}:{at.strftime('%Y%m%d%H')}"
+
+
+async def test_a_batch_of_greylisted_addresses_is_one_failed_attempt_and_its_tokens_stay_spent(
+    make_service, crm: Crm, events: Events, sink, db, redis_client, settings
+) -> None:
+    # Ten addresses greylisted in one batch: one failed attempt, not ten, so
+    # the campaign waits for its retry instead of being paused at once.
+    clock = FakeClock(MONDAY_1015_UTC)
+    await make_service(clock=clock, batch_size=10)
+    recipients = people(10)
+    for r in recipients:
+        sink.fail(r["email"], "451 4.7.1 Greylisted, try again later", times=1)
+    cid = await crm.campaign(recipients)
+    await crm.start(cid)
+
+    deferred = await events.wait(cid, ("deferred",))
+    assert deferred["defer_reason"] == "transient_error"
+    q = await db.fetchrow("SELECT * FROM queue_entry WHERE campaign_id = $1", cid)
+    assert q["consecutive_transient_errors"] == 1
+    assert (await crm.get(cid))["status"] == "sending"  # waiting, not paused
+    # The ten tokens were spent on sends that failed: they are not given back.
+    hour = _hour_key(settings, MONDAY_1015_UTC)
+    assert int(await redis_client.get(hour)) == 10
+
+    clock.advance(timedelta(minutes=5))
+    done = await events.wait(cid, ("sent", "completed_with_errors"))
+    assert done["event"] == "sent" and done["counts"] == {"sent": 10}
+    assert int(await redis_client.get(hour)) == 20
+    assert (
+        await db.fetchval(
+            "SELECT consecutive_transient_errors FROM queue_entry WHERE campaign_id = $1", cid
+        )
+        == 0
+    )
+
+
+async def test_an_open_smtp_breaker_holds_campaigns_back_without_spending_tokens(
+    make_service, crm: Crm, events: Events, sink, db, redis_client, settings
+) -> None:
+    # The server answers 421 to every message of the first batch: the account's
+    # breaker opens (3 server failures), the first campaign waits its retry.
+    clock = FakeClock(MONDAY_1015_UTC)
+    await make_service(clock=clock, batch_size=3, circuit_breaker_threshold=3)
+    first = people(3)
+    for r in first:
+        sink.fail(r["email"], "421 4.3.2 Service shutting down", times=1)
+    a = await crm.campaign(first)
+    await crm.start(a)
+    deferred = await events.wait(a, ("deferred",))
+    assert deferred["defer_reason"] == "transient_error"
+    hour = _hour_key(settings, MONDAY_1015_UTC)
+    assert int(await redis_client.get(hour)) == 3
+    quota_before = await db.fetchval("SELECT emails_available FROM quota")
+
+    # A second campaign starts a minute later, while the breaker is open: it
+    # waits for the breaker's probe and reserves nothing, claims nothing.
+    clock.advance(timedelta(minutes=1))
+    b = await crm.campaign(people(4, start=100))
+    await crm.start(b)
+    waits = await events.wait(b, ("deferred",))
+    assert waits["defer_reason"] == "transient_error"
+    assert datetime.fromisoformat(waits["deferred_until"]) == MONDAY_1015_UTC + timedelta(minutes=5)
+    assert int(await redis_client.get(hour)) == 3
+    assert await db.fetchval("SELECT emails_available FROM quota") == quota_before
+    assert await db.fetchval("SELECT count(*) FROM send_log WHERE campaign_id = $1", b) == 0
+    assert (await crm.get(b))["counts"] == {"pending": 4}
+
+    # The cooldown ends: both go out.
+    clock.advance(timedelta(minutes=4))
+    for cid in (a, b):
+        done = await events.wait(cid, ("sent", "completed_with_errors"))
+        assert done["event"] == "sent"
+    assert len(sink.messages) == 7

@@ -39,7 +39,7 @@ from nats.micro.service import EndpointConfig, Service
 from mailer.actors.campaign import Mail
 from mailer.actors.governor import NatsTokenSource
 from mailer.actors.runtime import Actor, ActorRef
-from mailer.actors.sender import ActorMailer, SendBatch
+from mailer.actors.sender import ActorMailer, SenderMessage
 from mailer.api.context import ApiContext, Caller, EventSink, caller_from, lang_of
 from mailer.api.recipients import MAX_RECIPIENTS_PER_CALL
 from mailer.api.routes import LARGE_PAYLOAD, Route, routes
@@ -81,7 +81,7 @@ class ApiActor(Actor[None]):
         clock: Clock,
         settings: Settings,
         redis_client: redis.Redis,
-        sender: ActorRef[SendBatch] | None,
+        sender: ActorRef[SenderMessage] | None,
         events: EventSink,
         version: str,
     ) -> None:

@@ -13,13 +13,24 @@ Crash policy ("stop means mark, drain, then clean up and record"):
 
 SMTP outcomes: permanent (5xx, invalid address) → that recipient ``failed``,
 the campaign goes on; transient (4xx, timeout, refused) → the recipient goes
-back to ``pending`` and the campaign is deferred ``transient_error``; the
-count of consecutive transient errors (reset by any success) reaching the
+back to ``pending`` and the campaign is deferred ``transient_error``. The
+campaign counts consecutive failed *attempts*: a batch with a transient error
+and no success counts one (ten greylisted addresses in one batch are one
+failed attempt, not ten), any success resets the count, and reaching the
 circuit-breaker threshold pauses the campaign until a manager resumes it.
+While the SMTP account's own breaker is open the campaign does not even ask
+for tokens: it waits (``transient_error``) until the breaker lets a probe out.
+
+Letting go of the lease (defer, pause, finish, release) first stops the
+heartbeat, so a renewal that finds the lease given up cannot crash the actor
+halfway through announcing it. The owner's notification of a deferral is
+stored in the deferral's own transaction (the event outbox) and relayed from
+there, so it is never lost between the two.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
@@ -30,9 +41,9 @@ import msgspec
 from mailer import metrics
 from mailer.actors.runtime import Actor
 from mailer.clock import Clock
-from mailer.messages import CampaignEvent, TokenReply
+from mailer.messages import CampaignEvent, Notice, TokenReply
 from mailer.render import MessageTemplate, make_message_id
-from mailer.store import Attachment, CampaignRow, Claimed, Lease, Outcome
+from mailer.store import Attachment, CampaignRow, Claimed, Finish, Lease, Outcome
 from mailer.transport import SendResult
 
 __all__ = [
@@ -45,6 +56,7 @@ __all__ = [
     "LeaseLost",
     "Mail",
     "Mailer",
+    "Outbox",
     "TokenSource",
 ]
 
@@ -84,10 +96,18 @@ class CampaignStore(Protocol):
         success: bool = False,
     ) -> None: ...
     async def defer(
-        self, lease: Lease, reason: str, until: datetime, now: datetime
+        self,
+        lease: Lease,
+        reason: str,
+        until: datetime,
+        now: datetime,
+        *,
+        notice: Notice | None = None,
     ) -> tuple[bool, bool]: ...
-    async def pause_by_breaker(self, lease: Lease, now: datetime) -> tuple[bool, bool]: ...
-    async def finish(self, lease: Lease, now: datetime) -> tuple[str, dict[str, int]] | None: ...
+    async def pause_by_breaker(
+        self, lease: Lease, now: datetime, *, notice: Notice | None = None
+    ) -> tuple[bool, bool]: ...
+    async def finish(self, lease: Lease, now: datetime) -> Finish: ...
 
 
 class TokenSource(Protocol):
@@ -99,14 +119,24 @@ class Mailer(Protocol):
 
     async def send_all(self, mails: Sequence[Mail]) -> list[SendResult]: ...
 
+    async def blocked_until(self) -> datetime | None:
+        """Until when the SMTP account's breaker holds every send back (None: not)."""
+        ...
+
 
 class EventSink(Protocol):
     async def emit(self, event: CampaignEvent) -> None:
-        """A lifecycle event for every interested service."""
+        """A lifecycle event for every interested service (best effort)."""
         ...
 
-    async def notify(self, event: CampaignEvent) -> None:
-        """A notification for the campaign's owner (the caller deduplicates)."""
+    def notice(self, event: CampaignEvent) -> Notice | None:
+        """The owner's notification for ``event``, for the outbox (None if none is due)."""
+        ...
+
+
+class Outbox(Protocol):
+    async def flush(self) -> int:
+        """Publishes the stored notices (at least once); returns how many went out."""
         ...
 
 
@@ -126,6 +156,11 @@ class CampaignSettings(msgspec.Struct, frozen=True, kw_only=True):
 FaultHook = Callable[[int, int], Awaitable[None]]
 
 
+# Pause before looking again when recipients are pending but none could be
+# claimed (rows locked by an API call in progress): rare and brief.
+_RECLAIM_PAUSE_SECONDS = 0.5
+
+
 class LeaseLost(Exception):
     """Another process took the campaign: this actor must stop sending."""
 
@@ -140,6 +175,7 @@ class CampaignActor(Actor[Continue]):
         tokens: TokenSource,
         mailer: Mailer,
         events: EventSink,
+        outbox: Outbox,
         clock: Clock,
         settings: CampaignSettings,
         unsubscribe_url: Callable[[int, str], str],
@@ -151,6 +187,7 @@ class CampaignActor(Actor[Continue]):
         self._tokens = tokens
         self._mailer = mailer
         self._events = events
+        self._outbox = outbox
         self._clock = clock
         self._s = settings
         self._unsubscribe_url = unsubscribe_url
@@ -165,6 +202,7 @@ class CampaignActor(Actor[Continue]):
         self._handed: list[Claimed] = []
         self._unrecorded: list[Outcome] = []
         self._ended = False  # finished or deferred: the lease is already given up
+        self._heartbeat_task: asyncio.Task[None] | None = None
 
     # --- setup ----------------------------------------------------------------
 
@@ -203,9 +241,21 @@ class CampaignActor(Actor[Continue]):
             message_id_domain=self._s.message_id_domain,
             attachments=[(a.filename, a.content_type, a.content) for a in attachments],
         )
-        self.spawn_task(self._heartbeat(lease), name="heartbeat")
+        self._start_heartbeat(lease)
         await self._emit("started")
         self._again()
+
+    def _start_heartbeat(self, lease: Lease) -> None:
+        self._heartbeat_task = self.spawn_task(self._heartbeat(lease), name="heartbeat")
+
+    async def _stop_heartbeat(self) -> None:
+        """Stops renewing the lease: what follows gives it up (defer, pause, finish, release)."""
+        task, self._heartbeat_task = self._heartbeat_task, None
+        if task is not None:
+            task.cancel()
+            # asyncio.wait, not await: it neither raises the task's error (a
+            # LeaseLost already crashed us) nor swallows our own cancellation.
+            await asyncio.wait([task])
 
     async def _heartbeat(self, lease: Lease) -> None:
         """Renews the lease; losing it crashes the actor so it stops sending."""
@@ -231,6 +281,12 @@ class CampaignActor(Actor[Continue]):
     async def _batch(self) -> None:
         lease, campaign, template = self._lease, self._campaign, self._template
         assert lease is not None and campaign is not None and template is not None
+        blocked = await self._mailer.blocked_until()
+        if blocked is not None:
+            # The account's breaker is open: reserving tokens now would spend the
+            # hour and the quota on sends that cannot go out. Wait for its probe.
+            await self._defer(lease, "transient_error", blocked, {})
+            return
         now = self._clock.now()
         self._claimed, unsubscribed = await self._store.claim(lease, self._s.batch_size, now)
         if not self._claimed:
@@ -301,12 +357,13 @@ class CampaignActor(Actor[Continue]):
 
     async def _flush(self, lease: Lease) -> None:
         outcomes = self._unrecorded
-        success = False
-        for o in outcomes:  # in recipient order: the last run of transients counts
-            if o.status == "sent":
-                self._transient_errors, success = 0, True
-            elif o.status == "transient" and not o.short_circuited:
-                self._transient_errors += 1
+        # One batch is one attempt: any success resets the count, a failed
+        # attempt (a transient error, no success) adds one whatever its size.
+        success = any(o.status == "sent" for o in outcomes)
+        if success:
+            self._transient_errors = 0
+        elif any(o.status == "transient" and not o.short_circuited for o in outcomes):
+            self._transient_errors += 1
         await self._store.record(
             lease,
             outcomes,
@@ -331,18 +388,25 @@ class CampaignActor(Actor[Continue]):
                 "campaign stopped by its status",
                 extra={"campaign_id": self.campaign_id, "status": status},
             )
+            await self._stop_heartbeat()
             await self._store.release(lease)
             self._ended = True
             self.request_stop()
             return
+        await self._stop_heartbeat()
         result = await self._store.finish(lease, self._clock.now())
-        if result is None:
-            # Rows still claimed by a batch of ours in flight elsewhere, or new
-            # recipients: look again shortly rather than spin.
-            await self._clock.sleep(1.0)
+        if result.lease_lost:
+            raise LeaseLost(f"lease on campaign {lease.campaign_id} lost before it finished")
+        if result.status is None:
+            # Recipients still pending: added meanwhile (the next claim takes
+            # them), or locked by an API call when the claim looked (it
+            # commits within moments). Keep the lease and go on after a pause
+            # that keeps the second case from spinning.
+            self._start_heartbeat(lease)
+            await self._clock.sleep(_RECLAIM_PAUSE_SECONDS)
             self._again()
             return
-        status, counts = result
+        status, counts = result.status, result.counts
         self._ended = True
         log.info(
             "campaign finished",
@@ -364,7 +428,11 @@ class CampaignActor(Actor[Continue]):
         self, lease: Lease, reason: str, until: datetime | None, details: dict[str, str]
     ) -> None:
         until = until or self._clock.now() + timedelta(minutes=1)
-        deferred, notify = await self._store.defer(lease, reason, until, self._clock.now())
+        await self._stop_heartbeat()
+        event = self._event("deferred", defer_reason=reason, deferred_until=until, details=details)
+        deferred, noticed = await self._store.defer(
+            lease, reason, until, self._clock.now(), notice=self._events.notice(event)
+        )
         self._ended = True
         self.request_stop()
         if not deferred:
@@ -378,13 +446,21 @@ class CampaignActor(Actor[Continue]):
                 "deferred_until": until.isoformat(),
             },
         )
-        event = self._event("deferred", defer_reason=reason, deferred_until=until, details=details)
         await self._events.emit(event)
-        if notify:
-            await self._events.notify(event)
+        if noticed:
+            await self._outbox.flush()
 
     async def _pause_by_breaker(self, lease: Lease) -> None:
-        paused, notify = await self._store.pause_by_breaker(lease, self._clock.now())
+        await self._stop_heartbeat()
+        event = self._event(
+            "paused",
+            status="paused",
+            defer_reason="circuit_breaker",
+            details={"errors": str(self._transient_errors)},
+        )
+        paused, noticed = await self._store.pause_by_breaker(
+            lease, self._clock.now(), notice=self._events.notice(event)
+        )
         self._ended = True
         self.request_stop()
         if not paused:
@@ -398,15 +474,9 @@ class CampaignActor(Actor[Continue]):
                 "consecutive_transient_errors": self._transient_errors,
             },
         )
-        event = self._event(
-            "paused",
-            status="paused",
-            defer_reason="circuit_breaker",
-            details={"errors": str(self._transient_errors)},
-        )
         await self._events.emit(event)
-        if notify:
-            await self._events.notify(event)
+        if noticed:
+            await self._outbox.flush()
 
     async def _emit(self, event: str, *, counts: dict[str, int] | None = None) -> None:
         status = event if event in ("sent", "completed_with_errors") else "sending"

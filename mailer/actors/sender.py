@@ -5,13 +5,21 @@ the messages in parallel over the pool and answers with one result per
 message, in order. Being an actor, it is stopped after every campaign actor
 at shutdown, so the SMTP transactions in flight finish before the
 connections close. It keeps the SMTP account's circuit breaker: while the
-breaker is open nothing is attempted.
+breaker is open nothing is attempted, and a campaign asks (``BreakerQuery``)
+before it reserves send tokens, so a dead server does not burn the hour.
+
+The breaker counts failures that speak of the server, not of one message: no
+SMTP reply at all (refused, timeout, reset, TLS), 421 "service not
+available", or a refusal of the session itself. A 450/451/452 for one
+recipient (a full mailbox, greylisting) is that recipient's problem: it is
+retried with its campaign but does not make the whole process back off.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from datetime import datetime
 
 import msgspec
 
@@ -22,7 +30,7 @@ from mailer.breaker import CircuitBreaker
 from mailer.clock import Clock
 from mailer.transport import SendResult, SmtpTransport
 
-__all__ = ["ActorMailer", "SendBatch", "SenderActor"]
+__all__ = ["ActorMailer", "BreakerQuery", "SendBatch", "SenderActor", "SenderMessage"]
 
 _SHORT_CIRCUIT = SendResult(
     outcome="transient",
@@ -39,7 +47,21 @@ class SendBatch(msgspec.Struct, frozen=True):
     mails: list[Mail]
 
 
-class SenderActor(Actor[SendBatch]):
+class BreakerQuery(msgspec.Struct, frozen=True):
+    """Until when is the account's breaker open? The reply is a datetime or None."""
+
+
+SenderMessage = SendBatch | BreakerQuery
+
+
+def _server_failure(r: SendResult) -> bool:
+    if r.outcome != "transient" or r.in_doubt or r.short_circuited:
+        return False
+    # Transient 5xx only come from session-level refusals (greeting, EHLO, AUTH).
+    return r.smtp_code is None or r.smtp_code == 421 or r.smtp_code >= 500
+
+
+class SenderActor(Actor[SenderMessage]):
     def __init__(self, transport: SmtpTransport, *, breaker: CircuitBreaker, clock: Clock) -> None:
         self._transport = transport
         self._breaker = breaker
@@ -48,7 +70,9 @@ class SenderActor(Actor[SendBatch]):
     async def on_start(self) -> None:
         await self._transport.start()
 
-    async def handle(self, msg: SendBatch) -> object:
+    async def handle(self, msg: SenderMessage) -> object:
+        if isinstance(msg, BreakerQuery):
+            return self._breaker.blocked_until(self._clock.now())
         if not self._breaker.allow(self._clock.now()):
             return [_SHORT_CIRCUIT] * len(msg.mails)
         results = await asyncio.gather(
@@ -58,7 +82,7 @@ class SenderActor(Actor[SendBatch]):
             metrics.SEND_DURATION.observe(r.took_ms / 1000)
         self._breaker.record(
             successes=sum(r.outcome == "sent" for r in results),
-            transient_failures=sum(r.outcome == "transient" and not r.in_doubt for r in results),
+            transient_failures=sum(_server_failure(r) for r in results),
             now=self._clock.now(),
         )
         return list(results)
@@ -70,7 +94,7 @@ class SenderActor(Actor[SendBatch]):
 class ActorMailer:
     """The campaign actor's ``Mailer``: a batch is one ask to the sender."""
 
-    def __init__(self, sender: ActorRef[SendBatch], *, mail_from: str, timeout: float) -> None:
+    def __init__(self, sender: ActorRef[SenderMessage], *, mail_from: str, timeout: float) -> None:
         self._sender = sender
         self._from = mail_from
         self._timeout = timeout
@@ -80,4 +104,9 @@ class ActorMailer:
             return []
         result = await self._sender.ask(SendBatch(self._from, list(mails)), timeout=self._timeout)
         assert isinstance(result, list)
+        return result
+
+    async def blocked_until(self) -> datetime | None:
+        result = await self._sender.ask(BreakerQuery(), timeout=self._timeout)
+        assert result is None or isinstance(result, datetime)
         return result
