@@ -142,6 +142,7 @@ async def test_pause_resume_cancel_contract(
     ]
     assert actions == [
         "campaign.create",
+        "recipients.add",
         "campaign.start",
         "campaign.status",
         "campaign.pause",
@@ -232,6 +233,10 @@ async def test_only_owner_or_admin(make_service, crm: Crm, events: Events) -> No
     clock = FakeClock(MONDAY_MIDDAY)
     await make_service(clock=clock, rate_per_hour=1)
     cid = await crm.campaign(people(2))
+    attachment = await crm.call(
+        "attachments.add",
+        {"campaign_id": cid, "filename": "a.txt", "content_type": "text/plain", "content": "aGk="},
+    )
     stranger = {"user": "manager-2"}
     for subject, body in [
         ("campaign.get", {"campaign_id": cid}),
@@ -245,12 +250,24 @@ async def test_only_owner_or_admin(make_service, crm: Crm, events: Events) -> No
         ("recipients.add", {"campaign_id": cid, "recipients": [{"email": "a@b.example"}]}),
         ("recipients.list", {"campaign_id": cid}),
         ("recipients.remove", {"campaign_id": cid, "emails": ["user0@example.org"]}),
+        (
+            "attachments.add",
+            {
+                "campaign_id": cid,
+                "filename": "a.txt",
+                "content_type": "text/plain",
+                "content": "aGk=",
+            },
+        ),
         ("attachments.list", {"campaign_id": cid}),
+        ("attachments.remove", {"campaign_id": cid, "attachment_id": attachment["id"]}),
         ("audit.list", {"campaign_id": cid}),
     ]:
         err = await crm.fails(subject, body, **stranger)
         assert err.code == "forbidden" and err.status == 403, subject
         assert err.message.startswith("Недостаточно прав"), subject
+    listed = await crm.call("attachments.list", {"campaign_id": cid})
+    assert [a["id"] for a in listed["items"]] == [attachment["id"]], "the refusals changed nothing"
     err = await crm.fails("campaign.list", {"owner_id": "manager-1"}, **stranger)
     assert err.code == "forbidden"
     err = await crm.fails("manager.status", {"owner_id": "manager-1"}, **stranger)
@@ -272,6 +289,88 @@ async def test_only_owner_or_admin(make_service, crm: Crm, events: Events) -> No
 
     err = await crm.fails("campaign.get", {"campaign_id": cid}, user="")
     assert err.code == "unauthenticated" and err.status == 401
+
+
+async def test_update_of_a_sending_campaign_is_refused(
+    make_service, crm: Crm, events: Events, db
+) -> None:
+    clock = FakeClock(MONDAY_MIDDAY)
+    await make_service(clock=clock, rate_per_hour=1, batch_size=1)
+    cid = await crm.campaign(people(2), priority=3)
+    await crm.start(cid)
+    await events.wait(cid, ("deferred",))  # one sent, the hour is used up: still sending
+    assert (await crm.get(cid))["status"] == "sending"
+    before = await _campaign_state(db, cid)
+
+    change = {
+        "campaign_id": cid,
+        "name": "Другое имя",
+        "subject": "Другая тема",
+        "body_text": "Другой текст",
+        "body_html": None,
+        "priority": 50,
+    }
+    for who in ({}, {"user": "boss", "roles": "admin"}):
+        err = await crm.fails("campaign.update", change, **who)
+        assert err.code == "invalid_state" and err.status == 409
+        assert err.details == {"status": "sending"}
+        assert err.message == "Действие невозможно: кампания в статусе «отправляется»."
+        for field in ("name", "priority"):
+            err = await crm.fails("campaign.update", {"campaign_id": cid, field: change[field]})
+            assert err.code == "invalid_state", field
+    assert await _campaign_state(db, cid) == before
+    view = await crm.get(cid)
+    assert (view["name"], view["priority"], view["queue"]["priority"]) == (
+        "Осенняя рассылка",
+        3,
+        3,
+    )
+
+
+async def test_admin_lists_one_owners_campaigns(make_service, crm: Crm) -> None:
+    await make_service()
+    mine = [await crm.campaign([]) for _ in range(2)]
+    theirs = [await crm.campaign([], user="manager-2") for _ in range(3)]
+    await crm.call("campaign.cancel", {"campaign_id": theirs[0]}, user="manager-2")
+    admin = {"user": "boss", "roles": "admin"}
+
+    listed = await crm.call("campaign.list", {"owner_id": "manager-2"}, **admin)
+    assert [c["id"] for c in listed["items"]] == theirs[::-1]
+    assert {c["owner_id"] for c in listed["items"]} == {"manager-2"}
+    page = await crm.call("campaign.list", {"owner_id": "manager-2", "limit": 2}, **admin)
+    assert [c["id"] for c in page["items"]] == [theirs[2], theirs[1]]
+    rest = await crm.call(
+        "campaign.list",
+        {"owner_id": "manager-2", "limit": 2, "cursor": page["next_cursor"]},
+        **admin,
+    )
+    assert [c["id"] for c in rest["items"]] == [theirs[0]] and rest["next_cursor"] is None
+    drafts = await crm.call(
+        "campaign.list", {"owner_id": "manager-2", "status": ["draft"]}, **admin
+    )
+    assert [c["id"] for c in drafts["items"]] == [theirs[2], theirs[1]]
+    listed = await crm.call("campaign.list", {"owner_id": "manager-1"}, **admin)
+    assert [c["id"] for c in listed["items"]] == mine[::-1]
+    assert (await crm.call("campaign.list", {"owner_id": "nobody"}, **admin))["items"] == []
+    everyone = await crm.call("campaign.list", {}, **admin)
+    assert [c["id"] for c in everyone["items"]] == sorted(mine + theirs, reverse=True)
+    # A manager may name only themselves.
+    assert (await crm.fails("campaign.list", {"owner_id": "manager-2"})).code == "forbidden"
+    own = await crm.call("campaign.list", {"owner_id": "manager-1"})
+    assert [c["id"] for c in own["items"]] == mine[::-1]
+
+
+async def _campaign_state(db, cid: int) -> tuple[object, ...]:
+    campaign = await db.fetchrow("SELECT * FROM campaign WHERE id = $1", cid)
+    queue = await db.fetchrow(
+        "SELECT priority, queued_at, completed_at FROM queue_entry WHERE campaign_id = $1", cid
+    )
+    audit = await db.fetch(
+        "SELECT id, action FROM audit_log WHERE campaign_id = $1 AND actor_id <> 'system' "
+        "ORDER BY id",
+        cid,
+    )
+    return dict(campaign or {}), dict(queue or {}), [tuple(a) for a in audit]
 
 
 @pytest.mark.parametrize(
