@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+
 import msgspec
 import pytest
 
@@ -9,9 +13,10 @@ from mailer.actors.api import ApiActor
 from mailer.api import admin
 from mailer.api.context import Caller
 from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus
+from mailer.clock import FakeClock
 from mailer.errors import ApiError
 from mailer.messages import CampaignEvent, Empty, ErrorBody, ErrorReply
-from tests.helpers import Crm
+from tests.helpers import Crm, Events, people
 
 ADMIN = {"user": "root", "roles": "admin"}
 
@@ -112,14 +117,99 @@ async def test_quota_get_and_sync(make_service, crm: Crm, db, settings, redis_cl
     assert await db.fetchval("SELECT count(*) FROM audit_log WHERE action = 'quota.sync'") == 1
 
 
+async def _first_sync_done(db) -> None:
+    """The quota syncer syncs once when it starts; the tests change the row after that."""
+    for _ in range(500):
+        if await db.fetchval("SELECT last_synced_at FROM quota") is not None:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the quota syncer never synced on start")
+
+
+async def test_quota_sync_over_nats_by_the_running_syncer(make_service, crm: Crm, db) -> None:
+    """quota.sync from a CRM caller reaches the service's own QuotaSyncActor (local provider)."""
+    clock = FakeClock(datetime(2026, 11, 23, 10, 15, tzinfo=UTC))
+    await make_service(clock=clock, monthly_quota=500)
+    await _first_sync_done(db)
+    # What the provider will count this month: sent and in-doubt attempts (test
+    # emails too); not failures, not last month.
+    sends = [
+        ("sent", False, clock.now()),
+        ("sent", True, clock.now()),
+        ("in_doubt", False, clock.now()),
+        ("failed", False, clock.now()),
+        ("sent", False, datetime(2026, 10, 31, 12, 0, tzinfo=UTC)),
+    ]
+    for status, is_test, at in sends:
+        await db.execute(
+            "INSERT INTO send_log (email, is_test, status, created_at) "
+            "VALUES ('a@example.org', $1, $2, $3)",
+            is_test,
+            status,
+            at,
+        )
+    # A stored value the provider's count will replace, and a stale error.
+    await db.execute(
+        "UPDATE quota SET emails_available = 7, last_synced_at = NULL, sync_error = 'old'"
+    )
+    clock.advance(timedelta(minutes=5))
+
+    err = await crm.fails("quota.sync", {})
+    assert err.code == "forbidden" and err.status == 403
+    assert await db.fetchval("SELECT emails_available FROM quota") == 7
+
+    fresh = await crm.call("quota.sync", {}, **ADMIN)
+    assert fresh == {
+        "emails_available": 497,
+        "monthly_limit": 500,
+        "last_synced_at": "2026-11-23T10:20:00Z",
+        "sync_error": None,
+    }
+    row = await db.fetchrow("SELECT * FROM quota")
+    assert row["emails_available"] == 497 and row["sync_error"] is None
+    assert row["last_synced_at"] == clock.now()
+    assert await crm.call("quota.get", {}) == fresh
+    audit = await db.fetch(
+        "SELECT at, actor_id, campaign_id, details FROM audit_log WHERE action = 'quota.sync'"
+    )
+    assert [
+        (a["at"], a["actor_id"], a["campaign_id"], json.loads(a["details"])) for a in audit
+    ] == [(clock.now(), "root", None, {})]
+
+
+async def test_quota_sync_over_nats_resumes_a_campaign_waiting_for_quota(
+    make_service, crm: Crm, db, events: Events, sink
+) -> None:
+    clock = FakeClock(datetime(2026, 11, 23, 10, 15, tzinfo=UTC))
+    await make_service(clock=clock, monthly_quota=500)
+    await _first_sync_done(db)
+    await db.execute("UPDATE quota SET emails_available = 0")
+    cid = await crm.campaign(people(2))
+    started = await crm.start(cid)
+    assert [w["code"] for w in started["warnings"]] == ["quota_exhausted"]
+    deferred = await events.wait(cid, ("deferred",))
+    assert deferred["defer_reason"] == "quota_exhausted" and not sink.messages
+
+    fresh = await crm.call("quota.sync", {}, **ADMIN)
+    assert fresh["emails_available"] == 500
+    done = await events.wait(cid, ("sent", "completed_with_errors"))
+    assert done["event"] == "sent" and len(sink.messages) == 2
+    assert await db.fetchval("SELECT emails_available FROM quota") == 498
+
+
 async def test_audit_list(make_service, crm: Crm) -> None:
     await make_service()
     cid = await crm.campaign([{"email": "a@example.org"}])
     for i in range(3):
         await crm.call("campaign.update", {"campaign_id": cid, "priority": i})
-    page = await crm.call("audit.list", {"campaign_id": cid, "limit": 2})
-    assert [e["action"] for e in page["items"]] == ["campaign.create", "campaign.update"]
-    assert page["items"][1]["details"] == {"fields": ["priority"]}
+    page = await crm.call("audit.list", {"campaign_id": cid, "limit": 3})
+    assert [e["action"] for e in page["items"]] == [
+        "campaign.create",
+        "recipients.add",
+        "campaign.update",
+    ]
+    assert page["items"][1]["details"] == {"count": 1, "duplicates": 0}
+    assert page["items"][2]["details"] == {"fields": ["priority"]}
     assert page["items"][0]["actor_id"] == "manager-1"
     rest = await crm.call("audit.list", {"campaign_id": cid, "cursor": page["next_cursor"]})
     assert len(rest["items"]) == 2 and rest["next_cursor"] is None
