@@ -20,21 +20,24 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import api
+from nats.js import JetStreamContext
 
 from mailer.bus import Bus, NatsAuthError
 from mailer.events import stream_name
 from mailer.messages import CampaignEvent
 from tests.conftest import MakeService
-from tests.helpers import Crm, people
+from tests.helpers import Crm, Events, people
 
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
+API_DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 _LISTENING = re.compile(rb"Listening for client connections on ([\d.]+):(\d+)")
 
 
 @contextlib.asynccontextmanager
-async def nats_server(config: str, folder: Path) -> AsyncIterator[str]:
-    """A nats-server running ``config``; yields its URL."""
+async def nats_server(
+    config: str, folder: Path, env: dict[str, str] | None = None
+) -> AsyncIterator[str]:
+    """A nats-server running ``config`` (``$VARS`` in it from ``env``); yields its URL."""
     conf = folder / "nats.conf"
     conf.write_text(config, encoding="utf-8")
     proc = await asyncio.create_subprocess_exec(
@@ -43,6 +46,7 @@ async def nats_server(config: str, folder: Path) -> AsyncIterator[str]:
         str(conf),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )
     assert proc.stderr is not None
     stderr = proc.stderr
@@ -74,22 +78,8 @@ async def nats_server(config: str, folder: Path) -> AsyncIterator[str]:
             await drain
 
 
-def users_config(folder: Path, prefix: str, nkey_public: str | None = None) -> str:
-    stream = stream_name(prefix)
-    # The CRM caller: requests to the API, JetStream reads of the event stream;
-    # neither internal subjects (rate tokens, scheduler wake-ups) nor forged events.
-    crm_permissions = f"""{{
-        publish: {{
-          allow: ["{prefix}.>",
-                  "$JS.API.STREAM.INFO.{stream}",
-                  "$JS.API.CONSUMER.CREATE.{stream}.>",
-                  "$JS.API.CONSUMER.INFO.{stream}.>",
-                  "$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
-                  "$JS.ACK.{stream}.>"]
-          deny: ["{prefix}.internal.>", "{prefix}.events.>"]
-        }}
-        subscribe: {{ allow: ["_INBOX.>", "{prefix}.events.>"] }}
-      }}"""
+def users_config(folder: Path, nkey_public: str | None = None) -> str:
+    """mailer's own user (password), and optionally an NKey user."""
     nkey_user = f'{{ nkey: "{nkey_public}" }}' if nkey_public else ""
     return f"""
 listen: "127.0.0.1:-1"
@@ -98,10 +88,29 @@ authorization {{
   users = [
     {{ user: "mailer", password: "mailer-secret" }}
     {nkey_user}
-    {{ user: "crm", password: "crm-secret", permissions: {crm_permissions} }}
   ]
 }}
 """
+
+
+def documented_permissions(prefix: str) -> str:
+    """The nats-server ``authorization`` block of docs/api.md, for ``prefix``.
+
+    The docs write it for the default prefix ``mailer`` and its stream
+    ``MAILER_EVENTS_mailer``, with passwords from ``$MAILER_NATS_PASSWORD`` and
+    ``$CRM_DEALS_NATS_PASSWORD`` (nats-server reads them from its environment).
+    """
+    blocks = [
+        b
+        for b in re.findall(r"```conf\n(.*?)```", API_DOC.read_text("utf-8"), re.DOTALL)
+        if "crm-deals" in b
+    ]
+    assert len(blocks) == 1, "docs/api.md: expected one ```conf block with the crm-deals user"
+    block = blocks[0].replace("MAILER_EVENTS_mailer", stream_name(prefix))
+    block = block.replace('"mailer.', f'"{prefix}.')
+    unscoped = re.findall(r"(?<![\w.])mailer\.\S*", block)
+    assert not unscoped, f"subjects the test did not scope: {unscoped}"
+    return block
 
 
 def new_user_seed(path: Path) -> str:
@@ -127,7 +136,7 @@ async def round_trip(bus: Bus) -> bytes:
 async def test_bus_authenticates_with_user_and_password_and_refuses_wrong_ones(
     tmp_path: Path,
 ) -> None:
-    async with nats_server(users_config(tmp_path, "auth.mailer"), tmp_path) as url:
+    async with nats_server(users_config(tmp_path), tmp_path) as url:
         bus = Bus(url, prefix="auth.mailer", name="t", user="mailer", password="mailer-secret")
         try:
             async with asyncio.timeout(10):
@@ -154,7 +163,7 @@ async def test_bus_authenticates_with_an_nkey_seed_file(tmp_path: Path) -> None:
     public = new_user_seed(seed_file)
     other_seed = tmp_path / "other.nk"
     new_user_seed(other_seed)
-    async with nats_server(users_config(tmp_path, "auth.mailer", public), tmp_path) as url:
+    async with nats_server(users_config(tmp_path, public), tmp_path) as url:
         bus = Bus(url, prefix="auth.mailer", name="t", nkey_seed_file=str(seed_file))
         try:
             async with asyncio.timeout(10):
@@ -188,42 +197,123 @@ def test_auth_settings_are_checked_before_connecting() -> None:
         Bus("nats://x", prefix="p", name="t", user="u")
 
 
+async def fetch_until(
+    sub: JetStreamContext.PullSubscription, campaign_id: int, last: str
+) -> list[tuple[int, str]]:
+    """(campaign_id, event) of every message until ``last`` of ``campaign_id``; acks each."""
+    seen: list[tuple[int, str]] = []
+    async with asyncio.timeout(30):
+        while (campaign_id, last) not in seen:
+            for msg in await sub.fetch(20, timeout=30):
+                event = msgspec.json.decode(msg.data, type=CampaignEvent)
+                seen.append((event.campaign_id, event.event))
+                await msg.ack_sync()  # confirmed by the server: $JS.ACK is allowed
+    return seen
+
+
 async def test_crm_with_documented_permissions_drives_an_authenticated_service(
     tmp_path: Path, make_service: MakeService
 ) -> None:
-    """The permissions of users_config's "crm" user are enough for the CRM's job."""
+    """The permissions docs/api.md gives a CRM service are enough for its job, and no more.
+
+    It drives campaigns, finds the service, and catches up on the events it missed
+    while down through its durable consumer; it cannot forge events, reach mailer's
+    internal subjects, or call an admin-only subject it was not given.
+    """
     prefix = "authz.mailer"
-    async with nats_server(users_config(tmp_path, prefix), tmp_path) as url:
+    stream = stream_name(prefix)
+    config = (
+        f'listen: "127.0.0.1:-1"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+        + documented_permissions(prefix)
+    )
+    passwords = {"MAILER_NATS_PASSWORD": "mailer-secret", "CRM_DEALS_NATS_PASSWORD": "crm-secret"}
+    async with nats_server(config, tmp_path, env=passwords) as url:
         # The service logs in with its own (unrestricted) user and serves the prefix.
         service = await make_service(
             nats_url=url, nats_user="mailer", nats_password="mailer-secret", subject_prefix=prefix
         )
-        crm_nc: Client = await nats.connect(url, user="crm", password="crm-secret")
+        violations: list[str] = []
+        violated = asyncio.Event()
+
+        async def on_error(exc: Exception) -> None:
+            violations.append(str(exc))
+            violated.set()
+
+        crm_nc: Client = await nats.connect(
+            url, user="crm-deals", password="crm-secret", error_cb=on_error
+        )
+        # Watches with mailer's own user what reaches the event and internal subjects.
+        observer: Client = await nats.connect(url, user="mailer", password="mailer-secret")
         try:
             crm = Crm(crm_nc, prefix)
-            cid = await crm.campaign(people(2))
-            await crm.start(cid)
+            live = Events()
+            await live.subscribe(observer, prefix)
+            forged_seen: list[str] = []
 
-            # Events from the stream with a durable consumer of the CRM's own.
+            async def on_forged(msg: Msg) -> None:
+                if b"forged" in msg.data:
+                    forged_seen.append(msg.subject)
+
+            await observer.subscribe(f"{prefix}.>", cb=on_forged)
+
+            # Discovery.
+            ping = await crm_nc.request("$SRV.PING.mailer", b"", timeout=5)
+            assert msgspec.json.decode(ping.data)["name"] == "mailer"
+
+            # The CRM's durable consumer on the events stream, then a campaign.
             js = crm_nc.jetstream()
             sub = await js.pull_subscribe(
-                f"{prefix}.events.campaign.>",
-                durable="crm-campaigns",
-                stream=stream_name(prefix),
-                config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
+                f"{prefix}.events.campaign.>", durable="crm-deals", stream=stream
             )
-            seen: list[str] = []
-            async with asyncio.timeout(30):
-                while "sent" not in seen:
-                    for msg in await sub.fetch(10, timeout=30):
-                        seen.append(msgspec.json.decode(msg.data, type=CampaignEvent).event)
-                        await msg.ack()
-            assert "started" in seen
-            assert (await crm.get(cid))["status"] == "sent"
+            first = await crm.campaign(people(2))
+            await crm.start(first)
+            seen = await fetch_until(sub, first, "sent")
+            assert [e for c, e in seen if c == first][:2] == ["queued", "started"]
+            assert (await crm.get(first))["status"] == "sent"
+            info = await js.consumer_info(stream, "crm-deals")
+            assert info.num_ack_pending == 0 and info.num_pending == 0
 
-            # A CRM caller cannot ask the rate governor for tokens (internal subject).
-            with pytest.raises(nats.errors.Error):
-                await crm_nc.request(f"{prefix}.internal.governor.tokens", b"{}", timeout=1)
+            # The CRM stops consuming (as if down) while a second campaign runs.
+            await sub.unsubscribe()
+            second = await crm.campaign(people(3))
+            await crm.start(second)
+            await live.wait(second, ("sent",))
+
+            # Back up: its durable consumer hands over exactly what it missed.
+            sub = await js.pull_subscribe(
+                f"{prefix}.events.campaign.>", durable="crm-deals", stream=stream
+            )
+            missed = await fetch_until(sub, second, "sent")
+            assert {c for c, _ in missed} == {second}, missed
+            assert [e for _, e in missed][:2] == ["queued", "started"]
+            assert violations == []
+
+            # Refused: forged events, internal subjects, an admin-only subject.
+            last_seq = (await js.stream_info(stream)).state.last_seq
+            refused = [
+                f"{prefix}.events.campaign.sent",
+                f"{prefix}.events.unsubscribe",
+                f"{prefix}.internal.governor.tokens",
+                f"{prefix}.internal.scheduler.wake",
+                f"{prefix}.quota.sync",
+            ]
+            for subject in refused:
+                await crm_nc.publish(subject, b'{"forged": true}')
+            await crm_nc.flush()
+            async with asyncio.timeout(5):
+                while len(violations) < len(refused):
+                    await violated.wait()
+                    violated.clear()
+            for subject, violation in zip(refused, violations, strict=True):
+                assert re.search(
+                    rf'permissions violation for publish to "{re.escape(subject)}"',
+                    violation,
+                    re.IGNORECASE,
+                ), violation
+            await observer.flush()
+            assert forged_seen == []
+            assert (await js.stream_info(stream)).state.last_seq == last_seq
         finally:
             await crm_nc.close()
+            await observer.close()
             await service.stop()  # while its server still runs
