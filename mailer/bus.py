@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import re
 from typing import Any, TypeVar
 
 import msgspec
@@ -27,6 +28,8 @@ __all__ = [
     "Bus",
     "NatsAuthError",
     "RemoteError",
+    "check_auth",
+    "creds_file_problem",
     "decode",
     "encode",
 ]
@@ -233,6 +236,8 @@ def _auth_options(
         raise ValueError(
             "NATS creds/NKey auth needs the 'nkeys' package (pip install nats-py[nkeys])"
         )
+    if creds_file and (problem := creds_file_problem(creds_file)):
+        raise ValueError(f"NATS creds file {creds_file}: {problem}")
     if user:
         return {"user": user, "password": password}
     if token:
@@ -242,6 +247,50 @@ def _auth_options(
     if nkey_seed_file:
         return {"nkeys_seed": nkey_seed_file}
     return {}
+
+
+def check_auth(
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    token: str | None = None,
+    creds_file: str | None = None,
+    nkey_seed_file: str | None = None,
+) -> None:
+    """Raises ValueError if Bus would refuse these auth settings (for the config check)."""
+    _auth_options(
+        user=user,
+        password=password,
+        token=token,
+        creds_file=creds_file,
+        nkey_seed_file=nkey_seed_file,
+    )
+
+
+# As nats-py reads them: the line right after each marker line.
+_CREDS_JWT = re.compile(r"BEGIN NATS USER JWT[^\n]*\n(\S*)")
+_CREDS_SEED = re.compile(r"BEGIN USER NKEY SEED[^\n]*\n(\S*)")
+
+
+def creds_file_problem(path: str) -> str | None:
+    """What makes ``path`` unusable as a NATS creds file, or None.
+
+    Checked before connecting because nats-py cannot report it: a file without
+    the JWT section makes it loop forever reading past the end (blocking the
+    event loop), one without the seed fails with a TypeError.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(64 * 1024)
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"cannot be read ({exc.__class__.__name__}: {exc})"
+    jwt = _CREDS_JWT.search(text)
+    if jwt is None or jwt[1].count(".") != 2:
+        return "no user JWT on the line after 'BEGIN NATS USER JWT'"
+    seed = _CREDS_SEED.search(text)
+    if seed is None or not seed[1].startswith("SU"):
+        return "no user NKey seed (SU...) on the line after 'BEGIN USER NKEY SEED'"
+    return None
 
 
 def parse_reply(reply: Msg, reply_type: type[T]) -> T:

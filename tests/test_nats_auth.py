@@ -8,12 +8,17 @@ port is read from the server's own log line, and the server is killed after.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import json
 import os
 import re
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -316,4 +321,214 @@ async def test_crm_with_documented_permissions_drives_an_authenticated_service(
         finally:
             await crm_nc.close()
             await observer.close()
+            await service.stop()  # while its server still runs
+
+
+# --- JWT (operator mode) and creds files ------------------------------------------------------
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class Identity:
+    """An NKey pair of one kind (operator, account, user) made for the test."""
+
+    def __init__(self, prefix_byte: int) -> None:
+        nkeys = pytest.importorskip("nkeys", reason="JWT auth needs the nkeys package")
+        self.seed: bytes = nkeys.encode_seed(os.urandom(32), prefix_byte)
+        self._kp = nkeys.from_seed(bytearray(self.seed))
+        self.public: str = self._kp.public_key.decode()
+
+    def issue(self, subject: str, name: str, claims: dict[str, Any], **extra: Any) -> str:
+        """A JWT signed by this key: base64url header, claims, and ed25519 signature."""
+        body: dict[str, Any] = {
+            "iat": int(time.time()),
+            "iss": self.public,
+            "name": name,
+            "sub": subject,
+            "nats": {**claims, "version": 2},
+            **extra,
+        }
+        # The JWT library names a JWT by the hash of its claims without the id.
+        digest = hashlib.sha512(json.dumps(body, sort_keys=True).encode()).digest()[:32]
+        body["jti"] = base64.b32encode(digest).decode().rstrip("=")
+        header = _b64url(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+        payload = _b64url(json.dumps(body).encode())
+        signature = self._kp.sign(f"{header}.{payload}".encode())
+        return f"{header}.{payload}.{_b64url(signature)}"
+
+
+def _nkeys_prefix(kind: str) -> int:
+    nkeys = pytest.importorskip("nkeys", reason="JWT auth needs the nkeys package")
+    return int(getattr(nkeys, f"PREFIX_BYTE_{kind}"))
+
+
+_UNLIMITED_ACCOUNT = {
+    "limits": {
+        "subs": -1,
+        "data": -1,
+        "payload": -1,
+        "imports": -1,
+        "exports": -1,
+        "wildcards": True,
+        "conn": -1,
+        "leaf": -1,
+        # JetStream: mailer keeps its events stream and leader-election KV here.
+        "mem_storage": -1,
+        "disk_storage": -1,
+        "streams": -1,
+        "consumer": -1,
+    },
+    "type": "account",
+}
+
+
+class Operator:
+    """A trust chain: operator -> (system account, one application account) -> users."""
+
+    def __init__(self) -> None:
+        self.operator = Identity(_nkeys_prefix("OPERATOR"))
+        self.system = Identity(_nkeys_prefix("ACCOUNT"))
+        self.account = Identity(_nkeys_prefix("ACCOUNT"))
+
+    def server_config(self, folder: Path) -> str:
+        op = self.operator
+        op_jwt = op.issue(
+            op.public, "test-operator", {"type": "operator", "system_account": self.system.public}
+        )
+        system_jwt = op.issue(self.system.public, "SYS", {"type": "account"})
+        account_jwt = op.issue(self.account.public, "CRM", _UNLIMITED_ACCOUNT)
+        (folder / "operator.jwt").write_text(op_jwt, encoding="utf-8")
+        # JetStream in operator mode needs the system account; MEMORY resolver with the
+        # account JWTs preloaded: no account server.
+        return f"""
+listen: "127.0.0.1:-1"
+jetstream {{ store_dir: "{folder / "js"}" }}
+operator: "{folder / "operator.jwt"}"
+system_account: {self.system.public}
+resolver: MEMORY
+resolver_preload: {{
+  {self.system.public}: "{system_jwt}"
+  {self.account.public}: "{account_jwt}"
+}}
+"""
+
+    def user_creds(
+        self,
+        path: Path,
+        name: str,
+        *,
+        account: Identity | None = None,
+        seed_of: Identity | None = None,
+        **extra: Any,
+    ) -> Path:
+        """A creds file of a new user of ``account`` (default: the trusted one).
+
+        ``seed_of`` puts another user's seed next to the JWT (a mismatched file);
+        ``extra`` adds claims such as ``exp``.
+        """
+        user = Identity(_nkeys_prefix("USER"))
+        issuer = account or self.account
+        user_jwt = issuer.issue(
+            user.public,
+            name,
+            {"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1},
+            **extra,
+        )
+        seed = (seed_of or user).seed.decode()
+        path.write_text(
+            "-----BEGIN NATS USER JWT-----\n"
+            f"{user_jwt}\n"
+            "------END NATS USER JWT------\n\n"
+            "************************* IMPORTANT *************************\n"
+            "NKEY Seed printed below can be used to sign and prove identity.\n\n"
+            "-----BEGIN USER NKEY SEED-----\n"
+            f"{seed}\n"
+            "------END USER NKEY SEED------\n",
+            encoding="utf-8",
+        )
+        path.chmod(0o600)
+        return path
+
+
+async def test_bus_authenticates_with_a_creds_file_and_refuses_wrong_ones(tmp_path: Path) -> None:
+    op = Operator()
+    good = op.user_creds(tmp_path / "mailer.creds", "mailer")
+    stranger_account = Identity(_nkeys_prefix("ACCOUNT"))
+    wrong = {
+        # signed by an account the operator never issued
+        "untrusted account": op.user_creds(
+            tmp_path / "untrusted.creds", "x", account=stranger_account
+        ),
+        # a good JWT with someone else's seed: the nonce signature does not match
+        "mismatched seed": op.user_creds(
+            tmp_path / "mismatch.creds", "x", seed_of=Identity(_nkeys_prefix("USER"))
+        ),
+        # expired an hour ago
+        "expired": op.user_creds(tmp_path / "expired.creds", "x", exp=int(time.time()) - 3600),
+    }
+    async with nats_server(op.server_config(tmp_path), tmp_path) as url:
+        bus = Bus(url, prefix="jwt.mailer", name="t", creds_file=str(good))
+        try:
+            async with asyncio.timeout(10):
+                await bus.connect()
+            assert await round_trip(bus) == b"pong:ping"
+            # Its own account's JetStream, as the service uses it.
+            info = await bus.nc.jetstream().account_info()
+            assert info.limits.max_streams == -1
+        finally:
+            await bus.close()
+
+        for why, creds in wrong.items():
+            bus = Bus(url, prefix="jwt.mailer", name="t", creds_file=str(creds))
+            # Refused at once, not retried forever behind a pod that never gets ready.
+            with pytest.raises(NatsAuthError):
+                async with asyncio.timeout(10):
+                    await bus.connect()
+            assert not bus.connected, why
+
+
+def test_an_unusable_creds_file_is_refused_before_connecting(tmp_path: Path) -> None:
+    """nats-py would loop forever on a file without its JWT line: Bus refuses it first."""
+    op = Operator()
+    good = op.user_creds(tmp_path / "good.creds", "u").read_text(encoding="utf-8")
+    cases = {
+        "missing.creds": None,
+        "seed-only.creds": good[good.index("-----BEGIN USER NKEY SEED") :],
+        "jwt-only.creds": good[: good.index("-----BEGIN USER NKEY SEED")],
+        "empty-jwt-line.creds": good.replace("JWT-----\n", "JWT-----\n\n", 1),
+    }
+    for name, text in cases.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match="NATS creds file"):
+            Bus("nats://127.0.0.1:1", prefix="p", name="t", creds_file=str(path))
+    Bus("nats://127.0.0.1:1", prefix="p", name="t", creds_file=str(tmp_path / "good.creds"))
+
+
+async def test_service_runs_on_creds_files(tmp_path: Path, make_service: MakeService) -> None:
+    """The whole service (API, JetStream events, KV leader election) on JWT auth."""
+    op = Operator()
+    prefix = "jwt.mailer"
+    mailer_creds = op.user_creds(tmp_path / "mailer.creds", "mailer")
+    crm_creds = op.user_creds(tmp_path / "crm.creds", "crm-deals")
+    async with nats_server(op.server_config(tmp_path), tmp_path) as url:
+        service = await make_service(
+            nats_url=url, nats_creds_file=str(mailer_creds), subject_prefix=prefix
+        )
+        crm_nc: Client = await nats.connect(url, user_credentials=str(crm_creds))
+        try:
+            events = Events()
+            await events.subscribe(crm_nc, prefix)
+            crm = Crm(crm_nc, prefix)
+            cid = await crm.campaign(people(2))
+            await crm.start(cid)
+            await events.wait(cid, ("sent",))
+            assert (await crm.get(cid))["status"] == "sent"
+            stream = await crm_nc.jetstream().stream_info(stream_name(prefix))
+            assert stream.state.messages > 0  # the events were stored in the account's stream
+        finally:
+            await crm_nc.close()
             await service.stop()  # while its server still runs
