@@ -7,11 +7,20 @@ it with the provider's own count on start, every
 
 * ``local`` — ``monthly_quota`` minus this calendar month's sends (send-log
   rows ``sent`` or ``in_doubt``, test emails included; the month of the
-  configured timezone). Exact between batches; a sync during a batch gives
-  back at most that batch's tokens for a moment.
+  configured timezone).
 * ``http`` — GET ``quota_http_url`` with ``Authorization: Bearer <token>``;
   the number sits at the dotted path ``quota_http_field`` of the JSON reply
   (``data.emails_available``), so another provider's API is a setting away.
+
+A sync must not hand back tokens already granted to a batch in flight, or a
+month's last emails could go out twice over. So the new number is written
+under the quota row's lock — no governor takes meanwhile — minus the
+recipients claimed for sending right now (granted or about to be), and, for
+``local``, minus the month's sends counted in that same moment. A batch is
+counted either as claimed or as sent, never as neither. This errs on the safe
+side: a claimed batch the governor has not yet served is subtracted before
+its tokens are taken (under-sending until the next sync), and a sync cannot
+see a test email between its grant and its send-log row.
 
 A failed sync keeps the last numbers, records ``sync_error`` and leaves
 ``last_synced_at`` at the last success: together they say how old the number
@@ -75,6 +84,9 @@ class QuotaState(msgspec.Struct, frozen=True, kw_only=True):
 class ProviderReading(msgspec.Struct, frozen=True, kw_only=True):
     emails_available: int
     monthly_limit: int | None = None  # None: the provider does not say; keep ours
+    # [start, end): sends of this period are subtracted when the reading is
+    # written (``local``: the allowance minus the month's own sends).
+    minus_sent_between: tuple[datetime, datetime] | None = None
 
 
 class QuotaError(Exception):
@@ -109,15 +121,24 @@ class PgQuota:
         return _state(row)
 
     async def record_sync(self, reading: ProviderReading, now: datetime) -> tuple[int, QuotaState]:
-        """Writes a successful reading; returns (the value it replaced, the new state)."""
-        row = await self._pool.fetchrow(
-            Q["quota-record-sync"],
-            max(0, reading.emails_available),
-            reading.monthly_limit,
-            now,
-        )
+        """Writes a successful reading, less what is in flight (see the module);
+        returns (the value it replaced, the new state)."""
+        start, end = reading.minus_sent_between or (None, None)
+        async with self._pool.acquire() as conn, conn.transaction():
+            # The lock first, the counts after: under READ COMMITTED each
+            # statement sees what was committed when it began, so the counts
+            # include every take that finished before the lock was granted.
+            previous = await conn.fetchval(Q["quota-lock"])
+            row = await conn.fetchrow(
+                Q["quota-record-sync"],
+                max(0, reading.emails_available),
+                reading.monthly_limit,
+                now,
+                start,
+                end,
+            )
         assert row is not None, "the quota row is created by the schema migration"
-        return int(row["previous"]), _state(row)
+        return int(previous), _state(row)
 
     async def record_sync_error(self, error: str) -> QuotaState:
         row = await self._pool.fetchrow(Q["quota-record-sync-error"], error)
@@ -148,20 +169,22 @@ class QuotaProvider(Protocol):
 
 
 class LocalQuotaProvider:
-    """The allowance minus this calendar month's sends, from our own send log."""
+    """The allowance minus this calendar month's sends, from our own send log.
+
+    The sends are counted when the reading is written, under the quota's lock.
+    """
 
     name = "local"
 
-    def __init__(self, pool: asyncpg.Pool, *, monthly_quota: int, tz: tzinfo) -> None:
-        self._pool = pool
+    def __init__(self, *, monthly_quota: int, tz: tzinfo) -> None:
         self._monthly = monthly_quota
         self._tz = tz
 
     async def fetch(self, now: datetime) -> ProviderReading:
-        start, end = month_bounds(now, self._tz)
-        sent = int(await self._pool.fetchval(Q["quota-sent-between"], start, end))
         return ProviderReading(
-            emails_available=max(0, self._monthly - sent), monthly_limit=self._monthly
+            emails_available=self._monthly,
+            monthly_limit=self._monthly,
+            minus_sent_between=month_bounds(now, self._tz),
         )
 
 
@@ -226,12 +249,12 @@ class HttpQuotaProvider:
         return ProviderReading(emails_available=_count(dig(data, self._field), self._field))
 
 
-def provider_from_settings(s: Settings, pool: asyncpg.Pool) -> QuotaProvider:
+def provider_from_settings(s: Settings) -> QuotaProvider:
     if s.quota_provider == "http":
         return HttpQuotaProvider(
             s.quota_http_url, token=s.quota_http_token, field=s.quota_http_field
         )
-    return LocalQuotaProvider(pool, monthly_quota=s.monthly_quota, tz=ZoneInfo(s.timezone))
+    return LocalQuotaProvider(monthly_quota=s.monthly_quota, tz=ZoneInfo(s.timezone))
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,7 +332,7 @@ class QuotaSyncActor(Actor[SyncNow | _Tick]):
         return cls(
             bus=bus,
             ledger=PgQuota(pool),
-            provider=provider_from_settings(settings, pool),
+            provider=provider_from_settings(settings),
             clock=clock,
             interval_seconds=settings.quota_sync_interval_seconds,
             on_restored=on_restored,

@@ -207,8 +207,8 @@ def test_dotted_paths_and_provider_choice(settings: Settings) -> None:
     s = msgspec.structs.replace(
         settings, quota_provider="http", quota_http_url="http://quota.example/api"
     )
-    assert provider_from_settings(s, pool=None).name == "http"  # type: ignore[arg-type]
-    assert provider_from_settings(settings, pool=None).name == "local"  # type: ignore[arg-type]
+    assert provider_from_settings(s).name == "http"
+    assert provider_from_settings(settings).name == "local"
 
 
 # --- the local provider ---------------------------------------------------------------------
@@ -234,13 +234,46 @@ async def test_local_sync_counts_this_months_sends_in_the_configured_timezone(po
         " VALUES ('a@example.org', $1, $2, NULL, $3)",
         rows,
     )
-    provider = LocalQuotaProvider(pool, monthly_quota=100, tz=ZoneInfo("Europe/Moscow"))
+    provider = LocalQuotaProvider(monthly_quota=100, tz=ZoneInfo("Europe/Moscow"))
     ref = await start_sync(pool, provider, FakeClock(MONDAY_1315_MSK), Restores())
     try:
         state = await sync(ref)
         assert (state.emails_available, state.monthly_limit, state.sync_error) == (95, 100, None)
     finally:
         await ref.stop()
+
+
+async def test_a_sync_does_not_hand_back_the_tokens_of_a_batch_in_flight(
+    make_service, crm: Crm, events: Events, stub: Stub, pool, db
+) -> None:
+    # A sync lands between a batch's sends and their record (the recipients
+    # are claimed, the governor already took their quota). Whatever the
+    # provider says, those sends are not in its count yet: the sync must not
+    # give their emails back, or the month could go over its quota.
+    quota = PgQuota(pool)
+    local = LocalQuotaProvider(monthly_quota=100, tz=ZoneInfo("Europe/Moscow"))
+    seen: list[QuotaState] = []
+
+    async def sync_mid_batch(campaign_id: int, batch: int) -> None:
+        if batch == 2:
+            now = datetime.now(UTC)
+            _, state = await quota.record_sync(await local.fetch(now), now)
+            seen.append(state)
+            stub.answer(60)  # the provider has counted 40 of this month's sends
+            _, state = await quota.record_sync(await http(stub).fetch(now), now)
+            seen.append(state)
+
+    await make_service(fault=sync_mid_batch, batch_size=5, monthly_quota=100)
+    cid = await crm.campaign(people(12))
+    await crm.start(cid)
+    done = await events.wait(cid, ("sent", "completed_with_errors"))
+    assert done["counts"] == {"sent": 12}
+
+    # Mid-batch 2: 5 sent and recorded, 5 claimed and sent but not recorded.
+    assert seen[0].emails_available == 100 - 5 - 5
+    assert seen[1].emails_available == 60 - 5
+    # Batch 2 was recorded and batch 3 (2 more) took its quota since.
+    assert (await stored(db)).emails_available == 60 - 5 - 2
 
 
 # --- restore: 0 -> more -----------------------------------------------------------------------

@@ -14,28 +14,31 @@ FROM before
 RETURNING before.emails_available - q.emails_available AS taken,
           q.emails_available AS available;
 
+-- name: quota-lock
+-- Holds the quota row for a sync: no governor takes until it commits.
+SELECT emails_available FROM quota FOR UPDATE;
+
 -- name: quota-record-sync
--- A successful sync: the provider's number replaces ours ($2 NULL keeps the
--- monthly limit). Returns the value it replaced, to see a 0 -> n restore.
-WITH before AS (SELECT emails_available FROM quota FOR UPDATE)
+-- A successful sync, under quota-lock: the reading ($1) less the recipients
+-- claimed for sending now (tokens granted or about to be: not yet in any
+-- provider's count) and, with a period [$4, $5), less that period's sends
+-- (the local provider). $2 NULL keeps the monthly limit.
 UPDATE quota q
-SET emails_available = $1, monthly_limit = COALESCE($2, q.monthly_limit),
+SET emails_available = GREATEST(0, $1
+        - (SELECT count(*) FROM recipient WHERE status = 'sending')
+        - CASE WHEN $4::timestamptz IS NULL THEN 0 ELSE (
+              SELECT count(*) FROM send_log
+              WHERE status IN ('sent', 'in_doubt') AND created_at >= $4 AND created_at < $5
+          ) END),
+    monthly_limit = COALESCE($2, q.monthly_limit),
     last_synced_at = $3, sync_error = NULL
-FROM before
-RETURNING before.emails_available AS previous, q.emails_available, q.monthly_limit,
-          q.last_synced_at, q.sync_error;
+RETURNING q.emails_available, q.monthly_limit, q.last_synced_at, q.sync_error;
 
 -- name: quota-record-sync-error
 -- A failed sync keeps the last known numbers and last_synced_at (the time
 -- they are from) and says why it failed.
 UPDATE quota SET sync_error = $1
 RETURNING emails_available, monthly_limit, last_synced_at, sync_error;
-
--- name: quota-sent-between
--- What the provider counted in [$1, $2): every attempt it accepted or may
--- have accepted (in_doubt), test emails included.
-SELECT count(*) FROM send_log
-WHERE status IN ('sent', 'in_doubt') AND created_at >= $1 AND created_at < $2;
 
 -- name: queue-lift-reason
 -- Ends every deferral of one reason now (e.g. quota_exhausted once the quota

@@ -57,12 +57,18 @@ RETURNING r.id;
 -- name: recipients-orphans-to-doubt
 -- Rows of this campaign left 'sending' by an owner that is gone (crash,
 -- kill -9, lost lease): they may have been accepted by the SMTP server, so
--- they become visibly 'in_doubt' instead of being sent again.
-UPDATE recipient
-SET status = 'in_doubt', claimed_by = NULL, claimed_at = NULL,
-    error = 'owner died between claim and record; delivery unknown', updated_at = $3
-WHERE campaign_id = $1 AND status = 'sending' AND claimed_by <> $2
-RETURNING id;
+-- they become visibly 'in_doubt' instead of being sent again. The send log
+-- gets the same verdict, so the two agree and the local quota counts them.
+WITH doubted AS (
+    UPDATE recipient
+    SET status = 'in_doubt', claimed_by = NULL, claimed_at = NULL,
+        error = 'owner died between claim and record; delivery unknown', updated_at = $3
+    WHERE campaign_id = $1 AND status = 'sending' AND claimed_by <> $2
+    RETURNING id, email, error
+)
+INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, error, created_at)
+SELECT $1, d.id, d.email, false, 'in_doubt', d.error, $3 FROM doubted d
+RETURNING recipient_id AS id;
 
 -- name: recipients-counts
 SELECT status, count(*)::bigint AS n FROM recipient WHERE campaign_id = $1 GROUP BY status;
