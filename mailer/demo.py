@@ -3,13 +3,17 @@
 It drives the service only through the public NATS API, as a CRM service
 would: create a campaign, add recipients, start it, then follow its events
 until it reaches a final status. Exit 0 only if every recipient was sent and
-the SMTP sink holds one message per recipient.
+the SMTP sink holds one message per recipient: as many files as recipients,
+addressed (``To:``) to each recipient once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
 import time
+from collections import Counter
 from pathlib import Path
 
 import msgspec
@@ -28,6 +32,35 @@ FINAL = ("sent", "completed_with_errors", "cancelled")
 
 def _eml_files(outbox: Path | None) -> list[Path]:
     return sorted(outbox.glob("*.eml")) if outbox is not None else []
+
+
+def _to_addresses(files: list[Path]) -> list[str]:
+    """The ``To:`` address of each message file (lower-cased), one per file."""
+    parser = email.parser.BytesHeaderParser(policy=email.policy.default)
+    found: list[str] = []
+    for path in files:
+        with path.open("rb") as f:
+            headers = parser.parse(f)
+        to = headers["To"]
+        addresses = [a.addr_spec.lower() for a in to.addresses] if to is not None else []
+        found.append(addresses[0] if len(addresses) == 1 else ",".join(addresses))
+    return found
+
+
+def _people(n: int) -> list[dict[str, str]]:
+    return [{"email": f"client{i:03d}@example.org", "name": f"Клиент {i}"} for i in range(n)]
+
+
+def _outbox_problem(files: list[Path], expected: list[str]) -> str | None:
+    """What is wrong with the outbox, or None if it holds one message per recipient."""
+    if len(files) != len(expected):
+        return f"{len(files)} messages for {len(expected)} recipients"
+    got = Counter(_to_addresses(files))
+    twice = sorted(a for a, k in got.items() if k > 1)
+    missing = sorted(set(expected) - set(got))
+    if twice or missing:
+        return f"addressed more than once: {twice[:5]}; never addressed: {missing[:5]}"
+    return None
 
 
 async def run_demo(settings: Settings, *, recipients: int = 25) -> int:
@@ -90,7 +123,7 @@ async def _drive(s: Settings, outbox: Path | None, n: int, began: float) -> int:
             },
         )
         campaign_id = int(str(created["id"]))
-        people = [{"email": f"client{i:03d}@example.org", "name": f"Клиент {i}"} for i in range(n)]
+        people = _people(n)
         added = await call("recipients.add", {"campaign_id": campaign_id, "recipients": people})
         print(f"campaign {campaign_id}: {added['added']} recipients added", flush=True)
         started = await call("campaign.start", {"campaign_id": campaign_id})
@@ -107,6 +140,12 @@ async def _drive(s: Settings, outbox: Path | None, n: int, began: float) -> int:
         f"campaign {campaign_id}: status {view['status']}, counts {view['counts']}; "
         f"{len(files)} messages in {outbox or 'the external SMTP server'}; {took:.1f}s"
     )
-    ok = event.event == "sent" and (outbox is None or len(files) == n)
+    problem = None
+    if outbox is not None:
+        expected = [p["email"].lower() for p in _people(n)]
+        problem = await asyncio.to_thread(_outbox_problem, files, expected)
+        if problem:
+            print(f"outbox: {problem}")
+    ok = event.event == "sent" and problem is None
     print("demo OK" if ok else "demo FAILED")
     return 0 if ok else 1
