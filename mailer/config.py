@@ -14,6 +14,7 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -326,7 +327,7 @@ def _type_name(t: msgspec.inspect.Type) -> str:
             for op, value in ((">=", t.ge), (">", t.gt), ("<=", t.le), ("<", t.lt))
             if value is not None
         ]
-        return " ".join([name, *bounds])
+        return " and ".join([f"{name} {bounds[0]}", *bounds[1:]]) if bounds else name
     if isinstance(t, msgspec.inspect.BoolType):
         return "true or false"
     if isinstance(t, msgspec.inspect.Metadata):
@@ -401,9 +402,41 @@ def load_settings(
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; see the README's table")
     settings = msgspec.convert(values, Settings)
+    _check_nats_auth(settings)
     if settings.env == "production":
         _check_production(settings)
     return settings
+
+
+def _check_nats_auth(s: Settings) -> None:
+    """The NATS auth settings the Bus would refuse, refused now with the variables named."""
+    from mailer.bus import check_auth, creds_file_problem  # the Bus owns these rules
+
+    if s.nats_creds_file and (problem := creds_file_problem(s.nats_creds_file)):
+        raise ConfigError(
+            f"{env_name('nats_creds_file')}={s.nats_creds_file!r} is not allowed: "
+            f"expected a NATS creds file (user JWT and NKey seed): {problem}"
+        )
+    try:
+        check_auth(
+            user=s.nats_user or None,
+            password=s.nats_password or None,
+            token=s.nats_token or None,
+            creds_file=s.nats_creds_file or None,
+            nkey_seed_file=s.nats_nkey_seed_file or None,
+        )
+    except ValueError as exc:
+        names = ", ".join(
+            env_name(f)
+            for f in (
+                "nats_user",
+                "nats_password",
+                "nats_token",
+                "nats_creds_file",
+                "nats_nkey_seed_file",
+            )
+        )
+        raise ConfigError(f"{exc} (the NATS auth settings: {names})") from None
 
 
 def _check_production(s: Settings) -> None:
@@ -420,6 +453,14 @@ def _check_production(s: Settings) -> None:
     for field in ("nats_url", "database_url", "redis_url", "smtp_host"):
         if not getattr(s, field):
             raise ConfigError(f"{env_name(field)} is required in production")
+    url = urlsplit(s.public_url)
+    if url.scheme != "https" or not url.hostname:
+        # Unsubscribe links go into List-Unsubscribe, which RFC 8058 one-click
+        # unsubscribing requires to be an HTTPS URI; mail clients ignore others.
+        raise ConfigError(
+            f"{env_name('public_url')}={s.public_url!r} is not allowed in production: "
+            "expected an https:// URL (List-Unsubscribe links must be HTTPS, RFC 8058)"
+        )
 
 
 _FIELD_TYPES: dict[str, Any] = {}
