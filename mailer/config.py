@@ -227,7 +227,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     # --- links -------------------------------------------------------------------
     public_url: Annotated[
-        str, Meta(description="Public base URL of the HTTP server (unsubscribe links).")
+        str,
+        Meta(description="Public base URL of unsubscribe links (https:// in production)."),
     ] = "http://localhost:8080"
     unsubscribe_secret: Annotated[
         str, Meta(description="HMAC key that signs unsubscribe links; set it in production.")
