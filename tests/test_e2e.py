@@ -70,7 +70,7 @@ async def test_campaign_sent_end_to_end(make_service, crm: Crm, events: Events, 
             "SELECT action FROM audit_log WHERE campaign_id = $1 ORDER BY id", cid
         )
     ]
-    assert audit[:2] == ["campaign.create", "campaign.start"]
+    assert audit[:3] == ["campaign.create", "recipients.add", "campaign.start"]
 
 
 async def test_crash_mid_campaign_is_restarted_without_duplicates(
