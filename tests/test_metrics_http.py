@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -14,6 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mailer import metrics
 from mailer.http import HttpServer
+from mailer.service import Service
+from mailer.sink import PERMANENT_FAILURE, SmtpSink
+from tests.conftest import MakeService
+from tests.helpers import Crm, Events, people
 
 EXPECTED_FAMILIES = {
     # name as the text parser reports it (counters lose their _total suffix)
@@ -58,13 +63,93 @@ def test_series_are_precreated_for_alerts() -> None:
     assert build[0].labels["version"]
 
 
-def test_counters_move() -> None:
-    value = REGISTRY.get_sample_value
-    before = value("mailer_emails_sent_total", {"kind": "test"}) or 0.0
-    metrics.EMAILS_SENT.labels(kind="test").inc()
-    assert value("mailer_emails_sent_total", {"kind": "test"}) == before + 1
-    metrics.CIRCUIT_BREAKER_STATE.labels(account="smtp.bz").set(metrics.CIRCUIT_OPEN)
-    assert value("mailer_circuit_breaker_state", {"account": "smtp.bz"}) == 2
+async def test_a_campaign_moves_the_send_counters(
+    make_service: MakeService, crm: Crm, events: Events, sink: SmtpSink
+) -> None:
+    """Counted by the campaign actor as outcomes are recorded; read from the service's /metrics."""
+    service = await make_service()
+    recipients = people(6)
+    sink.fail(recipients[4]["email"], PERMANENT_FAILURE)
+    before = await _scrape(service)
+    cid = await crm.campaign(recipients)
+    await crm.start(cid)
+    done = await events.wait(cid, ("sent", "completed_with_errors"))
+    assert done["event"] == "completed_with_errors"
+    after = await _scrape(service)
+    assert _moved(before, after) == {
+        ("mailer_emails_sent_total", (("kind", "campaign"),)): 5,
+        ("mailer_emails_failed_total", (("kind", "campaign"), ("reason", "permanent"))): 1,
+    }
+    # What the server shows is the process's registry.
+    sent = REGISTRY.get_sample_value("mailer_emails_sent_total", {"kind": "campaign"})
+    assert after[("mailer_emails_sent_total", (("kind", "campaign"),))] == sent
+
+
+async def test_test_emails_move_the_test_counters(
+    make_service: MakeService, crm: Crm, sink: SmtpSink
+) -> None:
+    service = await make_service()
+    cid = await crm.campaign(people(1))
+    before = await _scrape(service)
+    await crm.call("campaign.test", {"campaign_id": cid, "email": "boss@example.org"})
+    after = await _scrape(service)
+    assert _moved(before, after) == {("mailer_emails_sent_total", (("kind", "test"),)): 1}
+
+    sink.fail("nobody@example.org", PERMANENT_FAILURE)
+    err = await crm.fails("campaign.test", {"campaign_id": cid, "email": "nobody@example.org"})
+    assert err.code == "test_email_failed"
+    assert _moved(after, await _scrape(service)) == {
+        ("mailer_emails_failed_total", (("kind", "test"), ("reason", "permanent"))): 1
+    }
+
+
+async def test_a_running_service_serves_health_and_metrics(make_service: MakeService) -> None:
+    service = await make_service()
+    assert service.http_port
+    base = f"http://127.0.0.1:{service.http_port}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with session.get(f"{base}/healthz") as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"status": "ok"}
+        async with session.get(f"{base}/readyz") as resp:
+            assert resp.status == 200
+            ready = await resp.json()
+            assert ready["nats"] is True and ready["postgres"] is True
+        async with session.get(f"{base}/metrics") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain")
+            text = await resp.text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert set(EXPECTED_FAMILIES) <= set(families)
+    # The service's own actors are there (the mailbox depth is read at scrape).
+    depth = {s.labels["actor"] for s in families["mailer_actor_mailbox_depth"].samples}
+    assert {"rate-governor", "api", "scheduler"} <= depth
+
+
+async def _scrape(service: Service) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the service's /metrics, by name and labels."""
+    url = f"http://127.0.0.1:{service.http_port}/metrics"
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+        session.get(url) as resp,
+    ):
+        assert resp.status == 200
+        text = await resp.text()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+def _moved(before: dict[Any, float], after: dict[Any, float]) -> dict[Any, float]:
+    """How the email counters moved between two scrapes (only those that did)."""
+    names = ("mailer_emails_sent_total", "mailer_emails_failed_total")
+    return {
+        key: after[key] - before.get(key, 0.0)
+        for key in after
+        if key[0] in names and after[key] != before.get(key, 0.0)
+    }
 
 
 def test_no_created_series() -> None:
