@@ -19,6 +19,7 @@ from nats.js import api
 from prometheus_client import REGISTRY
 
 from mailer.bus import Bus
+from mailer.clock import FakeClock
 from mailer.config import Settings
 from mailer.events import (
     MSG_ID_HEADER,
@@ -293,3 +294,52 @@ async def test_service_events_survive_a_consumer_that_was_down(
     assert names.index("started") < names.index("progress") < names.index("sent"), names
     assert story[-1].counts == {"sent": 3}
     assert story[-1].at <= datetime.now(UTC) + timedelta(seconds=1)
+
+
+async def test_start_publishes_queued_on_the_stream(
+    make_service: MakeService, crm: Crm, events: Events, nc: Client, settings: Settings
+) -> None:
+    clock = FakeClock(AT)
+    await make_service(clock=clock)
+    cid = await crm.campaign(people(2))
+    # An admin starts the manager's campaign: the event names the owner, not the caller.
+    await crm.call("campaign.start", {"campaign_id": cid}, user="boss", roles="admin")
+    await events.wait(cid, ("sent", "completed_with_errors"))
+
+    p = settings.subject_prefix
+    got = await fetch_all(nc, stream_name(p), f"{p}.events.>", f"queued-{cid}")
+    mine = [m for m in got if msgspec.json.decode(m.data).get("campaign_id") == cid]
+    mine = [m for m in mine if m.subject.startswith(f"{p}.events.campaign.")]
+    queued = [m for m in mine if m.subject == f"{p}.events.campaign.queued"]
+    assert len(queued) == 1
+    assert mine[0] is queued[0], "queued comes first: " + str([m.subject for m in mine])
+    payload = msgspec.json.decode(queued[0].data)
+    # The documented payload: the campaign, its owner, the new status, when.
+    assert {k: v for k, v in payload.items() if v is not None} == {
+        "event": "queued",
+        "campaign_id": cid,
+        "owner_id": "manager-1",
+        "status": "ready",
+        "at": "2026-11-23T07:15:00Z",
+    }
+    assert set(payload) <= {
+        "event",
+        "campaign_id",
+        "owner_id",
+        "status",
+        "at",
+        "counts",
+        "defer_reason",
+        "deferred_until",
+        "details",
+    }
+    assert queued[0].headers is not None
+    assert queued[0].headers[MSG_ID_HEADER] == f"{cid}:queued:{AT.isoformat()}"
+    # Core NATS subscribers saw it live too.
+    assert len(events.of(cid, "queued")) == 1
+
+    # A refused start (no longer a draft) publishes nothing more.
+    assert (await crm.fails("campaign.start", {"campaign_id": cid})).code == "invalid_state"
+    again = await fetch_all(nc, stream_name(p), f"{p}.events.>", f"again-{cid}")
+    queued_again = [m for m in again if m.subject == f"{p}.events.campaign.queued"]
+    assert [msgspec.json.decode(m.data)["campaign_id"] for m in queued_again] == [cid]
