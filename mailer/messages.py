@@ -207,9 +207,11 @@ class RunReply(Struct, kw_only=True):
 
 
 class Wake(Struct, kw_only=True):
-    """Tells every scheduler that the queue changed (a start, a resume)."""
+    """Tells every scheduler that the queue changed (a start, a resume), or
+    (``ended``) that campaign ``campaign_id``'s actor ended: its slot is free."""
 
     campaign_id: int | None = None
+    ended: bool = False
 
 
 class CampaignEvent(Struct, kw_only=True):

@@ -162,7 +162,7 @@ class Service:
         metrics.set_build_info(__version__)
 
         bus, store, clock = self._bus, self._store, self.clock
-        redis_client, events = self._redis, self._events
+        redis_client, events, outbox = self._redis, self._events, self._outbox
         limiter = SendLimiter(
             self._redis,
             key_prefix=s.redis_key_prefix,
@@ -221,6 +221,7 @@ class Service:
                     reconcile_every=s.reconcile_interval_seconds,
                     stuck_after=timedelta(minutes=s.stuck_after_minutes),
                     events=events,
+                    outbox=outbox,
                 ),
             ),
             ChildSpec(
@@ -359,9 +360,10 @@ class Service:
         log.info("quota restored; deferrals lifted", extra={"campaigns": lifted})
         await self._publish_wake()
 
-    async def _publish_wake(self, campaign_id: int | None = None) -> None:
+    async def _publish_wake(self, ended: int | None = None) -> None:
         try:
-            await self.bus.publish(wake_subject(self.bus), Wake(campaign_id=campaign_id))
+            wake = Wake(campaign_id=ended, ended=ended is not None)
+            await self.bus.publish(wake_subject(self.bus), wake)
         except Exception:  # the leader's timers and reconcile catch up
             log.warning("wake not published")
 

@@ -11,6 +11,11 @@ on a beat:
 - ``Reconcile`` comes from a second timer, every reconcile interval, and on
   every takeover.
 
+The leader also relays the event outbox (owner notifications a campaign
+actor stored but could not publish: it crashed, or NATS was away) whenever it
+looks at the queue, so a notification left behind goes out at the next wake,
+timer or reconcile.
+
 It starts a campaign by dispatching ``RunCampaign`` to the runners' queue
 group (any process; see ``runner``), carrying its epoch as fencing token.
 """
@@ -75,6 +80,10 @@ class FinalEvents(Protocol):
     async def emit(self, event: CampaignEvent) -> None: ...
 
 
+class Outbox(Protocol):
+    async def flush(self) -> int: ...
+
+
 class SchedulerStore(Protocol):
     async def runnable(self, now: datetime, limit: int) -> list[int]: ...
     async def next_wakeup(self, now: datetime) -> datetime | None: ...
@@ -106,8 +115,10 @@ class SchedulerActor(Actor[SchedulerMsg]):
         reconcile_every: float,
         stuck_after: timedelta,
         events: FinalEvents | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self._events = events
+        self._outbox = outbox
         self._bus = bus
         self._store = store
         self._clock = clock
@@ -129,16 +140,19 @@ class SchedulerActor(Actor[SchedulerMsg]):
         await self._bus.nc.flush()
 
     async def _on_wake(self, msg: Msg) -> None:
-        if self._epoch is None or not self.ref.alive:
+        # Runs in the NATS client's task: it only turns the wake into a message
+        # (a follower's handle ignores it) and reads none of the actor's state.
+        if not self.ref.alive:
             return
         try:
-            campaign_id = decode(msg.data, Wake).campaign_id if msg.data else None
+            wake = decode(msg.data, Wake) if msg.data else Wake()
         except (msgspec.DecodeError, msgspec.ValidationError):
-            campaign_id = None
+            wake = Wake()
+        ended = wake.campaign_id if wake.ended else None
         # A burst of plain wakes collapses: one queued is enough.
-        if campaign_id is not None or self.ref.mailbox_depth == 0:
+        if ended is not None or self.ref.mailbox_depth == 0:
             with contextlib.suppress(Exception):
-                self.ref.tell(WakeUp(ended=campaign_id))
+                self.ref.tell(WakeUp(ended=ended))
 
     async def handle(self, msg: SchedulerMsg) -> object:
         if isinstance(msg, Leadership):
@@ -152,6 +166,8 @@ class SchedulerActor(Actor[SchedulerMsg]):
             if isinstance(msg, WakeUp) and msg.ended is not None:
                 self._dispatched.pop(msg.ended, None)
             await self._fill()
+        if self._epoch is not None and self._outbox is not None:
+            await self._outbox.flush()
         return None
 
     async def _lead(self, epoch: int | None) -> None:

@@ -1,0 +1,120 @@
+"""The event outbox: an owner notification is stored with its deferral and
+reaches the events stream even when JetStream could not take it at first.
+
+Real NATS (the stream is deleted to make publishes fail, then recreated),
+real PostgreSQL; only the clock is faked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import msgspec
+from nats.aio.client import Client
+from nats.js import api
+
+from mailer.actors.scheduler import Tick
+from mailer.clock import FakeClock
+from mailer.events import MSG_ID_HEADER, Notification, stream_name
+from mailer.messages import Wake
+from tests.helpers import Crm, Events, people
+
+MONDAY_1015_UTC = datetime(2026, 11, 23, 10, 15, tzinfo=UTC)
+
+
+class Ended:
+    """The wakes campaign actors publish when they end, as they arrive."""
+
+    def __init__(self) -> None:
+        self.ids: set[int] = set()
+        self.changed = asyncio.Condition()
+
+    async def on_msg(self, msg) -> None:
+        wake = msgspec.json.decode(msg.data, type=Wake)
+        if wake.ended and wake.campaign_id is not None:
+            async with self.changed:
+                self.ids.add(wake.campaign_id)
+                self.changed.notify_all()
+
+    async def wait(self, campaign_id: int) -> None:
+        async with asyncio.timeout(10), self.changed:
+            await self.changed.wait_for(lambda: campaign_id in self.ids)
+
+
+async def _ended(nc: Client, prefix: str) -> Ended:
+    ended = Ended()
+    await nc.subscribe(f"{prefix}.internal.scheduler.wake", cb=ended.on_msg)
+    await nc.flush()
+    return ended
+
+
+async def test_a_notification_jetstream_refused_is_relayed_by_the_leader_later(
+    make_service, crm: Crm, events: Events, nc, db, settings
+) -> None:
+    prefix = settings.subject_prefix
+    clock = FakeClock(MONDAY_1015_UTC)
+    service = await make_service(clock=clock, rate_per_hour=2, batch_size=5)
+    await asyncio.wait_for(service.leadership.wait(), 10)
+    scheduler = service.supervisor.get("scheduler")
+    assert scheduler is not None
+    ended = await _ended(nc, prefix)
+    js = nc.jetstream()
+    stream = stream_name(prefix)
+    info = await js.stream_info(stream)
+    await js.delete_stream(stream)  # every publish to the events stream fails now
+
+    cid = await crm.campaign(people(3))
+    await crm.start(cid)
+    deferred = await events.wait(cid, ("deferred",))
+    assert deferred["defer_reason"] == "rate_per_hour"
+    # Stored with the deferral. The campaign actor's publish fails and it
+    # ends; the leader's relay on that wake fails too (the Tick is a barrier:
+    # the scheduler handles its mailbox in order).
+    await ended.wait(cid)
+    await scheduler.ask(Tick(), timeout=10)
+    assert await db.fetchval("SELECT count(*) FROM event_outbox") == 1
+
+    # JetStream is back: the next time the leader looks at the queue, it relays.
+    await js.add_stream(info.config)
+    await scheduler.ask(Tick(), timeout=10)
+    assert await db.fetchval("SELECT count(*) FROM event_outbox") == 0
+    sub = await js.pull_subscribe(
+        f"{prefix}.events.notify.>",
+        durable="owner",
+        stream=stream,
+        config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
+    )
+    [msg] = await sub.fetch(1, timeout=5)
+    note = msgspec.json.decode(msg.data, type=Notification)
+    assert (note.campaign_id, note.kind, note.reason_code) == (cid, "deferred", "rate_per_hour")
+    assert msg.headers is not None and msg.headers[MSG_ID_HEADER].startswith(f"notify:{cid}:")
+    # Relayed once: the next look finds nothing left to send.
+    await scheduler.ask(Tick(), timeout=10)
+    info_after = await js.consumer_info(stream, "owner")
+    assert info_after.num_pending == 0
+
+
+async def test_a_notification_goes_out_at_once_and_leaves_nothing_behind(
+    make_service, crm: Crm, events: Events, nc, db, settings
+) -> None:
+    prefix = settings.subject_prefix
+    clock = FakeClock(MONDAY_1015_UTC)
+    await make_service(clock=clock, rate_per_hour=2, batch_size=5)
+    ended = await _ended(nc, prefix)
+    notes: list[bytes] = []
+
+    async def on_note(msg) -> None:
+        notes.append(msg.data)
+
+    await nc.subscribe(f"{prefix}.events.notify.>", cb=on_note)
+    await nc.flush()
+    cid = await crm.campaign(people(3))
+    await crm.start(cid)
+    await events.wait(cid, ("deferred",))
+    await ended.wait(cid)  # the actor relayed its notification before it ended
+    assert await db.fetchval("SELECT count(*) FROM event_outbox") == 0
+    await nc.flush()
+    assert len(notes) == 1
+    note = msgspec.json.decode(notes[0], type=Notification)
+    assert (note.campaign_id, note.reason_code) == (cid, "rate_per_hour")
