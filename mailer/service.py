@@ -347,8 +347,12 @@ class Service:
         return ref.alive
 
     def _on_child_exit(self, name: str, error: BaseException | None) -> None:
-        # Wherever the leader runs, it must learn that a slot is free.
-        if name.startswith(CAMPAIGN_PREFIX) and self._bus is not None and not self._stopped:
+        # Wherever the leader runs, it must learn that a slot is free. Not while
+        # this process shuts down (a stop, or the supervisor giving up): its
+        # campaigns are released and the leader's next look sees that; a wake
+        # now would only make a leader here dispatch to a runner that is going.
+        closing = self._stopped or (self._supervisor is not None and self._supervisor.closing)
+        if name.startswith(CAMPAIGN_PREFIX) and self._bus is not None and not closing:
             ended = int(name.removeprefix(CAMPAIGN_PREFIX))
             task = asyncio.get_running_loop().create_task(self._publish_wake(ended))
             self._background.add(task)

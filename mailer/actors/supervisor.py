@@ -241,6 +241,11 @@ class Supervisor:
     def escalated(self) -> bool:
         return self._escalation is not None
 
+    @property
+    def closing(self) -> bool:
+        """Shutting down or shut down: asked to, or after giving up (escalation)."""
+        return self._state in (_State.CLOSING, _State.CLOSED)
+
     async def wait(self) -> None:
         """Returns once shut down; raises SupervisorEscalation if that was the reason."""
         await self._closed.wait()
