@@ -35,8 +35,9 @@ from nats.js.errors import BadRequestError
 from prometheus_client import Counter
 
 from mailer.bus import Bus, encode
+from mailer.config import Settings
 from mailer.messages import CampaignEvent, Notice
-from mailer.texts import TEXTS, text
+from mailer.texts import TEXTS, reason_values, text
 
 __all__ = [
     "EVENTS_PUBLISH_FAILURES",
@@ -115,15 +116,16 @@ def _text_fields(code: str) -> set[str]:
 
 
 def notification_for(
-    event: CampaignEvent, *, timezone: str = "Europe/Moscow", **values: object
+    event: CampaignEvent, *, settings: Settings | None = None, **values: object
 ) -> Notification | None:
     """The owner's notification for a campaign event, or None if it needs none.
 
-    ``event.details``, then ``values``, fill the reason text (``limit`` for
-    rate_per_hour, ``sent`` and ``limit`` for daily_limit); ``next_hour`` and
-    ``until`` are derived from ``deferred_until`` in ``timezone``. A reason
-    whose text would keep a placeholder unfilled gets the generic deferral text
-    instead: the owner never reads a literal ``{limit}``.
+    The reason text is the manager's view's (``texts.reason_values``: the
+    hourly limit, working hours, retry delay and when the wait ends, worded
+    from ``settings`` relative to the event's time); ``event.details``, then
+    ``values``, add or override values (``sent`` and ``limit`` for
+    daily_limit). A reason whose text would keep a placeholder unfilled gets
+    the generic deferral text instead: the owner never reads a literal ``{limit}``.
     """
     if event.event == "deferred":
         reason = event.defer_reason or "deferred"
@@ -133,12 +135,12 @@ def notification_for(
         reason = "completed_with_errors"
     else:
         return None
+    s = settings or Settings()
     until = event.deferred_until
-    fill: dict[str, object] = {"campaign_id": event.campaign_id}
+    fill: dict[str, object] = reason_values(s, until=until, now=event.at, lang="ru")
+    fill["campaign_id"] = event.campaign_id
     if until is not None:
-        local = until.astimezone(ZoneInfo(timezone))
-        fill["next_hour"] = f"{local.hour:02d}"
-        fill["until"] = local.strftime("%d.%m.%Y %H:%M")
+        fill["until_at"] = until.astimezone(ZoneInfo(s.timezone)).strftime("%d.%m.%Y %H:%M")
     if event.event == "completed_with_errors":
         counts = event.counts or {}
         code = "notify_completed_with_errors"
@@ -182,10 +184,10 @@ class JetStreamEvents:
         replicas: int = 1,
         duplicate_window_seconds: float = 15 * 60,
         publish_timeout: float = 2.0,
-        timezone: str = "Europe/Moscow",
+        settings: Settings | None = None,
     ) -> None:
         self._bus = bus
-        self._timezone = timezone  # of the times in notification texts
+        self._settings = settings  # what the notification texts say of limits and hours
         self.stream = stream_name(bus.prefix)
         self._config = api.StreamConfig(
             name=self.stream,
@@ -242,14 +244,8 @@ class JetStreamEvents:
         ongoing reason (the queue entry remembers which reason was notified) and
         stores the notice in the same transaction as the deferral.
         """
-        note = notification_for(event, timezone=self._timezone)
+        note = notification_for(event, settings=self._settings)
         return None if note is None else self.notification_notice(note)
-
-    async def notify(self, event: CampaignEvent) -> None:
-        """Publishes the owner's notification for ``event`` at once, without the outbox."""
-        notice = self.notice(event)
-        if notice is not None:
-            await self.publish_notice(notice)
 
     def notification_notice(self, note: Notification) -> Notice:
         when = (note.deferred_until or note.at).isoformat()

@@ -156,7 +156,7 @@ class Service:
         )
         await self._bus.connect()
         # Events go to JetStream; without their stream the service does not come up.
-        self._events = JetStreamEvents(self._bus, timezone=s.timezone, max_bytes=s.events_max_bytes)
+        self._events = JetStreamEvents(self._bus, settings=s, max_bytes=s.events_max_bytes)
         await self._events.ensure_stream()
         self._outbox = OutboxRelay(self._pool, self._events)
         metrics.set_build_info(__version__)

@@ -7,19 +7,26 @@ Values that come from settings or from the calendar are worded here too, so
 no caller writes "завтра" or "5 минут" of its own: ``resume_phrase`` (when a
 deferral ends: "сегодня"/"завтра"/a weekday and date, the time, the zone),
 ``duration_phrase`` (a delay with its Russian plural), ``working_time`` and
-``tz_label`` (the configured working hours and their zone).
+``tz_label`` (the configured working hours and their zone). ``reason_values``
+gathers them for a reason text, so the manager's view and the owner's
+notification word a deferral alike.
 """
 
 from __future__ import annotations
 
+import string
 from datetime import datetime, tzinfo
 from typing import Literal
+from zoneinfo import ZoneInfo
+
+from mailer.config import Settings
 
 __all__ = [
     "DEFAULT_LANG",
     "TEXTS",
     "Lang",
     "duration_phrase",
+    "reason_values",
     "resume_phrase",
     "text",
     "tz_label",
@@ -73,9 +80,10 @@ TEXTS: dict[str, dict[Lang, str]] = {
     },
     # Warnings a manager sees when a start is accepted.
     "warning_large_campaign": {
-        "ru": "Большая кампания: {count} получателей. При лимите {rate} писем/час "
-        "отправка займёт около {hours} ч.",
-        "en": "A large campaign: {count} recipients. At {rate} emails/hour sending "
+        "ru": "Большая кампания: {count} {count:plural:получатель|получателя|получателей}. "
+        "При лимите {rate} писем/час отправка займёт около {hours} ч.",
+        "en": "A large campaign: {count} {count:plural:recipient|recipients}. "
+        "At {rate} emails/hour sending "
         "takes about {hours} h.",
     },
     "warning_quota_exhausted": {
@@ -85,10 +93,10 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "once the quota is topped up.",
     },
     "warning_outside_hours": {
-        "ru": "Сейчас нерабочее время ({start}-{end}, {tz}): кампания поставлена в очередь, "
-        "отправка начнётся {date} в {time}.",
-        "en": "Outside working hours ({start}-{end}, {tz}): the campaign is queued and "
-        "starts sending on {date} at {time}.",
+        "ru": "Сейчас нерабочее время ({start}-{end} {tz}): кампания поставлена в очередь, "
+        "отправка начнётся {until}.",
+        "en": "Outside working hours ({start}-{end} {tz}): the campaign is queued and "
+        "starts sending {until}.",
     },
     # A test email's subject starts with this, so nobody takes it for the real one.
     "test_subject_prefix": {
@@ -141,8 +149,8 @@ TEXTS: dict[str, dict[Lang, str]] = {
     },
     # Owner notifications (events.notify) where no reason text above fits.
     "notify_deferred_until": {
-        "ru": "Рассылка {campaign_id} отложена ({reason}) до {until}.",
-        "en": "Campaign {campaign_id} is deferred ({reason}) until {until}.",
+        "ru": "Рассылка {campaign_id} отложена ({reason}) до {until_at}.",
+        "en": "Campaign {campaign_id} is deferred ({reason}) until {until_at}.",
     },
     "notify_deferred": {
         "ru": "Рассылка {campaign_id} отложена ({reason}).",
@@ -196,8 +204,10 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "en": "Not possible: the campaign is {status}.",
     },
     "too_many_recipients": {
-        "ru": "В кампании {count} получателей, максимум {limit}. Разделите её на несколько.",
-        "en": "The campaign has {count} recipients, at most {limit} allowed. Split it.",
+        "ru": "В кампании {count} {count:plural:получатель|получателя|получателей}, "
+        "максимум {limit}. Разделите её на несколько.",
+        "en": "The campaign has {count} {count:plural:recipient|recipients}, "
+        "at most {limit} allowed. Split it.",
     },
     "too_many_in_one_call": {
         "ru": "За один раз можно добавить не больше {limit} адресов.",
@@ -299,14 +309,30 @@ TEXTS: dict[str, dict[Lang, str]] = {
 TEXTS["empty"] = TEXTS["empty_campaign"]
 
 
+class _TextFormatter(string.Formatter):
+    """``str.format`` plus ``{n:plural:one|few|many}``: the word that goes with a
+    number (Russian gives three forms, English two: ``{n:plural:one|many}``)."""
+
+    def format_field(self, value: object, format_spec: str) -> str:
+        if format_spec.startswith("plural:"):
+            forms = tuple(format_spec.removeprefix("plural:").split("|"))
+            lang: Lang = "ru" if len(forms) == 3 else "en"
+            return _plural(int(str(value)), forms, lang)
+        formatted: str = super().format_field(value, format_spec)
+        return formatted
+
+
+_FORMATTER = _TextFormatter()
+
+
 def text(code: str, lang: str | None = None, **values: object) -> str:
     variants = TEXTS.get(code)
     if variants is None:
         return code
     template = variants["en"] if lang == "en" else variants[DEFAULT_LANG]
     try:
-        return template.format(**values)
-    except (KeyError, IndexError):
+        return _FORMATTER.format(template, **values)
+    except (KeyError, IndexError, ValueError):
         return template
 
 
@@ -424,3 +450,26 @@ def duration_phrase(minutes: float, lang: str | None = None) -> str:
     else:
         n, unit = seconds, "second"
     return f"{n} {_plural(n, _UNITS[unit][lang], lang)}"
+
+
+def reason_values(
+    s: Settings, *, until: datetime | None, now: datetime, lang: str | None = None
+) -> dict[str, object]:
+    """The placeholders of the reason texts, from settings and when the wait ends.
+
+    ``until`` is the deferral's end (``now`` when there is none); the daily
+    ``sent``/``limit`` are the caller's to add (they are the owner's, not the
+    settings').
+    """
+    tz = ZoneInfo(s.timezone)
+    end = until or now
+    return {
+        "limit": s.rate_per_hour,
+        "next_hour": end.astimezone(tz).strftime("%H"),
+        "until": resume_phrase(end, now=now, tz=tz, lang=lang),
+        "start": working_time(s.working_hours_start),
+        "end": working_time(s.working_hours_end),
+        "tz": tz_label(tz, lang),
+        "retry_in": duration_phrase(s.transient_retry_delay_minutes, lang),
+        "threshold": s.circuit_breaker_threshold,
+    }

@@ -208,7 +208,7 @@ async def test_start_checks_and_warnings(make_service, crm: Crm, db) -> None:
     big = await crm.campaign(people(4))
     err = await crm.fails("campaign.start", {"campaign_id": big})
     assert err.code == "too_many_recipients"
-    assert err.message == "В кампании 4 получателей, максимум 3. Разделите её на несколько."
+    assert err.message == "В кампании 4 получателя, максимум 3. Разделите её на несколько."
     assert (await crm.get(big))["status"] == "draft"
 
     await db.execute("UPDATE quota SET emails_available = 0")
@@ -219,11 +219,11 @@ async def test_start_checks_and_warnings(make_service, crm: Crm, db) -> None:
     assert set(by_code) == {"quota_exhausted", "outside_hours", "large_campaign"}
     assert by_code["quota_exhausted"].startswith("Глобальная квота исчерпана")
     assert by_code["outside_hours"] == (
-        "Сейчас нерабочее время (09:00-18:00, Europe/Moscow): кампания поставлена в очередь, "
-        "отправка начнётся 24.11 в 09:00."
+        "Сейчас нерабочее время (9:00-18:00 МСК): кампания поставлена в очередь, "
+        "отправка начнётся завтра в 09:00 МСК."
     )
     assert by_code["large_campaign"] == (
-        "Большая кампания: 3 получателей. При лимите 100 писем/час отправка займёт около 1 ч."
+        "Большая кампания: 3 получателя. При лимите 100 писем/час отправка займёт около 1 ч."
     )
     err = await crm.fails("campaign.start", {"campaign_id": cid})
     assert err.code == "invalid_state"

@@ -29,7 +29,7 @@ from mailer.events import (
     owner_token,
     stream_name,
 )
-from mailer.messages import CampaignEvent
+from mailer.messages import CampaignEvent, Notice
 from tests.conftest import MakeService
 from tests.helpers import Crm, Events, people
 
@@ -69,6 +69,12 @@ def deferred(campaign_id: int = 7, owner: str = "manager-1", **kw: Any) -> Campa
     }
     fields.update(kw)
     return CampaignEvent(**fields)
+
+
+def _notice(events: JetStreamEvents, event: CampaignEvent) -> Notice:
+    notice = events.notice(event)
+    assert notice is not None
+    return notice
 
 
 async def fetch_all(nc: Client, stream: str, subject: str, durable: str) -> list[Msg]:
@@ -146,7 +152,7 @@ async def test_consumer_created_after_the_events_catches_up(
     # Published while no consumer exists at all (the CRM side is down).
     await js_events.emit(started)
     await js_events.emit(later)
-    await js_events.notify(later)
+    await js_events.publish_notice(_notice(js_events, later))
     await js_events.unsubscribed(gone)
 
     got = await fetch_all(nc, js_events.stream, f"{p}.events.>", "crm-catch-up")
@@ -181,8 +187,8 @@ async def test_a_repeated_event_is_stored_once(
     event = deferred()
     await js_events.emit(event)
     await js_events.emit(event)  # a restarted actor announcing the same deferral again
-    await js_events.notify(event)
-    await js_events.notify(event)
+    await js_events.publish_notice(_notice(js_events, event))
+    await js_events.publish_notice(_notice(js_events, event))
     state = (await js.stream_info(js_events.stream)).state
     assert state.messages == 2
 
@@ -240,10 +246,45 @@ def test_notification_texts() -> None:
         "manager-1",
     )
 
-    # A reason text whose values are missing falls back to a generic text, never "{limit}".
+    # Without details the hourly limit comes from the settings, like the manager's view.
     bare = notification_for(deferred(details=None))
-    assert bare is not None and "{" not in bare.message
-    assert bare.message == "Рассылка 7 отложена (rate_per_hour) до 23.11.2026 11:00."
+    assert bare is not None and bare.message == note.message
+
+    # A reason text whose values are missing (the owner's daily sent/limit) falls
+    # back to a generic text, never "{limit}".
+    daily = notification_for(deferred(defer_reason="daily_limit", details=None))
+    assert daily is not None and "{" not in daily.message
+    assert daily.message == "Рассылка 7 отложена (daily_limit) до 23.11.2026 11:00."
+
+    # The same words as the manager's view, from the same settings and clock.
+    office = msgspec.structs.replace(
+        Settings(),
+        timezone="Asia/Yekaterinburg",
+        working_hours_start="10:00",
+        working_hours_end="19:00",
+        transient_retry_delay_minutes=2,
+    )
+    friday_night = datetime(2026, 11, 27, 16, 0, tzinfo=UTC)  # 21:00 in Yekaterinburg
+    monday_ten = datetime(2026, 11, 30, 5, 0, tzinfo=UTC)
+    outside = notification_for(
+        deferred(
+            at=friday_night,
+            defer_reason="outside_hours",
+            deferred_until=monday_ten,
+            details=None,
+        ),
+        settings=office,
+    )
+    assert outside is not None
+    assert outside.message == (
+        "Сейчас вне рабочего времени (10:00-19:00 Asia/Yekaterinburg). "
+        "Продолжим в понедельник, 30.11, в 10:00 Asia/Yekaterinburg."
+    )
+    retry = notification_for(
+        deferred(defer_reason="transient_error", details=None), settings=office
+    )
+    assert retry is not None
+    assert retry.message == "Временная ошибка отправки. Повторим попытку через 2 минуты."
 
     errors = CampaignEvent(
         event="completed_with_errors",

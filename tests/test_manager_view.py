@@ -404,3 +404,16 @@ def test_durations_hours_and_zones_are_worded_from_settings() -> None:
     assert text("daily_limit", sent=7, limit=7, until="завтра в 09:00 МСК") == (
         "Вы достигли дневного лимита 7/7. Продолжим завтра в 09:00 МСК."
     )
+
+
+def test_counts_take_the_word_form_that_goes_with_them() -> None:
+    def too_many(n: int, lang: str = "ru") -> str:
+        return text("too_many_recipients", lang, count=n, limit=10000)
+
+    assert too_many(1).startswith("В кампании 1 получатель,")
+    assert too_many(3).startswith("В кампании 3 получателя,")
+    assert too_many(11).startswith("В кампании 11 получателей,")
+    assert too_many(10021).startswith("В кампании 10021 получатель,")
+    assert too_many(10012).startswith("В кампании 10012 получателей,")
+    assert too_many(1, "en").startswith("The campaign has 1 recipient,")
+    assert too_many(10001, "en").startswith("The campaign has 10001 recipients,")

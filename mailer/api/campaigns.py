@@ -44,7 +44,7 @@ from mailer.messages import (
     Wake,
 )
 from mailer.store import CampaignRow
-from mailer.texts import text
+from mailer.texts import reason_values, text
 
 __all__ = [
     "cancel",
@@ -278,16 +278,9 @@ async def _start_warnings(ctx: ApiContext, caller: Caller, total: int) -> list[S
             StartWarning(code="quota_exhausted", message=text("warning_quota_exhausted", lang))
         )
     if not ctx.hours.is_open(now):
-        opens = ctx.hours.next_open(now).astimezone(ctx.hours.tz)
-        message = text(
-            "warning_outside_hours",
-            lang,
-            start=s.working_hours_start,
-            end=s.working_hours_end,
-            tz=s.timezone,
-            date=opens.strftime("%d.%m"),
-            time=opens.strftime("%H:%M"),
-        )
+        opens = ctx.hours.next_open(now)
+        values = reason_values(s, until=opens, now=now, lang=lang)
+        message = text("warning_outside_hours", lang, **values)
         warnings.append(StartWarning(code="outside_hours", message=message))
     if total > s.large_campaign_warning:
         message = text(

@@ -27,13 +27,12 @@ Redis does not answer: the day is used up).
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 
 from mailer.api.context import ApiContext, Caller
 from mailer.apistore import OwnerQueueRow
 from mailer.errors import Forbidden
 from mailer.messages import ActiveCampaign, ManagerStatus, QueuedCampaign, StatusRequest
-from mailer.texts import Lang, duration_phrase, resume_phrase, text, tz_label, working_time
+from mailer.texts import Lang, reason_values, text
 
 __all__ = ["STATUS_QUEUE_LIMIT", "reason_text", "status"]
 
@@ -107,18 +106,8 @@ def _reason_code(row: OwnerQueueRow) -> str | None:
 async def reason_text(
     ctx: ApiContext, code: str, owner_id: str, row: OwnerQueueRow, lang: Lang
 ) -> str:
-    s, tz, now = ctx.settings, ctx.hours.tz, ctx.clock.now()
-    until: datetime = row.deferred_until or now
-    values: dict[str, object] = {
-        "limit": s.rate_per_hour,
-        "next_hour": until.astimezone(tz).strftime("%H"),
-        "until": resume_phrase(until, now=now, tz=tz, lang=lang),
-        "start": working_time(s.working_hours_start),
-        "end": working_time(s.working_hours_end),
-        "tz": tz_label(tz, lang),
-        "retry_in": duration_phrase(s.transient_retry_delay_minutes, lang),
-        "threshold": s.circuit_breaker_threshold,
-    }
+    now = ctx.clock.now()
+    values = reason_values(ctx.settings, until=row.deferred_until, now=now, lang=lang)
     if code == "daily_limit":
         limit = ctx.daily_limits.limit_for(owner_id)
         values.update(limit=limit, sent=await _sent_today(ctx, owner_id, limit))
