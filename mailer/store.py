@@ -177,25 +177,6 @@ class PgStore:
             q = await conn.fetchrow(Q["queue-get"], campaign_id)
         return campaign_view(row, counts, q)
 
-    async def add_recipients(
-        self,
-        campaign_id: int,
-        rows: Sequence[tuple[str, str | None, dict[str, str]]],
-        now: datetime,
-    ) -> int:
-        """Inserts (email, name, variables) rows; returns how many were new."""
-        if not rows:
-            return 0
-        inserted = await self.pool.fetch(
-            Q["recipients-insert"],
-            campaign_id,
-            [r[0] for r in rows],
-            [r[1] for r in rows],
-            [r[2] for r in rows],
-            now,
-        )
-        return len(inserted)
-
     async def start(
         self, campaign_id: int, *, actor_id: str, now: datetime, allowed_from: Sequence[str]
     ) -> CampaignRow | None:

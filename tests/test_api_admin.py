@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -15,7 +16,7 @@ from mailer.api.context import Caller
 from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus
 from mailer.clock import FakeClock
 from mailer.errors import ApiError
-from mailer.messages import CampaignEvent, Empty, ErrorBody, ErrorReply
+from mailer.messages import CampaignEvent, Empty, ErrorBody, ErrorReply, QuotaView
 from tests.helpers import Crm, Events, people
 
 ADMIN = {"user": "root", "roles": "admin"}
@@ -101,8 +102,10 @@ async def test_quota_get_and_sync(make_service, crm: Crm, db, settings, redis_cl
                     headers={ERROR_CODE_HEADER: "502", ERROR_HEADER: "provider said 401"},
                 )
                 return
-            await db.execute("UPDATE quota SET emails_available = 1234, last_synced_at = now()")
-            await msg.respond(b"{}")
+            row = await db.fetchrow(
+                "UPDATE quota SET emails_available = 1234, last_synced_at = now() RETURNING *"
+            )
+            await msg.respond(msgspec.json.encode({k: row[k] for k in QuotaView.__struct_fields__}))
 
         await lonely.nc.subscribe(lonely.subject("internal", "quota", "sync"), cb=syncer)
         await lonely.nc.flush()
@@ -175,6 +178,30 @@ async def test_quota_sync_over_nats_by_the_running_syncer(make_service, crm: Crm
     assert [
         (a["at"], a["actor_id"], a["campaign_id"], json.loads(a["details"])) for a in audit
     ] == [(clock.now(), "root", None, {})]
+
+
+async def test_quota_sync_over_nats_says_when_the_provider_failed(
+    make_service, crm: Crm, db
+) -> None:
+    # The provider's API is a port nobody listens on: every sync fails there.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1/user"
+    clock = FakeClock(datetime(2026, 11, 23, 10, 15, tzinfo=UTC))
+    await make_service(clock=clock, quota_provider="http", quota_http_url=dead)
+    await db.execute("UPDATE quota SET emails_available = 42, sync_error = NULL")
+
+    err = await crm.fails("quota.sync", {}, **ADMIN)
+    assert err.code == "quota_sync_failed" and err.status == 502
+    assert err.message.startswith("Не удалось синхронизировать квоту: ")
+    assert "ClientConnectorError" in err.message or "Connect" in err.message
+    # The last good number stays; the error is recorded for the operator.
+    row = await db.fetchrow("SELECT emails_available, sync_error FROM quota")
+    assert row["emails_available"] == 42 and row["sync_error"]
+    details = await db.fetchval(
+        "SELECT details FROM audit_log WHERE action = 'quota.sync' ORDER BY id DESC LIMIT 1"
+    )
+    assert json.loads(details)["error"] == row["sync_error"]
 
 
 async def test_quota_sync_over_nats_resumes_a_campaign_waiting_for_quota(

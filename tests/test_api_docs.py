@@ -160,7 +160,9 @@ async def test_documented_msg_ids_are_the_published_ones(settings: Settings) -> 
             details={"limit": "100", "used": "100"},
         )
         await events.emit(deferred)
-        await events.notify(deferred)
+        notice = events.notice(deferred)
+        assert notice is not None
+        await events.publish_notice(notice)
         await events.unsubscribed(
             UnsubscribeEvent(
                 email="anna@example.org",

@@ -116,7 +116,18 @@ async def quota_sync(ctx: ApiContext, caller: Caller, req: Empty) -> QuotaView:
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
             detail = headers.get(ERROR_HEADER, "")
         raise QuotaSyncFailed(detail=detail[:500])
-    await ctx.db.audit(None, caller.user, "quota.sync", {}, ctx.clock.now())
+    # The syncer answers with the row it left: a provider failure keeps the
+    # last numbers and sets sync_error (a success clears it), which the
+    # admin who asked must hear as a failure, not as a fresh quota.
+    try:
+        error = msgspec.json.decode(reply.data, type=QuotaView).sync_error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        error = "the quota syncer answered something unreadable"
+    await ctx.db.audit(
+        None, caller.user, "quota.sync", {} if error is None else {"error": error}, ctx.clock.now()
+    )
+    if error is not None:
+        raise QuotaSyncFailed(detail=error[:500])
     return await quota_get(ctx, caller, req)
 
 
