@@ -51,15 +51,19 @@ _DAY_TTL_SECONDS = 2 * 86400
 # KEYS[3] the campaigns that asked lately (a sorted set scored by time),
 # KEYS[4] what each campaign got this hour (a hash).
 # ARGV: wanted, hour limit, hour ttl, day limit (0: none), day ttl, campaign
-# id, now (epoch seconds), fair-share window (seconds).
+# id, now (epoch seconds), fair-share window (seconds), campaigns competing
+# for the hour by the queue's count.
 # Returns {granted, hour used after, day used after, capped}. The day is
 # counted even without a limit, so that a limit switched on mid-day sees the
 # day's sends.
 #
-# Fair share: the campaigns that asked within the window split the hour
-# equally — each gets at most limit/askers of it, minus what it already had;
-# a campaign alone may take all of it. ``capped`` = 1 when only its share
-# refused while the hour still has room (the share grows as others finish).
+# Fair share: the campaigns competing for the hour split it equally — each
+# gets at most limit/askers of it, minus what it already had; a campaign
+# alone may take all of it. The competitors are those that asked within the
+# window, or more if the queue says more are running or ready to (so the
+# first to ask does not take the whole hour before the others' first ask).
+# ``capped`` = 1 when only its share refused while the hour still has room
+# (the share grows as others finish).
 _RESERVE = """
 local want = tonumber(ARGV[1])
 local hour_limit = tonumber(ARGV[2])
@@ -70,7 +74,7 @@ local window = tonumber(ARGV[8])
 redis.call('ZADD', KEYS[3], now, ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
 redis.call('EXPIRE', KEYS[3], math.ceil(window * 2))
-local askers = math.max(1, redis.call('ZCARD', KEYS[3]))
+local askers = math.max(1, redis.call('ZCARD', KEYS[3]), tonumber(ARGV[9]))
 local mine = tonumber(redis.call('HGET', KEYS[4], ARGV[6]) or '0')
 local left = hour_limit - hour_used
 local share = math.ceil(hour_limit / askers) - mine
@@ -178,9 +182,11 @@ class SendLimiter:
         day: date,
         daily_limit: int,
         campaign_id: int = 0,
+        competing: int = 1,
     ) -> Reservation:
         """Reserves up to ``want`` tokens of this hour and of ``owner_id``'s ``day``,
-        at most ``campaign_id``'s fair share of the hour's rest."""
+        at most ``campaign_id``'s fair share of the hour's rest (shared with at
+        least ``competing`` campaigns)."""
         next_hour = hour_start(utc(now)) + timedelta(hours=1)
         hour_key, day_key = self.hour_key(now), self.day_key(owner_id, day)
         shares_key = f"{self._prefix}shares:{hour_key.removeprefix(self._prefix)}"
@@ -196,6 +202,7 @@ class SendLimiter:
                     campaign_id,
                     utc(now).timestamp(),
                     FAIR_SHARE_WINDOW_SECONDS,
+                    max(1, competing),
                 ],
             )
         except (RedisError, OSError) as exc:

@@ -419,6 +419,9 @@ class PgStore:
         rows = await self.pool.fetch(Q["queue-active"], now)
         return {int(r["campaign_id"]): str(r["lease_owner"]) for r in rows}
 
+    async def competing(self, now: datetime) -> int:
+        return int(await self.pool.fetchval(Q["queue-competing"], now))
+
     async def queue_depth(self, now: datetime) -> int:
         return int(await self.pool.fetchval(Q["queue-depth"], now))
 

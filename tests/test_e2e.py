@@ -115,33 +115,46 @@ async def test_crash_mid_campaign_is_restarted_without_duplicates(
 async def test_hourly_limit_is_never_exceeded(
     make_service, crm: Crm, events: Events, sink, db, redis_client, settings, processes
 ) -> None:
-    clock = FakeClock(datetime(2026, 11, 23, 10, 15, tzinfo=UTC))
-    # Two campaign actors ask at once: two campaigns allowed to run together,
-    # in one process or spread over two; neither alone fits in the hour.
+    # 08:59 in Moscow, one minute before working hours: both campaigns are
+    # queued, then become runnable at the same moment, so two campaign actors
+    # ask at once -- in one process or spread over two; neither fits the hour.
+    clock = FakeClock(datetime(2026, 11, 23, 5, 59, tzinfo=UTC))
     for _ in range(processes):
-        await make_service(clock=clock, rate_per_hour=10, batch_size=3, max_active_campaigns=2)
+        await make_service(
+            clock=clock,
+            rate_per_hour=10,
+            batch_size=3,
+            max_active_campaigns=2,
+            working_hours_start="09:00",
+            working_hours_end="18:00",
+        )
     a = await crm.campaign(people(12, "a.example"))
     b = await crm.campaign(people(12, "b.example"))
     await crm.start(a)
     await crm.start(b)
-    await events.wait(a, ("deferred",))
-    await events.wait(b, ("deferred",))
-    assert len(sink.messages) == 10
-
-    # A campaign stopped by its fair share while the other used the rest of
-    # the hour looks again 30 s later; then both wait for the next hour.
-    clock.advance(31)
     for cid in (a, b):
-        if not events.of(cid, "deferred")[-1]["deferred_until"].startswith("2026-11-23T11"):
-            await events.wait_count(cid, "deferred", 2)
+        assert (await events.wait(cid, ("deferred",)))["defer_reason"] == "outside_hours"
+    clock.set(datetime(2026, 11, 23, 6, 0, tzinfo=UTC))
+    for cid in (a, b):
+        await events.wait_count(cid, "deferred", 2)
         last = events.of(cid, "deferred")[-1]
         assert last["defer_reason"] == "rate_per_hour"
-        assert last["deferred_until"].startswith("2026-11-23T11:00:00")
     assert len(sink.messages) == 10
-    # Both got a share of the hour (exact halves need both asking from the start).
+
+    # A campaign stopped by its fair share looks again 30 s later; by then the
+    # hour is used up and both wait for the next one.
+    clock.advance(31)
+    for cid in (a, b):
+        if not events.of(cid, "deferred")[-1]["deferred_until"].startswith("2026-11-23T07"):
+            await events.wait_count(cid, "deferred", 3)
+        last = events.of(cid, "deferred")[-1]
+        assert last["defer_reason"] == "rate_per_hour"
+        assert last["deferred_until"].startswith("2026-11-23T07:00:00")
+    assert len(sink.messages) == 10
+    # Both competed from their first ask: each got exactly half of the hour.
     per_domain = Counter(r.split("@")[1] for m in sink.messages for r in m.rcpt_tos)
-    assert min(per_domain["a.example"], per_domain["b.example"]) >= 3
-    key = f"{settings.redis_key_prefix}rate:default:2026112310"
+    assert per_domain == {"a.example": 5, "b.example": 5}
+    key = f"{settings.redis_key_prefix}rate:default:2026112306"
     assert int(await redis_client.get(key)) == 10
     sent = await db.fetchval("SELECT count(*) FROM recipient WHERE status = 'sent'")
     assert sent == 10

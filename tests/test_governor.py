@@ -280,6 +280,47 @@ async def test_redis_down_fails_open_for_hour_and_day_but_not_for_hours_or_quota
     assert fail_open and all(r.levelno == logging.ERROR for r in fail_open)
 
 
+# --- fair share --------------------------------------------------------------------------
+
+
+async def _queued_campaigns(db, n: int, *, now: datetime) -> list[int]:
+    """n campaigns started and waiting in the queue (status ready), as the API leaves them."""
+    ids = []
+    for i in range(n):
+        cid = await db.fetchval(
+            "INSERT INTO campaign (owner_id, name, subject, body_text, status, created_at,"
+            " updated_at) VALUES ('anna', $1, 's', 'b', 'ready', $2, $2) RETURNING id",
+            f"c{i}",
+            now,
+        )
+        await db.execute(
+            "INSERT INTO queue_entry (campaign_id, queued_at) VALUES ($1, $2)", cid, now
+        )
+        ids.append(cid)
+    return ids
+
+
+async def test_the_first_to_ask_takes_only_its_share_when_others_are_queued(
+    settings, redis_client, db
+) -> None:
+    # Production-like: a batch (200) larger than the hour (100). Alone, a
+    # campaign takes the whole hour; with a second one queued and two allowed
+    # at once, the first ask already stops at half, before the other asks.
+    clock = FakeClock(MONDAY_1315_MSK)
+    a, b, c = await _queued_campaigns(db, 3, now=clock.now())
+    async with governor(settings, clock, rate_per_hour=100, max_active_campaigns=2) as gov:
+        first = await gov.ask(200, campaign_id=a)
+        assert first.granted == 50  # three queued, two may run: halves
+        assert (await gov.ask(200, campaign_id=a)).reason == "rate_per_hour"
+        assert (await gov.ask(200, campaign_id=b)).granted == 50
+    assert await counter(redis_client, hour_key(settings, clock.now())) == 100
+
+    # One at a time (the default): the running campaign may have the whole hour.
+    clock.set(MONDAY_1315_MSK + timedelta(hours=1))
+    async with governor(settings, clock, rate_per_hour=100) as gov:
+        assert (await gov.ask(200, campaign_id=c)).granted == 100
+
+
 # --- metrics, logs, the wire ----------------------------------------------------------------
 
 

@@ -44,6 +44,7 @@ from mailer.messages import ErrorBody, ErrorReply, TokenReply, TokenRequest
 from mailer.quota import PgQuota
 from mailer.ratelimit import FAIR_SHARE_WINDOW_SECONDS, Reservation, SendLimiter
 from mailer.rules import DailyLimits, WorkingHours
+from mailer.store import PgStore
 
 __all__ = [
     "GOVERNOR_QUEUE",
@@ -65,6 +66,12 @@ def governor_subject(bus: Bus) -> str:
     return bus.subject("internal", "governor", "tokens")
 
 
+class Competition(Protocol):
+    async def competing(self, now: datetime) -> int:
+        """How many campaigns run or are ready to run now (the queue's count)."""
+        ...
+
+
 class QuotaTaker(Protocol):
     async def take(self, n: int) -> int:
         """Takes up to ``n`` from the monthly allowance atomically; returns how many."""
@@ -82,8 +89,12 @@ class GovernorActor(Actor[TokenRequest]):
         daily: DailyLimits,
         clock: Clock,
         quota_retry: timedelta,
+        max_active: int = 1,
+        competition: Competition | None = None,
     ) -> None:
         self._bus = bus
+        self._max_active = max_active
+        self._competition = competition
         self._limiter = limiter
         self._quota = quota
         self._hours = hours
@@ -112,6 +123,8 @@ class GovernorActor(Actor[TokenRequest]):
             # The sync that restores the quota lifts the wait at once; this
             # time is only the safety net for a sync that never comes.
             quota_retry=timedelta(seconds=2 * settings.quota_sync_interval_seconds),
+            max_active=settings.max_active_campaigns,
+            competition=PgStore(pool),
         )
 
     async def on_start(self) -> None:
@@ -160,6 +173,7 @@ class GovernorActor(Actor[TokenRequest]):
             day=self._hours.local_date(now),
             daily_limit=daily_limit,
             campaign_id=msg.campaign_id,
+            competing=await self._competing(now, msg),
         )
         if r.refused_by == "daily_limit":
             return self._refuse(
@@ -190,6 +204,16 @@ class GovernorActor(Actor[TokenRequest]):
             daily_sent=r.day_used,
             daily_limit=r.day_limit,
         )
+
+    async def _competing(self, now: datetime, msg: TokenRequest) -> int:
+        """With several campaigns allowed at once, how many share the hour.
+
+        One campaign at a time (the default) needs no count; a test email
+        competes with nobody.
+        """
+        if self._max_active <= 1 or self._competition is None or msg.kind != "campaign":
+            return 1
+        return min(self._max_active, await self._competition.competing(now))
 
     def _refuse(
         self,

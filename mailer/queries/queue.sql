@@ -110,6 +110,13 @@ SELECT count(*)::bigint FROM queue_entry q JOIN campaign c ON c.id = q.campaign_
 WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
   AND (q.lease_owner IS NULL OR q.lease_until <= $1);
 
+-- name: queue-competing
+-- Campaigns competing for the hour's tokens now: running, or ready to run
+-- (a deferred one is waiting for a later time, not for tokens).
+SELECT count(*)::bigint FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
+WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
+  AND (q.deferred_until IS NULL OR q.deferred_until <= $1);
+
 -- name: queue-processing-since
 -- Entries an owner is processing now (live lease), longest-held first: the
 -- stuck-campaign report. Deferred campaigns hold no lease: waiting for the
