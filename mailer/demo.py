@@ -95,7 +95,9 @@ async def _drive(s: Settings, outbox: Path | None, n: int, began: float) -> int:
             f" ({event.defer_reason} until {event.deferred_until})" if event.defer_reason else ""
         )
         print(f"  event {event.event:<22} {counts}{extra}", flush=True)
-        if event.event in FINAL and not finished.done():
+        # A deferral ends the demo too: waiting for the next hour or for a
+        # quota top-up (limits of a real Redis or provider) is not a demo.
+        if event.event in (*FINAL, "deferred", "paused") and not finished.done():
             finished.set_result(event)
 
     async def call(subject: str, body: dict[str, object]) -> dict[str, object]:
@@ -146,6 +148,11 @@ async def _drive(s: Settings, outbox: Path | None, n: int, began: float) -> int:
         problem = await asyncio.to_thread(_outbox_problem, files, expected)
         if problem:
             print(f"outbox: {problem}")
+    if event.event in ("deferred", "paused"):
+        print(
+            f"the campaign waits ({event.defer_reason} until {event.deferred_until}): "
+            "a limit of the servers it runs on was reached"
+        )
     ok = event.event == "sent" and problem is None
     print("demo OK" if ok else "demo FAILED")
     return 0 if ok else 1

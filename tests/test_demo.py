@@ -43,8 +43,9 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-async def _demo(workdir: Path, log_path: Path) -> tuple[int, str]:
+async def _demo(workdir: Path, log_path: Path, **settings: str) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    env.update({f"MAILER_{k.upper()}": v for k, v in settings.items()})
     with log_path.open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
             *_mailer_command(),
@@ -103,3 +104,12 @@ async def test_demo_runs_twice_in_one_directory(workdir: Path, tmp_path: Path) -
 
 def _entries(folder: Path) -> list[Path]:
     return list(folder.iterdir())
+
+
+async def test_a_demo_that_hits_a_limit_says_so_at_once(workdir: Path, tmp_path: Path) -> None:
+    # Fewer sends per hour than recipients: the campaign is deferred; the demo
+    # reports why and fails instead of waiting for the next hour.
+    code, out = await _demo(workdir, tmp_path / "demo.log", rate_per_hour="5")
+    assert code == 1, out
+    assert "demo FAILED" in out.splitlines(), out
+    assert "the campaign waits (rate_per_hour until " in out, out
