@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import msgspec
@@ -10,6 +11,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from mailer.bus import ERROR_CODE_HEADER, LANG_HEADER, ROLES_HEADER, USER_HEADER
+from mailer.config import Settings, env_name
 
 FINAL = ("sent", "completed_with_errors", "cancelled")
 
@@ -184,3 +186,34 @@ class LeaderWatch:
 
     def stop(self) -> None:
         self._task.cancel()
+
+
+def worker_env(settings: Settings, instance: str, **extra: str) -> dict[str, str]:
+    """The environment of a ``mailer run`` OS process on this test's servers and prefixes.
+
+    Nothing of the caller's own ``MAILER_*`` leaks in; ``extra`` overrides (by setting name).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    values = {
+        "nats_url": settings.nats_url,
+        "database_url": settings.database_url,
+        "redis_url": settings.redis_url,
+        "smtp_host": settings.smtp_host,
+        "smtp_port": str(settings.smtp_port),
+        "subject_prefix": settings.subject_prefix,
+        "redis_key_prefix": settings.redis_key_prefix,
+        "instance_id": instance,
+        "http_port": "0",
+        "working_hours_start": "00:00",
+        "working_hours_end": "24:00",
+        "leader_ttl_seconds": "3",
+        "batch_size": "10",
+        "smtp_connections": "2",
+        "rate_per_hour": "100000",
+        # JetStream reserves the stream's cap on disk: keep the test streams small.
+        "events_max_bytes": str(8 * 1024 * 1024),
+        "log_level": "WARNING",
+    }
+    values.update(extra)
+    env.update({env_name(k): v for k, v in values.items()})
+    return env

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -23,34 +22,8 @@ from pathlib import Path
 import pytest
 
 from mailer.actors.api import SERVICE_NAME
-from mailer.config import Settings, env_name
-from tests.helpers import Crm, Events, LeaderWatch, people
-
-
-def _env(settings: Settings, instance: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
-    values = {
-        "nats_url": settings.nats_url,
-        "database_url": settings.database_url,
-        "redis_url": settings.redis_url,
-        "smtp_host": settings.smtp_host,
-        "smtp_port": str(settings.smtp_port),
-        "subject_prefix": settings.subject_prefix,
-        "redis_key_prefix": settings.redis_key_prefix,
-        "instance_id": instance,
-        "http_port": "0",
-        "working_hours_start": "00:00",
-        "working_hours_end": "24:00",
-        "leader_ttl_seconds": "3",
-        "campaign_lease_seconds": "3",
-        "batch_size": "10",
-        "smtp_connections": "2",
-        "rate_per_hour": "100000",
-        "log_level": "WARNING",
-    }
-    values.update(extra)
-    env.update({env_name(k): v for k, v in values.items()})
-    return env
+from mailer.config import Settings
+from tests.helpers import Crm, Events, LeaderWatch, people, worker_env
 
 
 @pytest.fixture
@@ -61,7 +34,7 @@ def workers(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., subpro
         log = (tmp_path / f"{instance}.log").open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "mailer.cli", "run"],
-            env=_env(settings, instance, **extra),
+            env=worker_env(settings, instance, **{"campaign_lease_seconds": "3", **extra}),
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 import time
@@ -21,36 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from mailer.config import Settings, env_name
-from tests.helpers import Crm, Events, LeaderWatch, people
+from mailer.config import Settings
+from tests.helpers import Crm, Events, LeaderWatch, people, worker_env
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _env(settings: Settings, instance: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
-    values = {
-        "nats_url": settings.nats_url,
-        "database_url": settings.database_url,
-        "redis_url": settings.redis_url,
-        "smtp_host": settings.smtp_host,
-        "smtp_port": str(settings.smtp_port),
-        "subject_prefix": settings.subject_prefix,
-        "redis_key_prefix": settings.redis_key_prefix,
-        "instance_id": instance,
-        "http_port": "0",
-        "working_hours_start": "00:00",
-        "working_hours_end": "24:00",
-        "leader_ttl_seconds": "3",
-        "batch_size": "10",
-        "smtp_connections": "2",
-        "rate_per_hour": "100000",
-        "events_max_bytes": str(8 * 1024 * 1024),
-        "log_level": "WARNING",
-    }
-    values.update(extra)
-    env.update({env_name(k): v for k, v in values.items()})
-    return env
 
 
 @dataclass
@@ -82,7 +55,7 @@ async def start_worker(settings: Settings, tmp_path: Path) -> AsyncIterator[Star
                 "-m",
                 "mailer.cli",
                 "run",
-                env=_env(settings, instance, **extra),
+                env=worker_env(settings, instance, **extra),
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
             )
