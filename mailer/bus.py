@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import random
 import re
 from typing import Any, TypeVar
 
 import msgspec
 import nats
-from nats.aio.client import Client
+from nats.aio.client import Client, Server
 from nats.aio.msg import Msg
 
 from mailer.messages import ErrorBody, ErrorReply
@@ -32,6 +33,7 @@ __all__ = [
     "creds_file_problem",
     "decode",
     "encode",
+    "reconnect_delay",
 ]
 
 log = logging.getLogger("mailer.bus")
@@ -46,6 +48,30 @@ ROLES_HEADER = "Mailer-Roles"
 LANG_HEADER = "Mailer-Lang"
 
 _encoder = msgspec.json.Encoder()
+
+# Reconnect backoff: the first try after half a second, doubling up to five
+# seconds between tries, each wait a random half to whole of that (so pods that
+# lost the same server do not come back in lockstep). Five seconds at most
+# keeps a pod's outage short once NATS is back.
+RECONNECT_FIRST_SECONDS = 0.5
+RECONNECT_MAX_SECONDS = 5.0
+
+
+def reconnect_delay(attempt: int) -> float:
+    """The wait before reconnect try ``attempt`` (0 for the first) to a server."""
+    ceiling = min(RECONNECT_MAX_SECONDS, RECONNECT_FIRST_SECONDS * 2.0 ** min(attempt, 16))
+    return ceiling * random.uniform(0.5, 1.0)
+
+
+def _next_server(servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
+    """nats-py's reconnect hook: the least-failed server, after its backoff."""
+    server = min(servers, key=lambda s: s.reconnects)
+    wait = reconnect_delay(server.reconnects)
+    log.info(
+        "nats reconnecting",
+        extra={"attempt": server.reconnects + 1, "wait_seconds": round(wait, 2)},
+    )
+    return server, wait
 
 
 def encode(msg: Any) -> bytes:
@@ -68,7 +94,7 @@ class RemoteError(Exception):
 
 
 class Bus:
-    """One NATS connection per process; reconnects forever with backoff."""
+    """One NATS connection per process; reconnects forever with backoff (``reconnect_delay``)."""
 
     def __init__(
         self,
@@ -137,9 +163,11 @@ class Bus:
                 self.url,
                 name=self.name,
                 # Reconnect forever: the orchestrator, not this loop, decides when
-                # a pod is dead. The client's own backoff has jitter.
+                # a pod is dead. nats-py waits a constant time between tries;
+                # _next_server makes it an exponential backoff with jitter.
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=1,
+                reconnect_to_server_handler=_next_server,
                 allow_reconnect=True,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,

@@ -132,4 +132,16 @@ async def test_nats_going_away_and_coming_back_mid_campaign(
     # The outage was real, and seen: the service's connection logged it.
     assert any(r.getMessage() == "nats disconnected" for r in caplog.records)
     assert any(r.getMessage() == "nats reconnected" for r in caplog.records)
+    # Through our backoff: each try waited, and the waits are logged.
+    tries = [r for r in caplog.records if r.getMessage() == "nats reconnecting"]
+    assert tries and all(0 < getattr(r, "wait_seconds", 0) <= 5.0 for r in tries)
     await nc.close()
+
+
+def test_reconnect_backoff_doubles_with_jitter_up_to_five_seconds() -> None:
+    from mailer.bus import reconnect_delay
+
+    for attempt, ceiling in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (50, 5.0)]:
+        waits = [reconnect_delay(attempt) for _ in range(200)]
+        assert all(ceiling / 2 <= w <= ceiling for w in waits), (attempt, min(waits), max(waits))
+        assert max(waits) - min(waits) > ceiling / 10  # jittered, not one fixed wait
