@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import re
-import string
 from datetime import datetime
 from typing import Final, Literal
 from zoneinfo import ZoneInfo
@@ -37,7 +36,7 @@ from prometheus_client import Counter
 from mailer.bus import Bus, encode
 from mailer.config import Settings
 from mailer.messages import CampaignEvent, Notice
-from mailer.texts import TEXTS, reason_values, text
+from mailer.texts import TEXTS, fields_of, reason_values, text
 
 __all__ = [
     "EVENTS_PUBLISH_FAILURES",
@@ -110,11 +109,6 @@ def _subject_token(name: str) -> str:
     return _UNSAFE_TOKEN_CHAR.sub("_", name) or "_"
 
 
-def _text_fields(code: str) -> set[str]:
-    template = TEXTS[code]["ru"]
-    return {field for _, field, _, _ in string.Formatter().parse(template) if field}
-
-
 def notification_for(
     event: CampaignEvent, *, settings: Settings | None = None, **values: object
 ) -> Notification | None:
@@ -151,7 +145,7 @@ def notification_for(
     fill.update(event.details or {})
     fill.update(values)
 
-    if code not in TEXTS or not _text_fields(code) <= fill.keys():
+    if code not in TEXTS or not fields_of(code) <= fill.keys():
         if event.event == "paused":
             code = "notify_paused"
         else:

@@ -1,12 +1,14 @@
 """The relay of the event outbox: stored notices go to JetStream, then away.
 
 A notice (an owner notification) is written by the transaction that calls for
-it — the deferral's — so it exists exactly when the deferral does. The relay
-publishes stored notices in order and deletes each one JetStream confirmed.
-Two relays may run at once (a campaign actor right after its deferral, the
-leader's scheduler on every wake and reconcile): ``FOR UPDATE SKIP LOCKED``
-gives each its own rows, and the stream's duplicate window drops the repeat
-of a publish whose acknowledgement was lost. Delivery is at least once; a
+it — the deferral's — so it exists exactly when the deferral does. A relay
+publishes the stored notices oldest first and deletes each one JetStream
+confirmed. Two relays may run at once (a campaign actor right after its
+deferral, the leader's scheduler on every wake and reconcile): ``FOR UPDATE
+SKIP LOCKED`` gives each its own rows, so across relays the order is not
+guaranteed (each notice carries its own time). The stream's duplicate window
+(15 minutes) drops the repeat of a publish whose acknowledgement was lost;
+a repeat later than that is stored twice. Delivery is at least once; a
 failure leaves the rows for the next relay and is counted by the events'
 publish-failure metric.
 """

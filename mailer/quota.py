@@ -15,12 +15,16 @@ it with the provider's own count on start, every
 A sync must not hand back tokens already granted to a batch in flight, or a
 month's last emails could go out twice over. So the new number is written
 under the quota row's lock — no governor takes meanwhile — minus the
-recipients claimed for sending right now (granted or about to be), and, for
-``local``, minus the month's sends counted in that same moment. A batch is
+recipients claimed for sending right now (granted or about to be), and minus
+the sends recorded since the count was taken: for ``local`` the month's, for
+``http`` those since the provider was asked (a batch recorded while the
+provider answered is in neither its count nor the claimed rows). A batch is
 counted either as claimed or as sent, never as neither. This errs on the safe
 side: a claimed batch the governor has not yet served is subtracted before
-its tokens are taken (under-sending until the next sync), and a sync cannot
-see a test email between its grant and its send-log row.
+its tokens are taken, and a send the provider had already counted may be
+subtracted again (under-sending until the next sync). Not covered: a test
+email between its grant and its send-log row, and a provider whose count lags
+its own acceptance of mail.
 
 A failed sync keeps the last numbers, records ``sync_error`` and leaves
 ``last_synced_at`` at the last success: together they say how old the number
@@ -84,9 +88,10 @@ class QuotaState(msgspec.Struct, frozen=True, kw_only=True):
 class ProviderReading(msgspec.Struct, frozen=True, kw_only=True):
     emails_available: int
     monthly_limit: int | None = None  # None: the provider does not say; keep ours
-    # [start, end): sends of this period are subtracted when the reading is
-    # written (``local``: the allowance minus the month's own sends).
-    minus_sent_between: tuple[datetime, datetime] | None = None
+    # [start, end): sends recorded in this period are subtracted when the
+    # reading is written (``local``: the month's; ``http``: since the provider
+    # was asked, end None). Counted under the quota's lock, with the claims.
+    minus_sent_between: tuple[datetime, datetime | None] | None = None
 
 
 class QuotaError(Exception):
@@ -246,7 +251,10 @@ class HttpQuotaProvider:
             data = msgspec.json.decode(body)
         except msgspec.DecodeError as exc:
             raise QuotaError(f"quota endpoint answered invalid JSON: {exc}") from None
-        return ProviderReading(emails_available=_count(dig(data, self._field), self._field))
+        return ProviderReading(
+            emails_available=_count(dig(data, self._field), self._field),
+            minus_sent_between=(now, None),
+        )
 
 
 def provider_from_settings(s: Settings) -> QuotaProvider:

@@ -254,7 +254,13 @@ class PgStore:
     async def claim(self, lease: Lease, n: int, now: datetime) -> tuple[list[Claimed], int]:
         """Claims up to n recipients; returns those to send and how many were unsubscribed."""
         rows = await self.pool.fetch(
-            Q["recipients-claim"], lease.campaign_id, n, lease.claim_token, now
+            Q["recipients-claim"],
+            lease.campaign_id,
+            n,
+            lease.claim_token,
+            now,
+            lease.owner,
+            lease.epoch,
         )
         claimed = [
             Claimed(r["id"], r["email"], r["name"], r["variables"] or {})
@@ -295,7 +301,7 @@ class PgStore:
                     transient_errors,
                     success,
                 )
-            await conn.execute(
+            recorded = await conn.fetch(
                 Q["recipients-record"],
                 [o.recipient_id for o in rec],
                 ["pending" if o.status == "transient" else o.status for o in rec],
@@ -304,6 +310,9 @@ class PgStore:
                 lease.claim_token,
                 now,
             )
+            # Rows a takeover had marked in doubt: their placeholder in the send
+            # log gives way to the attempt's real row (one row per attempt).
+            await conn.execute(Q["send-log-drop-doubt-placeholders"], [r["id"] for r in recorded])
             await conn.execute(
                 Q["send-log-insert"],
                 lease.campaign_id,
@@ -340,22 +349,13 @@ class PgStore:
     async def pause_by_breaker(
         self, lease: Lease, now: datetime, *, notice: Notice | None = None
     ) -> tuple[bool, bool]:
-        """Pauses the campaign (status ``paused``, reason ``circuit_breaker``)."""
+        """Pauses the campaign (status ``paused``, reason ``circuit_breaker``).
+
+        The fenced queue update goes first: a deposed owner, whose lease is
+        gone, pauses nothing.
+        """
         async with self.pool.acquire() as conn, conn.transaction():
-            moved = await conn.fetchrow(
-                Q["campaign-set-status"], lease.campaign_id, "paused", ["sending", "ready"], now
-            )
-            if moved is None:
-                return False, False
-            await conn.execute(
-                Q["audit-insert"],
-                now,
-                "system",
-                "campaign.status",
-                lease.campaign_id,
-                {"from": "sending", "to": "paused", "reason": "circuit_breaker"},
-            )
-            return await self._wait(
+            paused, noticed = await self._wait(
                 lease,
                 Q["queue-pause-breaker"],
                 reason="circuit_breaker",
@@ -364,6 +364,22 @@ class PgStore:
                 notice=notice,
                 conn=conn,
             )
+            if not paused:
+                return False, False
+            moved = await conn.fetchrow(
+                Q["campaign-set-status"], lease.campaign_id, "paused", ["sending", "ready"], now
+            )
+            if moved is None:  # a manager paused or cancelled it meanwhile: theirs stands
+                return True, noticed
+            await conn.execute(
+                Q["audit-insert"],
+                now,
+                "system",
+                "campaign.status",
+                lease.campaign_id,
+                {"from": "sending", "to": "paused", "reason": "circuit_breaker"},
+            )
+            return True, noticed
 
     async def _wait(
         self,

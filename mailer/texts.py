@@ -14,6 +14,7 @@ notification word a deferral alike.
 
 from __future__ import annotations
 
+import math
 import string
 from datetime import datetime, tzinfo
 from typing import Literal
@@ -26,6 +27,7 @@ __all__ = [
     "TEXTS",
     "Lang",
     "duration_phrase",
+    "fields_of",
     "reason_values",
     "resume_phrase",
     "text",
@@ -51,15 +53,16 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "administrator tops it up.",
     },
     "rate_per_hour": {
-        "ru": "Достигнут лимит {limit} писем/час. Продолжим в {next_hour}:00.",
-        "en": "The limit of {limit} emails/hour is reached. We continue at {next_hour}:00.",
+        "ru": "Достигнут лимит {limit} писем/час. Продолжим в {time}.",
+        "en": "The limit of {limit} emails/hour is reached. We continue at {time}.",
     },
     # {start}-{end} {tz}: the configured working hours (``hours_phrase``, ``tz_label``).
     "outside_hours": {
         "ru": "Сейчас вне рабочего времени ({start}-{end} {tz}). Продолжим {until}.",
         "en": "Outside working hours ({start}-{end} {tz}). We continue {until}.",
     },
-    # {retry_in}: the configured retry delay, as ``duration_phrase`` words it.
+    # {retry_in}: what is left of the wait (the configured retry delay, or the
+    # SMTP breaker's own), as ``duration_phrase`` words it.
     "transient_error": {
         "ru": "Временная ошибка отправки. Повторим попытку через {retry_in}.",
         "en": "Temporary sending error. We retry in {retry_in}.",
@@ -325,6 +328,12 @@ class _TextFormatter(string.Formatter):
 _FORMATTER = _TextFormatter()
 
 
+def fields_of(code: str) -> set[str]:
+    """The placeholders a text needs (those of its Russian form)."""
+    template = TEXTS[code][DEFAULT_LANG] if code in TEXTS else ""
+    return {field for _, field, _, _ in string.Formatter().parse(template) if field}
+
+
 def text(code: str, lang: str | None = None, **values: object) -> str:
     variants = TEXTS.get(code)
     if variants is None:
@@ -463,13 +472,21 @@ def reason_values(
     """
     tz = ZoneInfo(s.timezone)
     end = until or now
+    left = (end - now).total_seconds()
+    # What is left of a wait, whole minutes rounded up ("через 5 минут", not
+    # "через 297 секунд"); the configured delay when there is no wait to measure.
+    retry_minutes = (
+        (math.ceil(left / 60) if left >= 60 else left / 60)
+        if left > 0
+        else s.transient_retry_delay_minutes
+    )
     return {
         "limit": s.rate_per_hour,
-        "next_hour": end.astimezone(tz).strftime("%H"),
+        "time": end.astimezone(tz).strftime("%H:%M"),
         "until": resume_phrase(end, now=now, tz=tz, lang=lang),
         "start": working_time(s.working_hours_start),
         "end": working_time(s.working_hours_end),
         "tz": tz_label(tz, lang),
-        "retry_in": duration_phrase(s.transient_retry_delay_minutes, lang),
+        "retry_in": duration_phrase(retry_minutes, lang),
         "threshold": s.circuit_breaker_threshold,
     }

@@ -281,7 +281,12 @@ def test_notification_texts() -> None:
         "Продолжим в понедельник, 30.11, в 10:00 Asia/Yekaterinburg."
     )
     retry = notification_for(
-        deferred(defer_reason="transient_error", details=None), settings=office
+        deferred(
+            defer_reason="transient_error",
+            deferred_until=AT + timedelta(minutes=2),
+            details=None,
+        ),
+        settings=office,
     )
     assert retry is not None
     assert retry.message == "Временная ошибка отправки. Повторим попытку через 2 минуты."

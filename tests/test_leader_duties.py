@@ -120,6 +120,34 @@ def test_the_accounts_breaker_opens_half_opens_and_closes() -> None:
     assert b.state is BreakerState.CLOSED and gauge._value.get() == 0
 
 
+def test_after_the_cooldown_one_campaign_probes_and_the_others_wait() -> None:
+    b = CircuitBreaker("acct", threshold=1, cooldown=timedelta(minutes=5))
+    b.record(successes=0, transient_failures=1, now=NOW)
+    assert b.state is BreakerState.OPEN
+    assert b.blocked_until(NOW + timedelta(minutes=1)) == NOW + timedelta(minutes=5)
+
+    # The cooldown is over and three campaigns ask: one may send the probe.
+    later = NOW + timedelta(minutes=5)
+    waits = [b.blocked_until(later) for _ in range(3)]
+    assert waits == [None, later + timedelta(seconds=30), later + timedelta(seconds=30)]
+    assert b.state is BreakerState.HALF_OPEN
+    assert b.allow(later)  # the probe goes out...
+    assert not b.allow(later)  # ...and nothing else while it is out
+    assert b.blocked_until(later) == later + timedelta(seconds=30)
+    b.record(successes=0, transient_failures=1, now=later)
+    assert b.state is BreakerState.OPEN  # the probe failed: another cooldown
+
+    # A promised probe that never goes out (its campaign got no tokens) passes on.
+    again = later + timedelta(minutes=5)
+    assert b.blocked_until(again) is None
+    assert b.blocked_until(again + timedelta(seconds=10)) is not None
+    assert b.blocked_until(again + timedelta(seconds=30)) is None
+    assert b.allow(again + timedelta(seconds=31))
+    b.record(successes=1, transient_failures=0, now=again + timedelta(seconds=31))
+    assert b.state is BreakerState.CLOSED
+    assert b.blocked_until(again + timedelta(seconds=31)) is None and b.allow(again)
+
+
 async def test_an_open_breaker_sends_nothing(sink, stack) -> None:
     from mailer.actors import start_actor
     from mailer.actors.campaign import Mail

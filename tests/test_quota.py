@@ -49,6 +49,7 @@ class Stub:
         self.body = b'{"data": {"emails_available": 1234}}'
         self.hang = False
         self.release = asyncio.Event()
+        self.asked = asyncio.Event()  # set once a request has arrived
         self.authorizations: list[str | None] = []
         self.url = ""
 
@@ -58,6 +59,7 @@ class Stub:
 
     async def handle(self, request: web.Request) -> web.Response:
         self.authorizations.append(request.headers.get("Authorization"))
+        self.asked.set()
         if self.hang:
             await self.release.wait()
         return web.Response(status=self.status, body=self.body, content_type="application/json")
@@ -274,6 +276,41 @@ async def test_a_sync_does_not_hand_back_the_tokens_of_a_batch_in_flight(
     assert seen[1].emails_available == 60 - 5
     # Batch 2 was recorded and batch 3 (2 more) took its quota since.
     assert (await stored(db)).emails_available == 60 - 5 - 2
+
+
+async def test_an_http_sync_subtracts_a_batch_recorded_while_the_provider_answered(
+    stub: Stub, pool, db
+) -> None:
+    # Five recipients are claimed ('sending'): the provider has not counted them.
+    # While it answers, the batch is sent and recorded, so when the reading is
+    # written they are no longer claimed: they must still be subtracted.
+    now = datetime(2026, 11, 23, 10, 15, tzinfo=UTC)
+    cid = await db.fetchval(
+        "INSERT INTO campaign (owner_id, name, subject, body_text, status, created_at,"
+        " updated_at) VALUES ('o', 'n', 's', 'b', 'sending', $1, $1) RETURNING id",
+        now,
+    )
+    await db.executemany(
+        "INSERT INTO recipient (campaign_id, email, status, claimed_by, created_at, updated_at)"
+        " VALUES ($1, $2, 'sending', 'w#1', $3, $3)",
+        [(cid, f"r{i}@example.org", now) for i in range(5)],
+    )
+    stub.answer(60)
+    stub.hang = True
+    fetch = asyncio.create_task(http(stub).fetch(now))
+    await asyncio.wait_for(stub.asked.wait(), 5)  # the provider has the request
+    await db.execute(
+        "UPDATE recipient SET status = 'sent', claimed_by = NULL WHERE campaign_id = $1", cid
+    )
+    await db.execute(
+        "INSERT INTO send_log (campaign_id, recipient_id, email, status, created_at)"
+        " SELECT campaign_id, id, email, 'sent', $2 FROM recipient WHERE campaign_id = $1",
+        cid,
+        now + timedelta(seconds=1),
+    )
+    stub.release.set()
+    _, state = await PgQuota(pool).record_sync(await fetch, now + timedelta(seconds=2))
+    assert state.emails_available == 55
 
 
 # --- restore: 0 -> more -----------------------------------------------------------------------

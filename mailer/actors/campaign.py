@@ -245,8 +245,10 @@ class CampaignActor(Actor[Continue]):
         await self._emit("started")
         self._again()
 
-    def _start_heartbeat(self, lease: Lease) -> None:
-        self._heartbeat_task = self.spawn_task(self._heartbeat(lease), name="heartbeat")
+    def _start_heartbeat(self, lease: Lease, *, renew_first: bool = False) -> None:
+        self._heartbeat_task = self.spawn_task(
+            self._heartbeat(lease, renew_first=renew_first), name="heartbeat"
+        )
 
     async def _stop_heartbeat(self) -> None:
         """Stops renewing the lease: what follows gives it up (defer, pause, finish, release)."""
@@ -257,14 +259,20 @@ class CampaignActor(Actor[Continue]):
             # LeaseLost already crashed us) nor swallows our own cancellation.
             await asyncio.wait([task])
 
-    async def _heartbeat(self, lease: Lease) -> None:
-        """Renews the lease; losing it crashes the actor so it stops sending."""
+    async def _heartbeat(self, lease: Lease, *, renew_first: bool) -> None:
+        """Renews the lease; losing it crashes the actor so it stops sending.
+
+        ``renew_first``: a heartbeat restarted after a pause in renewals renews
+        at once, or repeated restarts would never renew at all.
+        """
         period = self._s.lease_seconds / 3
-        while True:
+        if not renew_first:
             await self._clock.sleep(period)
+        while True:
             until = self._clock.now() + timedelta(seconds=self._s.lease_seconds)
             if not await self._store.renew(lease, until):
                 raise LeaseLost(f"lease on campaign {lease.campaign_id} lost")
+            await self._clock.sleep(period)
 
     # --- running ----------------------------------------------------------------
 
@@ -402,7 +410,7 @@ class CampaignActor(Actor[Continue]):
             # them), or locked by an API call when the claim looked (it
             # commits within moments). Keep the lease and go on after a pause
             # that keeps the second case from spinning.
-            self._start_heartbeat(lease)
+            self._start_heartbeat(lease, renew_first=True)
             await self._clock.sleep(_RECLAIM_PAUSE_SECONDS)
             self._again()
             return

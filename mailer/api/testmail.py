@@ -19,6 +19,7 @@ then the hourly test-email throttle, then the governor's token.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import nats.errors
 
@@ -30,7 +31,7 @@ from mailer.bus import RemoteError
 from mailer.errors import NotFound, Refused, SendFailed, Unavailable, ValidationFailed
 from mailer.messages import TestEmail, TestEmailSent
 from mailer.render import MessageTemplate, make_message_id
-from mailer.texts import text
+from mailer.texts import fields_of, reason_values, text
 from mailer.transport import SendResult
 from mailer.unsubscribe import unsubscribe_url
 
@@ -88,12 +89,18 @@ async def send_test(ctx: ApiContext, caller: Caller, req: TestEmail) -> TestEmai
     if grant.granted < 1:
         reason_code = grant.reason or "rate_per_hour"
         next_run = grant.retry_at or now
-        raise Refused(
-            reason_code,
+        # The reason's own words, as the manager's view has them, in the caller's language.
+        worded: dict[str, Any] = reason_values(
+            ctx.settings, until=next_run, now=now, lang=caller.lang
+        )
+        worded.update(
             limit=grant.daily_limit if reason_code == "daily_limit" else grant.limit,
             sent=grant.daily_sent,
-            next_hour=next_run.astimezone(ctx.hours.tz).strftime("%H"),
+        )
+        raise Refused(
+            reason_code,
             retry_at=next_run.isoformat(),
+            **{k: v for k, v in worded.items() if k in fields_of(reason_code)},
         )
 
     result = await _send(ctx, Mail(req.email, data))

@@ -21,14 +21,16 @@ SELECT emails_available FROM quota FOR UPDATE;
 -- name: quota-record-sync
 -- A successful sync, under quota-lock: the reading ($1) less the recipients
 -- claimed for sending now (tokens granted or about to be: not yet in any
--- provider's count) and, with a period [$4, $5), less that period's sends
--- (the local provider). $2 NULL keeps the monthly limit.
+-- provider's count) and, with a period [$4, $5) ($5 NULL: open), less the sends
+-- recorded in it (local: the month's; http: since the provider was asked).
+-- $2 NULL keeps the monthly limit.
 UPDATE quota q
 SET emails_available = GREATEST(0, $1
         - (SELECT count(*) FROM recipient WHERE status = 'sending')
         - CASE WHEN $4::timestamptz IS NULL THEN 0 ELSE (
               SELECT count(*) FROM send_log
-              WHERE status IN ('sent', 'in_doubt') AND created_at >= $4 AND created_at < $5
+              WHERE status IN ('sent', 'in_doubt') AND created_at >= $4
+                AND ($5::timestamptz IS NULL OR created_at < $5)
           ) END),
     monthly_limit = COALESCE($2, q.monthly_limit),
     last_synced_at = $3, sync_error = NULL

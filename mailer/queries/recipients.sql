@@ -8,9 +8,13 @@ ON CONFLICT (campaign_id, lower(email)) DO NOTHING
 RETURNING id;
 
 -- name: recipients-claim
--- Claims up to $2 pending recipients of a campaign for the claim token $3.
--- SKIP LOCKED lets two claimers never see the same row; unsubscribed
--- addresses are settled here as 'unsubscribed' so they are never sent.
+-- Claims up to $2 pending recipients of a campaign for the claim token $3,
+-- while owner $5 holds the lease at epoch $6: once another process took the
+-- campaign over (a new epoch) the old owner claims nothing (fencing), so two
+-- processes never send the same campaign. (An expired lease nobody took yet
+-- still claims: its owner renews on, and a takeover bumps the epoch.) SKIP
+-- LOCKED lets two claimers never see the same row; unsubscribed addresses
+-- are settled here as 'unsubscribed'.
 WITH picked AS (
     SELECT r.id,
            EXISTS (SELECT 1 FROM unsubscribe u WHERE u.email = lower(r.email)) AS unsub
@@ -18,6 +22,8 @@ WITH picked AS (
     WHERE r.campaign_id = $1 AND r.status = 'pending'
       -- A paused or cancelled campaign claims nothing: its actor stops there.
       AND EXISTS (SELECT 1 FROM campaign c WHERE c.id = $1 AND c.status = 'sending')
+      AND EXISTS (SELECT 1 FROM queue_entry q
+                  WHERE q.campaign_id = $1 AND q.lease_owner = $5 AND q.lease_epoch = $6)
     ORDER BY r.id
     LIMIT $2
     FOR UPDATE OF r SKIP LOCKED
@@ -72,6 +78,13 @@ RETURNING recipient_id AS id;
 
 -- name: recipients-counts
 SELECT status, count(*)::bigint AS n FROM recipient WHERE campaign_id = $1 GROUP BY status;
+
+-- name: send-log-drop-doubt-placeholders
+-- The in_doubt rows a takeover wrote (no attempt time: they stand for an
+-- attempt, they are not one) for recipients whose real outcome is recorded now.
+DELETE FROM send_log
+WHERE recipient_id = ANY($1::bigint[]) AND status = 'in_doubt' AND took_ms IS NULL
+  AND NOT is_test;
 
 -- name: send-log-insert
 INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, smtp_message_id,
