@@ -251,9 +251,6 @@ class JetStreamEvents:
             campaign_id=note.campaign_id,
         )
 
-    async def publish_notification(self, note: Notification) -> bool:
-        return await self.publish_notice(self.notification_notice(note))
-
     async def publish_notice(self, notice: Notice) -> bool:
         """Publishes a stored notice; False if JetStream did not confirm it."""
         return await self._publish(
