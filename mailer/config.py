@@ -8,7 +8,9 @@ stops the process with a message naming the variable and what it allows.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 import typing
 from collections.abc import Mapping
@@ -24,6 +26,7 @@ __all__ = [
     "ConfigError",
     "Settings",
     "env_name",
+    "is_service_link",
     "load_settings",
     "read_dotenv",
     "settings_table",
@@ -399,7 +402,11 @@ def load_settings(
             raise ConfigError(
                 f"{name}={shown!r} is not allowed: expected {_allowed(field)} ({exc})"
             ) from None
-    unknown = sorted(k for k in source if k.startswith(ENV_PREFIX) and k not in _known_env())
+    unknown = sorted(
+        k
+        for k, v in source.items()
+        if k.startswith(ENV_PREFIX) and k not in _known_env() and not is_service_link(k, v)
+    )
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; see the README's table")
     settings = msgspec.convert(values, Settings)
@@ -478,6 +485,55 @@ def _single_field_type(field_name: str) -> Any:
         cached = msgspec.defstruct(f"_{field_name}", [(field_name, _hints()[field_name])])
         _FIELD_TYPES[field_name] = cached
     return cached
+
+
+# The variables a kubelet injects into every container for every Service of the
+# namespace (Docker-links style, unless the pod says enableServiceLinks: false).
+# A Service named "mailer" or "mailer-…" yields MAILER_SERVICE_HOST,
+# MAILER_PORT_8080_TCP_ADDR and so on, which are not settings. Each is recognized
+# by its name's shape AND its value's, so a misspelled setting such as
+# MAILER_SMPT_PORT=25 is still refused: a kubelet's *_PORT is "tcp://ip:port".
+_IP = "ip"
+_PORT = "port"
+_PROTO = "proto"
+_URL = "url"
+_SERVICE_LINKS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(?:[A-Z0-9_]+_)?SERVICE_HOST"), _IP),
+    (re.compile(r"(?:[A-Z0-9_]+_)?SERVICE_PORT(?:_[A-Z0-9_]+)?"), _PORT),
+    (re.compile(r"(?:[A-Z0-9_]+_)?PORT(?:_[0-9]+_(?:TCP|UDP|SCTP))?"), _URL),
+    (re.compile(r"(?:[A-Z0-9_]+_)?PORT_[0-9]+_(?:TCP|UDP|SCTP)_PROTO"), _PROTO),
+    (re.compile(r"(?:[A-Z0-9_]+_)?PORT_[0-9]+_(?:TCP|UDP|SCTP)_PORT"), _PORT),
+    (re.compile(r"(?:[A-Z0-9_]+_)?PORT_[0-9]+_(?:TCP|UDP|SCTP)_ADDR"), _IP),
+)
+_LINK_URL = re.compile(r"(?:tcp|udp|sctp)://(\[[0-9a-fA-F:]+\]|[0-9.]+):([0-9]{1,5})")
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """Whether ``name=value`` is a Service variable a kubelet injected, not a setting."""
+    if not name.startswith(ENV_PREFIX):
+        return False
+    rest = name.removeprefix(ENV_PREFIX)
+    for pattern, kind in _SERVICE_LINKS:
+        if not pattern.fullmatch(rest):
+            continue
+        if kind == _IP and _is_ip(value):
+            return True
+        if kind == _PORT and value.isdigit() and 0 < int(value) <= 65535:
+            return True
+        if kind == _PROTO and value in ("tcp", "udp", "sctp"):
+            return True
+        m = _LINK_URL.fullmatch(value) if kind == _URL else None
+        if m is not None and _is_ip(m.group(1)):
+            return True
+    return False
 
 
 def _known_env() -> set[str]:
