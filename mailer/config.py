@@ -91,7 +91,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     smtp_port: Annotated[Port, Meta(description="SMTP server port (0: the sink's).")] = 0
     smtp_security: Annotated[
         Literal["none", "starttls", "tls"],
-        Meta(description="`starttls`, implicit `tls`, or `none` (local sink only)."),
+        Meta(
+            description="`starttls`, implicit `tls`, or `none` (production: no AUTH, or a loopback relay)."
+        ),
     ] = "none"
     smtp_username: Annotated[str, Meta(description="SMTP AUTH user (empty: no AUTH).")] = ""
     smtp_password: Annotated[str, Meta(description="SMTP AUTH password.")] = ""
@@ -461,6 +463,16 @@ def _check_production(s: Settings) -> None:
     for field in ("nats_url", "database_url", "redis_url", "smtp_host"):
         if not getattr(s, field):
             raise ConfigError(f"{env_name(field)} is required in production")
+    credentials = bool(s.smtp_username or s.smtp_password)
+    if s.smtp_security == "none" and credentials and not _is_loopback(s.smtp_host):
+        # A password in clear text over the network: anyone on the path can read
+        # it and send as the company. A relay on the pod's own loopback (a
+        # sidecar) is the one place plaintext AUTH is acceptable.
+        raise ConfigError(
+            f"{env_name('smtp_security')}='none' with SMTP credentials to "
+            f"{s.smtp_host!r} is not allowed in production: use 'starttls' or 'tls', "
+            "or a relay on loopback"
+        )
     url = urlsplit(s.public_url)
     if url.scheme != "https" or not url.hostname:
         # Unsubscribe links go into List-Unsubscribe, which RFC 8058 one-click
@@ -506,6 +518,15 @@ _SERVICE_LINKS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?:[A-Z0-9_]+_)?PORT_[0-9]+_(?:TCP|UDP|SCTP)_ADDR"), _IP),
 )
 _LINK_URL = re.compile(r"(?:tcp|udp|sctp)://(\[[0-9a-fA-F:]+\]|[0-9.]+):([0-9]{1,5})")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_ip(value: str) -> bool:

@@ -215,3 +215,23 @@ def test_the_process_reads_dotenv_from_its_working_directory(tmp_path: Path) -> 
     )
     assert done.returncode not in (0, 2), (done.returncode, done.stderr)
     assert "configuration error" not in done.stderr
+
+
+@pytest.mark.parametrize("host", ["smtp.example.com", "10.0.0.5"])
+def test_production_refuses_plaintext_smtp_with_credentials_to_a_remote_host(host: str) -> None:
+    unsafe = {
+        **PRODUCTION,
+        "MAILER_SMTP_HOST": host,
+        "MAILER_SMTP_SECURITY": "none",
+        "MAILER_SMTP_USERNAME": "crm@example.com",
+        "MAILER_SMTP_PASSWORD": "secret",
+    }
+    with pytest.raises(ConfigError, match="MAILER_SMTP_SECURITY='none' with SMTP credentials"):
+        load_settings(unsafe, dotenv=None)
+    # The same with TLS, without credentials, to a loopback relay, or in development: fine.
+    assert load_settings({**unsafe, "MAILER_SMTP_SECURITY": "starttls"}, dotenv=None)
+    no_login = {**unsafe, "MAILER_SMTP_USERNAME": "", "MAILER_SMTP_PASSWORD": ""}
+    assert load_settings(no_login, dotenv=None)
+    for loopback in ("127.0.0.1", "localhost", "::1"):
+        assert load_settings({**unsafe, "MAILER_SMTP_HOST": loopback}, dotenv=None)
+    assert load_settings({**unsafe, "MAILER_ENV": "development"}, dotenv=None)
