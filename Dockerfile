@@ -32,7 +32,9 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/mailer/bin:$PATH \
     MAILER_ENV=production \
     MAILER_HTTP_HOST=0.0.0.0 \
-    MAILER_HTTP_PORT=8080
+    MAILER_HTTP_PORT=8080 \
+    MAILER_PUBLIC_HTTP_HOST=0.0.0.0 \
+    MAILER_PUBLIC_HTTP_PORT=8081
 
 # A numeric, fixed uid/gid: Kubernetes' runAsNonRoot can only verify a numeric USER, and
 # deploy/k8s/deployment.yaml sets the same ids.
@@ -54,7 +56,7 @@ WORKDIR /app
 
 USER 10001:10001
 
-EXPOSE 8080
+EXPOSE 8080 8081
 
 # mailer handles SIGTERM itself: it stops its actors within MAILER_SHUTDOWN_TIMEOUT_SECONDS.
 STOPSIGNAL SIGTERM

@@ -92,7 +92,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     smtp_security: Annotated[
         Literal["none", "starttls", "tls"],
         Meta(
-            description="`starttls`, implicit `tls`, or `none` (production: no AUTH, or a loopback relay)."
+            description=(
+                "`starttls`, implicit `tls`, or `none` (production: no AUTH, or a loopback relay)."
+            )
         ),
     ] = "none"
     smtp_username: Annotated[str, Meta(description="SMTP AUTH user (empty: no AUTH).")] = ""
@@ -234,16 +236,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     public_url: Annotated[
         str,
         Meta(description="Public base URL of unsubscribe links (https:// in production)."),
-    ] = "http://localhost:8080"
+    ] = "http://localhost:8081"
     unsubscribe_secret: Annotated[
         str, Meta(description="HMAC key that signs unsubscribe links; set it in production.")
     ] = "dev-unsubscribe-secret-change-me"  # noqa: S105 - refused in production
 
     # --- process -------------------------------------------------------------------
-    http_host: Annotated[str, Meta(description="Bind address of /metrics, /healthz, /readyz.")] = (
-        "127.0.0.1"
-    )
-    http_port: Annotated[Port, Meta(description="Port of the HTTP server (0: any free).")] = 8080
+    http_host: Annotated[
+        str, Meta(description="Bind address of the internal server: /metrics, /healthz, /readyz.")
+    ] = "127.0.0.1"
+    http_port: Annotated[
+        Port, Meta(description="Port of the internal server (0: any free); never expose it.")
+    ] = 8080
+    public_http_host: Annotated[
+        str, Meta(description="Bind address of the public server: the unsubscribe pages.")
+    ] = "127.0.0.1"
+    public_http_port: Annotated[
+        Port, Meta(description="Port of the public server (0: any free); MAILER_PUBLIC_URL's.")
+    ] = 8081
     shutdown_timeout_seconds: Annotated[
         Seconds, Meta(description="Graceful-shutdown deadline before tasks are cancelled.")
     ] = 25.0

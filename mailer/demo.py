@@ -69,7 +69,11 @@ async def run_demo(settings: Settings, *, recipients: int = 25) -> int:
     # The demo must not collide with a `mailer dev` left running: its own HTTP
     # port. It shows the send path at any hour, so working hours are all day.
     settings = msgspec.structs.replace(
-        settings, http_port=0, working_hours_start="00:00", working_hours_end="24:00"
+        settings,
+        http_port=0,
+        public_http_port=0,
+        working_hours_start="00:00",
+        working_hours_end="24:00",
     )
     began = time.perf_counter()
     async with dev_stack(settings, fresh_outbox=True) as (stack, s):

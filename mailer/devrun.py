@@ -58,7 +58,8 @@ async def run_dev(settings: Settings) -> int:
             f"  PostgreSQL  {e.database_url}\n"
             f"  Redis       {e.redis_url}\n"
             f"  SMTP        {e.smtp_host}:{e.smtp_port}   outbox {e.outbox_dir or '-'}\n"
-            f"  HTTP        http://{resolved.http_host}:{service.http_port}/metrics",
+            f"  HTTP        http://{resolved.http_host}:{service.http_port}/metrics"
+            f"   unsubscribe pages on :{service.public_http_port}",
             flush=True,
         )
         return await serve(service)

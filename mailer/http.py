@@ -1,9 +1,11 @@
-"""The operational HTTP server: ``/metrics``, ``/healthz``, ``/readyz``.
+"""The HTTP servers: the internal one (``/metrics``, ``/healthz``, ``/readyz``) and the
+public one (the unsubscribe pages, mounted with ``add_routes`` before ``start``).
 
-aiohttp on the service's own event loop (no thread), so ``/healthz`` answering proves the
-loop itself is alive, which is exactly what the liveness probe should test. Other pages
-(the unsubscribe endpoints) are mounted on the same server with ``add_routes`` before
-``start``.
+Two listeners on two ports, so the pages a mail client opens from the internet never share
+a port with the metrics and probes: an Ingress or a NetworkPolicy can expose one and not
+the other. aiohttp runs on the service's own event loop (no thread), so ``/healthz``
+answering proves the loop itself is alive, which is exactly what the liveness probe should
+test.
 """
 
 from __future__ import annotations
@@ -32,24 +34,28 @@ SHUTDOWN_TIMEOUT: Final = 2.0
 
 
 class HttpServer:
-    """Serves metrics and probes; ``app`` is exposed so more routes can be added."""
+    """One listener. With ``readiness`` it is the internal server (metrics and probes);
+    without, a bare one for public pages. ``add_routes`` mounts more before ``start``."""
 
     def __init__(
         self,
         host: str,
         port: int,
         *,
-        readiness: ReadinessCheck,
+        readiness: ReadinessCheck | None,
         readiness_timeout: float = DEFAULT_READINESS_TIMEOUT,
+        name: str = "internal",
     ) -> None:
         self.host = host
         self.port = port  # the real port after start() when 0 was asked for
+        self.name = name
         self._readiness = readiness
         self._readiness_timeout = readiness_timeout
         self.app = web.Application()
-        self.app.router.add_get("/metrics", self._metrics)
-        self.app.router.add_get("/healthz", self._healthz)
-        self.app.router.add_get("/readyz", self._readyz)
+        if readiness is not None:
+            self.app.router.add_get("/metrics", self._metrics)
+            self.app.router.add_get("/healthz", self._healthz)
+            self.app.router.add_get("/readyz", self._readyz)
         self._runner: web.AppRunner | None = None
         self._started = False
 
@@ -77,7 +83,10 @@ class HttpServer:
         self._runner = runner
         address = runner.addresses[0]
         self.port = int(address[1])
-        log.info("http server listening", extra={"host": self.host, "port": self.port})
+        log.info(
+            "http server listening",
+            extra={"server": self.name, "host": self.host, "port": self.port},
+        )
 
     async def stop(self) -> None:
         """Close the listener and finish; safe to call twice or without start()."""
@@ -97,6 +106,7 @@ class HttpServer:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
+        assert self._readiness is not None
         try:
             async with asyncio.timeout(self._readiness_timeout):
                 checks = await self._readiness()

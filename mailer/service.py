@@ -106,6 +106,7 @@ class Service:
         self._store: PgStore | None = None
         self._supervisor: Supervisor | None = None
         self._http: HttpServer | None = None
+        self._public_http: HttpServer | None = None
         self._events: JetStreamEvents | None = None
         self._outbox: OutboxRelay | None = None
         self._stopped = False
@@ -133,7 +134,13 @@ class Service:
 
     @property
     def http_port(self) -> int | None:
+        """The internal server's port (metrics, probes)."""
         return self._http.port if self._http is not None else None
+
+    @property
+    def public_http_port(self) -> int | None:
+        """The public server's port (unsubscribe pages)."""
+        return self._public_http.port if self._public_http is not None else None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -251,22 +258,26 @@ class Service:
             shutdown_deadline=s.shutdown_timeout_seconds,
         )
         await self._supervisor.start()
-        if s.http_port or s.http_host:
-            self._http = HttpServer(s.http_host, s.http_port, readiness=self.readiness)
-            unsubscribe_pages = UnsubscribePages(
-                secret=s.unsubscribe_secret,
-                store=PgUnsubscribes(self._pool),
-                events=self._events,
-                clock=self.clock,
-            )
-            self._http.add_routes(unsubscribe_pages.routes())
-            await self._http.start()
+        self._http = HttpServer(s.http_host, s.http_port, readiness=self.readiness)
+        await self._http.start()
+        self._public_http = HttpServer(
+            s.public_http_host, s.public_http_port, readiness=None, name="public"
+        )
+        unsubscribe_pages = UnsubscribePages(
+            secret=s.unsubscribe_secret,
+            store=PgUnsubscribes(self._pool),
+            events=self._events,
+            clock=self.clock,
+        )
+        self._public_http.add_routes(unsubscribe_pages.routes())
+        await self._public_http.start()
         log.info(
             "mailer started",
             extra={
                 "instance": s.effective_instance_id,
                 "subject_prefix": s.subject_prefix,
                 "http_port": self.http_port,
+                "public_http_port": self.public_http_port,
             },
         )
 
@@ -396,8 +407,9 @@ class Service:
         if self._stopped:
             return
         self._stopped = True
-        if self._http is not None:
-            await self._http.stop()
+        for server in (self._public_http, self._http):
+            if server is not None:
+                await server.stop()
         if self._supervisor is not None:
             await self._supervisor.shutdown()
         if self._background:  # wakes still being published: let them finish

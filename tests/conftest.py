@@ -70,6 +70,7 @@ def settings(stack: EmbeddedStack, database_url: str) -> Settings:
         subject_prefix=f"t{n}.mailer",
         redis_key_prefix=f"t{n}:mailer:",
         http_port=0,
+        public_http_port=0,
         instance_id=f"test-{n}",
         shutdown_timeout_seconds=10.0,
         # Tests run at any hour of the real clock: open all day unless a test

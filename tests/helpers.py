@@ -204,6 +204,7 @@ def worker_env(settings: Settings, instance: str, **extra: str) -> dict[str, str
         "redis_key_prefix": settings.redis_key_prefix,
         "instance_id": instance,
         "http_port": "0",
+        "public_http_port": "0",
         "working_hours_start": "00:00",
         "working_hours_end": "24:00",
         "leader_ttl_seconds": "3",

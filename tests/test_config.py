@@ -137,7 +137,7 @@ def test_production_accepts_https_and_development_keeps_http() -> None:
         {**PRODUCTION, "MAILER_PUBLIC_URL": "HTTPS://mailer.example.com:8443/mail"}, dotenv=None
     ).public_url.endswith("/mail")
     # Local development runs on http://localhost.
-    assert load_settings({}, dotenv=None).public_url == "http://localhost:8080"
+    assert load_settings({}, dotenv=None).public_url == "http://localhost:8081"
     dev = {**PRODUCTION, "MAILER_ENV": "development", "MAILER_PUBLIC_URL": "http://127.0.0.1:8080"}
     assert load_settings(dev, dotenv=None).public_url == "http://127.0.0.1:8080"
 

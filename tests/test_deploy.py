@@ -253,6 +253,8 @@ def test_manifest_values_are_valid_production_settings() -> None:
     assert settings.http_host == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in _container(_deployment())["ports"]}
     assert settings.http_port == ports["http"]
+    assert settings.public_http_host == "0.0.0.0"
+    assert settings.public_http_port == ports["public"]
     annotations = _deployment()["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == settings.http_port
@@ -331,12 +333,14 @@ def test_scaling_and_disruption_target_the_deployment() -> None:
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod_labels.items()
-    assert deployment["spec"]["replicas"] == 2
+    # The HPA owns the count: a `replicas` would reset it on every apply.
+    assert "replicas" not in deployment["spec"]
 
-    service = _one("Service", "mailer")
-    assert service["spec"]["type"] == "ClusterIP"
-    assert service["spec"]["selector"].items() <= pod_labels.items()
-    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(8080, "http")]
+    for name, port in (("mailer", (8081, "public")), ("mailer-internal", (8080, "http"))):
+        service = _one("Service", name)
+        assert service["spec"]["type"] == "ClusterIP"
+        assert service["spec"]["selector"].items() <= pod_labels.items()
+        assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [port]
 
     hpa = _one("HorizontalPodAutoscaler", "mailer")
     assert hpa["apiVersion"] == "autoscaling/v2"
@@ -380,7 +384,7 @@ def test_dockerfile_contract() -> None:
     assert last["ENTRYPOINT"] == '["mailer"]'
     assert last["CMD"] == '["run"]'
     assert last["STOPSIGNAL"] == "SIGTERM"
-    assert "8080" in last["EXPOSE"].split()
+    assert {"8080", "8081"} <= set(last["EXPOSE"].split())
     env = _dockerfile_env()
     assert env["MAILER_ENV"] == "production"
     assert env["MAILER_HTTP_HOST"] == "0.0.0.0"

@@ -44,6 +44,8 @@ REPLACED = {
     "MAILER_UNSUBSCRIBE_SECRET",
     "MAILER_HTTP_HOST",
     "MAILER_HTTP_PORT",
+    "MAILER_PUBLIC_HTTP_HOST",
+    "MAILER_PUBLIC_HTTP_PORT",
     "MAILER_EVENTS_MAX_BYTES",
 }
 
@@ -120,6 +122,8 @@ def on_this_machine(env: dict[str, str], settings: Settings, http_port: int) -> 
             "MAILER_UNSUBSCRIBE_SECRET": secrets.token_hex(16),
             "MAILER_HTTP_HOST": "127.0.0.1",
             "MAILER_HTTP_PORT": str(http_port),
+            "MAILER_PUBLIC_HTTP_HOST": "127.0.0.1",
+            "MAILER_PUBLIC_HTTP_PORT": "0",
             "MAILER_EVENTS_MAX_BYTES": str(8 * 1024 * 1024),
         }
     )

@@ -42,7 +42,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def base(service: Service) -> str:
-    return f"http://127.0.0.1:{service.http_port}"
+    return f"http://127.0.0.1:{service.public_http_port}"
 
 
 def tampered(token: str, at: int) -> str:
@@ -225,7 +225,7 @@ async def test_list_unsubscribe_of_a_sent_message_works_and_next_campaign_skips(
     # chosen first so public_url can name it.
     port = free_port()
     public = f"http://127.0.0.1:{port}"
-    await make_service(http_port=port, public_url=public)
+    await make_service(public_http_port=port, public_url=public)
 
     first = await crm.campaign(people(3))
     await crm.start(first)
