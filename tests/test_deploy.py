@@ -34,7 +34,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 # field too new for the first or an API removed from the second fails.
 K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 # Manifests that `kubectl apply -k` must not apply; each file says why.
-NOT_IN_KUSTOMIZATION = {"secret.example.yaml", "migrate-job.yaml"}
+NOT_IN_KUSTOMIZATION = {"secret.example.yaml", "migrate-job.yaml", "ingress.example.yaml"}
 KUSTOMIZATION = "kustomization.yaml"
 # Not a Kubernetes object (no schema): checked by test_kustomization_lists_every_manifest.
 NOT_OBJECTS = {KUSTOMIZATION}
@@ -428,3 +428,63 @@ def test_dockerfile_lints_clean() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- exposure and the Prometheus Operator ------------------------------------------------------
+
+
+def test_the_ingress_routes_only_to_the_public_pages() -> None:
+    ingress = _one("Ingress", "mailer-public")
+    backends = [
+        (path["path"], path["backend"]["service"])
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    ]
+    assert backends == [("/u/", {"name": "mailer", "port": {"name": "public"}})]
+    assert ingress["spec"]["tls"], "RFC 8058 one-click unsubscribing needs HTTPS"
+
+
+def test_network_policy_lets_in_only_the_ingress_and_prometheus() -> None:
+    policy = _one("NetworkPolicy", "mailer")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= (
+        _deployment()["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    ports = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
+    assert sorted(ports) == ["http", "public"]
+    container_ports = {p["name"] for p in _container(_deployment())["ports"]}
+    assert set(ports) <= container_ports
+
+
+def test_prometheus_operator_objects_follow_the_shipped_rules() -> None:
+    script = ROOT / "deploy" / "prometheus" / "to_prometheusrule.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--check"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    rule = yaml.safe_load((K8S / "monitoring" / "prometheusrule.yaml").read_text())
+    alerts = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yaml").read_text())
+    assert rule["spec"]["groups"] == alerts["groups"]
+    monitor = yaml.safe_load((K8S / "monitoring" / "servicemonitor.yaml").read_text())
+    internal = _one("Service", "mailer-internal")
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= internal["metadata"]["labels"].items()
+    )
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http"]
+    assert not monitor["spec"]["selector"]["matchLabels"].items() <= (
+        _one("Service", "mailer")["metadata"]["labels"].items()
+    ), "the public Service must not be scraped"
+
+
+def test_nats_credentials_can_be_mounted_from_a_secret() -> None:
+    spec = _deployment()["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["nats-creds"]["secret"] == {
+        "secretName": "mailer-nats-creds",
+        "optional": True,
+        "defaultMode": 0o440,
+    }
+    mounts = {m["name"]: m for m in _container(_deployment())["volumeMounts"]}
+    assert mounts["nats-creds"]["readOnly"] is True
+    example = _one("Secret", "mailer-nats-creds")
+    assert "user.creds" in example["stringData"]
