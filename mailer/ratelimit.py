@@ -59,7 +59,8 @@ _DAY_TTL_SECONDS = 2 * 86400
 
 # KEYS[1] the account's hour counter, KEYS[2] the manager's day counter,
 # KEYS[3] the campaigns that asked lately (a sorted set scored by time),
-# KEYS[4] what each campaign got this hour (a hash).
+# KEYS[4] what each campaign got this hour (a hash), KEYS[5] and KEYS[6] the
+# previous hour's and the previous day's counters (read only: see Seeds).
 # ARGV: wanted, hour limit, hour ttl, day limit (0: none), day ttl, campaign
 # id, now (epoch seconds), fair-share window (seconds), campaigns competing
 # for the hour by the queue's count, the hour's and the day's seed (-1: not
@@ -69,10 +70,14 @@ _DAY_TTL_SECONDS = 2 * 86400
 # day's sends.
 #
 # Seeds: a missing counter is either a window nobody used yet or one whose
-# Redis lost its data. The script does not guess: without a seed for a missing
-# counter it reserves nothing and answers {-1, hour missing, day missing};
-# the caller counts the window's sends in the send log and asks again with
-# the seeds. A counter that appeared meanwhile (another governor seeded it) is
+# Redis lost its data. While the previous window's counter (KEYS[5] the last
+# hour, KEYS[6] the owner's last day) is there, Redis kept its data: the
+# window is new and starts at 0. (Not the send log: a batch granted at 10:59
+# is recorded after 11:00, in the next hour's rows.) Both missing: the script
+# does not guess — it reserves nothing and answers {-1, hour missing, day
+# missing}; the caller counts the window's sends in the send log and asks
+# again with the seeds. With the previous window unused, no late record of
+# it can be in this one's rows. A counter that appeared meanwhile (another governor seeded it) is
 # kept and the seed ignored — SET only where the key is still missing, in the
 # same script as the reservation, so a seed can never overwrite counted tokens.
 # ``seeded``: 1 the hour, 2 the day, 3 both were rebuilt from a non-zero seed.
@@ -91,6 +96,12 @@ local hour_seed = tonumber(ARGV[10])
 local day_seed = tonumber(ARGV[11])
 local hour_missing = redis.call('EXISTS', KEYS[1]) == 0
 local day_missing = redis.call('EXISTS', KEYS[2]) == 0
+if hour_missing and redis.call('EXISTS', KEYS[5]) == 1 then
+  hour_seed = 0
+end
+if day_missing and redis.call('EXISTS', KEYS[6]) == 1 then
+  day_seed = 0
+end
 if (hour_missing and hour_seed < 0) or (day_missing and day_seed < 0) then
   return {-1, hour_missing and 1 or 0, day_missing and 1 or 0, 0, 0}
 end
@@ -264,7 +275,14 @@ class SendLimiter:
 
         async def run() -> list[int]:
             result = await self._reserve(
-                keys=[hour_key, day_key, self._askers_key, shares_key],
+                keys=[
+                    hour_key,
+                    day_key,
+                    self._askers_key,
+                    shares_key,
+                    self.hour_key(now - timedelta(hours=1)),
+                    self.day_key(owner_id, day - timedelta(days=1)),
+                ],
                 args=[
                     want,
                     self.hourly_limit,
