@@ -15,10 +15,17 @@ overshoot the provider would refuse anyway. Working hours and the monthly quota
 (PostgreSQL) still apply then. (The API throttles make the opposite choice; see
 ``throttle``.)
 
+Redis back empty (a restart without persistence): a missing counter whose
+previous window's counter is missing too is rebuilt from the send log
+(``SpentTokens``) inside the reserving script, logged at WARNING and counted
+in ``mailer_rate_counter_rebuilds_total{window}`` — so a lost Redis does not
+hand out the hour and the day a second time.
+
 Keys: ``<prefix>rate:<account>:<YYYYMMDDHH UTC>``,
 ``<prefix>daily:<owner>:<YYYYMMDD local>`` and ``<prefix>askers:<account>`` (the
-campaigns sharing the hour fairly). Under Redis Cluster both keys of a
-script must share a slot: give ``MAILER_REDIS_KEY_PREFIX`` a hash tag (``{mailer}:``).
+campaigns sharing the hour fairly), ``<prefix>shares:rate:<account>:<hour>``
+(what each got of it). Under Redis Cluster all keys of a script must share a
+slot: give ``MAILER_REDIS_KEY_PREFIX`` a hash tag (``{mailer}:``).
 """
 
 from __future__ import annotations

@@ -21,7 +21,16 @@ reason:
 Any number of governors share Redis and PostgreSQL, and each step is atomic
 there, so together they never exceed a limit. Redis down: the hour and the
 day FAIL OPEN (see ``mailer.ratelimit``); working hours and the quota still hold.
+Redis back empty: a missing counter is rebuilt from the send log (``PgSpentTokens``).
 A token is spent once granted: the governor never hears whether a send failed.
+
+The window is this governor's to decide, on its one ``Clock``: the hour and
+the local day the tokens are counted in, and how long they hold. A grant
+says so (``TokenReply.hour_start``, ``day``, ``decided_at``, ``valid_until``):
+it is good until the end of its hour, of its local day or — for a campaign —
+of working hours, whichever is first; the asker hands nothing to SMTP at or
+after that (``TokenReply.usable_until``). In production the clock is the
+pod's system clock: pods need NTP (see the README's failure policies).
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ the real one. The unsubscribe link is real and signed for the test address:
 clicking it unsubscribes that address. The Message-ID names recipient 0.
 
 Order of checks: address, rights, renderable message (nothing counted yet),
-then the hourly test-email throttle, then the governor's token.
+then the hourly test-email throttle, then the governor's token. A token holds
+until its window ends (``valid_until``): a test email that waited for the
+sender past it is not sent under it, but asks the governor once more (the
+first token stays spent).
 """
 
 from __future__ import annotations
