@@ -310,10 +310,10 @@ class SendLimiter:
             granted, hour_used, day_used, capped, seeded = await run()
             if granted < 0:
                 assert spent is not None
-                # Missing counters (hour_used / day_used say which): count them.
-                start = hour_start(utc(now))
-                hour_seed = await spent.hour_spent(start, next_hour) if hour_used else 0
-                day_seed = await spent.day_spent(owner_id, day) if day_used else 0
+                # A counter is missing: count both windows in the log (a seed is
+                # used only where its key is still missing when the script runs).
+                hour_seed = await spent.hour_spent(hour_start(utc(now)), next_hour)
+                day_seed = await spent.day_spent(owner_id, day)
                 granted, hour_used, day_used, capped, seeded = await run()
         except (RedisError, OSError) as exc:
             metrics.RATE_LIMITER_REDIS_ERRORS.labels(policy=FAIL_OPEN).inc()

@@ -17,13 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import msgspec
 
 from mailer.clock import FakeClock
+from mailer.messages import TokenReply
 from mailer.sink import SmtpSink
 from tests.helpers import Crm, Events, people
+from tests.test_governor import governor
 
 # Monday 2026-11-23; Moscow is UTC+3.
 AT_10_59_59 = datetime(2026, 11, 23, 10, 59, 59, tzinfo=UTC)
@@ -169,3 +171,44 @@ async def test_a_test_email_granted_before_11_is_granted_again_after(
     row = await db.fetchrow("SELECT * FROM send_log WHERE email = 'boss@example.org'")
     assert row["status"] == "sent" and row["created_at"] == AT_11
     await events.wait(cid, ("sent",))
+
+
+async def test_a_grant_says_its_window_and_until_when_it_holds(settings) -> None:
+    # Mid-hour, mid-day, working hours far away: the hour ends first.
+    clock = FakeClock(datetime(2026, 11, 23, 10, 15, tzinfo=UTC))  # 13:15 MSK
+    async with governor(settings, clock, **OFFICE) as gov:
+        reply = await gov.ask(2)
+        assert reply.granted == 2
+        assert reply.hour_start == datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+        assert reply.day == date(2026, 11, 23)
+        assert reply.decided_at == clock.now()
+        assert reply.valid_until == datetime(2026, 11, 23, 11, 0, tzinfo=UTC)
+        # A refusal grants nothing to hold.
+        clock.set(AT_18_MSK)
+        assert (await gov.ask(1)).valid_until is None
+
+    # Working hours that end at 17:45: a campaign's grant ends there, a test email's
+    # (working hours do not apply to it) at the hour's end.
+    clock = FakeClock(datetime(2026, 11, 23, 14, 30, tzinfo=UTC))  # 17:30 MSK
+    async with governor(settings, clock, working_hours_end="17:45") as gov:
+        assert (await gov.ask(1)).valid_until == datetime(2026, 11, 23, 14, 45, tzinfo=UTC)
+        test = await gov.ask(1, kind="test")
+        assert test.valid_until == datetime(2026, 11, 23, 15, 0, tzinfo=UTC)
+
+    # A zone half an hour off UTC: the manager's day ends before the UTC hour.
+    clock = FakeClock(datetime(2026, 11, 23, 18, 15, tzinfo=UTC))  # 23:45 in Kolkata
+    async with governor(settings, clock, timezone="Asia/Kolkata") as gov:
+        reply = await gov.ask(1, kind="test")
+        assert reply.day == date(2026, 11, 23)
+        assert reply.valid_until == datetime(2026, 11, 23, 18, 30, tzinfo=UTC)
+
+
+def test_a_grant_measured_on_the_askers_clock_can_only_be_shorter() -> None:
+    decided = datetime(2026, 11, 23, 10, 59, 0, tzinfo=UTC)  # the governor's clock
+    reply = TokenReply(granted=1, decided_at=decided, valid_until=AT_11)
+    # The asker's clock is 5 s behind: 60 s were left when the governor decided.
+    behind = decided - timedelta(seconds=5)
+    assert reply.usable_until(behind) == behind + timedelta(seconds=60)
+    # 5 s ahead: the governor's valid_until comes first on the asker's clock.
+    assert reply.usable_until(decided + timedelta(seconds=5)) == AT_11
+    assert TokenReply(granted=1).usable_until(decided) is None
