@@ -342,7 +342,7 @@ class PgStore:
         the event outbox in the same transaction, unless the owner was already
         told of this same ongoing reason. Returns (deferred, notice stored).
         A ``quota_exhausted`` deferral written when a sync has already restored
-        the quota ends at once (``now``), without a notice.
+        the quota ends at once (``now``).
         """
         if reason != "quota_exhausted":
             return await self._wait(
@@ -352,9 +352,10 @@ class PgStore:
             # The governor saw no quota; a sync may have restored it since, and
             # its lift of the quota deferrals ran before this one existed.
             # Checked under the quota's lock (see quota-share): then the wait
-            # ends now instead of at the safety net, and nobody is told of it.
+            # ends now instead of at the safety net. The notice stays: it also
+            # marks the reason notified, which a later real wait relies on.
             if await conn.fetchval(Q["quota-share"]) > 0:
-                until, notice = now, None
+                until = now
             return await self._wait(
                 lease,
                 Q["queue-defer"],
