@@ -82,11 +82,12 @@ _DAY_TTL_SECONDS = 2 * 86400
 # window is new and starts at 0. (Not the send log: a batch granted at 10:59
 # is recorded after 11:00, in the next hour's rows.) Both missing: the script
 # does not guess — it reserves nothing and answers {-1, hour missing, day
-# missing}; the caller counts the window's sends in the send log and asks
-# again with the seeds. With the previous window unused, no late record of
-# it can be in this one's rows. A counter that appeared meanwhile (another governor seeded it) is
-# kept and the seed ignored — SET only where the key is still missing, in the
-# same script as the reservation, so a seed can never overwrite counted tokens.
+# missing}; the caller counts the windows' sends in the send log and asks
+# again with the seeds. (With the previous window unused, no late record of
+# it can be in this one's rows.) A counter that appeared meanwhile — another
+# governor seeded it — is kept and the seed ignored: SET only where the key
+# is still missing, in the same script as the reservation, so a seed never
+# overwrites counted tokens.
 # ``seeded``: 1 the hour, 2 the day, 3 both were rebuilt from a non-zero seed.
 #
 # Fair share: the campaigns competing for the hour split it equally — each
