@@ -238,8 +238,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         Meta(description="Public base URL of unsubscribe links (https:// in production)."),
     ] = "http://localhost:8081"
     unsubscribe_secret: Annotated[
-        str, Meta(description="HMAC key that signs unsubscribe links; set it in production.")
+        str,
+        Meta(description="Key that seals new unsubscribe links; set it in production."),
     ] = "dev-unsubscribe-secret-change-me"  # noqa: S105 - refused in production
+    unsubscribe_old_secrets: Annotated[
+        str,
+        Meta(
+            description="Retired unsubscribe secrets, comma-separated: their links still "
+            "work, nothing new is sealed with them; remove one to end its links."
+        ),
+    ] = ""
 
     # --- process -------------------------------------------------------------------
     http_host: Annotated[
@@ -469,6 +477,10 @@ def _check_production(s: Settings) -> None:
         raise ConfigError(
             f"{env_name('unsubscribe_secret')} must be set to a secret of 16+ characters "
             "in production"
+        )
+    if any(len(x.strip()) < 16 for x in s.unsubscribe_old_secrets.split(",") if x.strip()):
+        raise ConfigError(
+            f"{env_name('unsubscribe_old_secrets')}: every retired secret has 16+ characters"
         )
     for field in ("nats_url", "database_url", "redis_url", "smtp_host"):
         if not getattr(s, field):

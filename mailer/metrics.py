@@ -48,6 +48,7 @@ __all__ = [
     "PROCESSING_OLDEST_SECONDS",
     "PROCESSING_SECONDS",
     "QUEUE_DEPTH",
+    "RATE_COUNTER_REBUILDS",
     "RATE_LIMITER_REDIS_ERRORS",
     "SEND_DURATION",
     "TOKENS_DENIED",
@@ -120,6 +121,12 @@ RATE_LIMITER_REDIS_ERRORS: Final = Counter(
     "Redis errors in the send-rate limiter; policy=fail_open means sending went on "
     "without the Redis window check.",
     ["policy"],
+)
+RATE_COUNTER_REBUILDS: Final = Counter(
+    "mailer_rate_counter_rebuilds_total",
+    "Send-rate counters found missing in Redis while the send log had sends in their "
+    "window (Redis lost its data), rebuilt from the send log; window=hour|day.",
+    ["window"],
 )
 API_THROTTLE_REDIS_ERRORS: Final = Counter(
     "mailer_api_throttle_redis_errors_total",
@@ -203,6 +210,8 @@ for _kind in SEND_KINDS:
 for _reason in KNOWN_DEFER_REASONS:
     DEFERS.labels(reason=_reason)
 RATE_LIMITER_REDIS_ERRORS.labels(policy="fail_open")
+for _window in ("hour", "day"):
+    RATE_COUNTER_REBUILDS.labels(window=_window)
 for _action in ("start", "test_email"):
     API_THROTTLE_REDIS_ERRORS.labels(policy="fail_closed", action=_action)
 for _reason in ("rate_per_hour", "daily_limit", "quota_exhausted", "outside_hours"):

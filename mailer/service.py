@@ -52,7 +52,7 @@ from mailer.quota import QuotaSyncActor, lift_deferrals
 from mailer.ratelimit import SendLimiter
 from mailer.store import PgStore
 from mailer.transport import SmtpTransport
-from mailer.unsubscribe import PgUnsubscribes, unsubscribe_url
+from mailer.unsubscribe import PgUnsubscribes, secrets_of, unsubscribe_url
 from mailer.unsubscribe_http import UnsubscribePages
 
 __all__ = ["MetricsObserver", "Service"]
@@ -264,7 +264,7 @@ class Service:
             s.public_http_host, s.public_http_port, readiness=None, name="public"
         )
         unsubscribe_pages = UnsubscribePages(
-            secret=s.unsubscribe_secret,
+            secrets=secrets_of(s),
             store=PgUnsubscribes(self._pool),
             events=self._events,
             clock=self.clock,

@@ -341,10 +341,30 @@ class PgStore:
         ``notice`` is the owner's notification for this deferral: it goes into
         the event outbox in the same transaction, unless the owner was already
         told of this same ongoing reason. Returns (deferred, notice stored).
+        A ``quota_exhausted`` deferral written when a sync has already restored
+        the quota ends at once (``now``).
         """
-        return await self._wait(
-            lease, Q["queue-defer"], reason=reason, now=now, args=(reason, until), notice=notice
-        )
+        if reason != "quota_exhausted":
+            return await self._wait(
+                lease, Q["queue-defer"], reason=reason, now=now, args=(reason, until), notice=notice
+            )
+        async with self.pool.acquire() as conn, conn.transaction():
+            # The governor saw no quota; a sync may have restored it since, and
+            # its lift of the quota deferrals ran before this one existed.
+            # Checked under the quota's lock (see quota-share): then the wait
+            # ends now instead of at the safety net. The notice stays: it also
+            # marks the reason notified, which a later real wait relies on.
+            if await conn.fetchval(Q["quota-share"]) > 0:
+                until = now
+            return await self._wait(
+                lease,
+                Q["queue-defer"],
+                reason=reason,
+                now=now,
+                args=(reason, until),
+                notice=notice,
+                conn=conn,
+            )
 
     async def pause_by_breaker(
         self, lease: Lease, now: datetime, *, notice: Notice | None = None

@@ -4,11 +4,12 @@
 mail previews fetch links, and a fetch must never unsubscribe anybody.
 ``POST /u/{token}`` records it. That is also what a mail client sends for the
 ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` header: a form body
-``List-Unsubscribe=One-Click``, no cookies, no session, so the signed token is
+``List-Unsubscribe=One-Click``, no cookies, no session, so the sealed token is
 the only credential and the answer is a plain 200 page, never a redirect.
 Repeating the POST answers 200 again and records nothing new.
 
-A forged or damaged token gets a 400 page and touches nothing. Pages are Russian
+A forged, damaged or altered token (see ``mailer.unsubscribe``) gets a 400 page
+and touches nothing. Pages are Russian
 unless ``?lang=en`` or an Accept-Language preferring English asks otherwise;
 every sentence comes from ``mailer/texts.py`` and everything put in the HTML is
 escaped. The address is shown masked: a forwarded link should not reveal it.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import html
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Final, Protocol
 
@@ -158,12 +160,13 @@ class UnsubscribePages:
     def __init__(
         self,
         *,
-        secret: str,
+        secrets: Sequence[str],
         store: UnsubscribeStore,
         events: UnsubscribeEventSink,
         clock: Clock,
     ) -> None:
-        self._secret = secret
+        # The current secret and the retired ones still accepted (secrets_of).
+        self._secrets = list(secrets)
         self._store = store
         self._events = events
         self._clock = clock
@@ -176,7 +179,7 @@ class UnsubscribePages:
         token = request.match_info["token"]
         if len(token) > _MAX_TOKEN_CHARS:
             return None
-        return verify(self._secret, token)
+        return verify(self._secrets, token)
 
     @staticmethod
     def _invalid(lang: Lang) -> web.Response:
@@ -206,7 +209,7 @@ class UnsubscribePages:
             return self._invalid(lang)
         campaign_id, email = found
         # The body is not checked: RFC 8058 clients send List-Unsubscribe=One-Click,
-        # the page's own form sends the same, and the signed token alone decides.
+        # the page's own form sends the same, and the sealed token alone decides.
         fields = email_fields(email)
         try:
             recorded = await self._store.record(

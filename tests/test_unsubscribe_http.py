@@ -180,14 +180,16 @@ async def test_forged_or_malformed_token_records_nothing(
 ) -> None:
     service = await make_service()
     good = sign(settings.unsubscribe_secret, 1, "victim@example.org")
-    body, _ = good.split(".")
     forged = [
-        tampered(good, len(body) + 3),  # one character of the MAC
-        tampered(good, 2),  # one character of the signed address
-        sign("another-secret", 1, "victim@example.org"),
+        tampered(good, len(good) - 5),  # one character of the sealed address or its MAC
+        tampered(good, 10),  # one character of the nonce
+        tampered(good, 0),  # the format's version
+        sign("another-secret-of-16-chars", 1, "victim@example.org"),
+        good[:-1],
+        good + "A",
         "garbage",
         "a.b.c",
-        f"{body}.",
+        f"{good}.",
         "x" * 5000,
     ]
     for token in forged:

@@ -117,7 +117,12 @@ class TokenSource(Protocol):
 class Mailer(Protocol):
     """Sends rendered messages; results come back in the same order."""
 
-    async def send_all(self, mails: Sequence[Mail]) -> list[SendResult]: ...
+    async def send_all(
+        self, mails: Sequence[Mail], *, not_after: datetime | None = None
+    ) -> list[SendResult]:
+        """``not_after``: a message not handed to SMTP before it comes back
+        ``expired``, unsent (its send token's window is over)."""
+        ...
 
     async def blocked_until(self) -> datetime | None:
         """Until when the SMTP account's breaker holds every send back (None: not)."""
@@ -315,11 +320,14 @@ class CampaignActor(Actor[Continue]):
             await self._defer(lease, reason, reply.retry_at, _reply_details(reply))
             return
 
-        outcomes = await self._send(template, granted, now)
+        outcomes = await self._send(template, granted, now, reply.usable_until(now))
         self._batches += 1
         if self._fault is not None:
             await self._fault(self.campaign_id, self._batches)
-        await self._flush(lease)
+        if outcomes:
+            await self._flush(lease)
+        if self._claimed:
+            await self._release_expired(lease)
 
         if self._transient_errors >= self._s.breaker_threshold:
             await self._pause_by_breaker(lease)
@@ -332,7 +340,11 @@ class CampaignActor(Actor[Continue]):
             self._again()
 
     async def _send(
-        self, template: MessageTemplate, granted: list[Claimed], now: datetime
+        self,
+        template: MessageTemplate,
+        granted: list[Claimed],
+        now: datetime,
+        not_after: datetime | None,
     ) -> list[Outcome]:
         # A recipient whose message cannot be built (an address or name the
         # renderer refuses) fails permanently without reaching SMTP.
@@ -345,12 +357,28 @@ class CampaignActor(Actor[Continue]):
             except ValueError as exc:
                 unsendable.append(_unsendable(r, str(exc)))
         self._handed, self._claimed = [r for r, _, _ in sendable], []
-        results = await self._mailer.send_all([m for _, m, _ in sendable])
-        self._unrecorded = unsendable + [
-            _outcome(r, mid, res) for (r, _, mid), res in zip(sendable, results, strict=True)
-        ]
+        results = await self._mailer.send_all([m for _, m, _ in sendable], not_after=not_after)
+        done = [(r, mid, res) for (r, _, mid), res in zip(sendable, results, strict=True)]
+        sent = [_outcome(r, mid, res) for r, mid, res in done if not res.expired]
+        self._unrecorded = unsendable + sent
+        # Never handed to SMTP: claimed again, so a stop now releases them too.
+        self._claimed = [r for r, _, res in done if res.expired]
         self._handed = []
         return self._unrecorded
+
+    async def _release_expired(self, lease: Lease) -> None:
+        """Recipients whose grant ended before SMTP took them go back to pending.
+
+        Their tokens stay spent (better to under-send): the next batch asks
+        again, in the window that is current then.
+        """
+        ids = [r.id for r in self._claimed]
+        await self._store.release_claims(lease, ids, self._clock.now())
+        self._claimed = []
+        log.info(
+            "send tokens expired before SMTP took the messages; recipients released",
+            extra={"campaign_id": self.campaign_id, "rate_limit_count": len(ids)},
+        )
 
     def _render(self, template: MessageTemplate, r: Claimed, mid: str, now: datetime) -> Mail:
         data = template.render(

@@ -153,7 +153,9 @@ class TestTokens(Protocol):
 class TestMailer(Protocol):
     """The SMTP sender actor (``ActorMailer``): results in the order of the mails."""
 
-    async def send_all(self, mails: Sequence[Mail]) -> list[SendResult]: ...
+    async def send_all(
+        self, mails: Sequence[Mail], *, not_after: datetime | None = None
+    ) -> list[SendResult]: ...
 
 
 class DailyCounter(Protocol):
