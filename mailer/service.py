@@ -131,6 +131,7 @@ class Service:
         self.leader_epoch: int | None = None
         # Set while this process leads (tests and health checks wait on it).
         self.leadership = asyncio.Event()
+        self._leader_changed = asyncio.Event()  # replaced after every change
 
     # --- parts, for tests and the CLI -------------------------------------------------
 
@@ -308,12 +309,20 @@ class Service:
             connections=s.smtp_connections,
         )
 
+    async def wait_leading(self, above: int = 0) -> int:
+        """Waits until this process leads with an epoch above ``above``; returns it."""
+        while self.leader_epoch is None or self.leader_epoch <= above:
+            await self._leader_changed.wait()
+        return self.leader_epoch
+
     def _on_leadership(self, epoch: int | None) -> None:
         self.leader_epoch = epoch
         if epoch is None:
             self.leadership.clear()
         else:
             self.leadership.set()
+        changed, self._leader_changed = self._leader_changed, asyncio.Event()
+        changed.set()
         self._announce_leadership()
 
     def _announce_leadership(self) -> None:
