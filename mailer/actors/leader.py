@@ -212,7 +212,8 @@ class LeaderActor(Actor[TryLead]):
             except KeyNotFoundError:
                 return await kv.create(KEY, self._me.encode())  # expired meanwhile
             if entry.value != self._me.encode() or entry.revision is None:
-                self._follow(entry)
+                # Its expiry is timed by the watcher, which sees the entry's age
+                # (a get does not tell it).
                 raise
             log.info("taking over this process's own lease", extra={"instance": self._me})
             return await kv.update(KEY, self._me.encode(), last=entry.revision)
@@ -289,7 +290,7 @@ class LeaderActor(Actor[TryLead]):
         """Someone holds the lease: when to look again."""
         now = asyncio.get_running_loop().time()
         if self._due is None:
-            # No entry watched yet (it comes with the watch) : a safety net only.
+            # No entry watched yet (it comes with the watch): a safety net only.
             self._arm(self._ttl / 3)
         elif now < self._due:
             self._arm(self._due - now)
