@@ -1,6 +1,6 @@
 """The leader lease under change and loss: config drift, a lost bucket, failover times.
 
-Policy under test (README, "Failure policies" and "Leader election"): the lease
+Policy under test (README, "Failure policies"): the lease
 bucket is created or updated to the configured TTL and replicas; the fencing
 token comes from PostgreSQL and only grows, whatever happens to the bucket; a
 graceful stop hands leadership over within a second even while the old leader
