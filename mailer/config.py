@@ -72,6 +72,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         str, Meta(description="NATS credentials file (JWT + NKey seed).")
     ] = ""
     nats_nkey_seed_file: Annotated[str, Meta(description="NATS NKey seed file.")] = ""
+    nats_replicas: Annotated[
+        Annotated[int, Meta(ge=1, le=5)],
+        Meta(
+            description="Replicas of the JetStream streams and KV bucket mailer owns "
+            "(3 on a NATS cluster)."
+        ),
+    ] = 1
     subject_prefix: Annotated[
         str,
         Meta(

@@ -33,7 +33,7 @@ from nats.js import api
 from nats.js.errors import BadRequestError
 from prometheus_client import Counter
 
-from mailer.bus import Bus, encode
+from mailer.bus import STREAM_CONFIG_DIFFERS, Bus, encode
 from mailer.config import Settings
 from mailer.messages import CampaignEvent, Notice
 from mailer.texts import TEXTS, fields_of, reason_values, text
@@ -52,9 +52,6 @@ __all__ = [
 log = logging.getLogger("mailer.events")
 
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
-# The server's error code for "stream name already in use with a different
-# configuration": the one case where add_stream must become update_stream.
-_STREAM_CONFIG_DIFFERS: Final = 10058
 
 EventKind = Literal["campaign", "notify", "unsubscribe"]
 
@@ -212,7 +209,7 @@ class JetStreamEvents:
         try:
             return await js.add_stream(self._config)
         except BadRequestError as exc:
-            if exc.err_code != _STREAM_CONFIG_DIFFERS:
+            if exc.err_code != STREAM_CONFIG_DIFFERS:
                 raise
         info = await js.update_stream(self._config)
         log.info("event stream updated to the configured limits", extra={"stream": self.stream})

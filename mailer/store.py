@@ -448,8 +448,15 @@ class PgStore:
 
     # --- the leader's view ------------------------------------------------------
 
-    async def take_fence(self, epoch: int, holder: str, now: datetime) -> bool:
-        return await self.pool.fetchrow(Q["fence-take"], epoch, holder, now) is not None
+    async def take_fence(self, holder: str, now: datetime) -> int:
+        """The next leader epoch, now ``holder``'s: every older one is fenced out."""
+        return int(await self.pool.fetchval(Q["fence-take"], holder, now))
+
+    async def fence(self) -> tuple[int, str]:
+        """The current leader epoch and who took it."""
+        row = await self.pool.fetchrow(Q["fence-get"])
+        assert row is not None, "leader_fence has its one row from migration 0002"
+        return int(row["epoch"]), str(row["holder"])
 
     async def active(self, now: datetime) -> dict[int, str]:
         rows = await self.pool.fetch(Q["queue-active"], now)

@@ -46,17 +46,20 @@ async def _queued_campaign(db, recipients: int = 3, status: str = "ready") -> in
 
 async def test_a_deposed_leaders_dispatch_acquires_nothing(store: PgStore, db) -> None:
     cid = await _queued_campaign(db)
-    assert await store.take_fence(5, "old", NOW)
-    assert await store.take_fence(9, "new", NOW)
-    assert not await store.take_fence(7, "late", NOW)  # the fence never goes back
+    old = await store.take_fence("old", NOW)
+    new = await store.take_fence("new", NOW)
+    assert new == old + 1  # each winner takes the next epoch: it never goes back
+    assert await store.fence() == (new, "new")
     until = NOW + timedelta(seconds=30)
-    assert await store.acquire(cid, "p1", until=until, now=NOW, fence=5) is None
-    lease = await store.acquire(cid, "p2", until=until, now=NOW, fence=9)
+    assert await store.acquire(cid, "p1", until=until, now=NOW, fence=old) is None
+    lease = await store.acquire(cid, "p2", until=until, now=NOW, fence=new)
     assert lease is not None and lease.owner == "p2"
     # Held: nobody else acquires it until the lease runs out.
-    assert await store.acquire(cid, "p3", until=until, now=NOW, fence=9) is None
+    assert await store.acquire(cid, "p3", until=until, now=NOW, fence=new) is None
     later = until + timedelta(seconds=1)
-    taken = await store.acquire(cid, "p3", until=later + timedelta(seconds=30), now=later, fence=9)
+    taken = await store.acquire(
+        cid, "p3", until=later + timedelta(seconds=30), now=later, fence=new
+    )
     assert taken is not None and taken.epoch > lease.epoch
     # The old holder's writes carry its epoch: they change nothing now.
     assert not await store.renew(lease, later + timedelta(minutes=1))

@@ -146,9 +146,14 @@ WHERE campaign_id = $1 AND completed_at IS NULL
 RETURNING id;
 
 -- name: fence-take
--- A new leader raises the fence to its epoch; a stale one raises nothing.
-UPDATE leader_fence SET epoch = $1, holder = $2, since = $3 WHERE epoch < $1
+-- The winner of the leader lease takes the next epoch: one statement, so two
+-- candidates never get the same number, and it only grows whatever happens
+-- to the NATS KV bucket (whose revisions may start again from 1).
+UPDATE leader_fence SET epoch = epoch + 1, holder = $1, since = $2
 RETURNING epoch;
+
+-- name: fence-get
+SELECT epoch, holder FROM leader_fence;
 
 -- name: campaign-status
 SELECT status FROM campaign WHERE id = $1;
