@@ -153,7 +153,7 @@ class PgStore:
     ) -> None:
         self.pool = pool
         self._max_transient_attempts = max_transient_attempts
-        self._hooks = dict(hooks or {})
+        self._hooks: StoreHooks = hooks if hooks is not None else {}
 
     async def _hook(self, name: str, campaign_id: int) -> None:
         hook = self._hooks.get(name)
@@ -538,6 +538,7 @@ class PgStore:
         done: list[tuple[int, str, str, dict[str, int]]] = []
         for row in await self.pool.fetch(Q["queue-unfinished-without-work"], now):
             cid = int(row["campaign_id"])
+            await self._hook("finish_orphans.listed", cid)
             async with self.pool.acquire() as conn, conn.transaction():
                 if await conn.fetchrow(Q["queue-lock-orphan"], cid, now, fence) is None:
                     continue
