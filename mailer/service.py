@@ -257,6 +257,7 @@ class Service:
                 secret=s.unsubscribe_secret,
                 store=PgUnsubscribes(self._pool),
                 events=self._events,
+                outbox=self._outbox,
                 clock=self.clock,
             )
             self._http.add_routes(unsubscribe_pages.routes())
