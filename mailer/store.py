@@ -348,7 +348,9 @@ class PgStore:
                 [o.recipient_id for o in rec],
                 [o.status for o in rec],
                 [o.message_id for o in rec],
-                [o.error for o in rec],
+                # A transient outcome's error is only kept if it fails the
+                # recipient: then the server's last answer says best why.
+                [o.error if o.status != "transient" else (o.answer or o.error) for o in rec],
                 [not o.short_circuited for o in rec],
                 lease.claim_token,
                 now,

@@ -79,7 +79,7 @@ def _outcome(r: Any, status: str, error: str | None = None) -> Outcome:
         email=r.email,
         status=status,
         message_id=f"<m{r.id}>",
-        answer="451 try later" if status == "transient" else "250 ok",
+        answer=(error or "451 try later") if status == "transient" else "250 ok",
         error=error or ("451 try later" if status in ("transient", "failed") else None),
         took_ms=2.0,
     )
