@@ -593,7 +593,7 @@ class PgStore:
             if c is None or c["status"] != "sending":
                 await conn.execute(Q["queue-release"], cid, lease.owner, lease.epoch)
                 return Finish(
-                    status=None, counts=counts, stopped=None if c is None else str(c["status"])
+                    status=None, counts=counts, stopped="deleted" if c is None else str(c["status"])
                 )
             if counts.get("pending", 0) or counts.get("sending", 0):
                 return Finish(status=None, counts=counts)

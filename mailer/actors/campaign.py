@@ -417,8 +417,8 @@ class CampaignActor(Actor[Continue]):
             if o.status == "sent":
                 metrics.EMAILS_SENT.labels(kind="campaign").inc()
             elif o.status == "transient" and written.get(o.recipient_id) == "failed":
-                # Its last transient answer used up its attempts: it failed.
-                metrics.EMAILS_FAILED.labels(kind="campaign", reason="gave_up").inc()
+                # Its last transient answer used up its attempts: it failed for good.
+                metrics.EMAILS_FAILED.labels(kind="campaign", reason="permanent").inc()
             else:
                 reason = "permanent" if o.status == "failed" else o.status
                 metrics.EMAILS_FAILED.labels(kind="campaign", reason=reason).inc()
