@@ -13,13 +13,19 @@ Crash policy ("stop means mark, drain, then clean up and record"):
 
 SMTP outcomes: permanent (5xx, invalid address) → that recipient ``failed``,
 the campaign goes on; transient (4xx, timeout, refused) → the recipient goes
-back to ``pending`` and the campaign is deferred ``transient_error``. The
+back to ``pending`` and the campaign is deferred ``transient_error`` (at the
+recipient's ``max_transient_attempts``-th transient answer the store fails it
+with that answer instead, so one address cannot keep a campaign open). The
 campaign counts consecutive failed *attempts*: a batch with a transient error
 and no success counts one (ten greylisted addresses in one batch are one
 failed attempt, not ten), any success resets the count, and reaching the
 circuit-breaker threshold pauses the campaign until a manager resumes it.
 While the SMTP account's own breaker is open the campaign does not even ask
 for tokens: it waits (``transient_error``) until the breaker lets a probe out.
+
+A campaign whose message cannot be built (the template refuses its subject,
+bodies or attachments) is paused with reason ``render_error`` at start and
+lets go of its lease: it never holds a slot the next campaign could use.
 
 Letting go of the lease (defer, pause, finish, release) first stops the
 heartbeat, so a renewal that finds the lease given up cannot crash the actor
@@ -111,9 +117,6 @@ class CampaignStore(Protocol):
         now: datetime,
         *,
         notice: Notice | None = None,
-    ) -> tuple[bool, bool]: ...
-    async def pause_by_breaker(
-        self, lease: Lease, now: datetime, *, notice: Notice | None = None
     ) -> tuple[bool, bool]: ...
     async def pause(
         self, lease: Lease, reason: str, now: datetime, *, notice: Notice | None = None
