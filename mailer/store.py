@@ -83,9 +83,10 @@ class Finish(msgspec.Struct, frozen=True, kw_only=True):
     stopped: str | None = None
 
 
-# The events a final status calls for (the campaign event, the owner's
-# notification), built by the caller from the status and counts found: they
-# go into the event outbox in the transaction that writes the status.
+# The events a final status calls for (the campaign's ``sent`` or
+# ``completed_with_errors``), built by the caller from the campaign, status and
+# counts found: they go into the event outbox in the transaction that writes
+# the status.
 FinalNotices = Callable[[int, str, str, dict[str, int]], Sequence[Notice]]
 
 # A test hook called at a named point of a store operation with the campaign
