@@ -137,7 +137,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ] = 1
     max_campaign_recipients: Annotated[
         PositiveInt,
-        Meta(description="A campaign with more recipients is refused at start: split it."),
+        Meta(description="A campaign may not have more recipients: an add beyond is refused."),
     ] = 10_000
     campaign_lease_seconds: Annotated[
         Seconds,
@@ -155,6 +155,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         PositiveInt,
         Meta(description="Consecutive transient errors that pause a campaign."),
     ] = 10
+    max_transient_attempts: Annotated[
+        PositiveInt,
+        Meta(description="Transient answers one recipient may get; then it fails with the last."),
+    ] = 5
     large_campaign_warning: Annotated[
         PositiveInt, Meta(description="Starting a campaign larger than this warns the manager.")
     ] = 5000

@@ -166,7 +166,7 @@ class Service:
     async def start(self) -> None:
         s = self.settings
         self._pool = await connect_pool(s.database_url, size=s.database_pool_size)
-        self._store = PgStore(self._pool)
+        self._store = PgStore(self._pool, max_transient_attempts=s.max_transient_attempts)
         self._redis = redis.Redis.from_url(
             s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
         )
@@ -294,6 +294,7 @@ class Service:
             secrets=secrets_of(s),
             store=PgUnsubscribes(self._pool),
             events=self._events,
+            outbox=self._outbox,
             clock=self.clock,
         )
         self._public_http.add_routes(unsubscribe_pages.routes())
