@@ -223,6 +223,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     stuck_after_minutes: Annotated[
         Seconds, Meta(description="A campaign processing longer than this is reported.")
     ] = 30.0
+    retention_send_log_days: Annotated[
+        Annotated[int, Meta(ge=0)],
+        Meta(description="Send-log rows older than this are removed by the leader (0: kept)."),
+    ] = 365
+    retention_audit_log_days: Annotated[
+        Annotated[int, Meta(ge=0)],
+        Meta(description="Audit-log rows older than this are removed by the leader (0: kept)."),
+    ] = 730
+    retention_recipients_days: Annotated[
+        Annotated[int, Meta(ge=0)],
+        Meta(
+            description=(
+                "Recipients of campaigns finished longer ago are removed, their counts kept "
+                "(0: kept)."
+            )
+        ),
+    ] = 365
+    retention_batch_size: Annotated[
+        PositiveInt,
+        Meta(description="Rows one retention statement removes; each reconcile runs a few."),
+    ] = 1000
     start_throttle_per_hour: Annotated[
         PositiveInt, Meta(description="Campaign starts one manager may make per hour.")
     ] = 10

@@ -60,6 +60,7 @@ from mailer.messages import Wake
 from mailer.outbox import OutboxRelay
 from mailer.quota import QuotaSyncActor, lift_deferrals
 from mailer.ratelimit import SendLimiter
+from mailer.retention import Retention, RetentionPolicy
 from mailer.store import PgStore
 from mailer.transport import SmtpTransport
 from mailer.unsubscribe import PgUnsubscribes, secrets_of, unsubscribe_url
@@ -203,6 +204,15 @@ class Service:
             threshold=s.circuit_breaker_threshold,
             cooldown=timedelta(minutes=s.transient_retry_delay_minutes),
         )
+        retention = Retention(
+            self._pool,
+            RetentionPolicy(
+                send_log_days=s.retention_send_log_days,
+                audit_log_days=s.retention_audit_log_days,
+                recipients_days=s.retention_recipients_days,
+                batch=s.retention_batch_size,
+            ),
+        )
         children: list[ChildSpec[Any]] = [
             ChildSpec(
                 "smtp-sender",
@@ -252,6 +262,7 @@ class Service:
                     outbox=outbox,
                     # A restarted scheduler asks whether this process leads.
                     leadership=lambda: self.leader_epoch,
+                    retention=retention,
                 ),
             ),
             ChildSpec(

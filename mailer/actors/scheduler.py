@@ -93,6 +93,12 @@ class Outbox(Protocol):
     async def flush(self) -> int: ...
 
 
+class Retention(Protocol):
+    async def run(self, now: datetime) -> dict[str, int]:
+        """One bounded pass removing rows past their age (mailer.retention)."""
+        ...
+
+
 class SchedulerStore(Protocol):
     async def runnable(self, now: datetime, limit: int) -> list[int]: ...
     async def next_wakeup(self, now: datetime) -> datetime | None: ...
@@ -127,9 +133,11 @@ class SchedulerActor(Actor[SchedulerMsg]):
         events: FinalEvents | None = None,
         outbox: Outbox | None = None,
         leadership: Callable[[], int | None] | None = None,
+        retention: Retention | None = None,
     ) -> None:
         # The owner's current epoch (the leader actor's, as the service saw it last).
         self._leadership = leadership
+        self._retention = retention
         self._events = events
         self._outbox = outbox
         self._bus = bus
@@ -333,6 +341,13 @@ class SchedulerActor(Actor[SchedulerMsg]):
                     "counts": counts,
                 },
             )
+        if self._retention is not None:
+            try:
+                await self._retention.run(now)
+            except Exception as exc:
+                # Old rows can wait: a failed pass is tried again at the next
+                # reconcile; it must not restart the scheduler (and its timers).
+                log.error("retention pass failed: %r", exc)
 
     async def on_stop(self, error: BaseException | None) -> None:
         if self._sub is not None:

@@ -127,7 +127,16 @@ SELECT d.campaign_id, d.id, d.email, false, 'in_doubt', d.error, $1 FROM doubted
 RETURNING campaign_id;
 
 -- name: recipients-counts
-SELECT status, count(*)::bigint AS n FROM recipient WHERE campaign_id = $1 GROUP BY status;
+-- The counts by status; for a campaign whose recipients retention removed, the
+-- counts it kept (from the first removed row on, never a mix of the two).
+SELECT key AS status, value::bigint AS n
+FROM campaign, jsonb_each_text(purged_counts)
+WHERE id = $1 AND purged_counts IS NOT NULL
+UNION ALL
+SELECT status, count(*)::bigint AS n FROM recipient
+WHERE campaign_id = $1
+  AND NOT EXISTS (SELECT 1 FROM campaign WHERE id = $1 AND purged_counts IS NOT NULL)
+GROUP BY status;
 
 -- name: send-log-drop-doubt-placeholders
 -- The in_doubt rows a takeover wrote (no attempt time: they stand for an
