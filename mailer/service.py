@@ -50,6 +50,7 @@ from mailer.messages import Wake
 from mailer.outbox import OutboxRelay
 from mailer.quota import QuotaSyncActor, lift_deferrals
 from mailer.ratelimit import SendLimiter
+from mailer.redisconn import connect_redis, redis_up
 from mailer.store import PgStore
 from mailer.transport import SmtpTransport
 from mailer.unsubscribe import PgUnsubscribes, unsubscribe_url
@@ -148,9 +149,7 @@ class Service:
         s = self.settings
         self._pool = await connect_pool(s.database_url, size=s.database_pool_size)
         self._store = PgStore(self._pool)
-        self._redis = redis.Redis.from_url(
-            s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
-        )
+        self._redis = connect_redis(s.redis_url)
         self._bus = Bus(
             s.nats_url,
             prefix=s.subject_prefix,

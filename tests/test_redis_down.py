@@ -111,3 +111,54 @@ async def test_sending_goes_on_and_throttles_refuse_when_redis_stops(
     async with aiohttp.ClientSession() as http, http.get(url) as resp:
         assert resp.status == 200
         assert await resp.json() == {"nats": True, "postgres": True}
+
+
+async def test_the_first_request_after_a_redis_restart_is_served(
+    make_service, crm: Crm, events: Events, own_redis, tmp_path: Path
+) -> None:
+    """Redis restarts while the pod idles: its pooled connection is dead, and the next
+    command must reconnect instead of failing (a start refused with 503 in production)."""
+    url, proc = own_redis
+    await make_service(redis_url=url)
+    first, second = await crm.campaign(people(1)), await crm.campaign(people(1, "b.example"))
+    await crm.start(first)  # the throttle and the governor leave connections in the pool
+    await events.wait(first, ("sent",), timeout=20)  # nothing touches Redis from here on
+
+    proc.kill()
+    proc.wait()
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    binary = Path(sys.executable).parent / "redis-server"
+    again = subprocess.Popen(
+        [
+            str(binary),
+            "--port",
+            port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        probe = redis.Redis.from_url(url)
+        try:
+            async with asyncio.timeout(10):
+                while True:
+                    try:
+                        if await probe.ping():
+                            break
+                    except (redis.ConnectionError, OSError):
+                        await asyncio.sleep(0.05)
+        finally:
+            await probe.aclose()
+        await crm.start(second)  # not throttle_backend_unavailable
+        assert (await crm.get(second))["status"] in ("ready", "sending", "sent")
+    finally:
+        again.kill()
+        again.wait()
