@@ -50,7 +50,7 @@ from mailer.messages import Wake
 from mailer.outbox import OutboxRelay
 from mailer.quota import QuotaSyncActor, lift_deferrals
 from mailer.ratelimit import SendLimiter
-from mailer.redisconn import connect_redis, redis_up
+from mailer.redisconn import connect_redis
 from mailer.store import PgStore
 from mailer.transport import SmtpTransport
 from mailer.unsubscribe import PgUnsubscribes, unsubscribe_url

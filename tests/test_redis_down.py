@@ -23,11 +23,9 @@ from tests.helpers import Crm, Events, people
 UNAVAILABLE = "Сервис временно недоступен. Попробуйте позже."
 
 
-@pytest.fixture
-def redis_process(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
+def _launch_redis(port: int, folder: Path) -> subprocess.Popen[bytes]:
     binary = Path(sys.executable).parent / "redis-server"
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [
             str(binary),
             "--port",
@@ -39,11 +37,31 @@ def redis_process(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]
             "--appendonly",
             "no",
             "--dir",
-            str(tmp_path),
+            str(folder),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+async def _wait_for_redis(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    if await client.ping():
+                        return
+                except (redis.ConnectionError, OSError):
+                    await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def redis_process(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    proc = _launch_redis(port, tmp_path)
     try:
         yield f"redis://127.0.0.1:{port}/0", proc
     finally:
@@ -57,18 +75,8 @@ async def own_redis(
     redis_process: tuple[str, subprocess.Popen[bytes]],
 ) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
     url, proc = redis_process
-    client = redis.Redis.from_url(url)
-    try:
-        async with asyncio.timeout(10):
-            while True:
-                try:
-                    if await client.ping():
-                        break
-                except (redis.ConnectionError, OSError):
-                    await asyncio.sleep(0.05)
-        yield url, proc
-    finally:
-        await client.aclose()
+    await _wait_for_redis(url)
+    yield url, proc
 
 
 def _fail_open_count() -> float:
@@ -126,37 +134,10 @@ async def test_the_first_request_after_a_redis_restart_is_served(
 
     proc.kill()
     proc.wait()
-    port = url.rsplit(":", 1)[1].split("/")[0]
-    binary = Path(sys.executable).parent / "redis-server"
-    again = subprocess.Popen(
-        [
-            str(binary),
-            "--port",
-            port,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    again = _launch_redis(port, tmp_path)
     try:
-        probe = redis.Redis.from_url(url)
-        try:
-            async with asyncio.timeout(10):
-                while True:
-                    try:
-                        if await probe.ping():
-                            break
-                    except (redis.ConnectionError, OSError):
-                        await asyncio.sleep(0.05)
-        finally:
-            await probe.aclose()
+        await _wait_for_redis(url)
         await crm.start(second)  # not throttle_backend_unavailable
         assert (await crm.get(second))["status"] in ("ready", "sending", "sent")
     finally:
