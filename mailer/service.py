@@ -51,6 +51,7 @@ from mailer.outbox import OutboxRelay
 from mailer.quota import QuotaSyncActor, lift_deferrals
 from mailer.ratelimit import SendLimiter
 from mailer.redisconn import connect_redis
+from mailer.smtphealth import SmtpHealth
 from mailer.store import PgStore
 from mailer.transport import SmtpTransport
 from mailer.unsubscribe import PgUnsubscribes, unsubscribe_url
@@ -68,6 +69,7 @@ class MetricsObserver:
 
     def on_actor_started(self, actor_name: str, mailbox_depth: Callable[[], int]) -> None:
         metrics.register_mailbox(actor_name, mailbox_depth)
+        metrics.precreate_actor_series(actor_name)
 
     def on_actor_stopped(self, actor_name: str) -> None:
         metrics.unregister_mailbox(actor_name)
@@ -110,6 +112,10 @@ class Service:
         self._public_http: HttpServer | None = None
         self._events: JetStreamEvents | None = None
         self._outbox: OutboxRelay | None = None
+        # Outlives restarts of the sender, like the breaker: seen across its transports.
+        self._smtp_health = SmtpHealth(
+            settings.smtp_host, settings.smtp_port, account=settings.smtp_account, clock=self.clock
+        )
         self._stopped = False
         self._background: set[asyncio.Task[None]] = set()
         self.leader_epoch: int | None = None
@@ -290,6 +296,7 @@ class Service:
             password=s.smtp_password or None,
             timeout=s.smtp_timeout_seconds,
             connections=s.smtp_connections,
+            health=self._smtp_health,
         )
 
     def _on_leadership(self, epoch: int | None) -> None:
