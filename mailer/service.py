@@ -45,12 +45,13 @@ from mailer.clock import Clock, SystemClock
 from mailer.config import Settings
 from mailer.db import Q, connect_pool
 from mailer.events import JetStreamEvents
+from mailer.gauges import ScrapeGauges
 from mailer.http import HttpServer
 from mailer.messages import Wake
 from mailer.outbox import OutboxRelay
 from mailer.quota import QuotaSyncActor, lift_deferrals
 from mailer.ratelimit import SendLimiter
-from mailer.redisconn import connect_redis
+from mailer.redisconn import connect_redis, redis_up
 from mailer.smtphealth import SmtpHealth
 from mailer.store import PgStore
 from mailer.transport import SmtpTransport
@@ -156,6 +157,7 @@ class Service:
         self._pool = await connect_pool(s.database_url, size=s.database_pool_size)
         self._store = PgStore(self._pool)
         self._redis = connect_redis(s.redis_url)
+        await self._check_redis()
         self._bus = Bus(
             s.nats_url,
             prefix=s.subject_prefix,
@@ -263,7 +265,22 @@ class Service:
             shutdown_deadline=s.shutdown_timeout_seconds,
         )
         await self._supervisor.start()
-        self._http = HttpServer(s.http_host, s.http_port, readiness=self.readiness)
+        gauges = ScrapeGauges(
+            pool=self._pool,
+            redis_client=self._redis,
+            nats_connected=lambda: bus.connected,
+            hour_key=limiter.hour_key,
+            account=s.smtp_account,
+            hourly_limit=s.rate_per_hour,
+            clock=clock,
+        )
+        self._http = HttpServer(
+            s.http_host,
+            s.http_port,
+            readiness=self.readiness,
+            report=self.dependency_report,
+            before_scrape=gauges.refresh,
+        )
         await self._http.start()
         self._public_http = HttpServer(
             s.public_http_host, s.public_http_port, readiness=None, name="public"
@@ -285,6 +302,18 @@ class Service:
                 "public_http_port": self.public_http_port,
             },
         )
+
+    async def _check_redis(self) -> None:
+        """Redis is not required to start (sending fails open without it), but say so."""
+        assert self._redis is not None
+        up = await redis_up(self._redis)
+        metrics.DEPENDENCY_UP.labels(dependency="redis").set(int(up))
+        if not up:
+            log.warning(
+                "Redis does not answer at start; the send-rate limiter fails open (hourly and "
+                "daily limits unchecked) and the API throttles fail closed until it does",
+                extra={"policy": "fail_open"},
+            )
 
     def _new_transport(self) -> SmtpTransport:
         s = self.settings
@@ -389,11 +418,15 @@ class Service:
             log.warning("wake not published")
 
     async def readiness(self) -> dict[str, bool]:
-        """Ready when NATS and PostgreSQL answer.
+        """Ready when NATS and PostgreSQL answer: the policy of ``/readyz``.
 
-        Redis is left out on purpose: sending fails open without it, and the
-        HTTP routes (unsubscribe, metrics) do not need it; a Redis outage must
-        not take every pod out of its Service.
+        Only these two decide, because without them the pod can do nothing useful (no
+        request reaches it, no state can be read or written). Redis and SMTP are reported
+        in the body (``dependency_report``) but do not decide, on purpose: without Redis
+        sending fails open and the unsubscribe pages and metrics still work; an SMTP outage
+        is the provider's, shared by every pod, and is handled by the retry policy and the
+        circuit breaker. Taking every pod out of its Service for either would only take
+        the unsubscribe pages down with it.
         """
         checks: dict[str, bool] = {"nats": self._bus is not None and self._bus.connected}
         try:
@@ -403,6 +436,12 @@ class Service:
         except Exception:
             checks["postgres"] = False
         return checks
+
+    async def dependency_report(self) -> dict[str, bool]:
+        """Redis (a PING now) and SMTP (the last session attempt): shown, not deciding."""
+        up = self._redis is not None and await redis_up(self._redis)
+        metrics.DEPENDENCY_UP.labels(dependency="redis").set(int(up))
+        return {"redis": up, "smtp": self._smtp_health.up}
 
     async def wait(self) -> None:
         """Returns when the supervisor shut down; raises SupervisorEscalation if it gave up."""

@@ -7,6 +7,7 @@ that stopping it does not touch the session's shared one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -114,11 +115,19 @@ async def test_sending_goes_on_and_throttles_refuse_when_redis_stops(
     assert _fail_open_count() > before
 
     # Still ready: without Redis the pod keeps serving (fail open), so its
-    # readiness must not take it out of the Service.
+    # readiness must not take it out of the Service; the body says Redis is down.
     url = f"http://127.0.0.1:{service.http_port}/readyz"
     async with aiohttp.ClientSession() as http, http.get(url) as resp:
         assert resp.status == 200
-        assert await resp.json() == {"nats": True, "postgres": True}
+        assert await resp.json() == {
+            "nats": True,
+            "postgres": True,
+            "reported": {"redis": False, "smtp": True},
+        }
+    # And the dependency gauge, read at scrape time, says the same.
+    url = f"http://127.0.0.1:{service.http_port}/metrics"
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        assert 'mailer_dependency_up{dependency="redis"} 0.0' in await resp.text()
 
 
 async def test_the_first_request_after_a_redis_restart_is_served(
@@ -143,3 +152,24 @@ async def test_the_first_request_after_a_redis_restart_is_served(
     finally:
         again.kill()
         again.wait()
+
+
+async def test_a_service_started_without_redis_warns_and_stays_ready(
+    make_service, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with caplog.at_level(logging.WARNING, logger="mailer.service"):
+        service = await make_service(redis_url=dead)
+    warnings = [r for r in caplog.records if r.name == "mailer.service"]
+    assert [r.levelno for r in warnings] == [logging.WARNING]
+    assert "Redis does not answer at start" in warnings[0].getMessage()
+    base = f"http://127.0.0.1:{service.http_port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/readyz") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["reported"]["redis"] is False
+        async with http.get(f"{base}/metrics") as resp:
+            text = await resp.text()
+    assert 'mailer_dependency_up{dependency="redis"} 0.0' in text
+    assert 'mailer_dependency_up{dependency="postgres"} 1.0' in text
+    assert 'mailer_dependency_up{dependency="nats"} 1.0' in text
