@@ -360,6 +360,7 @@ class Service:
             message_id_domain=s.effective_message_id_domain,
             transient_retry=timedelta(minutes=s.transient_retry_delay_minutes),
             breaker_threshold=s.circuit_breaker_threshold,
+            log_each_send=s.log_each_send,
         )
 
         def link(cid: int, email: str) -> str:
