@@ -313,6 +313,7 @@ for _kind in SEND_KINDS:
         EMAILS_FAILED.labels(kind=_kind, reason=_reason)
 for _reason in KNOWN_DEFER_REASONS:
     DEFERS.labels(reason=_reason)
+DEFERS.labels(reason="circuit_breaker")  # the campaign's breaker pause counts here too
 RATE_LIMITER_REDIS_ERRORS.labels(policy="fail_open")
 for _action in ("start", "test_email"):
     API_THROTTLE_REDIS_ERRORS.labels(policy="fail_closed", action=_action)
