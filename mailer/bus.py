@@ -26,6 +26,7 @@ from mailer.messages import ErrorBody, ErrorReply
 __all__ = [
     "ERROR_CODE_HEADER",
     "ERROR_HEADER",
+    "STREAM_CONFIG_DIFFERS",
     "Bus",
     "NatsAuthError",
     "RemoteError",
@@ -48,6 +49,11 @@ ROLES_HEADER = "Mailer-Roles"
 LANG_HEADER = "Mailer-Lang"
 
 _encoder = msgspec.json.Encoder()
+
+# JetStream's error code for "stream name already in use with a different
+# configuration": a stream (or KV bucket) mailer owns must then be updated
+# in place, or a changed setting would keep every new pod from starting.
+STREAM_CONFIG_DIFFERS = 10058
 
 # Reconnect backoff: the first try after half a second, doubling up to five
 # seconds between tries, each wait a random half to whole of that (so pods that

@@ -72,6 +72,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         str, Meta(description="NATS credentials file (JWT + NKey seed).")
     ] = ""
     nats_nkey_seed_file: Annotated[str, Meta(description="NATS NKey seed file.")] = ""
+    nats_replicas: Annotated[
+        Annotated[int, Meta(ge=1, le=5)],
+        Meta(
+            description="Replicas of the JetStream streams and KV bucket mailer owns "
+            "(3 on a NATS cluster)."
+        ),
+    ] = 1
     subject_prefix: Annotated[
         str,
         Meta(
@@ -130,7 +137,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ] = 1
     max_campaign_recipients: Annotated[
         PositiveInt,
-        Meta(description="A campaign with more recipients is refused at start: split it."),
+        Meta(description="A campaign may not have more recipients: an add beyond is refused."),
     ] = 10_000
     campaign_lease_seconds: Annotated[
         Seconds,
@@ -148,6 +155,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         PositiveInt,
         Meta(description="Consecutive transient errors that pause a campaign."),
     ] = 10
+    max_transient_attempts: Annotated[
+        PositiveInt,
+        Meta(description="Transient answers one recipient may get; then it fails with the last."),
+    ] = 5
     large_campaign_warning: Annotated[
         PositiveInt, Meta(description="Starting a campaign larger than this warns the manager.")
     ] = 5000
@@ -238,8 +249,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         Meta(description="Public base URL of unsubscribe links (https:// in production)."),
     ] = "http://localhost:8081"
     unsubscribe_secret: Annotated[
-        str, Meta(description="HMAC key that signs unsubscribe links; set it in production.")
+        str,
+        Meta(description="Key that seals new unsubscribe links; set it in production."),
     ] = "dev-unsubscribe-secret-change-me"  # noqa: S105 - refused in production
+    unsubscribe_old_secrets: Annotated[
+        str,
+        Meta(
+            description="Retired unsubscribe secrets, comma-separated: their links still "
+            "work, nothing new is sealed with them; remove one to end its links."
+        ),
+    ] = ""
 
     # --- process -------------------------------------------------------------------
     http_host: Annotated[
@@ -478,6 +497,10 @@ def _check_production(s: Settings) -> None:
         raise ConfigError(
             f"{env_name('unsubscribe_secret')} must be set to a secret of 16+ characters "
             "in production"
+        )
+    if any(len(x.strip()) < 16 for x in s.unsubscribe_old_secrets.split(",") if x.strip()):
+        raise ConfigError(
+            f"{env_name('unsubscribe_old_secrets')}: every retired secret has 16+ characters"
         )
     for field in ("nats_url", "database_url", "redis_url", "smtp_host"):
         if not getattr(s, field):

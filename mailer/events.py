@@ -33,7 +33,7 @@ from nats.js import api
 from nats.js.errors import BadRequestError
 from prometheus_client import Counter
 
-from mailer.bus import Bus, encode
+from mailer.bus import STREAM_CONFIG_DIFFERS, Bus, encode
 from mailer.config import Settings
 from mailer.messages import CampaignEvent, Notice
 from mailer.texts import TEXTS, fields_of, reason_values, text
@@ -52,9 +52,6 @@ __all__ = [
 log = logging.getLogger("mailer.events")
 
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
-# The server's error code for "stream name already in use with a different
-# configuration": the one case where add_stream must become update_stream.
-_STREAM_CONFIG_DIFFERS: Final = 10058
 
 EventKind = Literal["campaign", "notify", "unsubscribe"]
 
@@ -214,7 +211,7 @@ class JetStreamEvents:
         try:
             return await js.add_stream(self._config)
         except BadRequestError as exc:
-            if exc.err_code != _STREAM_CONFIG_DIFFERS:
+            if exc.err_code != STREAM_CONFIG_DIFFERS:
                 raise
         info = await js.update_stream(self._config)
         log.info("event stream updated to the configured limits", extra={"stream": self.stream})
@@ -242,6 +239,26 @@ class JetStreamEvents:
         """
         note = notification_for(event, settings=self._settings)
         return None if note is None else self.notification_notice(note)
+
+    def event_notice(self, event: CampaignEvent) -> Notice:
+        """A campaign event as an outbox row: the same subject and dedup id as ``emit``."""
+        return Notice(
+            kind="campaign",
+            subject=self._bus.subject("events", "campaign", _subject_token(event.event)),
+            msg_id=f"{event.campaign_id}:{event.event}:{event.at.isoformat()}",
+            payload=encode(event),
+            campaign_id=event.campaign_id,
+        )
+
+    def unsubscribe_notice(self, event: UnsubscribeEvent) -> Notice:
+        """An unsubscribe as an outbox row: the same subject and dedup id as ``unsubscribed``."""
+        return Notice(
+            kind="unsubscribe",
+            subject=self._bus.subject("events", "unsubscribe"),
+            msg_id=f"unsubscribe:{event.email_hash}:{event.at.isoformat()}",
+            payload=encode(event),
+            campaign_id=event.campaign_id,
+        )
 
     def notification_notice(self, note: Notification) -> Notice:
         when = (note.deferred_until or note.at).isoformat()

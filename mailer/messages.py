@@ -7,7 +7,7 @@ Internal actor messages live beside their actors; these are the public ones
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Literal
 
 import msgspec
@@ -192,6 +192,30 @@ class TokenReply(Struct, kw_only=True):
     # {sent}/{limit} of the ``daily_limit`` text in mailer/texts.py.
     daily_sent: int = 0
     daily_limit: int = 0
+    # The window of a grant, decided on the governor's clock: the hour it is
+    # counted in (its start, UTC), the owner's local day, when the governor
+    # decided, and until when the tokens may be used — the end of that hour,
+    # of that day or of working hours, whichever is first. A token not handed
+    # to SMTP before ``valid_until`` is never used (it stays spent).
+    hour_start: datetime | None = None
+    day: date | None = None
+    decided_at: datetime | None = None
+    valid_until: datetime | None = None
+
+    def usable_until(self, asked_at: datetime) -> datetime | None:
+        """Until when, on the asker's clock, the granted tokens may be handed to SMTP.
+
+        ``valid_until`` is on the governor's clock. What was left of it when the
+        governor decided, counted from ``asked_at`` (the asker's clock before it
+        asked), ends no later on the asker's clock: so whichever of the two
+        comes first is used, and a skew between pods can only shorten a grant.
+        None: no limit (a governor that does not say).
+        """
+        if self.valid_until is None:
+            return None
+        if self.decided_at is None:
+            return self.valid_until
+        return min(self.valid_until, asked_at + (self.valid_until - self.decided_at))
 
 
 class RunCampaign(Struct, kw_only=True):

@@ -55,6 +55,7 @@ __all__ = [
     "PROCESSING_SECONDS",
     "QUEUE_DEPTH",
     "QUOTA_AVAILABLE",
+    "RATE_COUNTER_REBUILDS",
     "RATE_HOUR_LIMIT",
     "RATE_HOUR_USED",
     "RATE_LIMITER_REDIS_ERRORS",
@@ -118,6 +119,7 @@ WAITING_REASONS: Final = (
     "daily_limit",
     "transient_error",
     "circuit_breaker",
+    "render_error",
     "paused",
 )
 
@@ -165,6 +167,12 @@ RATE_LIMITER_REDIS_ERRORS: Final = Counter(
     "Redis errors in the send-rate limiter; policy=fail_open means sending went on "
     "without the Redis window check.",
     ["policy"],
+)
+RATE_COUNTER_REBUILDS: Final = Counter(
+    "mailer_rate_counter_rebuilds_total",
+    "Send-rate counters found missing in Redis while the send log had sends in their "
+    "window (Redis lost its data), rebuilt from the send log; window=hour|day.",
+    ["window"],
 )
 API_THROTTLE_REDIS_ERRORS: Final = Counter(
     "mailer_api_throttle_redis_errors_total",
@@ -239,12 +247,13 @@ RECIPIENTS_PENDING: Final = Gauge(
 RECIPIENTS_SENDABLE: Final = Gauge(
     "mailer_recipients_sendable",
     "Pending recipients of campaigns that may send now: ready or sending, not deferred to a "
-    "later time, not paused. Above 0 while nothing is sent means sending is stalled.",
+    "later time, not paused (by a manager, the breaker or render_error). Above 0 while "
+    "nothing is sent means sending is stalled.",
 )
 CAMPAIGNS_WAITING: Final = Gauge(
     "mailer_campaigns_waiting",
     "Unfinished campaigns no process is sending right now, by why they wait: a defer reason, "
-    "paused, circuit_breaker, or queued (may run now, waits for a free slot).",
+    "paused, circuit_breaker, render_error, or queued (may run now, waits for a free slot).",
     ["reason"],
 )
 QUOTA_AVAILABLE: Final = Gauge(
@@ -313,8 +322,11 @@ for _kind in SEND_KINDS:
         EMAILS_FAILED.labels(kind=_kind, reason=_reason)
 for _reason in KNOWN_DEFER_REASONS:
     DEFERS.labels(reason=_reason)
-DEFERS.labels(reason="circuit_breaker")  # the campaign's breaker pause counts here too
+for _reason in ("circuit_breaker", "render_error"):  # the engine's pauses count here too
+    DEFERS.labels(reason=_reason)
 RATE_LIMITER_REDIS_ERRORS.labels(policy="fail_open")
+for _window in ("hour", "day"):
+    RATE_COUNTER_REBUILDS.labels(window=_window)
 for _action in ("start", "test_email"):
     API_THROTTLE_REDIS_ERRORS.labels(policy="fail_closed", action=_action)
 for _reason in ("rate_per_hour", "daily_limit", "quota_exhausted", "outside_hours"):

@@ -15,25 +15,42 @@ overshoot the provider would refuse anyway. Working hours and the monthly quota
 (PostgreSQL) still apply then. (The API throttles make the opposite choice; see
 ``throttle``.)
 
+Redis back empty (a restart without persistence): a missing counter whose
+previous window's counter is missing too is rebuilt from the send log
+(``SpentTokens``) inside the reserving script, logged at WARNING and counted
+in ``mailer_rate_counter_rebuilds_total{window}`` — so a lost Redis does not
+hand out the hour and the day a second time.
+
 Keys: ``<prefix>rate:<account>:<YYYYMMDDHH UTC>``,
 ``<prefix>daily:<owner>:<YYYYMMDD local>`` and ``<prefix>askers:<account>`` (the
-campaigns sharing the hour fairly). Under Redis Cluster both keys of a
-script must share a slot: give ``MAILER_REDIS_KEY_PREFIX`` a hash tag (``{mailer}:``).
+campaigns sharing the hour fairly), ``<prefix>shares:rate:<account>:<hour>``
+(what each got of it). Under Redis Cluster all keys of a script must share a
+slot: give ``MAILER_REDIS_KEY_PREFIX`` a hash tag (``{mailer}:``).
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta, tzinfo
+from typing import Protocol
 
+import asyncpg
 import msgspec
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from mailer import metrics
 from mailer.clock import utc
+from mailer.db import Q
 
-__all__ = ["FAIL_OPEN", "Reservation", "SendLimiter", "hour_start"]
+__all__ = [
+    "FAIL_OPEN",
+    "PgSpentTokens",
+    "Reservation",
+    "SendLimiter",
+    "SpentTokens",
+    "hour_start",
+]
 
 log = logging.getLogger("mailer.ratelimit")
 
@@ -49,13 +66,29 @@ _DAY_TTL_SECONDS = 2 * 86400
 
 # KEYS[1] the account's hour counter, KEYS[2] the manager's day counter,
 # KEYS[3] the campaigns that asked lately (a sorted set scored by time),
-# KEYS[4] what each campaign got this hour (a hash).
+# KEYS[4] what each campaign got this hour (a hash), KEYS[5] and KEYS[6] the
+# previous hour's and the previous day's counters (read only: see Seeds).
 # ARGV: wanted, hour limit, hour ttl, day limit (0: none), day ttl, campaign
 # id, now (epoch seconds), fair-share window (seconds), campaigns competing
-# for the hour by the queue's count.
-# Returns {granted, hour used after, day used after, capped}. The day is
-# counted even without a limit, so that a limit switched on mid-day sees the
+# for the hour by the queue's count, the hour's and the day's seed (-1: not
+# known yet).
+# Returns {granted, hour used after, day used after, capped, seeded}. The day
+# is counted even without a limit, so that a limit switched on mid-day sees the
 # day's sends.
+#
+# Seeds: a missing counter is either a window nobody used yet or one whose
+# Redis lost its data. While the previous window's counter (KEYS[5] the last
+# hour, KEYS[6] the owner's last day) is there, Redis kept its data: the
+# window is new and starts at 0. (Not the send log: a batch granted at 10:59
+# is recorded after 11:00, in the next hour's rows.) Both missing: the script
+# does not guess — it reserves nothing and answers {-1, hour missing, day
+# missing}; the caller counts the windows' sends in the send log and asks
+# again with the seeds. (With the previous window unused, no late record of
+# it can be in this one's rows.) A counter that appeared meanwhile — another
+# governor seeded it — is kept and the seed ignored: SET only where the key
+# is still missing, in the same script as the reservation, so a seed never
+# overwrites counted tokens.
+# ``seeded``: 1 the hour, 2 the day, 3 both were rebuilt from a non-zero seed.
 #
 # Fair share: the campaigns competing for the hour split it equally — each
 # gets at most limit/askers of it, minus what it already had; a campaign
@@ -67,8 +100,30 @@ _DAY_TTL_SECONDS = 2 * 86400
 _RESERVE = """
 local want = tonumber(ARGV[1])
 local hour_limit = tonumber(ARGV[2])
-local hour_used = tonumber(redis.call('GET', KEYS[1]) or '0')
-local day_used = tonumber(redis.call('GET', KEYS[2]) or '0')
+local hour_seed = tonumber(ARGV[10])
+local day_seed = tonumber(ARGV[11])
+local hour_missing = redis.call('EXISTS', KEYS[1]) == 0
+local day_missing = redis.call('EXISTS', KEYS[2]) == 0
+if hour_missing and redis.call('EXISTS', KEYS[5]) == 1 then
+  hour_seed = 0
+end
+if day_missing and redis.call('EXISTS', KEYS[6]) == 1 then
+  day_seed = 0
+end
+if (hour_missing and hour_seed < 0) or (day_missing and day_seed < 0) then
+  return {-1, hour_missing and 1 or 0, day_missing and 1 or 0, 0, 0}
+end
+local seeded = 0
+if hour_missing then
+  redis.call('SET', KEYS[1], hour_seed, 'EX', tonumber(ARGV[3]))
+  if hour_seed > 0 then seeded = seeded + 1 end
+end
+if day_missing then
+  redis.call('SET', KEYS[2], day_seed, 'EX', tonumber(ARGV[5]))
+  if day_seed > 0 then seeded = seeded + 2 end
+end
+local hour_used = tonumber(redis.call('GET', KEYS[1]))
+local day_used = tonumber(redis.call('GET', KEYS[2]))
 local now = tonumber(ARGV[7])
 local window = tonumber(ARGV[8])
 redis.call('ZADD', KEYS[3], now, ARGV[6])
@@ -88,7 +143,7 @@ if grant <= 0 then
   if left > 0 and share <= 0 and (day_limit == 0 or day_used < day_limit) then
     capped = 1
   end
-  return {0, hour_used, day_used, capped}
+  return {0, hour_used, day_used, capped, seeded}
 end
 hour_used = redis.call('INCRBY', KEYS[1], grant)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
@@ -96,7 +151,7 @@ day_used = redis.call('INCRBY', KEYS[2], grant)
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
 redis.call('HINCRBY', KEYS[4], ARGV[6], grant)
 redis.call('EXPIRE', KEYS[4], tonumber(ARGV[3]))
-return {grant, hour_used, day_used, 0}
+return {grant, hour_used, day_used, 0, seeded}
 """
 
 # KEYS: the hour and day counters, then the shares hash; ARGV: tokens to give
@@ -123,6 +178,35 @@ return 0
 
 def hour_start(now: datetime) -> datetime:
     return now.replace(minute=0, second=0, microsecond=0)
+
+
+class SpentTokens(Protocol):
+    """What a window already spent, from the source of truth: rebuilds a lost counter."""
+
+    async def hour_spent(self, start: datetime, end: datetime) -> int: ...
+
+    async def day_spent(self, owner_id: str, day: date) -> int: ...
+
+
+class PgSpentTokens:
+    """The send log's count of a window's attempts (each took one token).
+
+    It cannot see tokens granted to a batch not yet recorded, nor those of
+    granted recipients released unsent (an expired grant): a rebuilt counter
+    may be short by those, never long.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, tz: tzinfo) -> None:
+        self._pool = pool
+        self._tz = tz
+
+    async def hour_spent(self, start: datetime, end: datetime) -> int:
+        return int(await self._pool.fetchval(Q["spent-tokens-hour"], start, end))
+
+    async def day_spent(self, owner_id: str, day: date) -> int:
+        start = datetime.combine(day, time(), self._tz)
+        end = datetime.combine(day + timedelta(days=1), time(), self._tz)
+        return int(await self._pool.fetchval(Q["spent-tokens-day"], owner_id, start, end))
 
 
 class Reservation(msgspec.Struct, frozen=True, kw_only=True):
@@ -183,16 +267,30 @@ class SendLimiter:
         daily_limit: int,
         campaign_id: int = 0,
         competing: int = 1,
+        spent: SpentTokens | None = None,
     ) -> Reservation:
         """Reserves up to ``want`` tokens of this hour and of ``owner_id``'s ``day``,
         at most ``campaign_id``'s fair share of the hour's rest (shared with at
-        least ``competing`` campaigns)."""
+        least ``competing`` campaigns).
+
+        ``spent`` rebuilds a missing counter from the send log (see ``_RESERVE``);
+        without it a missing counter starts at 0.
+        """
         next_hour = hour_start(utc(now)) + timedelta(hours=1)
         hour_key, day_key = self.hour_key(now), self.day_key(owner_id, day)
         shares_key = f"{self._prefix}shares:{hour_key.removeprefix(self._prefix)}"
-        try:
-            granted, hour_used, day_used, capped = await self._reserve(
-                keys=[hour_key, day_key, self._askers_key, shares_key],
+        hour_seed = day_seed = -1 if spent is not None else 0
+
+        async def run() -> list[int]:
+            result = await self._reserve(
+                keys=[
+                    hour_key,
+                    day_key,
+                    self._askers_key,
+                    shares_key,
+                    self.hour_key(now - timedelta(hours=1)),
+                    self.day_key(owner_id, day - timedelta(days=1)),
+                ],
                 args=[
                     want,
                     self.hourly_limit,
@@ -203,8 +301,21 @@ class SendLimiter:
                     utc(now).timestamp(),
                     FAIR_SHARE_WINDOW_SECONDS,
                     max(1, competing),
+                    hour_seed,
+                    day_seed,
                 ],
             )
+            return [int(v) for v in result]
+
+        try:
+            granted, hour_used, day_used, capped, seeded = await run()
+            if granted < 0:
+                assert spent is not None
+                # A counter is missing: count both windows in the log (a seed is
+                # used only where its key is still missing when the script runs).
+                hour_seed = await spent.hour_spent(hour_start(utc(now)), next_hour)
+                day_seed = await spent.day_spent(owner_id, day)
+                granted, hour_used, day_used, capped, seeded = await run()
         except (RedisError, OSError) as exc:
             metrics.RATE_LIMITER_REDIS_ERRORS.labels(policy=FAIL_OPEN).inc()
             log.error(
@@ -222,11 +333,15 @@ class SendLimiter:
                 day_key=day_key,
                 failed_open=True,
             )
+        if seeded & 1:
+            self._rebuilt("hour", hour_key, hour_seed)
+        if seeded & 2:
+            self._rebuilt("day", day_key, day_seed)
         return Reservation(
-            granted=int(granted),
-            hour_used=int(hour_used),
+            granted=granted,
+            hour_used=hour_used,
             hour_limit=self.hourly_limit,
-            day_used=int(day_used),
+            day_used=day_used,
             day_limit=daily_limit,
             next_hour=next_hour,
             hour_key=hour_key,
@@ -234,6 +349,15 @@ class SendLimiter:
             shares_key=shares_key,
             campaign_id=campaign_id,
             capped=bool(capped),
+        )
+
+    @staticmethod
+    def _rebuilt(window: str, key: str, seed: int) -> None:
+        metrics.RATE_COUNTER_REBUILDS.labels(window=window).inc()
+        log.warning(
+            "rate counter was missing and rebuilt from the send log (Redis lost its data?)",
+            # The key names the owner for a day: an id, not an address.
+            extra={"window": window, "key": key, "rate_limit_count": seed},
         )
 
     async def give_back(self, r: Reservation, n: int) -> Reservation:

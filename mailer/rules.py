@@ -116,6 +116,16 @@ class WorkingHours:
         w = self.window(self.local_date(now))
         return w is not None and w[0] <= now < w[1]
 
+    def closes_at(self, now: datetime) -> datetime | None:
+        """The end of the working window ``now`` is in (UTC); None when closed."""
+        now = _aware_utc(now)
+        w = self.window(self.local_date(now))
+        return w[1] if w is not None and w[0] <= now < w[1] else None
+
+    def day_end(self, now: datetime) -> datetime:
+        """The next local midnight (UTC): where ``now``'s daily count ends."""
+        return self._at(self.local_date(now), _MINUTES_PER_DAY)
+
     def next_open(self, now: datetime) -> datetime:
         """``now`` when open, else the start of the next working window (UTC)."""
         now = _aware_utc(now)

@@ -1,13 +1,21 @@
 """Wires one mailer process: connections, the supervisor and its actors, HTTP.
 
-Start order (and, reversed, stop order):
+Start order:
   PostgreSQL pool, Redis, NATS  ->  supervisor: smtp-sender, rate-governor,
-  api, scheduler (+ one campaign-N actor per running campaign)  ->  HTTP.
-At shutdown the HTTP server closes first, then the campaign actors (their
-batch in flight is sent and recorded), the scheduler, the API, the governor,
-the sender (its SMTP connections close last), and finally NATS is drained
-and the pools closed. The scheduler is the last static child so that every
-campaign actor, spawned after it, stops before the parts it needs.
+  quota-sync, api, scheduler, leader, runner (+ one campaign-N actor per
+  running campaign)  ->  HTTP.
+At shutdown the HTTP server closes first; then the runner (no new campaign
+comes here) and the leader, which resigns at once, so another process leads
+within a second while this one drains; then the campaign actors (their batch
+in flight is sent and recorded, their leases given back and the new leader
+woken for each), the scheduler, the API, the governor, the sender (its SMTP
+connections close last); finally NATS is drained and the pools closed. The
+scheduler starts before every campaign actor, so it stops after them.
+
+Restarts: the long-lived actors share the supervisor's restart intensity
+(exceeded: the process exits 1). Each campaign actor has its own limit
+(``CAMPAIGN_RESTARTS``): past it, that campaign alone is given up, its lease
+is free, and the leader is woken to dispatch it again after a lease period.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ import redis.asyncio as redis
 from mailer import __version__, metrics
 from mailer.actors import (
     ActorDead,
+    ActorFault,
     AlreadyRunning,
+    ChildLimit,
     ChildSpec,
     MailboxFull,
     Restart,
@@ -55,7 +65,7 @@ from mailer.redisconn import connect_redis, redis_up
 from mailer.smtphealth import SmtpHealth
 from mailer.store import PgStore
 from mailer.transport import SmtpTransport
-from mailer.unsubscribe import PgUnsubscribes, unsubscribe_url
+from mailer.unsubscribe import PgUnsubscribes, secrets_of, unsubscribe_url
 from mailer.unsubscribe_http import UnsubscribePages
 
 __all__ = ["MetricsObserver", "Service"]
@@ -63,6 +73,8 @@ __all__ = ["MetricsObserver", "Service"]
 log = logging.getLogger("mailer.service")
 
 CAMPAIGN_PREFIX = "campaign-"
+# A campaign actor crashing more often than this is given up (not the process).
+CAMPAIGN_RESTARTS = ChildLimit(max_restarts=5, window_seconds=60.0)
 
 
 class MetricsObserver:
@@ -97,10 +109,15 @@ class Service:
         clock: Clock | None = None,
         fault: FaultHook | None = None,
         restart_policy: RestartPolicy | None = None,
+        actor_fault: ActorFault | None = None,
     ) -> None:
+        """``fault`` and ``actor_fault`` are test hooks (None in production): the
+        campaign actor's, between a batch's send and its record, and the
+        runtime's, before every message any actor handles (raising crashes it)."""
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
         self._fault = fault
+        self._actor_fault = actor_fault
         self._policy = restart_policy or RestartPolicy(
             max_restarts=20, window_seconds=60.0, backoff_base=0.1, backoff_max=5.0
         )
@@ -119,9 +136,11 @@ class Service:
         )
         self._stopped = False
         self._background: set[asyncio.Task[None]] = set()
+        self._delayed: set[asyncio.TimerHandle] = set()
         self.leader_epoch: int | None = None
         # Set while this process leads (tests and health checks wait on it).
         self.leadership = asyncio.Event()
+        self._leader_changed = asyncio.Event()  # replaced after every change
 
     # --- parts, for tests and the CLI -------------------------------------------------
 
@@ -155,7 +174,7 @@ class Service:
     async def start(self) -> None:
         s = self.settings
         self._pool = await connect_pool(s.database_url, size=s.database_pool_size)
-        self._store = PgStore(self._pool)
+        self._store = PgStore(self._pool, max_transient_attempts=s.max_transient_attempts)
         self._redis = connect_redis(s.redis_url)
         await self._check_redis()
         self._bus = Bus(
@@ -170,7 +189,9 @@ class Service:
         )
         await self._bus.connect()
         # Events go to JetStream; without their stream the service does not come up.
-        self._events = JetStreamEvents(self._bus, settings=s, max_bytes=s.events_max_bytes)
+        self._events = JetStreamEvents(
+            self._bus, settings=s, max_bytes=s.events_max_bytes, replicas=s.nats_replicas
+        )
         await self._events.ensure_stream()
         self._outbox = OutboxRelay(self._pool, self._events)
         metrics.set_build_info(__version__)
@@ -236,6 +257,8 @@ class Service:
                     stuck_after=timedelta(minutes=s.stuck_after_minutes),
                     events=events,
                     outbox=outbox,
+                    # A restarted scheduler asks whether this process leads.
+                    leadership=lambda: self.leader_epoch,
                 ),
             ),
             ChildSpec(
@@ -246,14 +269,17 @@ class Service:
                     clock=clock,
                     instance_id=s.effective_instance_id,
                     ttl=s.leader_ttl_seconds,
+                    replicas=s.nats_replicas,
                     on_change=self._on_leadership,
                 ),
+                stop_first=True,  # resign before the campaign actors drain
             ),
             ChildSpec(
                 "runner",
                 lambda: RunnerActor(
                     bus=bus, spawn=self._spawn_campaign, instance_id=s.effective_instance_id
                 ),
+                stop_first=True,  # no new campaign for a process that is stopping
             ),
         ]
         self._supervisor = Supervisor(
@@ -263,6 +289,7 @@ class Service:
             observer=MetricsObserver(),
             on_child_exit=self._on_child_exit,
             shutdown_deadline=s.shutdown_timeout_seconds,
+            fault=self._actor_fault,
         )
         await self._supervisor.start()
         gauges = ScrapeGauges(
@@ -286,9 +313,10 @@ class Service:
             s.public_http_host, s.public_http_port, readiness=None, name="public"
         )
         unsubscribe_pages = UnsubscribePages(
-            secret=s.unsubscribe_secret,
+            secrets=secrets_of(s),
             store=PgUnsubscribes(self._pool),
             events=self._events,
+            outbox=self._outbox,
             clock=self.clock,
         )
         self._public_http.add_routes(unsubscribe_pages.routes())
@@ -328,16 +356,43 @@ class Service:
             health=self._smtp_health,
         )
 
+    async def wait_leading(self, above: int = 0) -> int:
+        """Waits until this process leads with an epoch above ``above``; returns it."""
+        while self.leader_epoch is None or self.leader_epoch <= above:
+            await self._leader_changed.wait()
+        return self.leader_epoch
+
     def _on_leadership(self, epoch: int | None) -> None:
         self.leader_epoch = epoch
         if epoch is None:
             self.leadership.clear()
         else:
             self.leadership.set()
+        changed, self._leader_changed = self._leader_changed, asyncio.Event()
+        changed.set()
+        self._announce_leadership()
+
+    def _announce_leadership(self) -> None:
+        """Tells the scheduler the current epoch. A scheduler waiting out a restart
+        asks for it in its on_start; a full mailbox is tried again shortly."""
         scheduler = self._supervisor.get("scheduler") if self._supervisor else None
-        if scheduler is not None:
-            with contextlib.suppress(ActorDead, MailboxFull):
-                scheduler.tell(Leadership(epoch))
+        if scheduler is None:
+            return
+        try:
+            scheduler.tell(Leadership(self.leader_epoch))
+        except ActorDead:
+            pass
+        except MailboxFull:
+            log.error("scheduler mailbox full: leadership re-announced shortly")
+            self._later(0.1, self._announce_leadership)
+
+    def _later(self, delay: float, callback: Callable[[], None]) -> None:
+        def run() -> None:
+            self._delayed.discard(handle)
+            callback()
+
+        handle = asyncio.get_running_loop().call_later(delay, run)
+        self._delayed.add(handle)
 
     async def _spawn_campaign(self, campaign_id: int, fence: int) -> bool:
         s = self.settings
@@ -382,6 +437,7 @@ class Service:
                 fault=self._fault,
             ),
             restart=Restart.TRANSIENT,
+            limit=CAMPAIGN_RESTARTS,
         )
         try:
             ref = await sup.spawn(spec)
@@ -394,16 +450,29 @@ class Service:
         return ref.alive
 
     def _on_child_exit(self, name: str, error: BaseException | None) -> None:
-        # Wherever the leader runs, it must learn that a slot is free. Not while
-        # this process shuts down (a stop, or the supervisor giving up): its
-        # campaigns are released and the leader's next look sees that; a wake
-        # now would only make a leader here dispatch to a runner that is going.
+        # Wherever the leader runs, it must learn that a slot is free, also while
+        # this process stops: by then this process's leader has resigned and its
+        # runner left the queue group, so the new leader dispatches the campaign
+        # elsewhere at once. A campaign given up after crashing again and again
+        # is dispatched again only after a lease period (not in a hot loop).
+        if not name.startswith(CAMPAIGN_PREFIX) or self._bus is None:
+            return
+        ended = int(name.removeprefix(CAMPAIGN_PREFIX))
         closing = self._stopped or (self._supervisor is not None and self._supervisor.closing)
-        if name.startswith(CAMPAIGN_PREFIX) and self._bus is not None and not closing:
-            ended = int(name.removeprefix(CAMPAIGN_PREFIX))
-            task = asyncio.get_running_loop().create_task(self._publish_wake(ended))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        if error is not None and not closing:
+            delay = self.settings.campaign_lease_seconds
+            log.error(
+                "campaign actor given up after repeated crashes; dispatched again later",
+                extra={"campaign_id": ended, "retry_in_seconds": delay, "error": repr(error)},
+            )
+            self._later(delay, lambda: self._wake_soon(ended))
+            return
+        self._wake_soon(ended)
+
+    def _wake_soon(self, ended: int | None) -> None:
+        task = asyncio.get_running_loop().create_task(self._publish_wake(ended))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _quota_restored(self) -> None:
         """A sync brought the quota back: campaigns waiting for it go on now."""
@@ -458,6 +527,9 @@ class Service:
                 await server.stop()
         if self._supervisor is not None:
             await self._supervisor.shutdown()
+        for handle in self._delayed:
+            handle.cancel()
+        self._delayed.clear()
         if self._background:  # wakes still being published: let them finish
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._bus is not None:

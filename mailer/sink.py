@@ -129,6 +129,9 @@ class SmtpSink:
         #: Seconds each DATA waits before its reply: a slow provider, for tests that
         #: must act while a campaign is mid-way.
         self.data_delay = 0.0
+        #: When set, each DATA waits for this event before its reply: a test holds a
+        #: message mid-way without a timer, and lets it go when it has acted.
+        self.data_gate: asyncio.Event | None = None
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -266,6 +269,7 @@ class SmtpSink:
         self._rejections.clear()
         self._count = 0
         self.data_delay = 0.0
+        self.data_gate = None
         self.clear_rules()
 
     # --- internals used by the handler ---------------------------------------------------
@@ -378,6 +382,8 @@ class _Handler:
                 return self._sink._refuse("data", address, reply)
         if self._sink.data_delay:
             await asyncio.sleep(self._sink.data_delay)
+        if self._sink.data_gate is not None:
+            await self._sink.data_gate.wait()
         data = envelope.original_content or b""
         self._sink._accept(envelope.mail_from or "", rcpt_tos, data)
         return "250 OK"

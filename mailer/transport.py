@@ -25,6 +25,7 @@ import contextlib
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,6 +47,7 @@ from mailer.render import idna_address
 from mailer.smtphealth import SmtpHealth
 
 __all__ = [
+    "EXPIRED",
     "ConnectionSetupError",
     "InDoubtError",
     "Outcome",
@@ -82,6 +84,19 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     in_doubt: bool = False
     # Not attempted: the account's circuit breaker is open (see mailer.breaker).
     short_circuited: bool = False
+    # Not attempted: its send token expired before a connection was free (the
+    # grant's window ended). The recipient goes back to pending, unsent.
+    expired: bool = False
+
+
+EXPIRED = SendResult(
+    outcome="transient",
+    smtp_code=None,
+    provider_answer="",
+    error="not attempted: its send token expired (the grant's window ended)",
+    took_ms=0.0,
+    expired=True,
+)
 
 
 class ConnectionSetupError(Exception):
@@ -295,12 +310,22 @@ class SmtpTransport:
 
     # --- sending -------------------------------------------------------------
 
-    async def send(self, mail_from: str, rcpt: str, data: bytes) -> SendResult:
+    async def send(
+        self,
+        mail_from: str,
+        rcpt: str,
+        data: bytes,
+        *,
+        may_start: Callable[[], bool] | None = None,
+    ) -> SendResult:
         """One message to one recipient over a pooled connection.
 
         ``data`` is the complete message (CRLF line endings preferred). Never
         raises for SMTP, network or address failures: see ``SendResult``.
         Cancelling a send closes its connection (its state is unknown then).
+        ``may_start`` is asked once a connection is free, just before the
+        message is handed to it: False answers ``expired`` without sending
+        (its send token's window is over).
         """
         if self._closing:
             return SendResult(
@@ -325,6 +350,8 @@ class SmtpTransport:
                         error="transport closed",
                         took_ms=0.0,
                     )
+                if may_start is not None and not may_start():
+                    return EXPIRED
                 return await self._send_on(slot, mail_from, rcpt, data)
             finally:
                 self._free.put_nowait(slot)

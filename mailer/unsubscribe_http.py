@@ -4,11 +4,12 @@
 mail previews fetch links, and a fetch must never unsubscribe anybody.
 ``POST /u/{token}`` records it. That is also what a mail client sends for the
 ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` header: a form body
-``List-Unsubscribe=One-Click``, no cookies, no session, so the signed token is
+``List-Unsubscribe=One-Click``, no cookies, no session, so the sealed token is
 the only credential and the answer is a plain 200 page, never a redirect.
 Repeating the POST answers 200 again and records nothing new.
 
-A forged or damaged token gets a 400 page and touches nothing. Pages are Russian
+A forged, damaged or altered token (see ``mailer.unsubscribe``) gets a 400 page
+and touches nothing. Pages are Russian
 unless ``?lang=en`` or an Accept-Language preferring English asks otherwise;
 every sentence comes from ``mailer/texts.py`` and everything put in the HTML is
 escaped. The address is shown masked: a forwarded link should not reveal it.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import html
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Final, Protocol
 
@@ -27,6 +29,7 @@ from prometheus_client import Counter
 from mailer.clock import Clock
 from mailer.events import UnsubscribeEvent
 from mailer.logs import email_fields, mask_email
+from mailer.messages import Notice
 from mailer.texts import Lang, text
 from mailer.unsubscribe import Recorded, verify
 
@@ -94,11 +97,18 @@ class UnsubscribeStore(Protocol):
         campaign_id: int | None,
         audit: dict[str, str],
         now: datetime,
+        notice: Notice | None = None,
     ) -> Recorded: ...
 
 
 class UnsubscribeEventSink(Protocol):
-    async def unsubscribed(self, event: UnsubscribeEvent) -> None: ...
+    def unsubscribe_notice(self, event: UnsubscribeEvent) -> Notice:
+        """The event as an outbox row, stored with the unsubscribe itself."""
+        ...
+
+
+class OutboxFlush(Protocol):
+    async def flush(self) -> int: ...
 
 
 def page_lang(request: web.Request) -> Lang:
@@ -159,14 +169,17 @@ class UnsubscribePages:
     def __init__(
         self,
         *,
-        secret: str,
+        secrets: Sequence[str],
         store: UnsubscribeStore,
         events: UnsubscribeEventSink,
+        outbox: OutboxFlush,
         clock: Clock,
     ) -> None:
-        self._secret = secret
+        # The current secret and the retired ones still accepted (secrets_of).
+        self._secrets = list(secrets)
         self._store = store
         self._events = events
+        self._outbox = outbox
         self._clock = clock
 
     def routes(self) -> list[web.RouteDef]:
@@ -177,7 +190,7 @@ class UnsubscribePages:
         token = request.match_info["token"]
         if len(token) > _MAX_TOKEN_CHARS:
             return None
-        return verify(self._secret, token)
+        return verify(self._secrets, token)
 
     @staticmethod
     def _invalid(lang: Lang) -> web.Response:
@@ -207,15 +220,27 @@ class UnsubscribePages:
             return self._invalid(lang)
         campaign_id, email = found
         # The body is not checked: RFC 8058 clients send List-Unsubscribe=One-Click,
-        # the page's own form sends the same, and the signed token alone decides.
+        # the page's own form sends the same, and the sealed token alone decides.
         fields = email_fields(email)
+        now = self._clock.now()
+        # Only a new record is announced (one event per unsubscribed address):
+        # the event is stored with the record, in the event outbox.
+        event = UnsubscribeEvent(
+            email=email,
+            email_hash=fields["email_hash"],
+            email_domain=fields["email_domain"],
+            source=SOURCE_LINK,
+            campaign_id=campaign_id,
+            at=now,
+        )
         try:
             recorded = await self._store.record(
                 email,
                 source=SOURCE_LINK,
                 campaign_id=campaign_id,
                 audit={"email_hash": fields["email_hash"]},
-                now=self._clock.now(),
+                now=now,
+                notice=self._events.unsubscribe_notice(event),
             )
         except Exception:
             # ERROR lines carry the masked address and domain only (no hash).
@@ -231,17 +256,10 @@ class UnsubscribePages:
         if recorded.new:
             UNSUBSCRIBES.labels(source=SOURCE_LINK).inc()
             log.info("unsubscribed", extra={"campaign_id": campaign_id, **fields})
-            # Only a new record is announced: one event per unsubscribed address.
-            await self._events.unsubscribed(
-                UnsubscribeEvent(
-                    email=email,
-                    email_hash=fields["email_hash"],
-                    email_domain=fields["email_domain"],
-                    source=SOURCE_LINK,
-                    campaign_id=campaign_id,
-                    at=recorded.created_at,
-                )
-            )
+            try:
+                await self._outbox.flush()
+            except Exception:  # stored: the leader's relay publishes it later
+                log.warning("unsubscribe event left in the outbox", exc_info=True)
         return _page(
             lang,
             "unsubscribe_page_done_title",

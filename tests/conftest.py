@@ -114,12 +114,25 @@ async def make_service(settings: Settings) -> AsyncIterator[MakeService]:
     """Starts services on this test's settings (plus overrides); stops them after."""
     started: list[Service] = []
 
-    async def make(*, clock: Any = None, fault: Any = None, **overrides: Any) -> Service:
+    async def make(
+        *,
+        clock: Any = None,
+        fault: Any = None,
+        actor_fault: Any = None,
+        restart_policy: Any = None,
+        **overrides: Any,
+    ) -> Service:
         fields = {f: getattr(settings, f) for f in Settings.__struct_fields__}
         fields.update(overrides)
         if "instance_id" not in overrides:
             fields["instance_id"] = f"{settings.instance_id}-{len(started)}"
-        service = Service(Settings(**fields), clock=clock, fault=fault)
+        service = Service(
+            Settings(**fields),
+            clock=clock,
+            fault=fault,
+            actor_fault=actor_fault,
+            restart_policy=restart_policy,
+        )
         started.append(service)
         await service.start()
         return service

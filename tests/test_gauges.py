@@ -41,10 +41,12 @@ async def _seed(db: asyncpg.Connection) -> None:
                (5, 'm', 'running', 's', 'b', 'sending', now(), now()),
                (6, 'm', 'finished', 's', 'b', 'sent', now(), now()),
                (7, 'm', 'draft', 's', 'b', 'draft', now(), now()),
-               (8, 'm', 'night over', 's', 'b', 'sending', now(), now());
+               (8, 'm', 'night over', 's', 'b', 'sending', now(), now()),
+               (9, 'm', 'unrenderable', 's', 'b', 'paused', now(), now());
         INSERT INTO recipient (campaign_id, email, status, created_at, updated_at)
         SELECT c, 'r' || c || '-' || i || '@example.org', 'pending', now(), now()
-        FROM (VALUES (1, 3), (2, 2), (3, 4), (4, 1), (5, 5), (6, 0), (7, 6), (8, 1)) v(c, n),
+        FROM (VALUES (1, 3), (2, 2), (3, 4), (4, 1), (5, 5), (6, 0), (7, 6), (8, 1),
+                     (9, 2)) v(c, n),
              generate_series(1, v.n) i;
         INSERT INTO recipient (campaign_id, email, status, sent_at, created_at, updated_at)
         VALUES (5, 'done@example.org', 'sent', now(), now(), now());
@@ -56,7 +58,8 @@ async def _seed(db: asyncpg.Connection) -> None:
                (4, now(), NULL, 'circuit_breaker', NULL, NULL, NULL),
                (5, now(), NULL, NULL, NULL, 'pod-a', now() + interval '30 seconds'),
                (6, now(), now(), NULL, NULL, NULL, NULL),
-               (8, now(), NULL, 'outside_hours', now() - interval '1 minute', NULL, NULL);
+               (8, now(), NULL, 'outside_hours', now() - interval '1 minute', NULL, NULL),
+               (9, now(), NULL, 'render_error', NULL, NULL, NULL);
         UPDATE quota SET emails_available = 1234;
         """
     )
@@ -82,8 +85,8 @@ async def test_gauges_read_the_database_and_redis(
     )
     await gauges.refresh()
 
-    # Started and unfinished: 1, 2, 3, 4, 5, 8 (not the finished one, not the draft).
-    assert _value("mailer_recipients_pending") == 3 + 2 + 4 + 1 + 5 + 1
+    # Started and unfinished: 1, 2, 3, 4, 5, 8, 9 (not the finished one, not the draft).
+    assert _value("mailer_recipients_pending") == 3 + 2 + 4 + 1 + 5 + 1 + 2
     # May send now: queued, running, and the one whose night is over.
     assert _value("mailer_recipients_sendable") == 3 + 5 + 1
     waiting = {r: _value("mailer_campaigns_waiting", reason=r) for r in WAITING_REASONS}
@@ -95,6 +98,7 @@ async def test_gauges_read_the_database_and_redis(
         "daily_limit": 0,
         "transient_error": 0,
         "circuit_breaker": 1,
+        "render_error": 1,
         "paused": 1,
     }
     assert _value("mailer_quota_emails_available") == 1234

@@ -157,25 +157,60 @@ async def test_sigterm_mid_campaign_records_the_batch_and_hands_the_campaign_ove
     assert await db.fetchval("SELECT count(*) FROM send_log WHERE campaign_id = $1", cid) == 300
 
 
-async def test_restart_intensity_exceeded_exits_1(
+async def test_campaign_actors_crashing_together_are_given_up_and_the_process_stays(
     start_worker: StartWorker, crm: Crm, sink, leaders: LeaderWatch
 ) -> None:
     # A rate governor that never answers in time: every campaign actor's token
-    # request times out, the actor crashes and the supervisor restarts it with
-    # backoff. Eight campaigns crashing together exceed the service's restart
-    # intensity (20 restarts in 60 s) within a few seconds.
+    # request times out, the actor crashes and is restarted with backoff. Eight
+    # campaigns crashing together used to exceed the process's restart
+    # intensity (20 in 60 s) and exit the pod; each now has its own limit.
     worker = await start_worker(
-        "fragile", token_request_timeout_seconds="0.000001", max_active_campaigns="8"
+        "fragile",
+        token_request_timeout_seconds="0.000001",
+        max_active_campaigns="8",
+        start_throttle_per_hour="100",
+        log_level="INFO",
     )
     await leaders.wait(timeout=30)
     campaigns = [await crm.campaign(people(3, f"c{i}.example")) for i in range(8)]
     for cid in campaigns:
         await crm.start(cid)
 
-    code = await worker.exit_code(60)
+    async with asyncio.timeout(60):
+        while worker.log().count("child restart limit exceeded; giving it up") < 8:
+            assert worker.proc.returncode is None, worker.log()
+            await asyncio.sleep(0.2)  # reading the process's log file: no event to wait on
     log = worker.log()
+    assert "restart intensity exceeded" not in log
+    assert "campaign actor given up after repeated crashes; dispatched again later" in log
+    worker.proc.send_signal(signal.SIGTERM)
+    assert await worker.exit_code(SHUTDOWN_DEADLINE + 10) == 0, worker.log()
+    assert sink.count == 0  # no token ever reached an actor: nothing was sent
+
+
+async def test_restart_intensity_exceeded_exits_1(
+    settings: Settings, tmp_path: Path, leaders: LeaderWatch
+) -> None:
+    # The long-lived actors keep the process-level limit: a scheduler that
+    # crashes on every message (tests/fault_worker.py) makes the process exit 1.
+    log_path = tmp_path / "fragile.log"
+    with log_path.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.fault_worker",
+            env=worker_env(settings, "fragile"),
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    try:
+        code = await asyncio.wait_for(proc.wait(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    log = log_path.read_text(errors="replace")
     assert code == 1, log
     assert "restart intensity exceeded; shutting down" in log
     assert "supervisor gave up: exiting non-zero so the pod is restarted" in log
     assert "actor crashed" in log
-    assert sink.count == 0  # no token ever reached an actor: nothing was sent

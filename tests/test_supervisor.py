@@ -14,6 +14,7 @@ from mailer.actors import (
     Actor,
     ActorDead,
     AlreadyRunning,
+    ChildLimit,
     ChildSpec,
     NullObserver,
     Restart,
@@ -217,6 +218,85 @@ async def test_restart_intensity_exceeded_escalates_and_stops_all_children() -> 
     assert {name for name, _ in observer.exits} == {"healthy", "crasher"}
     with pytest.raises(SupervisorClosed):
         await sup.spawn(healthy.spec())
+
+
+async def test_a_child_with_its_own_limit_is_given_up_alone_without_escalating() -> None:
+    journal: list[str] = []
+    healthy = Factory("healthy", journal)
+    crashers = [Factory(f"campaign-{i}", journal, cls=CrashAfterStart) for i in range(4)]
+    observer = Recorder()
+    # The shared limit (2) is far below what the four crashers use together (12),
+    # but theirs is counted per child: each is given up after its own 3.
+    policy = RestartPolicy(max_restarts=2, window_seconds=10, backoff_base=0.001)
+    sup = supervisor([healthy.spec()], observer, policy)
+    await sup.start()
+    for f in crashers:
+        await sup.spawn(
+            ChildSpec(f.name, f, restart=Restart.TRANSIENT, limit=ChildLimit(3, window_seconds=10))
+        )
+    await observer.until(lambda: len(observer.exits) == 4)
+    assert not sup.escalated and not sup.closing
+    assert all(len(f.instances) == 4 for f in crashers)  # the first and 3 restarts
+    assert {name for name, _ in observer.exits} == {f.name for f in crashers}
+    assert all(isinstance(error, RuntimeError) for _, error in observer.exits)
+    assert [ref.name for ref in sup.children()] == ["healthy"]
+    # The long-lived child still counts against the shared limit.
+    healthy_ref = sup.get("healthy")
+    assert healthy_ref is not None
+    for i in range(3):
+        healthy_ref.tell(Crash())
+
+        def crashed_and_back(n: int = i + 1) -> bool:
+            crashes = [name for name, _ in observer.crashes if name == "healthy"]
+            return len(crashes) == n and (sup.escalated or healthy_ref.alive)
+
+        await observer.until(crashed_and_back)
+    with pytest.raises(SupervisorEscalation):
+        await asyncio.wait_for(sup.wait(), 2)
+
+
+async def test_children_marked_stop_first_stop_before_the_others() -> None:
+    journal: list[str] = []
+    a, leader, runner, campaign = (Factory(n, journal) for n in ("a", "leader", "runner", "c"))
+    observer = Recorder()
+    sup = supervisor(
+        [
+            a.spec(),
+            ChildSpec("leader", leader, stop_first=True),
+            ChildSpec("runner", runner, stop_first=True),
+        ],
+        observer,
+    )
+    await sup.start()
+    await sup.spawn(campaign.spec(Restart.TRANSIENT))
+    journal.clear()
+    await sup.shutdown(1)
+    assert journal == ["stop runner", "stop leader", "stop c", "stop a"]
+
+
+async def test_a_fault_hook_crashes_the_actor_even_on_an_ask() -> None:
+    journal: list[str] = []
+    worker = Factory("w", journal)
+    observer = Recorder()
+    seen: list[tuple[str, object]] = []
+
+    async def fault(name: str, message: object) -> None:
+        seen.append((name, message))
+        if isinstance(message, Get) and len(worker.instances) == 1:
+            raise RuntimeError("injected")
+
+    sup = Supervisor([worker.spec()], name="t", policy=FAST, observer=observer, fault=fault)
+    await sup.start()
+    ref = sup.get("w")
+    assert ref is not None
+    ref.tell(Incr())
+    with pytest.raises(ActorDead):  # not the handler's error: the actor died
+        await ref.ask(Get(), timeout=1)
+    await observer.until(lambda: len(worker.instances) == 2 and ref.alive)
+    assert await ref.ask(Get(), timeout=1) == 0  # a fresh incarnation
+    assert [type(m).__name__ for _, m in seen] == ["Incr", "Get", "Get"]
+    assert observer.restarts == ["w"]
+    await sup.shutdown(1)
 
 
 async def test_backoff_doubles_up_to_its_max() -> None:

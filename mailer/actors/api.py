@@ -34,6 +34,7 @@ import logging
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -199,7 +200,9 @@ class ApiActor(Actor[None]):
 class _NoSender:
     """Stands in when the process runs no SMTP sender: test emails are refused."""
 
-    async def send_all(self, mails: Sequence[Mail]) -> list[SendResult]:
+    async def send_all(
+        self, mails: Sequence[Mail], *, not_after: datetime | None = None
+    ) -> list[SendResult]:
         raise Unavailable("sender_unavailable")
 
 

@@ -21,7 +21,16 @@ reason:
 Any number of governors share Redis and PostgreSQL, and each step is atomic
 there, so together they never exceed a limit. Redis down: the hour and the
 day FAIL OPEN (see ``mailer.ratelimit``); working hours and the quota still hold.
+Redis back empty: a missing counter is rebuilt from the send log (``PgSpentTokens``).
 A token is spent once granted: the governor never hears whether a send failed.
+
+The window is this governor's to decide, on its one ``Clock``: the hour and
+the local day the tokens are counted in, and how long they hold. A grant
+says so (``TokenReply.hour_start``, ``day``, ``decided_at``, ``valid_until``):
+it is good until the end of its hour, of its local day or — for a campaign —
+of working hours, whichever is first; the asker hands nothing to SMTP at or
+after that (``TokenReply.usable_until``). In production the clock is the
+pod's system clock: pods need NTP (see the README's failure policies).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import msgspec
@@ -42,7 +52,13 @@ from mailer.clock import Clock
 from mailer.config import Settings
 from mailer.messages import ErrorBody, ErrorReply, TokenReply, TokenRequest
 from mailer.quota import PgQuota
-from mailer.ratelimit import FAIR_SHARE_WINDOW_SECONDS, Reservation, SendLimiter
+from mailer.ratelimit import (
+    FAIR_SHARE_WINDOW_SECONDS,
+    PgSpentTokens,
+    Reservation,
+    SendLimiter,
+    SpentTokens,
+)
 from mailer.rules import DailyLimits, WorkingHours
 from mailer.store import PgStore
 
@@ -91,6 +107,7 @@ class GovernorActor(Actor[TokenRequest]):
         quota_retry: timedelta,
         max_active: int = 1,
         competition: Competition | None = None,
+        spent: SpentTokens | None = None,
     ) -> None:
         self._bus = bus
         self._max_active = max_active
@@ -101,6 +118,7 @@ class GovernorActor(Actor[TokenRequest]):
         self._daily = daily
         self._clock = clock
         self._quota_retry = quota_retry
+        self._spent = spent
         self._sub: Subscription | None = None
 
     @classmethod
@@ -125,6 +143,7 @@ class GovernorActor(Actor[TokenRequest]):
             quota_retry=timedelta(seconds=2 * settings.quota_sync_interval_seconds),
             max_active=settings.max_active_campaigns,
             competition=PgStore(pool),
+            spent=PgSpentTokens(pool, ZoneInfo(settings.timezone)),
         )
 
     async def on_start(self) -> None:
@@ -166,14 +185,16 @@ class GovernorActor(Actor[TokenRequest]):
             return self._refuse(msg, "outside_hours", self._hours.next_open(now), count=0)
 
         daily_limit = self._daily.limit_for(msg.owner_id)
+        day = self._hours.local_date(now)
         r = await self._limiter.reserve(
             msg.want,
             now,
             owner_id=msg.owner_id,
-            day=self._hours.local_date(now),
+            day=day,
             daily_limit=daily_limit,
             campaign_id=msg.campaign_id,
             competing=await self._competing(now, msg),
+            spent=self._spent,
         )
         if r.refused_by == "daily_limit":
             return self._refuse(
@@ -203,7 +224,23 @@ class GovernorActor(Actor[TokenRequest]):
             limit=r.hour_limit,
             daily_sent=r.day_used,
             daily_limit=r.day_limit,
+            hour_start=r.next_hour - timedelta(hours=1),
+            day=day,
+            decided_at=now,
+            valid_until=self._valid_until(msg, now, r.next_hour),
         )
+
+    def _valid_until(self, msg: TokenRequest, now: datetime, next_hour: datetime) -> datetime:
+        """Where the grant's window ends: its hour, its local day, or working hours.
+
+        Tokens are counted in the window they were granted in; used after it they
+        would land in the next hour (or day, or after closing) uncounted there.
+        """
+        ends = [next_hour, self._hours.day_end(now)]
+        closes = self._hours.closes_at(now) if msg.kind == "campaign" else None
+        if closes is not None:
+            ends.append(closes)
+        return min(ends)
 
     async def _competing(self, now: datetime, msg: TokenRequest) -> int:
         """With several campaigns allowed at once, how many share the hour.

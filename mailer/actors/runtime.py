@@ -22,6 +22,11 @@ The run loop has three phases: setup (``on_start``), running (``handle`` per mes
 teardown (``on_stop(error)``, always called, even after a crash or cancellation). At
 teardown every pending ask fails with ``ActorDead`` and every task the actor started with
 ``spawn_task`` is cancelled and awaited; an exception in such a task crashes the actor.
+
+Fault injection: a cell may be given an ``ActorFault``, awaited with the actor's name and
+the message before every ``handle``. What it raises crashes the actor, whether the message
+was told or asked (a dependency failing mid-handle looks the same from outside). Tests
+drive crashes of any actor through it; production passes none, so nothing is called.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import asyncio
 import enum
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, ParamSpec, Protocol, TypeVar
 
@@ -40,6 +45,7 @@ __all__ = [
     "ActorCell",
     "ActorDead",
     "ActorError",
+    "ActorFault",
     "ActorRef",
     "AskTimeout",
     "MailboxFull",
@@ -55,6 +61,9 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 DEFAULT_MAILBOX_SIZE = 1000
+
+ActorFault = Callable[[str, object], Awaitable[None]]
+"""``(actor name, message)``, awaited before each ``handle``; raising crashes the actor."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,6 +258,7 @@ class ActorCell(Generic[M]):
         *,
         mailbox_size: int | None = None,
         observer: RuntimeObserver | None = None,
+        fault: ActorFault | None = None,
     ) -> None:
         if actor._cell is not None:
             raise RuntimeError("an Actor instance serves a single incarnation; build a new one")
@@ -260,6 +270,7 @@ class ActorCell(Generic[M]):
         self.ref = ref
         self.name = ref.name
         self._observer: RuntimeObserver = observer or NullObserver()
+        self._fault = fault
         self._capacity = size
         # +1: the slot reserved for the Stop sentinel (see the module docstring).
         self._mailbox: asyncio.Queue[_Envelope[M] | _Stop] = asyncio.Queue(size + 1)
@@ -399,6 +410,10 @@ class ActorCell(Generic[M]):
 
     async def _dispatch(self, envelope: _Envelope[M]) -> None:
         reply_to = envelope.reply_to
+        if self._fault is not None:
+            # Outside the reply path on purpose: an injected fault crashes the actor
+            # even on an ask, as a failure of its dependency mid-handle would.
+            await self._fault(self.name, envelope.message)
         if reply_to is None:
             await self._actor.handle(envelope.message)  # raising crashes the actor
             return

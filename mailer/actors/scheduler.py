@@ -1,8 +1,11 @@
 """The scheduler: decides which queued campaigns run now, in queue order.
 
 One runs in every process; only the elected leader's acts (``Leadership``
-tells it when it gains or loses the lease). It reacts to events, never polls
-on a beat:
+tells it when it gains or loses the lease, or when its epoch changes). Its
+epoch is not its own state: a restarted scheduler (a crash in a wake, a tick
+or a reconcile, e.g. PostgreSQL restarting then) asks its owner for the
+current one in ``on_start``, so a restart on the leader goes on leading. It
+reacts to events, never polls on a beat:
 - ``WakeUp`` arrives over NATS the moment the API queues or resumes a
   campaign, a campaign actor ends anywhere, or a quota sync lifts a deferral
   (subject ``<prefix>.internal.scheduler.wake``, delivered to every process);
@@ -17,7 +20,9 @@ looks at the queue, so a notification left behind goes out at the next wake,
 timer or reconcile.
 
 It starts a campaign by dispatching ``RunCampaign`` to the runners' queue
-group (any process; see ``runner``), carrying its epoch as fencing token.
+group (any process; see ``runner``), carrying its epoch as fencing token. A
+dispatch that started nothing (no runner answered, a runner that crashed, a
+campaign actor still waiting out its restart) is tried again a second later.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -36,7 +42,8 @@ from mailer import metrics
 from mailer.actors.runtime import Actor
 from mailer.bus import Bus, decode
 from mailer.clock import Clock
-from mailer.messages import CampaignEvent, RunCampaign, RunReply, Wake
+from mailer.messages import CampaignEvent, Notice, RunCampaign, RunReply, Wake
+from mailer.store import FinalNotices
 
 __all__ = [
     "Leadership",
@@ -77,7 +84,9 @@ SchedulerMsg = WakeUp | Tick | Reconcile | Leadership
 
 
 class FinalEvents(Protocol):
-    async def emit(self, event: CampaignEvent) -> None: ...
+    def event_notice(self, event: CampaignEvent) -> Notice:
+        """A final campaign event as an outbox row."""
+        ...
 
 
 class Outbox(Protocol):
@@ -91,8 +100,9 @@ class SchedulerStore(Protocol):
     async def queue_depth(self, now: datetime) -> int: ...
     async def processing_since(self, now: datetime) -> list[tuple[int, datetime, str | None]]: ...
     async def finish_orphans(
-        self, now: datetime, fence: int
+        self, now: datetime, fence: int, *, notices: FinalNotices | None = None
     ) -> list[tuple[int, str, str, dict[str, int]]]: ...
+    async def settle_stale_claims(self, now: datetime, fence: int) -> dict[int, int]: ...
 
 
 def wake_subject(bus: Bus) -> str:
@@ -116,7 +126,10 @@ class SchedulerActor(Actor[SchedulerMsg]):
         stuck_after: timedelta,
         events: FinalEvents | None = None,
         outbox: Outbox | None = None,
+        leadership: Callable[[], int | None] | None = None,
     ) -> None:
+        # The owner's current epoch (the leader actor's, as the service saw it last).
+        self._leadership = leadership
         self._events = events
         self._outbox = outbox
         self._bus = bus
@@ -138,6 +151,11 @@ class SchedulerActor(Actor[SchedulerMsg]):
     async def on_start(self) -> None:
         self._sub = await self._bus.nc.subscribe(wake_subject(self._bus), cb=self._on_wake)
         await self._bus.nc.flush()
+        # A fresh incarnation knows nothing: the owner says whether this process
+        # leads (a later change arrives as a Leadership message after this one).
+        epoch = self._leadership() if self._leadership is not None else None
+        if epoch is not None:
+            self.ref.tell(Leadership(epoch))
 
     async def _on_wake(self, msg: Msg) -> None:
         # Runs in the NATS client's task: it only turns the wake into a message
@@ -171,7 +189,9 @@ class SchedulerActor(Actor[SchedulerMsg]):
         return None
 
     async def _lead(self, epoch: int | None) -> None:
-        self._epoch = epoch
+        if epoch == self._epoch:
+            return  # announced twice (by the owner and by our on_start): nothing new
+        previous, self._epoch = self._epoch, epoch
         if epoch is None:
             for task in (self._timer, self._reconciler):
                 if task is not None:
@@ -185,8 +205,9 @@ class SchedulerActor(Actor[SchedulerMsg]):
             metrics.QUEUE_DEPTH.set(0)
             metrics.PROCESSING_OLDEST_SECONDS.set(0)
             return
-        log.info("scheduler leads", extra={"epoch": epoch})
-        self._reconciler = self.spawn_task(self._reconcile_timer(), name="reconcile-timer")
+        log.info("scheduler leads", extra={"epoch": epoch, "previous_epoch": previous})
+        if self._reconciler is None:
+            self._reconciler = self.spawn_task(self._reconcile_timer(), name="reconcile-timer")
         # A takeover reconciles at once: the old leader may have died mid-way.
         await self._reconcile()
         await self._fill()
@@ -232,6 +253,10 @@ class SchedulerActor(Actor[SchedulerMsg]):
             "campaign dispatched",
             extra={"campaign_id": campaign_id, "runner": reply.runner, "started": reply.started},
         )
+        if not reply.started:
+            # Taken elsewhere (the next look sees its lease), or not started here:
+            # a runner that crashed, an actor waiting out its restart. Look again.
+            self._arm(self._clock.now() + timedelta(seconds=1))
         return reply.started
 
     def _arm(self, at: datetime | None) -> None:
@@ -276,11 +301,29 @@ class SchedulerActor(Actor[SchedulerMsg]):
                     },
                 )
         metrics.PROCESSING_OLDEST_SECONDS.set(oldest)
-        for campaign_id, owner, status, counts in await self._store.finish_orphans(
-            now, self._epoch
+        for campaign_id, n in (await self._store.settle_stale_claims(now, self._epoch)).items():
+            # A claim that outlived its lease: its rows would keep the live
+            # owner from ever finishing. They may have reached SMTP: in doubt.
+            log.warning(
+                "reconcile: recipients claimed under a lost lease put in doubt",
+                extra={"campaign_id": campaign_id, "in_doubt": n},
+            )
+        events = self._events
+
+        def final(cid: int, owner: str, status: str, counts: dict[str, int]) -> list[Notice]:
+            if events is None:
+                return []
+            event = CampaignEvent(
+                event=status, campaign_id=cid, owner_id=owner, status=status, at=now, counts=counts
+            )
+            return [events.event_notice(event)]
+
+        for campaign_id, _, status, counts in await self._store.finish_orphans(
+            now, self._epoch, notices=final
         ):
             # The same fields as the campaign actor's "campaign finished": a search
             # for finished_with_errors=true finds campaigns reconcile finished too.
+            # Its final event is in the outbox, relayed after this reconcile.
             log.warning(
                 "reconcile: campaign had nothing left but was not final",
                 extra={
@@ -290,17 +333,6 @@ class SchedulerActor(Actor[SchedulerMsg]):
                     "counts": counts,
                 },
             )
-            if self._events is not None:
-                await self._events.emit(
-                    CampaignEvent(
-                        event=status,
-                        campaign_id=campaign_id,
-                        owner_id=owner,
-                        status=status,
-                        at=now,
-                        counts=counts,
-                    )
-                )
 
     async def on_stop(self, error: BaseException | None) -> None:
         if self._sub is not None:

@@ -28,7 +28,7 @@ from mailer.actors.campaign import Mail
 from mailer.actors.runtime import Actor, ActorRef
 from mailer.breaker import CircuitBreaker
 from mailer.clock import Clock
-from mailer.transport import SendResult, SmtpTransport
+from mailer.transport import EXPIRED, SendResult, SmtpTransport
 
 __all__ = ["ActorMailer", "BreakerQuery", "SendBatch", "SenderActor", "SenderMessage"]
 
@@ -45,6 +45,9 @@ _SHORT_CIRCUIT = SendResult(
 class SendBatch(msgspec.Struct, frozen=True):
     mail_from: str
     mails: list[Mail]
+    # The send tokens' window ends here (the sender's clock): a message whose
+    # turn for a connection comes at or after it is not sent (``expired``).
+    not_after: datetime | None = None
 
 
 class BreakerQuery(msgspec.Struct, frozen=True):
@@ -55,7 +58,7 @@ SenderMessage = SendBatch | BreakerQuery
 
 
 def _server_failure(r: SendResult) -> bool:
-    if r.outcome != "transient" or r.in_doubt or r.short_circuited:
+    if r.outcome != "transient" or r.in_doubt or r.short_circuited or r.expired:
         return False
     # Transient 5xx only come from session-level refusals (greeting, EHLO, AUTH).
     return r.smtp_code is None or r.smtp_code == 421 or r.smtp_code >= 500
@@ -73,13 +76,24 @@ class SenderActor(Actor[SenderMessage]):
     async def handle(self, msg: SenderMessage) -> object:
         if isinstance(msg, BreakerQuery):
             return self._breaker.blocked_until(self._clock.now())
+        not_after = msg.not_after
+
+        def may_start() -> bool:
+            return not_after is None or self._clock.now() < not_after
+
+        if not may_start():  # nothing attempted: no probe of the breaker is used up
+            return [EXPIRED] * len(msg.mails)
         if not self._breaker.allow(self._clock.now()):
             return [_SHORT_CIRCUIT] * len(msg.mails)
         results = await asyncio.gather(
-            *(self._transport.send(msg.mail_from, m.rcpt, m.data) for m in msg.mails)
+            *(
+                self._transport.send(msg.mail_from, m.rcpt, m.data, may_start=may_start)
+                for m in msg.mails
+            )
         )
         for r in results:
-            metrics.SEND_DURATION.observe(r.took_ms / 1000)
+            if not r.expired:
+                metrics.SEND_DURATION.observe(r.took_ms / 1000)
         self._breaker.record(
             successes=sum(r.outcome == "sent" for r in results),
             transient_failures=sum(_server_failure(r) for r in results),
@@ -99,10 +113,14 @@ class ActorMailer:
         self._from = mail_from
         self._timeout = timeout
 
-    async def send_all(self, mails: Sequence[Mail]) -> list[SendResult]:
+    async def send_all(
+        self, mails: Sequence[Mail], *, not_after: datetime | None = None
+    ) -> list[SendResult]:
         if not mails:
             return []
-        result = await self._sender.ask(SendBatch(self._from, list(mails)), timeout=self._timeout)
+        result = await self._sender.ask(
+            SendBatch(self._from, list(mails), not_after), timeout=self._timeout
+        )
         assert isinstance(result, list)
         return result
 

@@ -10,15 +10,23 @@ A child stopped through ``ref.stop()`` or by ``shutdown`` is never restarted.
 
 Restarts wait an exponential backoff (``backoff_base * 2**n`` capped at ``backoff_max``;
 it starts over once an incarnation ran ``backoff_reset_seconds``). More than
-``max_restarts`` restarts (all children together) within ``window_seconds`` is an
-escalation: the supervisor shuts every child down and ``wait()`` raises
+``max_restarts`` restarts (of the children counted together) within ``window_seconds`` is
+an escalation: the supervisor shuts every child down and ``wait()`` raises
 ``SupervisorEscalation`` so the process exits non-zero and Kubernetes restarts the pod.
-The database is the checkpoint: a restart builds a fresh actor from the child's factory.
+A child whose spec has its own ``limit`` (``ChildLimit``) is not counted there: its
+restarts are counted in its own window, and past its limit that child alone is given up
+(it ends for good with its last error; ``on_child_exit`` is told) while the supervisor
+and every other child go on. Campaign actors have one, so any number of them crashing
+together (a dependency blip) never takes the process down; the long-lived actors keep the
+shared limit. The database is the checkpoint: a restart builds a fresh actor from the
+child's factory.
 
 A child ends for good when it will not be restarted; ``on_child_exit(name, error)`` is
 then called (a plain callback, meant to ``tell()`` another actor) and ``ref.wait()``
 returns. ``shutdown(deadline)`` stops children one by one in reverse start order, each
-through its Stop message, and cancels whatever is still running at the deadline.
+through its Stop message, and cancels whatever is still running at the deadline; children
+marked ``stop_first`` are stopped before all others (a leader resigns before the campaign
+actors drain, so a successor leads at once).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -38,6 +46,7 @@ from mailer.actors.runtime import (
     ActorCell,
     ActorDead,
     ActorError,
+    ActorFault,
     ActorRef,
     NullObserver,
     RuntimeObserver,
@@ -47,6 +56,7 @@ from mailer.actors.runtime import (
 __all__ = [
     "AlreadyRunning",
     "ChildExitCallback",
+    "ChildLimit",
     "ChildSpec",
     "Restart",
     "RestartPolicy",
@@ -111,11 +121,28 @@ class RestartPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class ChildLimit:
+    """A child's own restart limit: more than ``max_restarts`` restarts within
+    ``window_seconds`` gives that child up instead of escalating."""
+
+    max_restarts: int
+    window_seconds: float
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < 0 or self.window_seconds <= 0:
+            raise ValueError("max_restarts must be >= 0 and window_seconds > 0")
+
+
+@dataclass(frozen=True, slots=True)
 class ChildSpec(Generic[M]):
     name: str
     factory: Callable[[], Actor[M]]  # called for every incarnation
     restart: Restart = Restart.PERMANENT
     mailbox_size: int | None = None  # None: the actor class's mailbox_size
+    # None: restarts count against the supervisor's intensity (and may escalate).
+    limit: ChildLimit | None = None
+    # Stopped before every other child at shutdown (in reverse start order among them).
+    stop_first: bool = False
 
 
 @dataclass(eq=False)
@@ -127,6 +154,9 @@ class _Child:
     runner: asyncio.Task[None] | None = None
     restarts: int = 0
     failures: int = 0  # consecutive short-lived incarnations: drives the backoff
+    # Restart times against the child's own limit (spec.limit), monotonic seconds.
+    restart_times: deque[float] = field(default_factory=deque)
+    given_up: bool = False
 
 
 class _State(enum.Enum):
@@ -151,6 +181,7 @@ class Supervisor:
         observer: RuntimeObserver | None = None,
         on_child_exit: ChildExitCallback | None = None,
         shutdown_deadline: float = 10.0,
+        fault: ActorFault | None = None,
     ) -> None:
         names = [spec.name for spec in children]
         if len(names) != len(set(names)):
@@ -161,6 +192,7 @@ class Supervisor:
         self._observer: RuntimeObserver = observer or NullObserver()
         self._on_child_exit = on_child_exit
         self._shutdown_deadline = shutdown_deadline
+        self._fault = fault  # tests only: see runtime.ActorFault
         self._state = _State.NEW
         self._start_lock = asyncio.Lock()
         self._children: dict[str, _Child] = {}  # insertion order is start order
@@ -281,7 +313,11 @@ class Supervisor:
 
     def _new_cell(self, spec: ChildSpec[M], ref: ActorRef[M]) -> ActorCell[M]:
         cell = ActorCell(
-            spec.factory(), ref, mailbox_size=spec.mailbox_size, observer=self._observer
+            spec.factory(),
+            ref,
+            mailbox_size=spec.mailbox_size,
+            observer=self._observer,
+            fault=self._fault,
         )
         ref._bind(cell)
         cell.start()
@@ -293,7 +329,7 @@ class Supervisor:
             error = await self._first_incarnation(child, cell)
             while child.start_error is None and self._should_restart(child, error):
                 if not self._admit_restart(child, error):
-                    break  # escalated
+                    break  # escalated, or this child given up
                 delay = self._policy.backoff(child.failures)
                 child.failures += 1
                 log.warning(
@@ -366,8 +402,31 @@ class Supervisor:
                 return False
 
     def _admit_restart(self, child: _Child, error: BaseException | None) -> bool:
-        """Counts a restart against the intensity limit; escalates when it is exceeded."""
+        """Counts a restart against the child's own limit or the shared intensity limit.
+
+        Past its own limit the child is given up; past the shared one, the supervisor
+        escalates. Either way: False, no restart.
+        """
         now = time.monotonic()
+        limit = child.spec.limit
+        if limit is not None:
+            times = child.restart_times
+            while times and times[0] <= now - limit.window_seconds:
+                times.popleft()
+            if len(times) >= limit.max_restarts:
+                child.given_up = True
+                log.error(
+                    "child restart limit exceeded; giving it up",
+                    extra={
+                        "supervisor": self.name,
+                        "actor": child.spec.name,
+                        "restarts": child.restarts,
+                        "error_type": type(error).__name__ if error else None,
+                    },
+                )
+                return False
+            times.append(now)
+            return True
         while self._restart_times and self._restart_times[0] <= now - self._policy.window_seconds:
             self._restart_times.popleft()
         if len(self._restart_times) >= self._policy.max_restarts:
@@ -401,6 +460,7 @@ class Supervisor:
                 "supervisor": self.name,
                 "actor": child.spec.name,
                 "restarts": child.restarts,
+                "given_up": child.given_up,
                 "error_type": type(error).__name__ if error else None,
             },
         )
@@ -445,7 +505,10 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + deadline_seconds
         try:
-            for child in reversed(list(self._children.values())):
+            children = list(self._children.values())
+            first = [c for c in children if c.spec.stop_first]
+            rest = [c for c in children if not c.spec.stop_first]
+            for child in [*reversed(first), *reversed(rest)]:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break

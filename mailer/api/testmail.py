@@ -13,12 +13,16 @@ the real one. The unsubscribe link is real and signed for the test address:
 clicking it unsubscribes that address. The Message-ID names recipient 0.
 
 Order of checks: address, rights, renderable message (nothing counted yet),
-then the hourly test-email throttle, then the governor's token.
+then the hourly test-email throttle, then the governor's token. A token holds
+until its window ends (``valid_until``): a test email that waited for the
+sender past it is not sent under it, but asks the governor once more (the
+first token stays spent).
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 import nats.errors
@@ -29,7 +33,7 @@ from mailer.actors.runtime import ActorDead, AskTimeout, MailboxFull
 from mailer.api.context import ApiContext, Caller, check_address, require_owner
 from mailer.bus import RemoteError
 from mailer.errors import NotFound, Refused, SendFailed, Unavailable, ValidationFailed
-from mailer.messages import TestEmail, TestEmailSent
+from mailer.messages import TestEmail, TestEmailSent, TokenReply
 from mailer.render import MessageTemplate, make_message_id
 from mailer.store import Outcome
 from mailer.texts import fields_of, reason_values, text
@@ -42,6 +46,8 @@ log = logging.getLogger("mailer.api")
 
 # The Message-ID's recipient part for a test email (no recipient row exists).
 TEST_RECIPIENT_ID = 0
+# Grants asked for one test email: a second one when the first expired unused.
+_GRANTS = 2
 
 
 async def send_test(ctx: ApiContext, caller: Caller, req: TestEmail) -> TestEmailSent:
@@ -82,29 +88,18 @@ async def send_test(ctx: ApiContext, caller: Caller, req: TestEmail) -> TestEmai
         raise ValidationFailed(detail=str(exc)) from None
 
     await ctx.test_throttle.check(caller.user, now)
-    try:
-        grant = await ctx.tokens.request_tokens(campaign.id, campaign.owner_id, 1, kind="test")
-    except (RemoteError, nats.errors.Error, TimeoutError) as exc:
-        log.error("rate governor unavailable for a test email", extra={"error": repr(exc)})
-        raise Unavailable("governor_unavailable") from None
-    if grant.granted < 1:
-        reason_code = grant.reason or "rate_per_hour"
-        next_run = grant.retry_at or now
-        # The reason's own words, as the manager's view has them, in the caller's language.
-        worded: dict[str, Any] = reason_values(
-            ctx.settings, until=next_run, now=now, lang=caller.lang
-        )
-        worded.update(
-            limit=grant.daily_limit if reason_code == "daily_limit" else grant.limit,
-            sent=grant.daily_sent,
-        )
-        raise Refused(
-            reason_code,
-            retry_at=next_run.isoformat(),
-            **{k: v for k, v in worded.items() if k in fields_of(reason_code)},
-        )
-
-    result = await _send(ctx, Mail(req.email, data))
+    # A grant is good until its window ends (the hour, the day): a test email
+    # whose turn at SMTP comes later is not sent under it. It asks once more,
+    # in the new window; the first token stays spent.
+    for _ in range(_GRANTS):
+        asked_at = ctx.clock.now()
+        grant = await _grant(ctx, caller, campaign.id, campaign.owner_id, asked_at)
+        result = await _send(ctx, Mail(req.email, data), not_after=grant.usable_until(asked_at))
+        if not result.expired:
+            break
+        log.info("test email's send token expired before SMTP took it; asking again")
+    else:
+        raise Unavailable("sender_unavailable")
     status = _status(result)
     log_id = await ctx.db.log_test_send(
         campaign_id=campaign.id,
@@ -148,9 +143,35 @@ async def send_test(ctx: ApiContext, caller: Caller, req: TestEmail) -> TestEmai
     )
 
 
-async def _send(ctx: ApiContext, mail: Mail) -> SendResult:
+async def _grant(
+    ctx: ApiContext, caller: Caller, campaign_id: int, owner_id: str, now: datetime
+) -> TokenReply:
+    """One send token from the governor, or the refusal worded for the caller."""
     try:
-        [result] = await ctx.mailer.send_all([mail])
+        grant = await ctx.tokens.request_tokens(campaign_id, owner_id, 1, kind="test")
+    except (RemoteError, nats.errors.Error, TimeoutError) as exc:
+        log.error("rate governor unavailable for a test email", extra={"error": repr(exc)})
+        raise Unavailable("governor_unavailable") from None
+    if grant.granted >= 1:
+        return grant
+    reason_code = grant.reason or "rate_per_hour"
+    next_run = grant.retry_at or now
+    # The reason's own words, as the manager's view has them, in the caller's language.
+    worded: dict[str, Any] = reason_values(ctx.settings, until=next_run, now=now, lang=caller.lang)
+    worded.update(
+        limit=grant.daily_limit if reason_code == "daily_limit" else grant.limit,
+        sent=grant.daily_sent,
+    )
+    raise Refused(
+        reason_code,
+        retry_at=next_run.isoformat(),
+        **{k: v for k, v in worded.items() if k in fields_of(reason_code)},
+    )
+
+
+async def _send(ctx: ApiContext, mail: Mail, *, not_after: datetime | None) -> SendResult:
+    try:
+        [result] = await ctx.mailer.send_all([mail], not_after=not_after)
     except (ActorDead, MailboxFull):
         # Not handed to SMTP: nothing to log, the token is spent (never given back).
         raise Unavailable("sender_unavailable") from None

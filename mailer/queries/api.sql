@@ -101,6 +101,9 @@ WHERE campaign_id = $1
 ORDER BY id
 LIMIT $4;
 
+-- name: api-recipients-count
+SELECT count(*)::bigint FROM recipient WHERE campaign_id = $1;
+
 -- name: api-recipients-remove
 -- Only rows not yet handed to sending: anything else is history to keep.
 DELETE FROM recipient

@@ -5,13 +5,14 @@
 
 -- name: gauges-backlog
 -- Pending recipients of started, unfinished campaigns; of those, the ones that may be sent
--- now: ready or sending, the deferral (if any) over, not paused by a manager or the breaker
--- (the same conditions as queue-runnable and queue-acquire). And the quota left.
+-- now: ready or sending, the deferral (if any) over, not paused by a manager, the breaker or
+-- a message that cannot be rendered (the conditions of queue-acquire). And the quota left.
 SELECT coalesce(sum(p.n), 0)::bigint AS pending,
        coalesce(sum(p.n) FILTER (
            WHERE c.status IN ('ready', 'sending')
              AND (q.deferred_until IS NULL OR q.deferred_until <= $1)
-             AND (q.defer_reason IS NULL OR q.defer_reason NOT IN ('paused', 'circuit_breaker'))
+             AND (q.defer_reason IS NULL
+                  OR q.defer_reason NOT IN ('paused', 'circuit_breaker', 'render_error'))
        ), 0)::bigint AS sendable,
        (SELECT emails_available FROM quota) AS quota_available
 FROM queue_entry q
@@ -24,10 +25,10 @@ WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending', 'paused');
 
 -- name: gauges-waiting
 -- Unfinished campaigns that no process is sending now (no live lease), by why they wait:
--- a pause (the manager's, or the circuit breaker's), a deferral still running, or nothing
--- but a free slot ("queued").
+-- a pause (the engine's: circuit_breaker, render_error; else the manager's), a deferral
+-- still running, or nothing but a free slot ("queued").
 SELECT CASE
-           WHEN q.defer_reason = 'circuit_breaker' THEN 'circuit_breaker'
+           WHEN q.defer_reason IN ('circuit_breaker', 'render_error') THEN q.defer_reason
            WHEN c.status = 'paused' OR q.defer_reason = 'paused' THEN 'paused'
            WHEN q.deferred_until > $1 THEN q.defer_reason
            ELSE 'queued'

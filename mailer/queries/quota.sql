@@ -49,3 +49,10 @@ RETURNING emails_available, monthly_limit, last_synced_at, sync_error;
 UPDATE queue_entry SET deferred_until = $2
 WHERE defer_reason = $1 AND completed_at IS NULL AND deferred_until > $2
 RETURNING campaign_id;
+
+-- name: quota-share
+-- A deferral for quota_exhausted reads the quota under a share lock, in its
+-- own transaction: a sync that restores the quota (quota-lock, FOR UPDATE)
+-- either committed before — this sees its number — or waits until the
+-- deferral is committed, and its lift then finds it. No third order exists.
+SELECT emails_available FROM quota FOR SHARE;
