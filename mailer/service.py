@@ -60,6 +60,9 @@ __all__ = ["MetricsObserver", "Service"]
 log = logging.getLogger("mailer.service")
 
 CAMPAIGN_PREFIX = "campaign-"
+# The share of the shutdown deadline that SMTP transactions in flight get to
+# finish; the rest is for recording their outcomes and releasing the leases.
+SHUTDOWN_SEND_SHARE = 0.6
 
 
 class MetricsObserver:
@@ -108,6 +111,7 @@ class Service:
         self._http: HttpServer | None = None
         self._events: JetStreamEvents | None = None
         self._outbox: OutboxRelay | None = None
+        self._transport: SmtpTransport | None = None
         self._stopped = False
         self._background: set[asyncio.Task[None]] = set()
         self.leader_epoch: int | None = None
@@ -272,7 +276,8 @@ class Service:
 
     def _new_transport(self) -> SmtpTransport:
         s = self.settings
-        return SmtpTransport(
+        # Kept so that stop() can close it while the campaign actors drain (see stop).
+        self._transport = SmtpTransport(
             s.smtp_host,
             s.smtp_port,
             security=s.smtp_security,
@@ -281,6 +286,7 @@ class Service:
             timeout=s.smtp_timeout_seconds,
             connections=s.smtp_connections,
         )
+        return self._transport
 
     def _on_leadership(self, epoch: int | None) -> None:
         self.leader_epoch = epoch
@@ -314,6 +320,7 @@ class Service:
             message_id_domain=s.effective_message_id_domain,
             transient_retry=timedelta(minutes=s.transient_retry_delay_minutes),
             breaker_threshold=s.circuit_breaker_threshold,
+            window=s.smtp_connections,
         )
 
         def link(cid: int, email: str) -> str:
@@ -392,14 +399,36 @@ class Service:
         await self.supervisor.wait()
 
     async def stop(self) -> None:
-        """Graceful, idempotent: HTTP, actors (reverse start order), NATS, pools."""
+        """Graceful, idempotent: HTTP, actors (campaigns together, then the rest in
+        reverse start order), NATS, pools.
+
+        Stop means: claim nothing more, send nothing more, record what is known.
+        Every campaign actor is told to stop at once (none claims or asks for
+        tokens after that) and the SMTP transport closes at the same moment: a
+        message not yet started is not attempted, one in flight gets until
+        ``SHUTDOWN_SEND_SHARE`` of the deadline to finish, and then its
+        connection is cut -- before its end of data it is simply not delivered
+        and goes back to ``pending``; after it, the server may have it and it
+        is recorded ``in_doubt``. The actors record all that before the
+        deadline, which then cancels nothing.
+        """
         if self._stopped:
             return
         self._stopped = True
         if self._http is not None:
             await self._http.stop()
         if self._supervisor is not None:
+            deadline = self.settings.shutdown_timeout_seconds
+            self._supervisor.begin_shutdown(deadline)
+            transport = self._transport
+            closing = None
+            if transport is not None:
+                # Directly, not through the sender's mailbox: the sender is busy
+                # with the very sends this cuts short.
+                closing = asyncio.create_task(transport.close(deadline * SHUTDOWN_SEND_SHARE))
             await self._supervisor.shutdown()
+            if closing is not None:
+                await asyncio.gather(closing, return_exceptions=True)
         if self._background:  # wakes still being published: let them finish
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._bus is not None:

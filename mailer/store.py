@@ -273,6 +273,15 @@ class PgStore:
         if ids:
             await self.pool.execute(Q["recipients-release"], list(ids), lease.claim_token, now)
 
+    async def hand(self, lease: Lease, ids: Sequence[int], now: datetime) -> list[int]:
+        """Marks claimed recipients handed to SMTP; returns those this lease still holds."""
+        if not ids:
+            return []
+        rows = await self.pool.fetch(
+            Q["recipients-hand"], list(ids), lease.claim_token, now, lease.owner, lease.epoch
+        )
+        return [int(r["id"]) for r in rows]
+
     async def record(
         self,
         lease: Lease,

@@ -42,6 +42,7 @@ from mailer import metrics
 from mailer.actors.runtime import Actor
 from mailer.clock import Clock
 from mailer.messages import CampaignEvent, Notice, TokenReply
+from mailer.payload import Payload
 from mailer.render import MessageTemplate, make_message_id
 from mailer.store import Attachment, CampaignRow, Claimed, Finish, Lease, Outcome
 from mailer.transport import SendResult
@@ -71,7 +72,7 @@ class Mail(msgspec.Struct, frozen=True):
     """One rendered message for the sender."""
 
     rcpt: str
-    data: bytes
+    data: bytes | Payload
 
 
 class CampaignStore(Protocol):
@@ -86,6 +87,10 @@ class CampaignStore(Protocol):
     async def attachments(self, campaign_id: int) -> list[Attachment]: ...
     async def claim(self, lease: Lease, n: int, now: datetime) -> tuple[list[Claimed], int]: ...
     async def release_claims(self, lease: Lease, ids: Sequence[int], now: datetime) -> None: ...
+    async def hand(self, lease: Lease, ids: Sequence[int], now: datetime) -> list[int]:
+        """Marks claimed recipients handed to SMTP; returns those still this lease's."""
+        ...
+
     async def record(
         self,
         lease: Lease,
@@ -149,6 +154,8 @@ class CampaignSettings(msgspec.Struct, frozen=True, kw_only=True):
     message_id_domain: str
     transient_retry: timedelta = timedelta(minutes=5)
     breaker_threshold: int = 10
+    # Messages rendered and handed to SMTP at once (a wave): the SMTP connections.
+    window: int = 8
 
 
 # A test hook called after a batch was sent and before it is recorded: the
@@ -197,10 +204,13 @@ class CampaignActor(Actor[Continue]):
         self._template: MessageTemplate | None = None
         self._batches = 0
         self._transient_errors = 0
-        # Batch state, for teardown: claimed-not-handed, handed, known outcomes.
+        # Batch state, for teardown: claimed-not-handed, handed, known outcomes,
+        # handed but cut by a shutdown before their data went out.
         self._claimed: list[Claimed] = []
         self._handed: list[Claimed] = []
         self._unrecorded: list[Outcome] = []
+        self._aborted: list[Claimed] = []
+        self._batch_outcomes: list[Outcome] = []
         self._ended = False  # finished or deferred: the lease is already given up
         self._heartbeat_task: asyncio.Task[None] | None = None
 
@@ -286,9 +296,17 @@ class CampaignActor(Actor[Continue]):
         if self.ref.alive:
             self.ref.tell(Continue())
 
+    @property
+    def _stopping(self) -> bool:
+        """A stop was asked for (shutdown, or this actor letting go): start nothing new."""
+        return not self.ref.alive
+
     async def _batch(self) -> None:
         lease, campaign, template = self._lease, self._campaign, self._template
         assert lease is not None and campaign is not None and template is not None
+        if self._stopping:
+            # The Continue was queued before the stop: no claim, no tokens now.
+            return
         blocked = await self._mailer.blocked_until()
         if blocked is not None:
             # The account's breaker is open: reserving tokens now would spend the
@@ -303,6 +321,8 @@ class CampaignActor(Actor[Continue]):
             else:
                 await self._nothing_claimed(lease)
             return
+        if self._stopping:
+            return  # on_stop gives the claims back; no token is spent on them
 
         reply = await self._tokens.request_tokens(
             self.campaign_id, campaign.owner_id, len(self._claimed)
@@ -315,11 +335,9 @@ class CampaignActor(Actor[Continue]):
             await self._defer(lease, reason, reply.retry_at, _reply_details(reply))
             return
 
-        outcomes = await self._send(template, granted, now)
-        self._batches += 1
-        if self._fault is not None:
-            await self._fault(self.campaign_id, self._batches)
-        await self._flush(lease)
+        outcomes = await self._send(lease, template, now)
+        if self._stopping:
+            return  # stopped between waves: on_stop releases the rest and the lease
 
         if self._transient_errors >= self._s.breaker_threshold:
             await self._pause_by_breaker(lease)
@@ -331,29 +349,53 @@ class CampaignActor(Actor[Continue]):
             # the window reopens, which defers the campaign there.
             self._again()
 
-    async def _send(
-        self, template: MessageTemplate, granted: list[Claimed], now: datetime
-    ) -> list[Outcome]:
-        # A recipient whose message cannot be built (an address or name the
-        # renderer refuses) fails permanently without reaching SMTP.
-        sendable: list[tuple[Claimed, Mail, str]] = []
-        unsendable: list[Outcome] = []
-        for r in granted:
-            mid = make_message_id(self.campaign_id, r.id, self._s.message_id_domain)
-            try:
-                sendable.append((r, self._render(template, r, mid, now), mid))
-            except ValueError as exc:
-                unsendable.append(_unsendable(r, str(exc)))
-        self._handed, self._claimed = [r for r, _, _ in sendable], []
-        results = await self._mailer.send_all([m for _, m, _ in sendable])
-        self._unrecorded = unsendable + [
-            _outcome(r, mid, res) for (r, _, mid), res in zip(sendable, results, strict=True)
-        ]
-        self._handed = []
-        return self._unrecorded
+    async def _send(self, lease: Lease, template: MessageTemplate, now: datetime) -> list[Outcome]:
+        """Sends the granted claims in waves of ``window``: hand, render, send, record.
+
+        A wave is marked handed in the database before its SMTP transactions
+        start, and recorded once they end, so at any moment at most one wave
+        is handed and unrecorded: all a kill -9 can leave in doubt. Only one
+        wave is rendered at a time (the attachments are shared by all of
+        them), and a stop between waves hands nothing more.
+        """
+        self._batch_outcomes = []
+        self._batches += 1
+        while self._claimed and not self._stopping:
+            wave, self._claimed = (
+                self._claimed[: self._s.window],
+                self._claimed[self._s.window :],
+            )
+            # A recipient whose message cannot be built (an address or name the
+            # renderer refuses) fails permanently without reaching SMTP.
+            built: list[tuple[Claimed, Mail, str]] = []
+            for r in wave:
+                mid = make_message_id(self.campaign_id, r.id, self._s.message_id_domain)
+                try:
+                    built.append((r, self._render(template, r, mid, now), mid))
+                except ValueError as exc:
+                    self._unrecorded.append(_unsendable(r, str(exc)))
+            marked = set(await self._store.hand(lease, [r.id for r, _, _ in built], now))
+            # Rows a takeover settled meanwhile are no longer ours to send.
+            taken = [r for r, _, _ in built if r.id not in marked]
+            sendable = [b for b in built if b[0].id in marked]
+            self._handed = [r for r, _, _ in sendable]
+            results = await self._mailer.send_all([m for _, m, _ in sendable])
+            for (r, _, mid), res in zip(sendable, results, strict=True):
+                if res.aborted:
+                    self._aborted.append(r)
+                else:
+                    self._unrecorded.append(_outcome(r, mid, res))
+            self._handed = []
+            if not self._claimed and self._fault is not None:
+                # After the batch's last wave was sent, before it is recorded.
+                await self._fault(self.campaign_id, self._batches)
+            await self._flush(lease, last=not self._claimed or self._stopping)
+            if taken:
+                raise LeaseLost(f"recipients of campaign {lease.campaign_id} taken over")
+        return self._batch_outcomes
 
     def _render(self, template: MessageTemplate, r: Claimed, mid: str, now: datetime) -> Mail:
-        data = template.render(
+        data = template.render_payload(
             to_email=r.email,
             to_name=r.name,
             variables=r.variables,
@@ -363,30 +405,39 @@ class CampaignActor(Actor[Continue]):
         )
         return Mail(r.email, data)
 
-    async def _flush(self, lease: Lease) -> None:
-        outcomes = self._unrecorded
-        # One batch is one attempt: any success resets the count, a failed
-        # attempt (a transient error, no success) adds one whatever its size.
-        success = any(o.status == "sent" for o in outcomes)
-        if success:
-            self._transient_errors = 0
-        elif any(o.status == "transient" and not o.short_circuited for o in outcomes):
-            self._transient_errors += 1
+    async def _flush(self, lease: Lease, *, last: bool) -> None:
+        """Records the known outcomes and gives back the sends cut before their data.
+
+        ``last``: the batch's last record, which writes its attempt count. One
+        batch is one attempt: any success resets the count, a failed attempt
+        (a transient error, no success) adds one whatever its size.
+        """
+        outcomes, aborted = self._unrecorded, self._aborted
+        self._batch_outcomes += outcomes
+        batch = self._batch_outcomes
+        success = any(o.status == "sent" for o in batch)
+        count: int | None = None
+        if last:
+            if success:
+                self._transient_errors = 0
+            elif any(o.status == "transient" and not o.short_circuited for o in batch):
+                self._transient_errors += 1
+            count = self._transient_errors
         await self._store.record(
-            lease,
-            outcomes,
-            self._clock.now(),
-            transient_errors=self._transient_errors,
-            success=success,
+            lease, outcomes, self._clock.now(), transient_errors=count, success=success
         )
         self._unrecorded = []
+        if aborted:
+            await self._store.release_claims(lease, [r.id for r in aborted], self._clock.now())
+            self._aborted = []
         for o in outcomes:
             if o.status == "sent":
                 metrics.EMAILS_SENT.labels(kind="campaign").inc()
             else:
                 reason = "permanent" if o.status == "failed" else o.status
                 metrics.EMAILS_FAILED.labels(kind="campaign", reason=reason).inc()
-        await self._emit("progress", counts=_tally(outcomes))
+        if outcomes:
+            await self._emit("progress", counts=_tally(outcomes))
 
     async def _nothing_claimed(self, lease: Lease) -> None:
         status = await self._store.campaign_status(self.campaign_id)
@@ -521,8 +572,8 @@ class CampaignActor(Actor[Continue]):
             return
         now = self._clock.now()
         try:
-            if self._unrecorded:
-                await self._flush(lease)
+            if self._unrecorded or self._aborted:
+                await self._flush(lease, last=True)
             if self._claimed:
                 await self._store.release_claims(lease, [r.id for r in self._claimed], now)
                 self._claimed = []

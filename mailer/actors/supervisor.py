@@ -17,8 +17,10 @@ The database is the checkpoint: a restart builds a fresh actor from the child's 
 
 A child ends for good when it will not be restarted; ``on_child_exit(name, error)`` is
 then called (a plain callback, meant to ``tell()`` another actor) and ``ref.wait()``
-returns. ``shutdown(deadline)`` stops children one by one in reverse start order, each
-through its Stop message, and cancels whatever is still running at the deadline.
+returns. ``shutdown(deadline)`` first stops every dynamic child (spawned after start,
+e.g. one per campaign) at once -- they are told together, the moment the shutdown
+begins, and drain in parallel -- then the static children one by one in reverse start
+order, each through its Stop message; whatever still runs at the deadline is cancelled.
 """
 
 from __future__ import annotations
@@ -253,17 +255,25 @@ class Supervisor:
             raise self._escalation
 
     async def shutdown(self, deadline_seconds: float | None = None) -> None:
-        """Stops every child in reverse start order within one deadline. Idempotent.
+        """Stops every child within one deadline (see the module docstring). Idempotent.
 
         Each child gets its Stop message (queued work is finished) and is awaited; once the
         deadline has passed, the children still running are cancelled.
         """
-        self._begin_shutdown(
-            self._shutdown_deadline if deadline_seconds is None else deadline_seconds
-        )
+        self.begin_shutdown(deadline_seconds)
         assert self._shutdown_task is not None
         # Shielded: a caller that gives up waiting must not abort the shutdown itself.
         await asyncio.shield(self._shutdown_task)
+
+    def begin_shutdown(self, deadline_seconds: float | None = None) -> None:
+        """Begins the shutdown without waiting for it; ``shutdown()`` waits. Idempotent.
+
+        Before it returns, the supervisor spawns nothing more and every dynamic child
+        has been told to stop, so that none of them starts new work after this call.
+        """
+        self._begin_shutdown(
+            self._shutdown_deadline if deadline_seconds is None else deadline_seconds
+        )
 
     async def __aenter__(self) -> Supervisor:
         await self.start()
@@ -434,9 +444,17 @@ class Supervisor:
         )
         self._begin_shutdown(self._shutdown_deadline)
 
+    def _dynamic(self) -> list[_Child]:
+        static = {spec.name for spec in self._specs}
+        return [c for c in self._children.values() if c.spec.name not in static]
+
     def _begin_shutdown(self, deadline_seconds: float) -> None:
         if self._shutdown_task is None:
             self._state = _State.CLOSING
+            # All at once, synchronously: stopped one by one, the others would go
+            # on working (claiming, asking for tokens) while the first ones drain.
+            for child in self._dynamic():
+                child.ref._request_stop()
             self._shutdown_task = asyncio.get_running_loop().create_task(
                 self._shutdown(deadline_seconds), name=f"{self.name}/shutdown"
             )
@@ -445,6 +463,9 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + deadline_seconds
         try:
+            dynamic = [c.runner for c in self._dynamic() if c.runner is not None]
+            if dynamic:  # told to stop in _begin_shutdown; they drain in parallel
+                await asyncio.wait(dynamic, timeout=max(0.0, deadline - loop.time()))
             for child in reversed(list(self._children.values())):
                 remaining = deadline - loop.time()
                 if remaining <= 0:

@@ -60,17 +60,40 @@ WHERE r.id = o.id
   AND ((r.status = 'sending' AND r.claimed_by = $5) OR r.status = 'in_doubt')
 RETURNING r.id;
 
+-- name: recipients-hand
+-- Marks claimed recipients as handed to SMTP, just before their SMTP
+-- transactions start, while this claimer still holds them and owner $4 holds
+-- the lease at epoch $5. Returns the rows marked: only those may be sent (a
+-- takeover that settled a row first leaves it unmarked, and unsent).
+UPDATE recipient r
+SET handed_at = $3, updated_at = $3
+WHERE r.id = ANY($1::bigint[]) AND r.status = 'sending' AND r.claimed_by = $2
+  AND EXISTS (SELECT 1 FROM queue_entry q
+              WHERE q.campaign_id = r.campaign_id AND q.lease_owner = $4
+                AND q.lease_epoch = $5)
+RETURNING r.id;
+
 -- name: recipients-orphans-to-doubt
 -- Rows of this campaign left 'sending' by an owner that is gone (crash,
--- kill -9, lost lease): they may have been accepted by the SMTP server, so
--- they become visibly 'in_doubt' instead of being sent again. The send log
--- gets the same verdict, so the two agree and the local quota counts them.
+-- kill -9, lost lease). Those marked handed may have been accepted by the
+-- SMTP server, so they become visibly 'in_doubt' instead of being sent again;
+-- the send log gets the same verdict, so the two agree and the local quota
+-- counts them. Those never handed did not leave the old owner's process: they
+-- go back to 'pending' (a late hand of the old owner then matches nothing).
 WITH doubted AS (
     UPDATE recipient
     SET status = 'in_doubt', claimed_by = NULL, claimed_at = NULL,
-        error = 'owner died between claim and record; delivery unknown', updated_at = $3
+        error = 'owner died between handing to SMTP and record; delivery unknown',
+        updated_at = $3
     WHERE campaign_id = $1 AND status = 'sending' AND claimed_by <> $2
+      AND handed_at IS NOT NULL
     RETURNING id, email, error
+), returned AS (
+    UPDATE recipient
+    SET status = 'pending', claimed_by = NULL, claimed_at = NULL, updated_at = $3
+    WHERE campaign_id = $1 AND status = 'sending' AND claimed_by <> $2
+      AND handed_at IS NULL
+    RETURNING id
 )
 INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, error, created_at)
 SELECT $1, d.id, d.email, false, 'in_doubt', d.error, $3 FROM doubted d
