@@ -143,7 +143,11 @@ class Service:
 
     async def start(self) -> None:
         s = self.settings
-        self._pool = await connect_pool(s.database_url, size=s.database_pool_size)
+        self._pool = await connect_pool(
+            s.database_url,
+            size=s.database_pool_size,
+            statement_timeout=s.database_statement_timeout_seconds,
+        )
         self._store = PgStore(self._pool)
         self._redis = redis.Redis.from_url(
             s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
