@@ -3,11 +3,12 @@
 Start order (and, reversed, stop order):
   PostgreSQL pool, Redis, NATS  ->  supervisor: smtp-sender, rate-governor,
   api, scheduler (+ one campaign-N actor per running campaign)  ->  HTTP.
-At shutdown the HTTP server closes first, then the campaign actors (their
-batch in flight is sent and recorded), the scheduler, the API, the governor,
-the sender (its SMTP connections close last), and finally NATS is drained
-and the pools closed. The scheduler is the last static child so that every
-campaign actor, spawned after it, stops before the parts it needs.
+At shutdown the HTTP server closes first; then every campaign actor is told
+to stop at once and the SMTP transport closes (see ``Service.stop``), the
+campaign actors drain in parallel, and the other children stop in reverse
+start order: the scheduler, the API, the governor, the sender; finally NATS
+is drained and the pools closed. The campaign actors stop before the parts
+they need (governor, sender), which are static children started before them.
 """
 
 from __future__ import annotations

@@ -1,15 +1,26 @@
-"""One actor per running campaign: claim, get tokens, send, record, repeat.
+"""One actor per running campaign: claim, get tokens, send in waves, record, repeat.
 
 The database is the checkpoint. The actor keeps only what one batch needs;
 a restarted actor starts from the rows. Each turn of the loop is one
-``Continue`` message, so a Stop queued behind it is handled between batches:
-the SMTP transactions in flight finish and are recorded before the actor ends.
+``Continue`` message, so a Stop queued behind it is handled between batches.
 
-Crash policy ("stop means mark, drain, then clean up and record"):
-- claimed recipients not yet handed to SMTP go back to ``pending``;
+A granted batch goes out in waves of ``window`` recipients (the SMTP
+connections): each wave is marked handed in the database, rendered, sent and
+recorded before the next one starts. So only one wave's messages are rendered
+at a time (the attachments, encoded once per campaign, are shared by all of
+them), and only one wave can be handed and unrecorded when the process dies.
+
+Stop ("mark, drain, then clean up and record"): once a stop was asked for --
+a shutdown tells every campaign actor at once -- the actor claims nothing,
+asks for no tokens and hands no further wave to SMTP; the wave in flight ends
+(the service closes the SMTP transport at the same time, which lets a send in
+flight finish for a while, then cuts it) and is recorded. Then:
+- claimed recipients not handed to SMTP go back to ``pending``, and so do
+  handed ones whose send was cut before its end of data (``aborted``);
 - outcomes known but not yet written are written in teardown;
-- recipients handed to SMTP whose outcome is unknown stay ``sending``; the
-  next owner turns them into ``in_doubt`` — never re-sent, never lost.
+- recipients handed to SMTP whose outcome is unknown (a crash, a kill) stay
+  ``sending``; the next owner turns them into ``in_doubt`` -- never re-sent,
+  never lost -- and gives the claimed but unhanded ones back to ``pending``.
 
 SMTP outcomes: permanent (5xx, invalid address) → that recipient ``failed``,
 the campaign goes on; transient (4xx, timeout, refused) → the recipient goes
