@@ -447,8 +447,8 @@ class CampaignActor(Actor[Continue]):
             else:
                 reason = "permanent" if o.status == "failed" else o.status
                 metrics.EMAILS_FAILED.labels(kind="campaign", reason=reason).inc()
-        if outcomes:
-            await self._emit("progress", counts=_tally(outcomes))
+        if last and batch:  # one progress event per batch, not per wave
+            await self._emit("progress", counts=_tally(batch))
 
     async def _nothing_claimed(self, lease: Lease) -> None:
         status = await self._store.campaign_status(self.campaign_id)
