@@ -6,6 +6,9 @@ only at template build time (folding and RFC 2047-encoding the static headers,
 encoding attachments); per recipient, ``MessageTemplate.render`` only fills
 pre-split body segments, base64-encodes the two bodies with ``binascii`` and
 joins pre-built byte strings: tens of microseconds per message.
+``MessageTemplate.render_payload`` does not even join: it returns the message
+as chunks (``mailer.payload.Payload``) in which the attachments, encoded once
+per template, are the same objects for every recipient.
 
 Template language: ``{{name}}``, ``{{email}}``, ``{{unsubscribe_url}}`` and any
 ``{{var}}`` from the recipient's variables (whitespace inside the braces is

@@ -372,10 +372,8 @@ class CampaignActor(Actor[Continue]):
         self._batch_outcomes = []
         self._batches += 1
         while self._claimed and not self._stopping:
-            wave, self._claimed = (
-                self._claimed[: self._s.window],
-                self._claimed[self._s.window :],
-            )
+            # The wave stays in _claimed (released by on_stop if we die) until handed.
+            wave = self._claimed[: self._s.window]
             # A recipient whose message cannot be built (an address or name the
             # renderer refuses) fails permanently without reaching SMTP.
             built: list[tuple[Claimed, Mail, str]] = []
@@ -386,6 +384,7 @@ class CampaignActor(Actor[Continue]):
                 except ValueError as exc:
                     self._unrecorded.append(_unsendable(r, str(exc)))
             marked = set(await self._store.hand(lease, [r.id for r, _, _ in built], now))
+            self._claimed = self._claimed[len(wave) :]
             # Rows a takeover settled meanwhile are no longer ours to send.
             taken = [r for r, _, _ in built if r.id not in marked]
             sendable = [b for b in built if b[0].id in marked]
