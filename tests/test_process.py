@@ -232,6 +232,38 @@ async def test_sigterm_with_a_hung_smtp_server_releases_every_unsent_claim(
     assert sink.count == 0
 
 
+async def test_sigterm_with_the_end_of_data_unanswered_records_only_those_in_doubt(
+    start_worker: StartWorker, crm: Crm, sink, db, leaders: LeaderWatch
+) -> None:
+    # The provider took the data of two messages and never answers: they may be
+    # delivered. The stop waits part of its deadline, cuts them, and records
+    # them in doubt; the rest of the batch was never handed and goes back.
+    sink.hang("data")
+    deadline = 6.0
+    worker = await start_worker(
+        "hung-data",
+        shutdown_timeout_seconds=str(deadline),
+        campaign_lease_seconds="120",
+        smtp_timeout_seconds="60",
+        batch_size="10",
+        smtp_connections="2",
+    )
+    assert await leaders.wait(timeout=30) == "hung-data"
+    cid = await crm.campaign(people(10))
+    await crm.start(cid)
+    await sink.wait_hung(2, timeout=30)
+
+    worker.proc.send_signal(signal.SIGTERM)
+    code = await worker.exit_code(deadline + 10)
+    assert code == 0, worker.log()
+    assert "shutdown deadline exceeded" not in worker.log()
+    assert await _statuses(db, cid) == {"in_doubt": 2, "pending": 8}
+    logged = await db.fetch("SELECT status, error FROM send_log WHERE campaign_id = $1", cid)
+    assert [r["status"] for r in logged] == ["in_doubt", "in_doubt"]
+    assert all("in doubt" in r["error"] for r in logged)
+    sink.release()
+
+
 async def test_kill_9_mid_batch_leaves_in_doubt_only_the_sends_in_flight(
     start_worker: StartWorker, crm: Crm, events: Events, sink, db, leaders: LeaderWatch
 ) -> None:
