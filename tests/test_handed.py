@@ -7,13 +7,15 @@ Real PostgreSQL; times are explicit.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 
 from mailer.db import connect_pool
 from mailer.store import Outcome, PgStore
-from tests.test_store_fencing import T0, _campaign
+
+T0 = datetime(2026, 11, 23, 10, 15, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -21,6 +23,21 @@ async def store(settings) -> AsyncIterator[PgStore]:
     pool = await connect_pool(settings.database_url, size=3)
     yield PgStore(pool)
     await pool.close()
+
+
+async def _campaign(db: asyncpg.Connection, n: int) -> int:
+    cid: int = await db.fetchval(
+        "INSERT INTO campaign (owner_id, name, subject, body_text, status, created_at,"
+        " updated_at) VALUES ('o', 'n', 's', 'b', 'sending', $1, $1) RETURNING id",
+        T0,
+    )
+    await db.execute("INSERT INTO queue_entry (campaign_id, queued_at) VALUES ($1, $2)", cid, T0)
+    await db.executemany(
+        "INSERT INTO recipient (campaign_id, email, created_at, updated_at)"
+        " VALUES ($1, $2, $3, $3)",
+        [(cid, f"r{i}@example.org", T0) for i in range(n)],
+    )
+    return cid
 
 
 async def _statuses(db, cid: int) -> list[str]:
