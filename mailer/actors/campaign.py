@@ -383,7 +383,8 @@ class CampaignActor(Actor[Continue]):
                     built.append((r, self._render(template, r, mid, now), mid))
                 except ValueError as exc:
                     self._unrecorded.append(_unsendable(r, str(exc)))
-            marked = set(await self._store.hand(lease, [r.id for r, _, _ in built], now))
+            handing = [r.id for r, _, _ in built]
+            marked = set(await self._store.hand(lease, handing, self._clock.now()))
             self._claimed = self._claimed[len(wave) :]
             # Rows a takeover settled meanwhile are no longer ours to send.
             taken = [r for r, _, _ in built if r.id not in marked]
