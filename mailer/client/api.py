@@ -206,6 +206,25 @@ class MailerClient:
             raise _error_of(reply.data, headers)
         return msgspec.json.decode(reply.data, type=reply_type)
 
+    async def call(
+        self,
+        subject: str,
+        body: Mapping[str, Any],
+        *,
+        user: str | None = None,
+        roles: str | Iterable[str] | None = None,
+        lang: str | None = None,
+    ) -> dict[str, Any]:
+        """A request as plain JSON: ``body`` a dict, the reply a dict (errors still raise).
+
+        For a subject this client has no method for yet, or code that keeps dicts.
+        """
+        if isinstance(roles, str):
+            roles = [r.strip() for r in roles.split(",") if r.strip()]
+        who = self.acting(user=user, roles=roles, lang=lang)
+        reply: dict[str, Any] = await who.request(subject, body, dict)
+        return reply
+
     # --- campaigns -------------------------------------------------------------------
 
     async def create_campaign(
