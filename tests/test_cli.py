@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -235,3 +236,24 @@ def test_a_campaign_file_that_does_not_exist_is_a_usage_error(tmp_path: Path) ->
         root, ["recipients", "import", "1", str(tmp_path / "none.csv")], env={"COLUMNS": "200"}
     )
     assert result.exit_code == 2 and "none.csv" in result.stderr
+
+
+def _doc_cli_lines() -> list[list[str]]:
+    import shlex
+
+    root_dir = Path(__file__).resolve().parent.parent
+    found = []
+    for doc in ("README.md", "docs/playbook.md"):
+        text = (root_dir / doc).read_text(encoding="utf-8")
+        for block in re.findall(r"```sh\n(.*?)```", text, re.DOTALL):
+            for line in block.splitlines():
+                if line.strip().startswith("mailer ") and "<" not in line:
+                    found.append(shlex.split(line.strip(), comments=True)[1:])
+    return found
+
+
+@pytest.mark.parametrize("argv", _doc_cli_lines(), ids=" ".join)
+def test_mailer_lines_of_the_readme_and_playbook_parse(argv: list[str]) -> None:
+    """Click parses every option before it answers --help: a wrong one would exit 2."""
+    result = CliRunner().invoke(root, [*argv, "--help"])
+    assert result.exit_code == 0, (argv, result.output)
