@@ -38,6 +38,7 @@ __all__ = [
     "QuotaSyncFailed",
     "QuotaSyncUnavailable",
     "RatePerHour",
+    "RecipientsLimit",
     "RequestTimeout",
     "SenderUnavailable",
     "TestEmailFailed",
@@ -137,6 +138,12 @@ class TooManyRecipients(MailerError):
     code, status = "too_many_recipients", 422
 
 
+class RecipientsLimit(MailerError):
+    """A recipients.add that would take the campaign over its cap: nothing was added."""
+
+    code, status = "recipients_limit", 422
+
+
 class EmptyCampaign(MailerError):
     code, status = "empty_campaign", 422
 
@@ -234,6 +241,7 @@ ERRORS: dict[str, type[MailerError]] = {
         ValidationError,
         TooManyInOneCall,
         TooManyRecipients,
+        RecipientsLimit,
         EmptyCampaign,
         AttachmentTooLarge,
         AttachmentsTotalTooLarge,
