@@ -51,7 +51,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # --- connections ---------------------------------------------------------
     nats_url: Annotated[
         str,
-        Meta(description="NATS server URL; empty under `mailer dev` starts an embedded one."),
+        Meta(
+            description="NATS server URL, or a cluster's URLs comma-separated; empty under "
+            "`mailer dev` starts an embedded one."
+        ),
     ] = ""
     database_url: Annotated[
         str,
