@@ -103,6 +103,10 @@ async def _run(settings: Settings) -> int:
         with _cancel_on_signals():
             await migrate(settings.database_url)
             await service.start()
+            if settings.fault_injection:
+                from mailer.faults import install
+
+                await install(service.bus, service.supervisor, settings.effective_instance_id)
     except asyncio.CancelledError:
         await service.stop()
         return 0

@@ -249,6 +249,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         str, Meta(description="Where `mailer dev` keeps the embedded stack and the outbox.")
     ] = "var"
 
+    fault_injection: Annotated[
+        bool,
+        Meta(
+            description="Development only: lets the chaos suite crash an actor on request "
+            "(`mailer/faults.py`); refused in production."
+        ),
+    ] = False
+
     # --- logs ----------------------------------------------------------------------
     log_level: Annotated[
         Literal["DEBUG", "INFO", "WARNING", "ERROR"], Meta(description="Log level.")
@@ -454,6 +462,8 @@ def _check_production(s: Settings) -> None:
             f"{env_name('unsubscribe_secret')} must be set to a secret of 16+ characters "
             "in production"
         )
+    if s.fault_injection:
+        raise ConfigError(f"{env_name('fault_injection')} is not allowed in production")
     for field in ("nats_url", "database_url", "redis_url", "smtp_host"):
         if not getattr(s, field):
             raise ConfigError(f"{env_name(field)} is required in production")
