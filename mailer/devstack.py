@@ -939,7 +939,11 @@ class EmbeddedStack:
         urls = self._urls["nats"].split(",")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.start_timeout
-        nc = await nats.connect(urls, connect_timeout=2, max_reconnect_attempts=-1)
+
+        async def quiet(exc: Exception) -> None:  # refused while nodes come up: expected
+            pass
+
+        nc = await nats.connect(urls, connect_timeout=2, max_reconnect_attempts=-1, error_cb=quiet)
         try:
             while True:
                 try:

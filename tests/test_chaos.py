@@ -22,7 +22,7 @@ import nats
 import pytest
 
 from mailer.bus import Bus
-from tests.chaos.driver import ChaosStack, Round, instances_up, recipients_of
+from tests.chaos.driver import ChaosStack, Round, connect, instances_up, recipients_of
 from tests.chaos.runner import play
 from tests.chaos.schedule import CampaignPlan, Limits, RoundPlan, plan_round
 from tests.helpers import Crm, Events
@@ -120,7 +120,7 @@ async def test_rolling_restart_of_three_processes_leaves_nobody_in_doubt(
     sink.reset()
     sink.hook = ByLocalPart()
     sink.data_delay = 0.1
-    nc = await nats.connect(chaos_stack.nats_urls)
+    nc = await connect(chaos_stack.nats_urls)
     procs = Processes(rnd._env, 3, tmp_path)
     leaders = LeaderTrack(nc, rnd.prefix)
     leaders.start()
