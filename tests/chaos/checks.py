@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -17,6 +17,7 @@ from tests.chaos.driver import FINAL, LONG_REASONS, SMTP_CONNECTIONS, Outcome
 SETTLED_RECIPIENT = ("sent", "failed", "unsubscribed", "in_doubt")
 FINAL_EVENTS = ("sent", "completed_with_errors")
 DAY_ZONE = ZoneInfo("Europe/Moscow")  # the service's default zone: days of daily limits
+QUOTA_SYNC_SECONDS = 3600.0  # the default MAILER_QUOTA_SYNC_INTERVAL_SECONDS
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ def _nothing_lost_or_stuck(o: Outcome) -> list[Violation]:
             and c["deferred_until"] is not None
             and c["deferred_until"] > horizon
         )
+        if waits and (why := _untrue_wait(o, c)):
+            v.append(Violation("untrue_wait", f"campaign {c['id']}: {why}"))
         if not waits:
             v.append(
                 Violation(
@@ -113,6 +116,31 @@ def _nothing_lost_or_stuck(o: Outcome) -> list[Violation]:
     if not o.settled:
         v.append(Violation("stuck_campaign", "the round did not settle in time"))
     return v
+
+
+def _untrue_wait(o: Outcome, c: dict[str, Any]) -> str:
+    """Why a campaign's wait at the end is not the one its reason gives ('' if it is).
+
+    Every process runs open all day (00:00-24:00), only one owner has a daily limit, the
+    quota is synced hourly: each reason has a latest end it may name."""
+    end = o.finished_at
+    reason, until = c["defer_reason"], c["deferred_until"]
+    slack = timedelta(minutes=1)
+    if reason == "outside_hours":
+        return "outside_hours while the hours are 00:00-24:00"
+    if reason == "daily_limit":
+        if c["owner_id"] != o.plan.limits.daily_limited_owner:
+            return f"daily_limit for {c['owner_id']}, who has no daily limit"
+        local = end.astimezone(DAY_ZONE)
+        midnight = datetime.combine(local.date() + timedelta(days=1), time(), DAY_ZONE)
+        latest = midnight
+    elif reason == "rate_per_hour":
+        latest = end.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    else:  # quota_exhausted: the next sync restores it
+        latest = end + timedelta(seconds=QUOTA_SYNC_SECONDS)
+    if until > latest + slack:
+        return f"{reason} until {until}, later than {latest}"
+    return ""
 
 
 def _in_doubt_bounded(o: Outcome) -> list[Violation]:
