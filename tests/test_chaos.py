@@ -52,11 +52,14 @@ def test_seeds_cover_every_kind() -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-async def test_chaos_round(chaos_stack: ChaosStack, seed: int, tmp_path: Path) -> None:
+async def test_chaos_round(chaos_stack: ChaosStack, seed: int) -> None:
     plan = plan_round(seed)
-    verdict = await play(chaos_stack, plan, tag=f"{seed}-t", logs=tmp_path, settle=60)
+    # Not tmp_path: pytest keeps only its last three base dirs, and a failed round's
+    # process logs are what one reads next.
+    logs = chaos_stack.var / "logs" / f"seed-{seed}"
+    verdict = await play(chaos_stack, plan, tag=f"{seed}-t", logs=logs, settle=60)
     print(verdict.report())
-    assert not verdict.violations, f"seed={seed}\n{verdict.report()}"
+    assert not verdict.violations, f"seed={seed} (process logs in {logs})\n{verdict.report()}"
 
 
 async def test_bus_reaches_a_cluster_given_as_comma_separated_urls(
