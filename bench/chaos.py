@@ -49,8 +49,13 @@ async def main(args: argparse.Namespace) -> int:
     no_failover = 0
     exits: list[str] = []
     began = time.monotonic()
+    rounds = 0
     try:
         for i in range(args.rounds):
+            if args.minutes and time.monotonic() - began > args.minutes * 60:
+                print(f"time budget of {args.minutes:g} min spent: stopping after {i} rounds")
+                break
+            rounds = i + 1
             seed = args.seed + i
             plan = plan_round(
                 seed,
@@ -92,7 +97,6 @@ async def main(args: argparse.Namespace) -> int:
     def worst(xs: list[float]) -> str:
         return f"{max(xs):.2f} s (n={len(xs)})" if xs else "- (none measured)"
 
-    rounds = args.rounds
     print()
     print(f"rounds               {rounds} (seeds {args.seed}..{args.seed + rounds - 1})")
     print(f"run time             {time.monotonic() - began:.0f} s")
@@ -127,4 +131,5 @@ if __name__ == "__main__":
     p.add_argument("--settle", type=float, default=120.0, help="max seconds to settle")
     p.add_argument("--var", default="", help="state dir (default: a new temp dir)")
     p.add_argument("--verbose", action="store_true", help="print every round's report")
+    p.add_argument("--minutes", type=float, default=0, help="start no round after this budget")
     sys.exit(asyncio.run(main(p.parse_args())))

@@ -172,3 +172,35 @@ async def test_rolling_restart_of_three_processes_leaves_nobody_in_doubt(
     assert counts == {"sent": len(recipients)}, counts
     assert received == Counter(r["email"] for r in recipients), "each exactly once"
     await rnd.drop()
+
+
+async def test_a_restarted_server_keeps_its_port_and_postgres_its_data(
+    chaos_stack: ChaosStack,
+) -> None:
+    import redis.asyncio as redis
+
+    from mailer.devstack import create_database, drop_database
+
+    stack = chaos_stack.stack
+    e = stack.endpoints
+    dsn = await create_database(e.database_url, "restart_keeps")
+    r = redis.Redis.from_url(e.redis_url)
+    try:
+        await r.set("k", "v")
+        before = stack.pids()
+        await stack.restart_server("postgres", down=0.2)
+        await stack.restart_server("redis")
+        after = stack.pids()
+        assert after["postgres"] != before["postgres"] and after["redis"] != before["redis"]
+        assert stack.endpoints == e, "same ports"
+        conn = await asyncpg.connect(dsn)
+        assert await conn.fetchval("SELECT 1") == 1  # the database survived
+        await conn.close()
+        await r.aclose()
+        r = redis.Redis.from_url(e.redis_url)  # its connection was closed by the restart
+        assert await r.get("k") is None, "Redis comes back empty"
+        with pytest.raises(ValueError, match="no embedded server"):
+            await stack.stop_server("smtp")
+    finally:
+        await r.aclose()
+        await drop_database(e.database_url, "restart_keeps")

@@ -136,8 +136,8 @@ def _untrue_wait(o: Outcome, c: dict[str, Any]) -> str:
         latest = midnight
     elif reason == "rate_per_hour":
         latest = end.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
-    else:  # quota_exhausted: the next sync restores it
-        latest = end + timedelta(seconds=QUOTA_SYNC_SECONDS)
+    else:  # quota_exhausted: a sync restores it; the governor's safety net is 2 intervals
+        latest = end + timedelta(seconds=2 * QUOTA_SYNC_SECONDS)
     if until > latest + slack:
         return f"{reason} until {until}, later than {latest}"
     return ""

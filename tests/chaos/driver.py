@@ -44,7 +44,13 @@ from mailer.actors.leader import KEY as LEADER_KEY
 from mailer.actors.leader import bucket_name
 from mailer.config import Settings, env_name
 from mailer.db import migrate
-from mailer.devstack import EmbeddedStack, StackOverrides, create_database, drop_database
+from mailer.devstack import (
+    EmbeddedStack,
+    StackOverrides,
+    _child_setup,
+    create_database,
+    drop_database,
+)
 from mailer.events import stream_name
 from mailer.sink import ByLocalPart, SmtpSink
 from tests.chaos.schedule import Fault, RoundPlan
@@ -140,6 +146,8 @@ class Processes:
                 env=self._env(index, gen),
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
+                # Killed with the driver, whatever ends it: no process outlives a run.
+                preexec_fn=_child_setup(signal.SIGKILL),
             )
         p = Proc(index, gen, proc, log_path, time.monotonic())
         self.current[index] = p
