@@ -29,7 +29,6 @@ from tests.chaos.driver import ChaosStack
 from tests.chaos.runner import play
 from tests.chaos.schedule import KINDS, plan_round
 
-LOST = ("lost", "unrecorded_delivery")
 STUCK = ("stuck_sending", "stuck_campaign")
 LIMITS = ("hourly_limit", "daily_limit", "quota")
 
@@ -106,7 +105,14 @@ async def main(args: argparse.Namespace) -> int:
         print(f"kinds never applied  {missing}")
     print(f"messages             {totals['messages']}")
     print(f"duplicates           {totals['duplicates']}")
-    print(f"lost                 {sum(broken[k] for k in LOST)}")
+    print(
+        f"lost                 {broken['lost']} (recorded sent but never received, or "
+        "pending in a finished campaign)"
+    )
+    print(
+        f"unrecorded           {broken['unrecorded_delivery']} (received, but not recorded "
+        "sent or in doubt)"
+    )
     print(f"stuck                {sum(broken[k] for k in STUCK)}")
     print(f"in doubt             {totals['in_doubt']}")
     print(f"limit exceeded       {sum(broken[k] for k in LIMITS)}")
