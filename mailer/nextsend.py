@@ -46,8 +46,8 @@ Reason = Literal[
 REASONS: tuple[Reason, ...] = (
     "quota_exhausted",
     "daily_limit",
-    "rate_per_hour",
     "outside_hours",
+    "rate_per_hour",
     "transient_error",
     "queued",
 )

@@ -120,6 +120,10 @@ class PgQuota:
         row = await self._pool.fetchrow(Q["quota-take"], n)
         return 0 if row is None else int(row["taken"])
 
+    async def available(self) -> int:
+        """What is left of the allowance now (a read: nothing is taken)."""
+        return (await self.state()).emails_available
+
     async def state(self) -> QuotaState:
         row = await self._pool.fetchrow(Q["quota-get"])
         assert row is not None, "the quota row is created by the schema migration"

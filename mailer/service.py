@@ -60,6 +60,7 @@ from mailer.messages import Wake
 from mailer.outbox import OutboxRelay
 from mailer.quota import QuotaSyncActor, lift_deferrals
 from mailer.ratelimit import SendLimiter
+from mailer.rules import WorkingHours
 from mailer.store import PgStore
 from mailer.transport import SmtpTransport
 from mailer.unsubscribe import PgUnsubscribes, secrets_of, unsubscribe_url
@@ -379,6 +380,7 @@ class Service:
             message_id_domain=s.effective_message_id_domain,
             transient_retry=timedelta(minutes=s.transient_retry_delay_minutes),
             breaker_threshold=s.circuit_breaker_threshold,
+            hours=WorkingHours.from_settings(s),
         )
 
         def link(cid: int, email: str) -> str:

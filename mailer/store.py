@@ -331,12 +331,15 @@ class PgStore:
         self,
         lease: Lease,
         reason: str,
-        until: datetime,
+        until: datetime | None,
         now: datetime,
         *,
         notice: Notice | None = None,
     ) -> tuple[bool, bool]:
         """The one way a campaign waits: reason and time on the queue entry, audited.
+
+        ``until`` None only for ``quota_exhausted``: no time can be named, the
+        campaign waits for the sync (or ``quota.set``) that restores the quota.
 
         ``notice`` is the owner's notification for this deferral: it goes into
         the event outbox in the same transaction, unless the owner was already
@@ -345,6 +348,8 @@ class PgStore:
         the quota ends at once (``now``).
         """
         if reason != "quota_exhausted":
+            if until is None:
+                raise ValueError(f"a {reason} deferral needs a time")
             return await self._wait(
                 lease, Q["queue-defer"], reason=reason, now=now, args=(reason, until), notice=notice
             )
@@ -420,7 +425,7 @@ class PgStore:
         row = await conn.fetchrow(sql, lease.campaign_id, lease.owner, lease.epoch, *args)
         if row is None:
             return False, False
-        until = args[1].isoformat() if len(args) > 1 else None
+        until = args[1].isoformat() if len(args) > 1 and args[1] is not None else None
         await conn.execute(
             Q["audit-insert"],
             now,

@@ -42,7 +42,9 @@ from mailer import metrics
 from mailer.actors.runtime import Actor
 from mailer.clock import Clock
 from mailer.messages import CampaignEvent, Notice, TokenReply
+from mailer.nextsend import Limits, next_send
 from mailer.render import MessageTemplate, make_message_id
+from mailer.rules import WorkingHours
 from mailer.store import Attachment, CampaignRow, Claimed, Finish, Lease, Outcome
 from mailer.transport import SendResult
 
@@ -99,7 +101,7 @@ class CampaignStore(Protocol):
         self,
         lease: Lease,
         reason: str,
-        until: datetime,
+        until: datetime | None,
         now: datetime,
         *,
         notice: Notice | None = None,
@@ -154,6 +156,9 @@ class CampaignSettings(msgspec.Struct, frozen=True, kw_only=True):
     message_id_domain: str
     transient_retry: timedelta = timedelta(minutes=5)
     breaker_threshold: int = 10
+    # Where a retry after an SMTP error would land outside them, it waits for
+    # the next opening (``nextsend``): no deferral ends when nothing can go.
+    hours: WorkingHours | None = None
 
 
 # A test hook called after a batch was sent and before it is recorded: the
@@ -460,10 +465,26 @@ class CampaignActor(Actor[Continue]):
         await self._emit(status, counts=counts)
         self.request_stop()
 
+    def _breaker_wait(self, until: datetime) -> datetime:
+        """A wait for SMTP (the breaker's probe, the transient retry), with working hours."""
+        hours = self._s.hours
+        if hours is None:
+            return until
+        now = self._clock.now()
+        # Only the hours and the breaker: the hour and the day are the governor's
+        # to tell when the campaign asks again.
+        ns = next_send(now, Limits(hours=hours, hourly_limit=1, breaker_until=until))
+        return ns.at or until
+
     async def _defer(
         self, lease: Lease, reason: str, until: datetime | None, details: dict[str, str]
     ) -> None:
-        until = until or self._clock.now() + timedelta(minutes=1)
+        if reason == "transient_error" and until is not None:
+            until = self._breaker_wait(until)
+        elif until is None and reason != "quota_exhausted":
+            # Only the quota's wait has no time (a top-up ends it): any other
+            # refusal without one looks again soon.
+            until = self._clock.now() + timedelta(minutes=1)
         await self._stop_heartbeat()
         event = self._event("deferred", defer_reason=reason, deferred_until=until, details=details)
         deferred, noticed = await self._store.defer(
@@ -479,7 +500,7 @@ class CampaignActor(Actor[Continue]):
             extra={
                 "campaign_id": self.campaign_id,
                 "defer_reason": reason,
-                "deferred_until": until.isoformat(),
+                "deferred_until": until.isoformat() if until else None,
             },
         )
         await self._events.emit(event)

@@ -4,19 +4,23 @@ Campaign actors (and test emails) in any process ask it over NATS
 request/reply (subject ``<prefix>.internal.governor.tokens``, queue group
 ``governor``: one governor per process, any of them may answer). For a
 ``TokenRequest`` it grants k <= want tokens or refuses with a reason and the
-time to retry. The rules, in this order — the first that refuses names the
-reason:
+time to retry — both from ``mailer.nextsend.next_send``, the one answer to
+"when can mail go next?" under every limit at once. The limits, checked in
+this order:
 
-1. working hours (``outside_hours``; campaigns only, test emails ignore them),
-   retry at the next working start. Nothing is granted at or after the end,
-   and campaigns ask per batch, so a campaign stops at its first batch after it;
-2. the SMTP account's clock hour (``rate_per_hour``, retry at the next hour)
-   and the owner's local day (``daily_limit``, retry at the next working
-   day's start), reserved together by one Redis script; when both are used
-   up the day is named, its wait being the longer;
-3. the monthly quota in PostgreSQL (``quota_exhausted``, retry after one sync
-   interval — a safety net: a sync that restores the quota resumes waiting
-   campaigns at once). Redis tokens the quota cannot cover are given back.
+1. working hours (campaigns only, test emails ignore them). Nothing is granted
+   at or after the end, and campaigns ask per batch, so a campaign stops at its
+   first batch after it. A refusal here still reads the quota and the
+   counters: quota 0 is named (``quota_exhausted``, no time) rather than
+   "tomorrow at 09:00", and a day already used up waits for the next day;
+2. the SMTP account's clock hour (``rate_per_hour``) and the owner's local day
+   (``daily_limit``), reserved together by one Redis script; the retry is the
+   first moment working hours, the hour and the day all allow — never the
+   next hour when it falls after closing;
+3. the monthly quota in PostgreSQL (``quota_exhausted``, ``retry_at`` null:
+   nothing can be known until a sync or an operator's ``quota.set`` restores
+   it, which lifts the waiting campaigns at once). Redis tokens the quota
+   cannot cover are given back.
 
 Any number of governors share Redis and PostgreSQL, and each step is atomic
 there, so together they never exceed a limit. Redis down: the hour and the
@@ -51,6 +55,7 @@ from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus, decode, encode
 from mailer.clock import Clock
 from mailer.config import Settings
 from mailer.messages import ErrorBody, ErrorReply, TokenReply, TokenRequest
+from mailer.nextsend import Limits, NextSend, next_send
 from mailer.quota import PgQuota
 from mailer.ratelimit import (
     FAIR_SHARE_WINDOW_SECONDS,
@@ -93,6 +98,10 @@ class QuotaTaker(Protocol):
         """Takes up to ``n`` from the monthly allowance atomically; returns how many."""
         ...
 
+    async def available(self) -> int:
+        """What is left of the monthly allowance (a read, nothing taken)."""
+        ...
+
 
 class GovernorActor(Actor[TokenRequest]):
     def __init__(
@@ -104,7 +113,6 @@ class GovernorActor(Actor[TokenRequest]):
         hours: WorkingHours,
         daily: DailyLimits,
         clock: Clock,
-        quota_retry: timedelta,
         max_active: int = 1,
         competition: Competition | None = None,
         spent: SpentTokens | None = None,
@@ -117,7 +125,6 @@ class GovernorActor(Actor[TokenRequest]):
         self._hours = hours
         self._daily = daily
         self._clock = clock
-        self._quota_retry = quota_retry
         self._spent = spent
         self._sub: Subscription | None = None
 
@@ -138,9 +145,6 @@ class GovernorActor(Actor[TokenRequest]):
             hours=WorkingHours.from_settings(settings),
             daily=DailyLimits.from_settings(settings),
             clock=clock,
-            # The sync that restores the quota lifts the wait at once; this
-            # time is only the safety net for a sync that never comes.
-            quota_retry=timedelta(seconds=2 * settings.quota_sync_interval_seconds),
             max_active=settings.max_active_campaigns,
             competition=PgStore(pool),
             spent=PgSpentTokens(pool, ZoneInfo(settings.timezone)),
@@ -182,7 +186,7 @@ class GovernorActor(Actor[TokenRequest]):
     async def handle(self, msg: TokenRequest) -> object:
         now = self._clock.now()
         if msg.kind == "campaign" and not self._hours.is_open(now):
-            return self._refuse(msg, "outside_hours", self._hours.next_open(now), count=0)
+            return await self._refuse_closed(msg, now)
 
         daily_limit = self._daily.limit_for(msg.owner_id)
         day = self._hours.local_date(now)
@@ -196,15 +200,27 @@ class GovernorActor(Actor[TokenRequest]):
             competing=await self._competing(now, msg),
             spent=self._spent,
         )
-        if r.refused_by == "daily_limit":
-            return self._refuse(
-                msg, "daily_limit", self._hours.next_day_start(now), count=r.day_used, r=r
+        if r.granted == 0:
+            ns = next_send(
+                now,
+                self._limits(
+                    msg,
+                    hour_used=r.hour_used,
+                    share_left=0 if r.capped else None,
+                    day_used=r.day_used,
+                    daily_limit=r.day_limit,
+                ),
             )
-        if r.refused_by == "rate_per_hour":
-            # Capped by its fair share only: others use the rest of the hour;
-            # the share grows when they stop asking, so look again soon.
-            retry = now + timedelta(seconds=FAIR_SHARE_WINDOW_SECONDS) if r.capped else r.next_hour
-            return self._refuse(msg, "rate_per_hour", retry, count=r.hour_used, r=r)
+            assert ns.reason in ("daily_limit", "rate_per_hour"), ns
+            retry = ns.at
+            if r.capped and ns.reason == "rate_per_hour":
+                # Capped by its fair share only: others use the rest of the
+                # hour, and what they cannot use (finished, deferred, paused)
+                # comes back to it within the hour — so it asks again soon.
+                assert retry is not None
+                retry = min(retry, now + timedelta(seconds=FAIR_SHARE_WINDOW_SECONDS))
+            count = r.day_used if ns.reason == "daily_limit" else r.hour_used
+            return self._refuse(msg, ns.reason, retry, count=count, r=r)
 
         try:
             taken = await self._quota.take(r.granted)
@@ -215,7 +231,8 @@ class GovernorActor(Actor[TokenRequest]):
         if taken < r.granted:
             r = await self._limiter.give_back(r, r.granted - taken)
         if taken == 0:
-            return self._refuse(msg, "quota_exhausted", now + self._quota_retry, count=0, r=r)
+            # No time can be named: the restoring sync (or quota.set) lifts the wait.
+            return self._refuse(msg, "quota_exhausted", None, count=0, r=r)
 
         metrics.TOKENS_GRANTED.inc(taken)
         return TokenReply(
@@ -229,6 +246,59 @@ class GovernorActor(Actor[TokenRequest]):
             decided_at=now,
             valid_until=self._valid_until(msg, now, r.next_hour),
         )
+
+    def _limits(
+        self,
+        msg: TokenRequest,
+        *,
+        hour_used: int = 0,
+        share_left: int | None = None,
+        day_used: int = 0,
+        daily_limit: int | None = None,
+        quota: int | None = None,
+    ) -> Limits:
+        return Limits(
+            hours=self._hours,
+            hourly_limit=self._limiter.hourly_limit,
+            hour_used=hour_used,
+            share_left=share_left,
+            daily_limit=self._daily.limit_for(msg.owner_id) if daily_limit is None else daily_limit,
+            day_used=day_used,
+            quota=quota,
+            kind=msg.kind,
+        )
+
+    async def _refuse_closed(self, msg: TokenRequest, now: datetime) -> TokenReply:
+        """Outside working hours: when mail can go, every limit considered.
+
+        The quota and the counters are read, nothing reserved: a quota of 0 is
+        the reason (no time can be named), and a day already used up waits for
+        the next working day, not for this morning's opening. The counters are
+        best effort (Redis down: taken as unused, the limiter's fail-open side).
+        """
+        quota = await self._quota.available()
+        daily_limit = self._daily.limit_for(msg.owner_id)
+        try:
+            hour_used = await self._limiter.hour_used(now)
+            day_used = await self._limiter.day_used(msg.owner_id, self._hours.local_date(now))
+        except Exception as exc:  # the counters only sharpen the time; the hours hold anyway
+            log.warning(
+                "rate counters unavailable outside working hours", extra={"error": repr(exc)}
+            )
+            hour_used = day_used = 0
+        ns: NextSend = next_send(
+            now,
+            self._limits(
+                msg,
+                hour_used=hour_used,
+                day_used=day_used,
+                daily_limit=daily_limit,
+                quota=quota,
+            ),
+        )
+        assert ns.reason is not None, ns
+        count = {"daily_limit": day_used, "rate_per_hour": hour_used}.get(ns.reason, 0)
+        return self._refuse(msg, ns.reason, ns.at, count=count)
 
     def _valid_until(self, msg: TokenRequest, now: datetime, next_hour: datetime) -> datetime:
         """Where the grant's window ends: its hour, its local day, or working hours.
@@ -255,8 +325,8 @@ class GovernorActor(Actor[TokenRequest]):
     def _refuse(
         self,
         msg: TokenRequest,
-        reason: Literal["outside_hours", "daily_limit", "rate_per_hour", "quota_exhausted"],
-        retry_at: datetime,
+        reason: str,
+        retry_at: datetime | None,
         *,
         count: int,
         r: Reservation | None = None,
@@ -271,7 +341,7 @@ class GovernorActor(Actor[TokenRequest]):
                 "kind": msg.kind,
                 "want": msg.want,
                 "defer_reason": reason,
-                "deferred_until": retry_at.isoformat(),
+                "deferred_until": retry_at.isoformat() if retry_at else None,
                 # The count of the limit that refused (0 where none is counted).
                 "rate_limit_count": count,
             },

@@ -10,12 +10,15 @@ RETURNING id;
 
 -- name: queue-runnable
 -- Entries that may run now, in queue order: not finished, not waiting for a
--- later time, not held by a live lease of another process.
+-- later time nor for a quota top-up (quota_exhausted with no time: the sync
+-- or quota.set that restores the quota lifts it), not held by a live lease of
+-- another process.
 SELECT q.id, q.campaign_id, q.priority, q.queued_at, q.deferred_until, q.lease_owner
 FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
 WHERE q.completed_at IS NULL
   AND c.status IN ('ready', 'sending')
   AND (q.deferred_until IS NULL OR q.deferred_until <= $1)
+  AND NOT (q.deferred_until IS NULL AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted')
   AND (q.lease_owner IS NULL OR q.lease_until <= $1)
 ORDER BY q.priority DESC, q.queued_at, q.id
 LIMIT $2;
@@ -47,6 +50,7 @@ WHERE q.campaign_id = $1 AND c.id = q.campaign_id AND q.completed_at IS NULL
   AND (q.lease_owner IS NULL OR q.lease_until <= $4)
   AND (q.deferred_until IS NULL OR q.deferred_until <= $4)
   AND (q.defer_reason IS NULL OR q.defer_reason NOT IN ('paused', 'circuit_breaker'))
+  AND NOT (q.deferred_until IS NULL AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted')
   AND (SELECT epoch FROM leader_fence) = $5
 RETURNING q.id, q.lease_epoch, q.consecutive_transient_errors, q.started_at;
 
@@ -112,10 +116,11 @@ WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
 
 -- name: queue-competing
 -- Campaigns competing for the hour's tokens now: running, or ready to run
--- (a deferred one is waiting for a later time, not for tokens).
+-- (a deferred one is waiting for a later time or a quota top-up, not for tokens).
 SELECT count(*)::bigint FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
 WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
-  AND (q.deferred_until IS NULL OR q.deferred_until <= $1);
+  AND (q.deferred_until IS NULL OR q.deferred_until <= $1)
+  AND NOT (q.deferred_until IS NULL AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted');
 
 -- name: queue-processing-since
 -- Entries an owner is processing now (live lease), longest-held first: the

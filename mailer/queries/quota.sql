@@ -44,10 +44,11 @@ RETURNING emails_available, monthly_limit, last_synced_at, sync_error;
 
 -- name: queue-lift-reason
 -- Ends every deferral of one reason now (e.g. quota_exhausted once the quota
--- is back). The reason stays until the campaign runs again: the queue shows
--- why it waited; queue-acquire clears it.
+-- is back: those wait with no time at all). The reason stays until the
+-- campaign runs again: the queue shows why it waited; queue-acquire clears it.
 UPDATE queue_entry SET deferred_until = $2
-WHERE defer_reason = $1 AND completed_at IS NULL AND deferred_until > $2
+WHERE defer_reason = $1 AND completed_at IS NULL
+  AND (deferred_until IS NULL OR deferred_until > $2)
 RETURNING campaign_id;
 
 -- name: quota-share
