@@ -124,6 +124,9 @@ class Locked:
         )
         return len(inserted)
 
+    async def recipients_count(self) -> int:
+        return int(await self._conn.fetchval(Q["api-recipients-count"], self._id()))
+
     async def remove_pending(self, emails: Sequence[str]) -> tuple[set[str], dict[str, str]]:
         """Deletes pending recipients by (lowercased) address.
 

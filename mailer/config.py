@@ -137,7 +137,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ] = 1
     max_campaign_recipients: Annotated[
         PositiveInt,
-        Meta(description="A campaign with more recipients is refused at start: split it."),
+        Meta(description="A campaign may not have more recipients: an add beyond is refused."),
     ] = 10_000
     campaign_lease_seconds: Annotated[
         Seconds,
@@ -155,6 +155,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         PositiveInt,
         Meta(description="Consecutive transient errors that pause a campaign."),
     ] = 10
+    max_transient_attempts: Annotated[
+        PositiveInt,
+        Meta(description="Transient answers one recipient may get; then it fails with the last."),
+    ] = 5
     large_campaign_warning: Annotated[
         PositiveInt, Meta(description="Starting a campaign larger than this warns the manager.")
     ] = 5000
@@ -219,6 +223,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     stuck_after_minutes: Annotated[
         Seconds, Meta(description="A campaign processing longer than this is reported.")
     ] = 30.0
+    retention_send_log_days: Annotated[
+        Annotated[int, Meta(ge=0)],
+        Meta(description="Send-log rows older than this are removed by the leader (0: kept)."),
+    ] = 365
+    retention_audit_log_days: Annotated[
+        Annotated[int, Meta(ge=0)],
+        Meta(description="Audit-log rows older than this are removed by the leader (0: kept)."),
+    ] = 730
+    retention_recipients_days: Annotated[
+        Annotated[int, Meta(ge=0)],
+        Meta(
+            description=(
+                "Recipients of campaigns finished longer ago are removed, their counts kept "
+                "(0: kept)."
+            )
+        ),
+    ] = 365
+    retention_batch_size: Annotated[
+        PositiveInt,
+        Meta(description="Rows one retention statement removes; each reconcile runs a few."),
+    ] = 1000
     start_throttle_per_hour: Annotated[
         PositiveInt, Meta(description="Campaign starts one manager may make per hour.")
     ] = 10

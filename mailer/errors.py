@@ -48,6 +48,7 @@ CODES: Final[Mapping[str, int]] = {
     "validation_error": 422,
     "too_many_in_one_call": 422,
     "too_many_recipients": 422,
+    "recipients_limit": 422,
     "empty_campaign": 422,
     "attachment_too_large": 422,
     "attachments_total_too_large": 422,

@@ -238,6 +238,26 @@ class JetStreamEvents:
         note = notification_for(event, settings=self._settings)
         return None if note is None else self.notification_notice(note)
 
+    def event_notice(self, event: CampaignEvent) -> Notice:
+        """A campaign event as an outbox row: the same subject and dedup id as ``emit``."""
+        return Notice(
+            kind="campaign",
+            subject=self._bus.subject("events", "campaign", _subject_token(event.event)),
+            msg_id=f"{event.campaign_id}:{event.event}:{event.at.isoformat()}",
+            payload=encode(event),
+            campaign_id=event.campaign_id,
+        )
+
+    def unsubscribe_notice(self, event: UnsubscribeEvent) -> Notice:
+        """An unsubscribe as an outbox row: the same subject and dedup id as ``unsubscribed``."""
+        return Notice(
+            kind="unsubscribe",
+            subject=self._bus.subject("events", "unsubscribe"),
+            msg_id=f"unsubscribe:{event.email_hash}:{event.at.isoformat()}",
+            payload=encode(event),
+            campaign_id=event.campaign_id,
+        )
+
     def notification_notice(self, note: Notification) -> Notice:
         when = (note.deferred_until or note.at).isoformat()
         return Notice(

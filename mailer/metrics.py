@@ -50,6 +50,7 @@ __all__ = [
     "QUEUE_DEPTH",
     "RATE_COUNTER_REBUILDS",
     "RATE_LIMITER_REDIS_ERRORS",
+    "RETENTION_DELETED",
     "SEND_DURATION",
     "TOKENS_DENIED",
     "TOKENS_GRANTED",
@@ -188,6 +189,13 @@ PROCESSING_OLDEST_SECONDS: Final = Gauge(
     "Age in seconds of the oldest queue entry currently in processing (0 when none).",
 )
 
+RETENTION_DELETED: Final = Counter(
+    "mailer_retention_deleted_total",
+    "Rows the leader's retention removed, by table (send_log, audit_log, recipient).",
+    ["table"],
+)
+RETENTION_TABLES: Final = ("send_log", "audit_log", "recipient")
+
 BUILD_INFO: Final = Info("mailer_build", "Version of the running mailer.")
 
 
@@ -210,6 +218,8 @@ for _kind in SEND_KINDS:
 for _reason in KNOWN_DEFER_REASONS:
     DEFERS.labels(reason=_reason)
 RATE_LIMITER_REDIS_ERRORS.labels(policy="fail_open")
+for _table in RETENTION_TABLES:
+    RETENTION_DELETED.labels(table=_table)
 for _window in ("hour", "day"):
     RATE_COUNTER_REBUILDS.labels(window=_window)
 for _action in ("start", "test_email"):

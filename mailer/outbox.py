@@ -1,15 +1,18 @@
 """The relay of the event outbox: stored notices go to JetStream, then away.
 
-A notice (an owner notification) is written by the transaction that calls for
-it — the deferral's — so it exists exactly when the deferral does. A relay
-publishes the stored notices oldest first and deletes each one JetStream
-confirmed. Two relays may run at once (a campaign actor right after its
-deferral, the leader's scheduler on every wake and reconcile): ``FOR UPDATE
-SKIP LOCKED`` gives each its own rows, so across relays the order is not
-guaranteed (each notice carries its own time). The stream's duplicate window
-(15 minutes) drops the repeat of a publish whose acknowledgement was lost;
-a repeat later than that is stored twice. Delivery is at least once; a
-failure leaves the rows for the next relay and is counted by the events'
+A notice (an owner notification, a final campaign event, an unsubscribe) is
+written by the transaction that calls for it -- the deferral's, the final
+status's -- so it exists exactly when that change does. A relay takes the
+oldest stored notices (each row marked taken for ``take_seconds``) and
+commits, then publishes them with no transaction open and no row locked, and
+deletes each one JetStream confirmed. Two relays may run at once (a campaign
+actor right after its deferral, the leader's scheduler on every wake and
+reconcile): a taken row is not taken again until its time runs out, so across
+relays the order is not guaranteed (each notice carries its own time). The
+stream's duplicate window (15 minutes) drops the repeat of a publish whose
+acknowledgement was lost, or whose relay died before deleting it; a repeat
+later than that is stored twice. Delivery is at least once; a failure gives
+the rest of the rows back for the next relay and is counted by the events'
 publish-failure metric.
 """
 
@@ -33,40 +36,47 @@ class NoticePublisher(Protocol):
 
 
 class OutboxRelay:
-    def __init__(self, pool: asyncpg.Pool, publisher: NoticePublisher, *, batch: int = 100) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        publisher: NoticePublisher,
+        *,
+        batch: int = 100,
+        take_seconds: float = 60.0,
+    ) -> None:
         self._pool = pool
         self._publisher = publisher
         self._batch = batch
+        self._take_seconds = take_seconds
 
     async def flush(self) -> int:
         """Publishes what the outbox holds, oldest first; returns how many went out.
 
         Stops at the first publish that fails (NATS is away: the rest would
-        fail too) and keeps that row and the later ones for the next relay.
+        fail too) and gives that row and the later ones back for the next relay.
         """
         sent = 0
         while True:
+            rows = await self._pool.fetch(Q["outbox-take"], self._batch, self._take_seconds)
             published: list[int] = []
-            async with self._pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(Q["outbox-take"], self._batch)
-                for r in rows:
-                    notice = Notice(
-                        kind=r["kind"],
-                        subject=r["subject"],
-                        msg_id=r["msg_id"],
-                        payload=bytes(r["payload"]),
-                        campaign_id=r["campaign_id"],
-                    )
-                    if not await self._publisher.publish_notice(notice):
-                        break
-                    published.append(int(r["id"]))
-                if published:
-                    await conn.execute(Q["outbox-delete"], published)
+            for r in sorted(rows, key=lambda r: int(r["id"])):
+                notice = Notice(
+                    kind=r["kind"],
+                    subject=r["subject"],
+                    msg_id=r["msg_id"],
+                    payload=bytes(r["payload"]),
+                    campaign_id=r["campaign_id"],
+                )
+                if not await self._publisher.publish_notice(notice):
+                    break
+                published.append(int(r["id"]))
+            if published:
+                await self._pool.execute(Q["outbox-delete"], published)
             sent += len(published)
-            if len(published) < self._batch:
-                if len(published) < len(rows):
-                    log.warning(
-                        "outbox kept notices for the next relay",
-                        extra={"count": len(rows) - len(published)},
-                    )
+            if len(published) < len(rows):
+                kept = [int(r["id"]) for r in rows if int(r["id"]) not in set(published)]
+                await self._pool.execute(Q["outbox-untake"], kept)
+                log.warning("outbox kept notices for the next relay", extra={"count": len(kept)})
+                return sent
+            if len(rows) < self._batch:
                 return sent

@@ -41,7 +41,13 @@ from email.utils import format_datetime, parseaddr
 
 from mailer.texts import text
 
-__all__ = ["Attachment", "MessageTemplate", "idna_address", "make_message_id"]
+__all__ = [
+    "Attachment",
+    "MessageTemplate",
+    "check_attachment",
+    "idna_address",
+    "make_message_id",
+]
 
 # (filename, content type such as "application/pdf", raw bytes)
 Attachment = tuple[str, str, bytes]
@@ -269,6 +275,16 @@ def _attachment_part(filename: str, content_type: str, data: bytes) -> bytes:
     )
     raw = part.as_bytes(policy=_POLICY)
     return raw if raw.endswith(b"\r\n") else raw + b"\r\n"
+
+
+def check_attachment(filename: str, content_type: str) -> None:
+    """Raises ValueError for an attachment the template would refuse.
+
+    The very code ``MessageTemplate`` builds an attachment's part with (the
+    content plays no part in what is refused), so the API that checks with it
+    can never accept a file the engine cannot send.
+    """
+    _attachment_part(filename, content_type, b"")
 
 
 class MessageTemplate:

@@ -60,6 +60,7 @@ from mailer.messages import Wake
 from mailer.outbox import OutboxRelay
 from mailer.quota import QuotaSyncActor, lift_deferrals
 from mailer.ratelimit import SendLimiter
+from mailer.retention import Retention, RetentionPolicy
 from mailer.rules import WorkingHours
 from mailer.store import PgStore
 from mailer.transport import SmtpTransport
@@ -167,7 +168,7 @@ class Service:
     async def start(self) -> None:
         s = self.settings
         self._pool = await connect_pool(s.database_url, size=s.database_pool_size)
-        self._store = PgStore(self._pool)
+        self._store = PgStore(self._pool, max_transient_attempts=s.max_transient_attempts)
         self._redis = redis.Redis.from_url(
             s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
         )
@@ -203,6 +204,15 @@ class Service:
             s.smtp_account,
             threshold=s.circuit_breaker_threshold,
             cooldown=timedelta(minutes=s.transient_retry_delay_minutes),
+        )
+        retention = Retention(
+            self._pool,
+            RetentionPolicy(
+                send_log_days=s.retention_send_log_days,
+                audit_log_days=s.retention_audit_log_days,
+                recipients_days=s.retention_recipients_days,
+                batch=s.retention_batch_size,
+            ),
         )
         children: list[ChildSpec[Any]] = [
             ChildSpec(
@@ -253,6 +263,7 @@ class Service:
                     outbox=outbox,
                     # A restarted scheduler asks whether this process leads.
                     leadership=lambda: self.leader_epoch,
+                    retention=retention,
                 ),
             ),
             ChildSpec(
@@ -295,6 +306,7 @@ class Service:
             secrets=secrets_of(s),
             store=PgUnsubscribes(self._pool),
             events=self._events,
+            outbox=self._outbox,
             clock=self.clock,
         )
         self._public_http.add_routes(unsubscribe_pages.routes())

@@ -7,7 +7,7 @@ owner's late write matches no row and changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +21,7 @@ __all__ = [
     "Attachment",
     "CampaignRow",
     "Claimed",
+    "FinalNotices",
     "Finish",
     "Lease",
     "Outcome",
@@ -77,6 +78,20 @@ class Finish(msgspec.Struct, frozen=True, kw_only=True):
     status: str | None  # sent | completed_with_errors; None: not finished
     counts: dict[str, int]
     lease_lost: bool = False
+    # The campaign was no longer 'sending' (a manager paused or cancelled it):
+    # not finished, and the lease is given up; the status found.
+    stopped: str | None = None
+
+
+# The events a final status calls for (the campaign's ``sent`` or
+# ``completed_with_errors``), built by the caller from the campaign, status and
+# counts found: they go into the event outbox in the transaction that writes
+# the status.
+FinalNotices = Callable[[int, str, str, dict[str, int]], Sequence[Notice]]
+
+# A test hook called at a named point of a store operation with the campaign
+# id: the spot where a race with the API is decided. Empty in production.
+StoreHooks = Mapping[str, Callable[[int], Awaitable[None]]]
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,8 +145,21 @@ def campaign_view(
 
 
 class PgStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        max_transient_attempts: int = 5,
+        hooks: StoreHooks | None = None,
+    ) -> None:
         self.pool = pool
+        self._max_transient_attempts = max_transient_attempts
+        self._hooks: StoreHooks = hooks if hooks is not None else {}
+
+    async def _hook(self, name: str, campaign_id: int) -> None:
+        hook = self._hooks.get(name)
+        if hook is not None:
+            await hook(campaign_id)
 
     # --- campaigns ------------------------------------------------------------
 
@@ -183,7 +211,7 @@ class PgStore:
         """Moves the campaign to ``ready`` and (re)queues it; None if not allowed now."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                Q["campaign-set-status"], campaign_id, "ready", list(allowed_from), now
+                Q["campaign-set-status-from"], campaign_id, "ready", list(allowed_from), now
             )
             if row is None:
                 return None
@@ -197,7 +225,7 @@ class PgStore:
                 actor_id,
                 "campaign.status",
                 campaign_id,
-                {"from": row["status"], "to": "ready"},
+                {"from": row["previous"], "to": "ready"},
             )
         return _campaign(c)
 
@@ -231,9 +259,19 @@ class PgStore:
     async def release(self, lease: Lease) -> None:
         await self.pool.execute(Q["queue-release"], lease.campaign_id, lease.owner, lease.epoch)
 
-    async def begin_sending(self, lease: Lease, now: datetime) -> int:
-        """Marks the campaign ``sending``; settles what a dead owner left in doubt."""
+    async def begin_sending(self, lease: Lease, now: datetime) -> int | None:
+        """Marks the campaign ``sending``; settles what a dead owner left in doubt.
+
+        Only while the lease is ours (the queue entry is locked first): a
+        takeover that lost its lease before this ran changes nothing and gets
+        None.
+        """
         async with self.pool.acquire() as conn, conn.transaction():
+            ours = await conn.fetchrow(
+                Q["queue-lock-ours"], lease.campaign_id, lease.owner, lease.epoch
+            )
+            if ours is None:
+                return None
             moved = await conn.fetchrow(
                 Q["campaign-set-status"], lease.campaign_id, "sending", ["ready"], now
             )
@@ -281,15 +319,20 @@ class PgStore:
         *,
         transient_errors: int | None = None,
         success: bool = False,
-    ) -> None:
+    ) -> dict[int, str]:
         """Writes recipient outcomes, their send-log rows and the campaign's
         consecutive-transient-error count in one transaction.
 
-        A ``transient`` outcome puts the recipient back to ``pending`` (it will
-        be retried) while its attempt stays in the send log.
+        Returns the status each recipient row written got. A ``transient``
+        outcome puts the recipient back to ``pending`` (it will be retried),
+        or fails it once it had ``max_transient_attempts`` transient answers;
+        its attempt stays in the send log. Idempotent: only rows still claimed
+        by this lease (or a takeover's doubt, replaced by a final outcome) are
+        written, and only those get send-log rows, so a record retried after a
+        commit of unknown outcome writes nothing twice.
         """
         if not outcomes:
-            return
+            return {}
         rec = list(outcomes)
         async with self.pool.acquire() as conn, conn.transaction():
             if transient_errors is not None:
@@ -301,31 +344,46 @@ class PgStore:
                     transient_errors,
                     success,
                 )
-            recorded = await conn.fetch(
+            rows = await conn.fetch(
                 Q["recipients-record"],
                 [o.recipient_id for o in rec],
-                ["pending" if o.status == "transient" else o.status for o in rec],
-                [o.message_id if o.status != "transient" else None for o in rec],
-                [o.error if o.status != "transient" else None for o in rec],
+                [o.status for o in rec],
+                [o.message_id for o in rec],
+                # A transient outcome's error is only kept if it fails the
+                # recipient: then the server's last answer says best why.
+                [o.error if o.status != "transient" else (o.answer or o.error) for o in rec],
+                [not o.short_circuited for o in rec],
                 lease.claim_token,
                 now,
+                self._max_transient_attempts,
             )
+            written = {int(r["id"]): (str(r["status"]), r["error"]) for r in rows}
             # Rows a takeover had marked in doubt: their placeholder in the send
             # log gives way to the attempt's real row (one row per attempt).
-            await conn.execute(Q["send-log-drop-doubt-placeholders"], [r["id"] for r in recorded])
+            await conn.execute(Q["send-log-drop-doubt-placeholders"], list(written))
+            logged = [o for o in rec if o.recipient_id in written]
+            # The attempt that used up a recipient's transient attempts is the
+            # one that failed it: its row says so, as the recipient does.
+            gave_up = [
+                o.status == "transient" and written[o.recipient_id][0] == "failed" for o in logged
+            ]
             await conn.execute(
                 Q["send-log-insert"],
                 lease.campaign_id,
                 False,
-                [o.recipient_id for o in rec],
-                [o.email for o in rec],
-                [o.status for o in rec],
-                [o.message_id for o in rec],
-                [o.answer for o in rec],
-                [o.error for o in rec],
-                [o.took_ms for o in rec],
+                [o.recipient_id for o in logged],
+                [o.email for o in logged],
+                ["failed" if g else o.status for o, g in zip(logged, gave_up, strict=True)],
+                [o.message_id for o in logged],
+                [o.answer for o in logged],
+                [
+                    written[o.recipient_id][1] if g else o.error
+                    for o, g in zip(logged, gave_up, strict=True)
+                ],
+                [o.took_ms for o in logged],
                 now,
             )
+        return {rid: status for rid, (status, _) in written.items()}
 
     async def defer(
         self,
@@ -374,25 +432,36 @@ class PgStore:
     async def pause_by_breaker(
         self, lease: Lease, now: datetime, *, notice: Notice | None = None
     ) -> tuple[bool, bool]:
-        """Pauses the campaign (status ``paused``, reason ``circuit_breaker``).
+        """Pauses the campaign (status ``paused``, reason ``circuit_breaker``)."""
+        return await self.pause(lease, "circuit_breaker", now, notice=notice)
 
-        The fenced queue update goes first: a deposed owner, whose lease is
-        gone, pauses nothing.
+    async def pause(
+        self, lease: Lease, reason: str, now: datetime, *, notice: Notice | None = None
+    ) -> tuple[bool, bool]:
+        """Pauses the campaign (status ``paused``) with ``reason`` and lets go of it.
+
+        ``circuit_breaker`` or ``render_error``: only a manager's resume runs
+        it again. The fenced queue update goes first: a deposed owner, whose
+        lease is gone, pauses nothing. Returns (paused, notice stored).
         """
         async with self.pool.acquire() as conn, conn.transaction():
             paused, noticed = await self._wait(
                 lease,
-                Q["queue-pause-breaker"],
-                reason="circuit_breaker",
+                Q["queue-pause"],
+                reason=reason,
                 now=now,
-                args=(),
+                args=(reason,),
                 notice=notice,
                 conn=conn,
             )
             if not paused:
                 return False, False
             moved = await conn.fetchrow(
-                Q["campaign-set-status"], lease.campaign_id, "paused", ["sending", "ready"], now
+                Q["campaign-set-status-from"],
+                lease.campaign_id,
+                "paused",
+                ["sending", "ready"],
+                now,
             )
             if moved is None:  # a manager paused or cancelled it meanwhile: theirs stands
                 return True, noticed
@@ -402,7 +471,7 @@ class PgStore:
                 "system",
                 "campaign.status",
                 lease.campaign_id,
-                {"from": "sending", "to": "paused", "reason": "circuit_breaker"},
+                {"from": moved["previous"], "to": "paused", "reason": reason},
             )
             return True, noticed
 
@@ -477,65 +546,126 @@ class PgStore:
         rows = await self.pool.fetch(Q["queue-processing-since"], now)
         return [(int(r["campaign_id"]), r["leased_at"], r["defer_reason"]) for r in rows]
 
+    async def settle_stale_claims(self, now: datetime, fence: int) -> dict[int, int]:
+        """Rows left ``sending`` under a claim that is not the live lease's become
+        ``in_doubt`` (a live owner would otherwise wait for them forever).
+
+        On the leader's authority (``fence``); returns {campaign_id: rows settled}.
+        """
+        settled: dict[int, int] = {}
+        async with self.pool.acquire() as conn, conn.transaction():
+            for r in await conn.fetch(Q["recipients-stale-claims-to-doubt"], now, fence):
+                cid = int(r["campaign_id"])
+                settled[cid] = settled.get(cid, 0) + 1
+        return settled
+
     async def finish_orphans(
-        self, now: datetime, fence: int
+        self, now: datetime, fence: int, *, notices: FinalNotices | None = None
     ) -> list[tuple[int, str, str, dict[str, int]]]:
         """Gives a final status to campaigns with nothing left and no live owner.
 
+        Checked and written under the campaign's locks (queue entry, then the
+        campaign row, as the API takes them): a campaign a manager paused or
+        cancelled meanwhile keeps that status and its queue entry. The final
+        events (``notices``) go into the event outbox in the same transaction.
         Returns (campaign_id, owner_id, status, counts) of each one finished.
         """
         done: list[tuple[int, str, str, dict[str, int]]] = []
         for row in await self.pool.fetch(Q["queue-unfinished-without-work"], now):
             cid = int(row["campaign_id"])
+            await self._hook("finish_orphans.listed", cid)
             async with self.pool.acquire() as conn, conn.transaction():
-                if await conn.fetchrow(Q["queue-complete-fenced"], cid, now, fence) is None:
+                if await conn.fetchrow(Q["queue-lock-orphan"], cid, now, fence) is None:
+                    continue
+                c = await conn.fetchrow(Q["campaign-lock"], cid)
+                if c is None or c["status"] not in ("sending", "ready"):
                     continue
                 counts = await self.counts(cid, conn)
-                bad = counts.get("failed", 0) + counts.get("in_doubt", 0)
-                status = "completed_with_errors" if bad else "sent"
-                moved = await conn.fetchrow(
-                    Q["campaign-set-status"], cid, status, ["sending", "ready"], now
-                )
-                if moved is None:
-                    continue
+                if counts.get("pending", 0) or counts.get("sending", 0):
+                    continue  # recipients added meanwhile: an owner will send them
+                status = _final_status(counts)
+                await conn.execute(Q["queue-complete-fenced"], cid, now, fence)
+                await conn.execute(Q["campaign-set-status"], cid, status, ["sending", "ready"], now)
                 await conn.execute(
                     Q["audit-insert"],
                     now,
                     "system",
                     "campaign.status",
                     cid,
-                    {"to": status, "counts": counts, "by": "reconcile"},
+                    {"from": c["status"], "to": status, "counts": counts, "by": "reconcile"},
                 )
-            done.append((cid, str(moved["owner_id"]), status, counts))
+                owner = str(c["owner_id"])
+                await self._store_notices(
+                    conn, notices, cid, owner, status=status, counts=counts, now=now
+                )
+            done.append((cid, owner, status, counts))
         return done
 
-    async def finish(self, lease: Lease, now: datetime) -> Finish:
+    async def finish(
+        self, lease: Lease, now: datetime, *, notices: FinalNotices | None = None
+    ) -> Finish:
         """Gives the campaign its honest final status when nothing is left to send.
 
-        Not finished when recipients are still pending or claimed (someone added
-        recipients, or rows were locked when the claim looked), nor when the
-        lease is no longer ours (``lease_lost``).
+        Checked and written under the campaign's locks (the queue entry, then
+        the campaign row: the same locks, in the same order, as the API's
+        pause and cancel), and only from ``sending``. Not finished when
+        recipients are still pending or claimed (someone added recipients, or
+        rows were locked when the claim looked), nor when the lease is no
+        longer ours (``lease_lost``). A campaign a manager paused or cancelled
+        is not finished either (``stopped``): its status and queue entry stay
+        as the manager left them, and the lease is given up. The final events
+        (``notices``) go into the event outbox in the same transaction.
         """
+        cid = lease.campaign_id
         async with self.pool.acquire() as conn, conn.transaction():
-            counts = await self.counts(lease.campaign_id, conn)
+            if await conn.fetchrow(Q["queue-lock-ours"], cid, lease.owner, lease.epoch) is None:
+                return Finish(status=None, counts={}, lease_lost=True)
+            c = await conn.fetchrow(Q["campaign-lock"], cid)
+            counts = await self.counts(cid, conn)
+            await self._hook("finish.checked", cid)
+            if c is None or c["status"] != "sending":
+                await conn.execute(Q["queue-release"], cid, lease.owner, lease.epoch)
+                return Finish(
+                    status=None, counts=counts, stopped="deleted" if c is None else str(c["status"])
+                )
             if counts.get("pending", 0) or counts.get("sending", 0):
                 return Finish(status=None, counts=counts)
-            bad = counts.get("failed", 0) + counts.get("in_doubt", 0)
-            status = "completed_with_errors" if bad else "sent"
-            done = await conn.fetchrow(
-                Q["queue-complete"], lease.campaign_id, lease.owner, lease.epoch, now
-            )
-            if done is None:
-                return Finish(status=None, counts=counts, lease_lost=True)
-            await conn.fetchrow(
-                Q["campaign-set-status"], lease.campaign_id, status, ["sending", "ready"], now
-            )
+            status = _final_status(counts)
+            await conn.execute(Q["queue-complete"], cid, lease.owner, lease.epoch, now)
+            await conn.execute(Q["campaign-set-status"], cid, status, ["sending"], now)
             await conn.execute(
                 Q["audit-insert"],
                 now,
                 "system",
                 "campaign.status",
-                lease.campaign_id,
+                cid,
                 {"from": "sending", "to": status, "counts": counts},
             )
+            owner = str(c["owner_id"])
+            await self._store_notices(
+                conn, notices, cid, owner, status=status, counts=counts, now=now
+            )
         return Finish(status=status, counts=counts)
+
+    @staticmethod
+    async def _store_notices(
+        conn: Any,
+        notices: FinalNotices | None,
+        campaign_id: int,
+        owner_id: str,
+        *,
+        status: str,
+        counts: dict[str, int],
+        now: datetime,
+    ) -> None:
+        if notices is None:
+            return
+        for n in notices(campaign_id, owner_id, status, counts):
+            await conn.execute(
+                Q["outbox-insert"], n.kind, n.subject, n.msg_id, n.payload, n.campaign_id, now
+            )
+
+
+def _final_status(counts: dict[str, int]) -> str:
+    bad = counts.get("failed", 0) + counts.get("in_doubt", 0)
+    return "completed_with_errors" if bad else "sent"

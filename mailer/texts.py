@@ -77,6 +77,14 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "en": "Sending paused after {threshold} temporary sending errors in a row. "
         "Check the SMTP server and resume the campaign.",
     },
+    # The engine could not build the campaign's message (its subject, bodies or
+    # attachments): it is paused so the queue goes on, until its owner fixes it.
+    "render_error": {
+        "ru": "Рассылка приостановлена: письмо не удаётся собрать (тема, текст или вложения). "
+        "Исправьте кампанию и возобновите рассылку.",
+        "en": "Sending paused: the message cannot be built (subject, body or attachments). "
+        "Fix the campaign and resume it.",
+    },
     "paused": {
         "ru": "Рассылка приостановлена вручную. Возобновите её, когда будете готовы.",
         "en": "The campaign was paused by hand. Resume it when you are ready.",
@@ -211,6 +219,13 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "максимум {limit}. Разделите её на несколько.",
         "en": "The campaign has {count} {count:plural:recipient|recipients}, "
         "at most {limit} allowed. Split it.",
+    },
+    "recipients_limit": {
+        "ru": "Адреса не добавлены: в кампании стало бы {count} "
+        "{count:plural:получатель|получателя|получателей}, максимум {limit}. "
+        "Разделите её на несколько.",
+        "en": "Nothing added: the campaign would have {count} "
+        "{count:plural:recipient|recipients}, at most {limit} allowed. Split it.",
     },
     "too_many_in_one_call": {
         "ru": "За один раз можно добавить не больше {limit} адресов.",

@@ -39,6 +39,7 @@ import nacl.secret
 
 from mailer.config import Settings
 from mailer.db import Q
+from mailer.messages import Notice
 
 __all__ = [
     "PgUnsubscribes",
@@ -166,12 +167,29 @@ class PgUnsubscribes:
         campaign_id: int | None,
         audit: dict[str, str],
         now: datetime,
+        notice: Notice | None = None,
     ) -> Recorded:
-        """Idempotent: the first call records (and audits) it, later ones find it."""
+        """Idempotent: the first call records (and audits) it, later ones find it.
+
+        ``notice``: the unsubscribe event (recorded at ``now``), stored in the
+        event outbox in the same transaction as the first record, so it is
+        never lost between the two; a repeated call stores none.
+        """
         async with self._pool.acquire() as conn:
-            created = await conn.fetchval(
-                Q["unsubscribe-insert"], email, source, now, campaign_id, audit
-            )
+            async with conn.transaction():
+                created = await conn.fetchval(
+                    Q["unsubscribe-insert"], email, source, now, campaign_id, audit
+                )
+                if created is not None and notice is not None:
+                    await conn.execute(
+                        Q["outbox-insert"],
+                        notice.kind,
+                        notice.subject,
+                        notice.msg_id,
+                        notice.payload,
+                        notice.campaign_id,
+                        now,
+                    )
             if created is not None:
                 return Recorded(created_at=created, new=True)
             # A separate statement: its snapshot sees a row another request

@@ -29,6 +29,7 @@ from prometheus_client import Counter
 from mailer.clock import Clock
 from mailer.events import UnsubscribeEvent
 from mailer.logs import email_fields, mask_email
+from mailer.messages import Notice
 from mailer.texts import Lang, text
 from mailer.unsubscribe import Recorded, verify
 
@@ -95,11 +96,18 @@ class UnsubscribeStore(Protocol):
         campaign_id: int | None,
         audit: dict[str, str],
         now: datetime,
+        notice: Notice | None = None,
     ) -> Recorded: ...
 
 
 class UnsubscribeEventSink(Protocol):
-    async def unsubscribed(self, event: UnsubscribeEvent) -> None: ...
+    def unsubscribe_notice(self, event: UnsubscribeEvent) -> Notice:
+        """The event as an outbox row, stored with the unsubscribe itself."""
+        ...
+
+
+class OutboxFlush(Protocol):
+    async def flush(self) -> int: ...
 
 
 def page_lang(request: web.Request) -> Lang:
@@ -163,12 +171,14 @@ class UnsubscribePages:
         secrets: Sequence[str],
         store: UnsubscribeStore,
         events: UnsubscribeEventSink,
+        outbox: OutboxFlush,
         clock: Clock,
     ) -> None:
         # The current secret and the retired ones still accepted (secrets_of).
         self._secrets = list(secrets)
         self._store = store
         self._events = events
+        self._outbox = outbox
         self._clock = clock
 
     def routes(self) -> list[web.RouteDef]:
@@ -211,13 +221,25 @@ class UnsubscribePages:
         # The body is not checked: RFC 8058 clients send List-Unsubscribe=One-Click,
         # the page's own form sends the same, and the sealed token alone decides.
         fields = email_fields(email)
+        now = self._clock.now()
+        # Only a new record is announced (one event per unsubscribed address):
+        # the event is stored with the record, in the event outbox.
+        event = UnsubscribeEvent(
+            email=email,
+            email_hash=fields["email_hash"],
+            email_domain=fields["email_domain"],
+            source=SOURCE_LINK,
+            campaign_id=campaign_id,
+            at=now,
+        )
         try:
             recorded = await self._store.record(
                 email,
                 source=SOURCE_LINK,
                 campaign_id=campaign_id,
                 audit={"email_hash": fields["email_hash"]},
-                now=self._clock.now(),
+                now=now,
+                notice=self._events.unsubscribe_notice(event),
             )
         except Exception:
             # ERROR lines carry the masked address and domain only (no hash).
@@ -233,17 +255,10 @@ class UnsubscribePages:
         if recorded.new:
             UNSUBSCRIBES.labels(source=SOURCE_LINK).inc()
             log.info("unsubscribed", extra={"campaign_id": campaign_id, **fields})
-            # Only a new record is announced: one event per unsubscribed address.
-            await self._events.unsubscribed(
-                UnsubscribeEvent(
-                    email=email,
-                    email_hash=fields["email_hash"],
-                    email_domain=fields["email_domain"],
-                    source=SOURCE_LINK,
-                    campaign_id=campaign_id,
-                    at=recorded.created_at,
-                )
-            )
+            try:
+                await self._outbox.flush()
+            except Exception:  # stored: the leader's relay publishes it later
+                log.warning("unsubscribe event left in the outbox", exc_info=True)
         return _page(
             lang,
             "unsubscribe_page_done_title",

@@ -205,7 +205,16 @@ async def test_start_checks_and_warnings(make_service, crm: Crm, db) -> None:
     err = await crm.fails("campaign.start", {"campaign_id": empty}, lang="en")
     assert err.message == "No emails in the queue"
 
-    big = await crm.campaign(people(4))
+    # An add past the cap is refused (recipients_limit); a campaign that grew
+    # past it before the cap was lowered is refused at start.
+    big = await crm.campaign(people(3))
+    err = await crm.fails("recipients.add", {"campaign_id": big, "recipients": people(1, start=3)})
+    assert err.code == "recipients_limit"
+    await db.execute(
+        "INSERT INTO recipient (campaign_id, email, created_at, updated_at)"
+        " VALUES ($1, 'late@example.org', now(), now())",
+        big,
+    )
     err = await crm.fails("campaign.start", {"campaign_id": big})
     assert err.code == "too_many_recipients"
     assert err.message == "В кампании 4 получателя, максимум 3. Разделите её на несколько."

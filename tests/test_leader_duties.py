@@ -3,6 +3,7 @@ and the SMTP account's circuit breaker."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
 
@@ -265,3 +266,41 @@ async def test_the_leader_reconciles_again_every_five_minutes(
     assert finished[after].status == "completed_with_errors"  # type: ignore[attr-defined]
     assert finished[after].counts == {"sent": 1, "failed": 1}  # type: ignore[attr-defined]
     assert finished[before].finished_with_errors is False  # type: ignore[attr-defined]
+
+
+async def test_reconcile_puts_rows_claimed_under_a_lost_lease_in_doubt(
+    make_service, db, caplog
+) -> None:
+    from mailer.actors.scheduler import Reconcile
+
+    # A live owner ('elsewhere' at epoch 0) and a row still claimed under an
+    # earlier holder's token: the live owner would wait for it forever.
+    cid = await _queued_campaign(db, recipients=2, status="sending")
+    await db.execute(
+        "UPDATE queue_entry SET lease_owner = 'elsewhere', lease_until = $2, leased_at = $3"
+        " WHERE campaign_id = $1",
+        cid,
+        NOW + timedelta(hours=1),
+        NOW,
+    )
+    await db.execute(
+        "UPDATE recipient SET status = 'sending', claimed_by = 'gone#0', claimed_at = $2"
+        " WHERE id = (SELECT min(id) FROM recipient WHERE campaign_id = $1)",
+        cid,
+        NOW,
+    )
+    with caplog.at_level(logging.WARNING, logger="mailer.scheduler"):
+        service = await make_service(clock=FakeClock(NOW))
+        await asyncio.wait_for(service.leadership.wait(), 10)
+        scheduler = service.supervisor.get("scheduler")
+        assert scheduler is not None
+        await scheduler.ask(Reconcile(), timeout=10)
+    rows = await db.fetch("SELECT status FROM recipient WHERE campaign_id = $1 ORDER BY id", cid)
+    assert [r["status"] for r in rows] == ["in_doubt", "pending"]
+    assert await db.fetchval("SELECT count(*) FROM send_log WHERE status = 'in_doubt'") == 1
+    settled = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "reconcile: recipients claimed under a lost lease put in doubt"
+    ]
+    assert settled and settled[0].campaign_id == cid  # type: ignore[attr-defined]

@@ -118,3 +118,118 @@ async def test_a_notification_goes_out_at_once_and_leaves_nothing_behind(
     assert len(notes) == 1
     note = msgspec.json.decode(notes[0], type=Notification)
     assert (note.campaign_id, note.reason_code) == (cid, "rate_per_hour")
+
+
+class _Publisher:
+    """Stands in for JetStream behind the relay, to look at the outbox mid-publish."""
+
+    def __init__(self, pool, during) -> None:
+        self.pool = pool
+        self.during = during
+        self.published: list[str] = []
+
+    async def publish_notice(self, notice) -> bool:
+        await self.during(notice)
+        self.published.append(notice.msg_id)
+        return True
+
+
+async def test_the_relay_publishes_with_no_transaction_open_and_nothing_twice(
+    database_url: str, db
+) -> None:
+    from mailer.db import connect_pool
+    from mailer.outbox import OutboxRelay
+
+    for i in range(3):
+        await db.execute(
+            "INSERT INTO event_outbox (kind, subject, msg_id, payload, created_at)"
+            " VALUES ('notify', 's', $1, '\\x00', $2)",
+            f"n{i}",
+            MONDAY_1015_UTC,
+        )
+    pool = await connect_pool(database_url, size=3)
+    try:
+        seen_by_other: list[int] = []
+        other = OutboxRelay(pool, _Publisher(pool, lambda n: asyncio.sleep(0)))
+
+        async def during(notice) -> None:
+            # While this relay publishes, its rows are locked by nobody (a writer
+            # or a vacuum waits on nothing) and another relay takes none of them.
+            rows = await db.fetch("SELECT id FROM event_outbox FOR UPDATE NOWAIT")
+            assert len(rows) == 3  # deleted once the batch is out
+            seen_by_other.append(await other.flush())
+
+        first = OutboxRelay(pool, _Publisher(pool, during))
+        assert await first.flush() == 3
+        assert first._publisher.published == ["n0", "n1", "n2"]  # type: ignore[attr-defined]
+        assert seen_by_other == [0, 0, 0]
+        assert await db.fetchval("SELECT count(*) FROM event_outbox") == 0
+    finally:
+        await pool.close()
+
+
+async def test_a_failed_publish_gives_the_rest_back_at_once(database_url: str, db) -> None:
+    from mailer.db import connect_pool
+    from mailer.outbox import OutboxRelay
+
+    for i in range(3):
+        await db.execute(
+            "INSERT INTO event_outbox (kind, subject, msg_id, payload, created_at)"
+            " VALUES ('notify', 's', $1, '\\x00', $2)",
+            f"n{i}",
+            MONDAY_1015_UTC,
+        )
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def publish_notice(self, notice) -> bool:
+            self.calls += 1
+            return self.calls != 2
+
+    pool = await connect_pool(database_url, size=2)
+    try:
+        assert await OutboxRelay(pool, Flaky()).flush() == 1
+        left = await db.fetch("SELECT msg_id, taken_until FROM event_outbox ORDER BY id")
+        assert [(r["msg_id"], r["taken_until"]) for r in left] == [("n1", None), ("n2", None)]
+        ok = _Publisher(pool, lambda n: asyncio.sleep(0))
+        assert await OutboxRelay(pool, ok).flush() == 2
+    finally:
+        await pool.close()
+
+
+async def test_a_final_event_jetstream_refused_is_relayed_by_the_leader_later(
+    make_service, crm: Crm, nc, db, settings
+) -> None:
+    prefix = settings.subject_prefix
+    service = await make_service()
+    await asyncio.wait_for(service.leadership.wait(), 10)
+    scheduler = service.supervisor.get("scheduler")
+    assert scheduler is not None
+    ended = await _ended(nc, prefix)
+    js = nc.jetstream()
+    stream = stream_name(prefix)
+    info = await js.stream_info(stream)
+    await js.delete_stream(stream)
+
+    cid = await crm.campaign(people(2))
+    await crm.start(cid)
+    await ended.wait(cid)
+    await scheduler.ask(Tick(), timeout=10)
+    assert (await crm.get(cid))["status"] == "sent"
+    # Stored with the status: not lost with the publish that failed.
+    row = await db.fetchrow("SELECT kind, msg_id FROM event_outbox")
+    assert row["kind"] == "campaign" and row["msg_id"].startswith(f"{cid}:sent:")
+
+    await js.add_stream(info.config)
+    await scheduler.ask(Tick(), timeout=10)
+    assert await db.fetchval("SELECT count(*) FROM event_outbox") == 0
+    sub = await js.pull_subscribe(
+        f"{prefix}.events.campaign.sent",
+        durable="crm",
+        stream=stream,
+        config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL),
+    )
+    [msg] = await sub.fetch(1, timeout=5)
+    assert msgspec.json.decode(msg.data)["campaign_id"] == cid

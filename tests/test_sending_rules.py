@@ -129,7 +129,8 @@ async def test_nine_transient_errors_do_not_pause_and_a_success_resets(
 ) -> None:
     notes = await _notifications(nc, settings.subject_prefix)
     clock = FakeClock(MONDAY_1015_UTC)
-    await make_service(clock=clock, batch_size=1)
+    # Attempts per recipient uncapped here: this is about the campaign's count.
+    await make_service(clock=clock, batch_size=1, max_transient_attempts=100)
     recipients = people(2)
     sink.fail(recipients[0]["email"], "451 4.3.0 Try again later", times=9)
     cid = await crm.campaign(recipients)
@@ -162,7 +163,8 @@ async def test_the_tenth_consecutive_transient_error_pauses_the_campaign(
 ) -> None:
     notes = await _notifications(nc, settings.subject_prefix)
     clock = FakeClock(MONDAY_1015_UTC)
-    await make_service(clock=clock, batch_size=1)
+    # Attempts per recipient uncapped here: this is about the campaign's count.
+    await make_service(clock=clock, batch_size=1, max_transient_attempts=100)
     recipients = people(1)
     sink.fail(recipients[0]["email"], "451 4.3.0 Try again later")
     cid = await crm.campaign(recipients)
@@ -185,6 +187,32 @@ async def test_the_tenth_consecutive_transient_error_pauses_the_campaign(
     # One notification for the transient episode, one for the pause.
     await notes.wait(2)
     assert len(notes) == 2
+
+
+async def test_a_recipient_that_always_answers_4xx_fails_and_the_campaign_finishes(
+    make_service, crm: Crm, events: Events, sink, db
+) -> None:
+    clock = FakeClock(MONDAY_1015_UTC)
+    await make_service(clock=clock, batch_size=5, max_transient_attempts=5)
+    recipients = people(3)
+    sink.fail(recipients[1]["email"], "452 4.2.2 Mailbox full")
+    cid = await crm.campaign(recipients)
+    await crm.start(cid)
+    await _transient_rounds(clock, events, cid, 4)
+    done = await events.wait(cid, ("sent", "completed_with_errors"))
+    assert done["event"] == "completed_with_errors"
+    assert done["counts"] == {"sent": 2, "failed": 1}
+    assert not events.of(cid, "paused")
+    row = await db.fetchrow(
+        "SELECT status, error, transient_attempts FROM recipient WHERE email = $1",
+        recipients[1]["email"],
+    )
+    assert row["status"] == "failed" and row["transient_attempts"] == 5
+    assert row["error"].endswith("452 4.2.2 Mailbox full")
+    attempts = await db.fetch(
+        "SELECT status FROM send_log WHERE email = $1 ORDER BY id", recipients[1]["email"]
+    )
+    assert [a["status"] for a in attempts] == ["transient"] * 4 + ["failed"]
 
 
 async def test_a_deferral_ends_on_the_real_clock(

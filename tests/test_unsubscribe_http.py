@@ -171,6 +171,34 @@ async def test_post_records_the_unsubscribe_once(
     assert await unsubscribe_events(nc, settings) == 1
 
 
+async def test_an_unsubscribe_event_jetstream_refused_is_relayed_later(
+    make_service: MakeService,
+    http: aiohttp.ClientSession,
+    crm: Crm,
+    nc: Client,
+    settings: Settings,
+    db: Any,
+) -> None:
+    service = await make_service()
+    cid = await crm.campaign(people(1))
+    js = nc.jetstream()
+    stream = stream_name(settings.subject_prefix)
+    info = await js.stream_info(stream)
+    await js.delete_stream(stream)  # every publish to the events stream fails now
+
+    url = f"{base(service)}/u/{sign(settings.unsubscribe_secret, cid, 'vera@example.org')}"
+    async with http.post(url, data=ONE_CLICK, allow_redirects=False) as resp:
+        assert resp.status == 200
+    # Stored with the unsubscribe itself: not lost with the publish that failed.
+    row = await db.fetchrow("SELECT kind, msg_id FROM event_outbox")
+    assert row["kind"] == "unsubscribe" and row["msg_id"].startswith("unsubscribe:")
+
+    await js.add_stream(info.config)
+    assert await service._outbox.flush() == 1  # what the leader's relay does at its next look
+    assert await unsubscribe_events(nc, settings) == 1
+    assert await db.fetchval("SELECT count(*) FROM event_outbox") == 0
+
+
 async def test_forged_or_malformed_token_records_nothing(
     make_service: MakeService,
     http: aiohttp.ClientSession,

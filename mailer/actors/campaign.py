@@ -13,13 +13,19 @@ Crash policy ("stop means mark, drain, then clean up and record"):
 
 SMTP outcomes: permanent (5xx, invalid address) → that recipient ``failed``,
 the campaign goes on; transient (4xx, timeout, refused) → the recipient goes
-back to ``pending`` and the campaign is deferred ``transient_error``. The
+back to ``pending`` and the campaign is deferred ``transient_error`` (at the
+recipient's ``max_transient_attempts``-th transient answer the store fails it
+with that answer instead, so one address cannot keep a campaign open). The
 campaign counts consecutive failed *attempts*: a batch with a transient error
 and no success counts one (ten greylisted addresses in one batch are one
 failed attempt, not ten), any success resets the count, and reaching the
 circuit-breaker threshold pauses the campaign until a manager resumes it.
 While the SMTP account's own breaker is open the campaign does not even ask
 for tokens: it waits (``transient_error``) until the breaker lets a probe out.
+
+A campaign whose message cannot be built (the template refuses its subject,
+bodies or attachments) is paused with reason ``render_error`` at start and
+lets go of its lease: it never holds a slot the next campaign could use.
 
 Letting go of the lease (defer, pause, finish, release) first stops the
 heartbeat, so a renewal that finds the lease given up cannot crash the actor
@@ -45,7 +51,15 @@ from mailer.messages import CampaignEvent, Notice, TokenReply
 from mailer.nextsend import Limits, next_send
 from mailer.render import MessageTemplate, make_message_id
 from mailer.rules import WorkingHours
-from mailer.store import Attachment, CampaignRow, Claimed, Finish, Lease, Outcome
+from mailer.store import (
+    Attachment,
+    CampaignRow,
+    Claimed,
+    FinalNotices,
+    Finish,
+    Lease,
+    Outcome,
+)
 from mailer.transport import SendResult
 
 __all__ = [
@@ -82,7 +96,7 @@ class CampaignStore(Protocol):
     ) -> Lease | None: ...
     async def renew(self, lease: Lease, until: datetime) -> bool: ...
     async def release(self, lease: Lease) -> None: ...
-    async def begin_sending(self, lease: Lease, now: datetime) -> int: ...
+    async def begin_sending(self, lease: Lease, now: datetime) -> int | None: ...
     async def get_campaign(self, campaign_id: int) -> CampaignRow | None: ...
     async def campaign_status(self, campaign_id: int) -> str | None: ...
     async def attachments(self, campaign_id: int) -> list[Attachment]: ...
@@ -96,7 +110,7 @@ class CampaignStore(Protocol):
         *,
         transient_errors: int | None = None,
         success: bool = False,
-    ) -> None: ...
+    ) -> dict[int, str]: ...
     async def defer(
         self,
         lease: Lease,
@@ -106,10 +120,12 @@ class CampaignStore(Protocol):
         *,
         notice: Notice | None = None,
     ) -> tuple[bool, bool]: ...
-    async def pause_by_breaker(
-        self, lease: Lease, now: datetime, *, notice: Notice | None = None
+    async def pause(
+        self, lease: Lease, reason: str, now: datetime, *, notice: Notice | None = None
     ) -> tuple[bool, bool]: ...
-    async def finish(self, lease: Lease, now: datetime) -> Finish: ...
+    async def finish(
+        self, lease: Lease, now: datetime, *, notices: FinalNotices | None = None
+    ) -> Finish: ...
 
 
 class TokenSource(Protocol):
@@ -138,6 +154,10 @@ class EventSink(Protocol):
 
     def notice(self, event: CampaignEvent) -> Notice | None:
         """The owner's notification for ``event``, for the outbox (None if none is due)."""
+        ...
+
+    def event_notice(self, event: CampaignEvent) -> Notice:
+        """``event`` as an outbox row (a final status: it must not be lost)."""
         ...
 
 
@@ -229,9 +249,15 @@ class CampaignActor(Actor[Continue]):
             self._ended = True
             self.request_stop()
             return
-        self._lease = lease
         self._transient_errors = lease.transient_errors
         doubts = await self._store.begin_sending(lease, now)
+        if doubts is None:
+            # The lease was taken over before we began: nothing of ours to undo.
+            log.info("campaign lease lost at start", extra={"campaign_id": self.campaign_id})
+            self._ended = True
+            self.request_stop()
+            return
+        self._lease = lease
         if doubts:
             metrics.EMAILS_FAILED.labels(kind="campaign", reason="in_doubt").inc(doubts)
             log.warning(
@@ -242,15 +268,22 @@ class CampaignActor(Actor[Continue]):
         assert campaign is not None
         self._campaign = campaign
         attachments = await self._store.attachments(self.campaign_id)
-        self._template = MessageTemplate(
-            from_email=self._s.from_email,
-            from_name=self._s.from_name,
-            subject=campaign.subject,
-            text=campaign.body_text,
-            html=campaign.body_html,
-            message_id_domain=self._s.message_id_domain,
-            attachments=[(a.filename, a.content_type, a.content) for a in attachments],
-        )
+        try:
+            self._template = MessageTemplate(
+                from_email=self._s.from_email,
+                from_name=self._s.from_name,
+                subject=campaign.subject,
+                text=campaign.body_text,
+                html=campaign.body_html,
+                message_id_domain=self._s.message_id_domain,
+                attachments=[(a.filename, a.content_type, a.content) for a in attachments],
+            )
+        except Exception as exc:
+            # Pure computation on the campaign's own content: whatever it raises,
+            # this campaign cannot be sent as it is, and retrying will not help.
+            # It is paused for its owner to fix, and the queue goes on without it.
+            await self._pause(lease, "render_error", {}, error=repr(exc))
+            return
         self._start_heartbeat(lease)
         await self._emit("started")
         self._again()
@@ -329,14 +362,15 @@ class CampaignActor(Actor[Continue]):
         self._batches += 1
         if self._fault is not None:
             await self._fault(self.campaign_id, self._batches)
-        if outcomes:
-            await self._flush(lease)
+        written = await self._flush(lease) if outcomes else {}
         if self._claimed:
             await self._release_expired(lease)
 
         if self._transient_errors >= self._s.breaker_threshold:
             await self._pause_by_breaker(lease)
-        elif any(o.status == "transient" for o in outcomes):
+        elif any(
+            o.status == "transient" and written.get(o.recipient_id) == "pending" for o in outcomes
+        ):
             retry_at = self._clock.now() + self._s.transient_retry
             await self._defer(lease, "transient_error", retry_at, {})
         else:
@@ -396,7 +430,8 @@ class CampaignActor(Actor[Continue]):
         )
         return Mail(r.email, data)
 
-    async def _flush(self, lease: Lease) -> None:
+    async def _flush(self, lease: Lease) -> dict[int, str]:
+        """Records the known outcomes; returns the status each recipient row got."""
         outcomes = self._unrecorded
         # One batch is one attempt: any success resets the count, a failed
         # attempt (a transient error, no success) adds one whatever its size.
@@ -405,7 +440,7 @@ class CampaignActor(Actor[Continue]):
             self._transient_errors = 0
         elif any(o.status == "transient" and not o.short_circuited for o in outcomes):
             self._transient_errors += 1
-        await self._store.record(
+        written = await self._store.record(
             lease,
             outcomes,
             self._clock.now(),
@@ -416,10 +451,14 @@ class CampaignActor(Actor[Continue]):
         for o in outcomes:
             if o.status == "sent":
                 metrics.EMAILS_SENT.labels(kind="campaign").inc()
+            elif o.status == "transient" and written.get(o.recipient_id) == "failed":
+                # Its last transient answer used up its attempts: it failed for good.
+                metrics.EMAILS_FAILED.labels(kind="campaign", reason="permanent").inc()
             else:
                 reason = "permanent" if o.status == "failed" else o.status
                 metrics.EMAILS_FAILED.labels(kind="campaign", reason=reason).inc()
-        await self._emit("progress", counts=_tally(outcomes))
+        await self._emit("progress", counts=_tally(outcomes, written))
+        return written
 
     async def _nothing_claimed(self, lease: Lease) -> None:
         status = await self._store.campaign_status(self.campaign_id)
@@ -435,9 +474,27 @@ class CampaignActor(Actor[Continue]):
             self.request_stop()
             return
         await self._stop_heartbeat()
-        result = await self._store.finish(lease, self._clock.now())
+        now = self._clock.now()
+
+        def final(cid: int, owner: str, status: str, counts: dict[str, int]) -> list[Notice]:
+            event = CampaignEvent(
+                event=status, campaign_id=cid, owner_id=owner, status=status, at=now, counts=counts
+            )
+            return [self._events.event_notice(event)]
+
+        result = await self._store.finish(lease, now, notices=final)
         if result.lease_lost:
             raise LeaseLost(f"lease on campaign {lease.campaign_id} lost before it finished")
+        if result.stopped is not None:
+            # A manager paused or cancelled it after our last look: theirs stands,
+            # and finish gave the lease up.
+            log.info(
+                "campaign stopped by its status",
+                extra={"campaign_id": self.campaign_id, "status": result.stopped},
+            )
+            self._ended = True
+            self.request_stop()
+            return
         if result.status is None:
             # Recipients still pending: added meanwhile (the next claim takes
             # them), or locked by an API call when the claim looked (it
@@ -462,7 +519,9 @@ class CampaignActor(Actor[Continue]):
             metrics.PROCESSING_SECONDS.observe(
                 max(0.0, (self._clock.now() - self._campaign.created_at).total_seconds())
             )
-        await self._emit(status, counts=counts)
+        # The final event was stored with the status (the outbox): publish it now;
+        # if that fails, the leader's relay publishes it later.
+        await self._outbox.flush()
         self.request_stop()
 
     def _breaker_wait(self, until: datetime) -> datetime:
@@ -508,27 +567,29 @@ class CampaignActor(Actor[Continue]):
             await self._outbox.flush()
 
     async def _pause_by_breaker(self, lease: Lease) -> None:
+        await self._pause(lease, "circuit_breaker", {"errors": str(self._transient_errors)})
+
+    async def _pause(
+        self, lease: Lease, reason: str, details: dict[str, str], *, error: str | None = None
+    ) -> None:
+        """Pauses the campaign for its owner (``circuit_breaker``, ``render_error``)."""
         await self._stop_heartbeat()
-        event = self._event(
-            "paused",
-            status="paused",
-            defer_reason="circuit_breaker",
-            details={"errors": str(self._transient_errors)},
-        )
-        paused, noticed = await self._store.pause_by_breaker(
-            lease, self._clock.now(), notice=self._events.notice(event)
+        event = self._event("paused", status="paused", defer_reason=reason, details=details)
+        paused, noticed = await self._store.pause(
+            lease, reason, self._clock.now(), notice=self._events.notice(event)
         )
         self._ended = True
         self.request_stop()
         if not paused:
             return
-        metrics.DEFERS.labels(reason="circuit_breaker").inc()
+        metrics.DEFERS.labels(reason=reason).inc()
         log.warning(
-            "campaign paused by the circuit breaker",
+            "campaign paused",
             extra={
                 "campaign_id": self.campaign_id,
-                "defer_reason": "circuit_breaker",
+                "defer_reason": reason,
                 "consecutive_transient_errors": self._transient_errors,
+                "error": error,
             },
         )
         await self._events.emit(event)
@@ -599,10 +660,12 @@ def _reply_details(reply: TokenReply) -> dict[str, str]:
     return {}
 
 
-def _tally(outcomes: Sequence[Outcome]) -> dict[str, int]:
+def _tally(outcomes: Sequence[Outcome], written: dict[int, str]) -> dict[str, int]:
     tally: dict[str, int] = {}
     for o in outcomes:
-        tally[o.status] = tally.get(o.status, 0) + 1
+        # A transient answer that used up the recipient's attempts failed it.
+        status = "failed" if written.get(o.recipient_id) == "failed" else o.status
+        tally[status] = tally.get(status, 0) + 1
     return tally
 
 

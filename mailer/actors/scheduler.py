@@ -42,7 +42,8 @@ from mailer import metrics
 from mailer.actors.runtime import Actor
 from mailer.bus import Bus, decode
 from mailer.clock import Clock
-from mailer.messages import CampaignEvent, RunCampaign, RunReply, Wake
+from mailer.messages import CampaignEvent, Notice, RunCampaign, RunReply, Wake
+from mailer.store import FinalNotices
 
 __all__ = [
     "Leadership",
@@ -83,11 +84,19 @@ SchedulerMsg = WakeUp | Tick | Reconcile | Leadership
 
 
 class FinalEvents(Protocol):
-    async def emit(self, event: CampaignEvent) -> None: ...
+    def event_notice(self, event: CampaignEvent) -> Notice:
+        """A final campaign event as an outbox row."""
+        ...
 
 
 class Outbox(Protocol):
     async def flush(self) -> int: ...
+
+
+class Retention(Protocol):
+    async def run(self, now: datetime) -> dict[str, int]:
+        """One bounded pass removing rows past their age (mailer.retention)."""
+        ...
 
 
 class SchedulerStore(Protocol):
@@ -97,8 +106,9 @@ class SchedulerStore(Protocol):
     async def queue_depth(self, now: datetime) -> int: ...
     async def processing_since(self, now: datetime) -> list[tuple[int, datetime, str | None]]: ...
     async def finish_orphans(
-        self, now: datetime, fence: int
+        self, now: datetime, fence: int, *, notices: FinalNotices | None = None
     ) -> list[tuple[int, str, str, dict[str, int]]]: ...
+    async def settle_stale_claims(self, now: datetime, fence: int) -> dict[int, int]: ...
 
 
 def wake_subject(bus: Bus) -> str:
@@ -123,9 +133,11 @@ class SchedulerActor(Actor[SchedulerMsg]):
         events: FinalEvents | None = None,
         outbox: Outbox | None = None,
         leadership: Callable[[], int | None] | None = None,
+        retention: Retention | None = None,
     ) -> None:
         # The owner's current epoch (the leader actor's, as the service saw it last).
         self._leadership = leadership
+        self._retention = retention
         self._events = events
         self._outbox = outbox
         self._bus = bus
@@ -297,11 +309,29 @@ class SchedulerActor(Actor[SchedulerMsg]):
                     },
                 )
         metrics.PROCESSING_OLDEST_SECONDS.set(oldest)
-        for campaign_id, owner, status, counts in await self._store.finish_orphans(
-            now, self._epoch
+        for campaign_id, n in (await self._store.settle_stale_claims(now, self._epoch)).items():
+            # A claim that outlived its lease: its rows would keep the live
+            # owner from ever finishing. They may have reached SMTP: in doubt.
+            log.warning(
+                "reconcile: recipients claimed under a lost lease put in doubt",
+                extra={"campaign_id": campaign_id, "in_doubt": n},
+            )
+        events = self._events
+
+        def final(cid: int, owner: str, status: str, counts: dict[str, int]) -> list[Notice]:
+            if events is None:
+                return []
+            event = CampaignEvent(
+                event=status, campaign_id=cid, owner_id=owner, status=status, at=now, counts=counts
+            )
+            return [events.event_notice(event)]
+
+        for campaign_id, _, status, counts in await self._store.finish_orphans(
+            now, self._epoch, notices=final
         ):
             # The same fields as the campaign actor's "campaign finished": a search
             # for finished_with_errors=true finds campaigns reconcile finished too.
+            # Its final event is in the outbox, relayed after this reconcile.
             log.warning(
                 "reconcile: campaign had nothing left but was not final",
                 extra={
@@ -311,17 +341,13 @@ class SchedulerActor(Actor[SchedulerMsg]):
                     "counts": counts,
                 },
             )
-            if self._events is not None:
-                await self._events.emit(
-                    CampaignEvent(
-                        event=status,
-                        campaign_id=campaign_id,
-                        owner_id=owner,
-                        status=status,
-                        at=now,
-                        counts=counts,
-                    )
-                )
+        if self._retention is not None:
+            try:
+                await self._retention.run(now)
+            except Exception as exc:
+                # Old rows can wait: a failed pass is tried again at the next
+                # reconcile; it must not restart the scheduler (and its timers).
+                log.error("retention pass failed: %r", exc)
 
     async def on_stop(self, error: BaseException | None) -> None:
         if self._sub is not None:

@@ -168,6 +168,7 @@ async def start(ctx: ApiContext, caller: Caller, req: CampaignRef) -> StartReply
         raise ValidationFailed("too_many_recipients", count=total, limit=s.max_campaign_recipients)
     if view.counts.get("pending", 0) == 0:
         raise ValidationFailed("empty_campaign")
+    await _check_renderable(ctx, req.campaign_id)
     now = ctx.clock.now()
     # Counted only once the request is known to be startable: a refused start
     # (empty, too large, wrong state) does not use up the manager's hour.
@@ -205,6 +206,10 @@ async def pause(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignVi
 
 
 async def resume(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignView:
+    await ctx.own(caller, req.campaign_id)
+    # A campaign paused because its message could not be built stays paused
+    # until it can be: resuming it as it is would only pause it again.
+    await _check_renderable(ctx, req.campaign_id)
     now = ctx.clock.now()
 
     async def change(tx: Locked) -> str:
@@ -258,6 +263,21 @@ async def _view(ctx: ApiContext, campaign_id: int) -> CampaignView:
     if view is None:  # deleted between the change and this read
         raise NotFound(campaign_id=campaign_id)
     return view
+
+
+async def _check_renderable(ctx: ApiContext, campaign_id: int) -> None:
+    """The whole message as the campaign actor will build it, attachments included."""
+    row = await ctx.store.get_campaign(campaign_id)
+    if row is None:
+        raise NotFound(campaign_id=campaign_id)
+    attachments = await ctx.store.attachments(campaign_id)
+    check_message(
+        ctx.settings,
+        subject=row.subject,
+        body_text=row.body_text,
+        body_html=row.body_html,
+        attachments=[(a.filename, a.content_type, a.content) for a in attachments],
+    )
 
 
 async def _wake(ctx: ApiContext, campaign_id: int) -> None:

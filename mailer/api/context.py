@@ -20,7 +20,8 @@ from mailer.clock import Clock
 from mailer.config import Settings
 from mailer.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
 from mailer.messages import CampaignEvent, CampaignView, TokenReply
-from mailer.render import MessageTemplate
+from mailer.render import Attachment, MessageTemplate
+from mailer.render import check_attachment as _renderable_attachment
 from mailer.rules import DailyLimits, WorkingHours
 from mailer.store import PgStore
 from mailer.texts import Lang
@@ -37,6 +38,7 @@ __all__ = [
     "TestTokens",
     "caller_from",
     "check_address",
+    "check_attachment",
     "check_message",
     "lang_of",
     "require_admin",
@@ -101,25 +103,43 @@ def check_address(email: str) -> str | None:
 
 
 def check_message(
-    settings: Settings, *, subject: str, body_text: str | None, body_html: str | None
+    settings: Settings,
+    *,
+    subject: str,
+    body_text: str | None,
+    body_html: str | None,
+    attachments: Sequence[Attachment] = (),
 ) -> None:
     """Refuses now what the renderer would refuse at send time, for every recipient.
 
     Building the template is the one definition of "renderable" (subject
-    placeholders, header injection, bodies); it takes microseconds.
+    placeholders, header injection, bodies, attachments); the campaign actor
+    builds the same one before it sends.
     """
     if body_text is None and body_html is None:
         raise ValidationFailed("validation_error", text_key="body_required")
     try:
-        _template(settings, subject, body_text, body_html)
+        _template(settings, subject, body_text, body_html, attachments)
     except ValueError as exc:
         if _PLACEHOLDER.search(subject):
             raise ValidationFailed("validation_error", text_key="subject_placeholders") from None
         raise ValidationFailed(detail=str(exc)) from None
 
 
+def check_attachment(filename: str, content_type: str) -> None:
+    """Refuses an attachment the renderer would refuse (``render.check_attachment``)."""
+    try:
+        _renderable_attachment(filename, content_type)
+    except ValueError as exc:
+        raise ValidationFailed(detail=f"attachment {filename!r}: {exc}") from None
+
+
 def _template(
-    settings: Settings, subject: str, body_text: str | None, body_html: str | None
+    settings: Settings,
+    subject: str,
+    body_text: str | None,
+    body_html: str | None,
+    attachments: Sequence[Attachment] = (),
 ) -> MessageTemplate:
     return MessageTemplate(
         from_email=settings.from_email,
@@ -128,6 +148,7 @@ def _template(
         text=body_text,
         html=body_html,
         message_id_domain=settings.effective_message_id_domain,
+        attachments=attachments,
     )
 
 

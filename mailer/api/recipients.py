@@ -1,7 +1,9 @@
 """Recipients and attachments of a campaign.
 
 Both change only while the campaign is draft, ready or paused (``EDITABLE``):
-never while it sends, never once it is over. Recipients are added in bulk
+never while it sends, never once it is over. An add that would take the
+campaign past ``MAILER_MAX_CAMPAIGN_RECIPIENTS`` is refused whole
+(``recipients_limit``). Recipients are added in bulk
 (up to ``MAX_RECIPIENTS_PER_CALL`` per call, the CRM's generation cap);
 invalid addresses are reported with their reason and duplicates collapse,
 whatever their case. Only pending recipients can be removed: one already
@@ -11,7 +13,14 @@ sent, failed or in progress is history the send log refers to.
 from __future__ import annotations
 
 from mailer import addresses
-from mailer.api.context import EDITABLE, ApiContext, Caller, check_address, require_owner
+from mailer.api.context import (
+    EDITABLE,
+    ApiContext,
+    Caller,
+    check_address,
+    check_attachment,
+    require_owner,
+)
 from mailer.apistore import Locked
 from mailer.errors import Conflict, NotFound, ValidationFailed
 from mailer.messages import (
@@ -70,6 +79,16 @@ async def add(ctx: ApiContext, caller: Caller, req: RecipientsAdd) -> Recipients
         now = ctx.clock.now()
         # One INSERT ... SELECT FROM unnest: all rows or none.
         added = await tx.add_recipients(rows, now)
+        # Counted after the insert (duplicates collapsed), under the lock: an
+        # add that would take the campaign past the cap is rolled back whole.
+        total = await tx.recipients_count() if added else 0
+        if total > ctx.settings.max_campaign_recipients:
+            raise ValidationFailed(
+                "recipients_limit",
+                count=total,
+                added=added,
+                limit=ctx.settings.max_campaign_recipients,
+            )
         if added:
             await tx.audit(
                 caller.user,
@@ -119,6 +138,9 @@ async def add_attachment(ctx: ApiContext, caller: Caller, req: AttachmentAdd) ->
         raise ValidationFailed(
             "attachment_too_large", filename=req.filename, size=size, limit=s.max_attachment_bytes
         )
+    # The engine builds the attachment's part with this same check: a file it
+    # could not send is refused here, not found out after the campaign started.
+    check_attachment(req.filename, req.content_type)
 
     async def change(tx: Locked) -> AttachmentView:
         _editable(tx, caller, req.campaign_id)

@@ -11,7 +11,8 @@ For the acting user (an admin may name another ``owner_id``):
 - ``reason_code`` + ``reason``: why the active campaign waits (null while it
   sends), with its human text in the caller's language; ``empty`` when the
   owner has nothing queued; ``paused`` for a manager's pause,
-  ``circuit_breaker`` for the breaker's;
+  ``circuit_breaker`` for the breaker's, ``render_error`` for a campaign
+  whose message the engine could not build;
 - ``next_run_at``: until when it waits (its ``deferred_until``; null for a
   pause, which only a resume ends).
 
@@ -99,7 +100,8 @@ def _reason_code(row: OwnerQueueRow) -> str | None:
     if row.status == "paused":
         # A late deferral by an actor that had not yet seen the pause may have
         # overwritten the reason; the status says it is a pause all the same.
-        return "circuit_breaker" if row.defer_reason == "circuit_breaker" else "paused"
+        engine = ("circuit_breaker", "render_error")
+        return row.defer_reason if row.defer_reason in engine else "paused"
     return row.defer_reason
 
 

@@ -51,9 +51,15 @@ ORDER BY id DESC
 LIMIT $4;
 
 -- name: api-counts-of-campaigns
-SELECT campaign_id, status, count(*)::bigint AS n
-FROM recipient WHERE campaign_id = ANY($1::bigint[])
-GROUP BY campaign_id, status;
+-- As recipients-counts, for many campaigns at once.
+SELECT c.id AS campaign_id, p.key AS status, p.value::bigint AS n
+FROM campaign c, jsonb_each_text(c.purged_counts) p
+WHERE c.id = ANY($1::bigint[]) AND c.purged_counts IS NOT NULL
+UNION ALL
+SELECT r.campaign_id, r.status, count(*)::bigint AS n
+FROM recipient r JOIN campaign c ON c.id = r.campaign_id
+WHERE r.campaign_id = ANY($1::bigint[]) AND c.purged_counts IS NULL
+GROUP BY r.campaign_id, r.status;
 
 -- name: api-queues-of-campaigns
 SELECT campaign_id, priority, queued_at, started_at, completed_at, defer_reason,
@@ -100,6 +106,9 @@ WHERE campaign_id = $1
   AND ($3::bigint IS NULL OR id > $3)
 ORDER BY id
 LIMIT $4;
+
+-- name: api-recipients-count
+SELECT count(*)::bigint FROM recipient WHERE campaign_id = $1;
 
 -- name: api-recipients-remove
 -- Only rows not yet handed to sending: anything else is history to keep.

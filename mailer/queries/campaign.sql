@@ -20,6 +20,22 @@ SET status = $2, updated_at = $4,
 WHERE id = $1 AND status = ANY($3::text[])
 RETURNING status, owner_id;
 
+-- name: campaign-lock
+-- The campaign row under the same lock the API's state changes take
+-- (api-campaign-lock): a pause or cancel and the engine's finish serialize,
+-- so the one that commits second sees the first one's status.
+SELECT status, owner_id FROM campaign WHERE id = $1 FOR NO KEY UPDATE;
+
+-- name: campaign-set-status-from
+-- campaign-set-status that also says which status it moved from.
+UPDATE campaign c
+SET status = $2, updated_at = $4,
+    finished_at = CASE WHEN $2 IN ('sent', 'completed_with_errors', 'cancelled') THEN $4
+                       ELSE c.finished_at END
+FROM (SELECT id, status FROM campaign WHERE id = $1 FOR NO KEY UPDATE) old
+WHERE c.id = old.id AND old.status = ANY($3::text[])
+RETURNING old.status AS previous, c.owner_id, c.priority;
+
 -- name: attachments-of-campaign
 SELECT filename, content_type, content FROM attachment WHERE campaign_id = $1 ORDER BY id;
 

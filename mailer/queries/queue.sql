@@ -49,7 +49,8 @@ WHERE q.campaign_id = $1 AND c.id = q.campaign_id AND q.completed_at IS NULL
   AND c.status IN ('ready', 'sending')
   AND (q.lease_owner IS NULL OR q.lease_until <= $4)
   AND (q.deferred_until IS NULL OR q.deferred_until <= $4)
-  AND (q.defer_reason IS NULL OR q.defer_reason NOT IN ('paused', 'circuit_breaker'))
+  AND (q.defer_reason IS NULL
+       OR q.defer_reason NOT IN ('paused', 'circuit_breaker', 'render_error'))
   AND NOT (q.deferred_until IS NULL AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted')
   AND (SELECT epoch FROM leader_fence) = $5
 RETURNING q.id, q.lease_epoch, q.consecutive_transient_errors, q.started_at;
@@ -73,14 +74,32 @@ FROM (SELECT id, notified_reason FROM queue_entry WHERE campaign_id = $1 FOR UPD
 WHERE q.id = old.id AND q.campaign_id = $1 AND q.lease_owner = $2 AND q.lease_epoch = $3
 RETURNING q.id, old.notified_reason AS previous_reason;
 
--- name: queue-pause-breaker
--- The circuit breaker pauses the campaign: only a manager's resume restarts it.
+-- name: queue-pause
+-- The engine pauses the campaign with reason $4 (circuit_breaker, render_error):
+-- only a manager's resume restarts it.
 UPDATE queue_entry q
-SET defer_reason = 'circuit_breaker', deferred_until = NULL, lease_owner = NULL,
-    lease_until = NULL, notified_reason = 'circuit_breaker'
+SET defer_reason = $4, deferred_until = NULL, lease_owner = NULL,
+    lease_until = NULL, notified_reason = $4
 FROM (SELECT id, notified_reason FROM queue_entry WHERE campaign_id = $1 FOR UPDATE) old
 WHERE q.id = old.id AND q.campaign_id = $1 AND q.lease_owner = $2 AND q.lease_epoch = $3
 RETURNING q.id, old.notified_reason AS previous_reason;
+
+-- name: queue-lock-ours
+-- The queue entry, locked, while owner $2 holds its lease at epoch $3: the
+-- first lock of an owner's check-then-act (then the campaign row, the order
+-- the API takes them in, see api.sql). Nothing when the lease is not ours.
+SELECT id FROM queue_entry
+WHERE campaign_id = $1 AND lease_owner = $2 AND lease_epoch = $3
+FOR NO KEY UPDATE;
+
+-- name: queue-lock-orphan
+-- Reconcile's first lock: the entry, still unfinished and held by no live
+-- lease, on the current leader's authority ($3 = its epoch).
+SELECT id FROM queue_entry
+WHERE campaign_id = $1 AND completed_at IS NULL
+  AND (lease_owner IS NULL OR lease_until <= $2)
+  AND (SELECT epoch FROM leader_fence) = $3
+FOR NO KEY UPDATE;
 
 -- name: queue-transient-count
 -- Consecutive transient SMTP errors of the campaign (0 after any success);

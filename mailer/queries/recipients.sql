@@ -12,18 +12,27 @@ RETURNING id;
 -- while owner $5 holds the lease at epoch $6: once another process took the
 -- campaign over (a new epoch) the old owner claims nothing (fencing), so two
 -- processes never send the same campaign. (An expired lease nobody took yet
--- still claims: its owner renews on, and a takeover bumps the epoch.) SKIP
--- LOCKED lets two claimers never see the same row; unsubscribed addresses
--- are settled here as 'unsubscribed'.
-WITH picked AS (
+-- still claims: its owner renews on, and a takeover bumps the epoch.)
+-- The lease is checked at the moment the rows change, not in the statement's
+-- snapshot: the queue entry is locked FOR SHARE (a takeover's UPDATE waits
+-- for this claim to commit, then settles its rows), and a takeover committed
+-- while this statement ran is seen by the lock's recheck of the newest row,
+-- so the claim finds no lease and changes nothing. SKIP LOCKED lets two
+-- claimers never see the same row; unsubscribed addresses are settled here
+-- as 'unsubscribed'.
+WITH lease AS (
+    SELECT q.campaign_id FROM queue_entry q
+    WHERE q.campaign_id = $1 AND q.lease_owner = $5 AND q.lease_epoch = $6
+    FOR SHARE
+),
+picked AS (
     SELECT r.id,
            EXISTS (SELECT 1 FROM unsubscribe u WHERE u.email = lower(r.email)) AS unsub
     FROM recipient r
     WHERE r.campaign_id = $1 AND r.status = 'pending'
       -- A paused or cancelled campaign claims nothing: its actor stops there.
       AND EXISTS (SELECT 1 FROM campaign c WHERE c.id = $1 AND c.status = 'sending')
-      AND EXISTS (SELECT 1 FROM queue_entry q
-                  WHERE q.campaign_id = $1 AND q.lease_owner = $5 AND q.lease_epoch = $6)
+      AND r.campaign_id IN (SELECT campaign_id FROM lease)
     ORDER BY r.id
     LIMIT $2
     FOR UPDATE OF r SKIP LOCKED
@@ -44,21 +53,38 @@ SET status = 'pending', claimed_by = NULL, claimed_at = NULL, updated_at = $3
 WHERE id = ANY($1::bigint[]) AND status = 'sending' AND claimed_by = $2;
 
 -- name: recipients-record
--- Records SMTP outcomes of one batch. Only rows this claimer still holds, or
--- rows a takeover marked in doubt (a known outcome is better than a doubt).
+-- Records SMTP outcomes of one batch; returns each row it changed, with the
+-- status and error it got. Only rows this claimer still holds: a record
+-- retried after a commit of unknown outcome finds them settled and changes
+-- nothing (the caller logs only the rows returned, so nothing twice). A row a
+-- takeover marked in doubt takes a late FINAL outcome (sent, failed) -- a
+-- known outcome is better than a doubt -- and nothing else: the campaign may
+-- be finished by then, and a row put back to pending would never be sent.
+-- A transient answer ($5: an attempt was made) counts towards the
+-- recipient's attempts: the $8th one fails it with that answer as the error.
 UPDATE recipient r
-SET status = o.status,
+SET status = CASE WHEN o.status <> 'transient' THEN o.status
+                  WHEN o.attempted AND r.transient_attempts + 1 >= $8 THEN 'failed'
+                  ELSE 'pending' END,
+    transient_attempts = r.transient_attempts
+        + CASE WHEN o.status = 'transient' AND o.attempted THEN 1 ELSE 0 END,
     claimed_by = NULL,
     claimed_at = NULL,
-    sent_at = CASE WHEN o.status = 'sent' THEN $6::timestamptz ELSE r.sent_at END,
-    smtp_message_id = COALESCE(o.message_id, r.smtp_message_id),
-    error = o.error,
-    updated_at = $6
-FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
-     AS o(id, status, message_id, error)
+    sent_at = CASE WHEN o.status = 'sent' THEN $7::timestamptz ELSE r.sent_at END,
+    smtp_message_id = CASE WHEN o.status = 'transient' THEN r.smtp_message_id
+                           ELSE COALESCE(o.message_id, r.smtp_message_id) END,
+    error = CASE WHEN o.status <> 'transient' THEN o.error
+                 WHEN o.attempted AND r.transient_attempts + 1 >= $8
+                     THEN 'gave up after ' || (r.transient_attempts + 1)
+                          || ' transient answers; last: ' || COALESCE(o.error, 'unknown')
+                 ELSE NULL END,
+    updated_at = $7
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::boolean[])
+     AS o(id, status, message_id, error, attempted)
 WHERE r.id = o.id
-  AND ((r.status = 'sending' AND r.claimed_by = $5) OR r.status = 'in_doubt')
-RETURNING r.id;
+  AND ((r.status = 'sending' AND r.claimed_by = $6)
+       OR (r.status = 'in_doubt' AND o.status IN ('sent', 'failed')))
+RETURNING r.id, r.status, r.error;
 
 -- name: recipients-orphans-to-doubt
 -- Rows of this campaign left 'sending' by an owner that is gone (crash,
@@ -76,8 +102,41 @@ INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, error, 
 SELECT $1, d.id, d.email, false, 'in_doubt', d.error, $3 FROM doubted d
 RETURNING recipient_id AS id;
 
+-- name: recipients-stale-claims-to-doubt
+-- Reconcile: rows left 'sending' under a claim token that is not the live
+-- lease's (a claim that raced a takeover, an owner gone without settling)
+-- would keep the live owner from ever finishing. Like a takeover, they
+-- become 'in_doubt' (they may have reached SMTP), with a send-log row each.
+-- Only on the current leader's authority ($2 = its epoch).
+WITH stale AS (
+    SELECT r.id FROM recipient r JOIN queue_entry q ON q.campaign_id = r.campaign_id
+    WHERE r.status = 'sending' AND q.lease_until > $1
+      AND r.claimed_by <> q.lease_owner || '#' || q.lease_epoch
+      AND (SELECT epoch FROM leader_fence) = $2
+    FOR UPDATE OF r SKIP LOCKED
+),
+doubted AS (
+    UPDATE recipient r
+    SET status = 'in_doubt', claimed_by = NULL, claimed_at = NULL,
+        error = 'claim outlived its lease; delivery unknown', updated_at = $1
+    FROM stale s WHERE r.id = s.id
+    RETURNING r.id, r.campaign_id, r.email, r.error
+)
+INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, error, created_at)
+SELECT d.campaign_id, d.id, d.email, false, 'in_doubt', d.error, $1 FROM doubted d
+RETURNING campaign_id;
+
 -- name: recipients-counts
-SELECT status, count(*)::bigint AS n FROM recipient WHERE campaign_id = $1 GROUP BY status;
+-- The counts by status; for a campaign whose recipients retention removed, the
+-- counts it kept (from the first removed row on, never a mix of the two).
+SELECT key AS status, value::bigint AS n
+FROM campaign, jsonb_each_text(purged_counts)
+WHERE id = $1 AND purged_counts IS NOT NULL
+UNION ALL
+SELECT status, count(*)::bigint AS n FROM recipient
+WHERE campaign_id = $1
+  AND NOT EXISTS (SELECT 1 FROM campaign WHERE id = $1 AND purged_counts IS NOT NULL)
+GROUP BY status;
 
 -- name: send-log-drop-doubt-placeholders
 -- The in_doubt rows a takeover wrote (no attempt time: they stand for an
