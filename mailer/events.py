@@ -36,7 +36,7 @@ from prometheus_client import Counter
 from mailer.bus import STREAM_CONFIG_DIFFERS, Bus, encode
 from mailer.config import Settings
 from mailer.messages import CampaignEvent, Notice
-from mailer.texts import TEXTS, fields_of, reason_values, text
+from mailer.texts import TEXTS, fields_of, reason_key, reason_values, text
 
 __all__ = [
     "EVENTS_PUBLISH_FAILURES",
@@ -138,7 +138,7 @@ def notification_for(
         fill["sent"] = counts.get("sent", 0)
         fill["failed"] = counts.get("failed", 0) + counts.get("in_doubt", 0)
     else:
-        code = reason
+        code = reason_key(reason, until=until, now=event.at)
     fill.update(event.details or {})
     fill.update(values)
 

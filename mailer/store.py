@@ -144,6 +144,32 @@ def campaign_view(
     )
 
 
+def notice_due(
+    reason: str,
+    until: datetime | None,
+    previous_reason: str | None,
+    previous_until: datetime | None,
+) -> bool:
+    """Whether a deferral tells the owner anything new: one notice per episode.
+
+    An episode is one continuous wait (it ends when mail goes again, which
+    clears ``previous_reason``), whatever the reasons inside it. Within one, a
+    notice is due only when the reason becomes the quota (the manager must
+    see that: only a top-up ends it), or when another reason takes over with
+    a time later than the one promised. The same reason going on is the same
+    news (MISSION: no duplicates for one ongoing reason), and a wait that ends
+    as promised, or sooner, tells nothing new.
+    """
+    if previous_reason is None:
+        return True
+    if reason == "quota_exhausted":
+        return previous_reason != "quota_exhausted"
+    if reason == previous_reason or previous_reason == "quota_exhausted" or until is None:
+        # From "when the quota is topped up" to a known time: not later than promised.
+        return False
+    return previous_until is None or until > previous_until
+
+
 class PgStore:
     def __init__(
         self,
@@ -503,7 +529,14 @@ class PgStore:
             lease.campaign_id,
             {"reason": reason, "until": until},
         )
-        if notice is None or row["previous_reason"] == reason:
+        if notice is None:
+            return True, False
+        if sql == Q["queue-defer"]:  # a deferral: one notice per episode
+            promised = args[1] if len(args) > 1 else None
+            if not notice_due(reason, promised, row["previous_reason"], row["previous_until"]):
+                return True, False
+            await conn.execute(Q["queue-notified"], lease.campaign_id, reason, promised)
+        elif row["previous_reason"] == reason:
             return True, False
         await conn.execute(
             Q["outbox-insert"],

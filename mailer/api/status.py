@@ -33,7 +33,7 @@ from mailer.api.context import ApiContext, Caller
 from mailer.apistore import OwnerQueueRow
 from mailer.errors import Forbidden
 from mailer.messages import ActiveCampaign, ManagerStatus, QueuedCampaign, StatusRequest
-from mailer.texts import Lang, reason_values, text
+from mailer.texts import Lang, reason_key, reason_values, text
 
 __all__ = ["STATUS_QUEUE_LIMIT", "reason_text", "status"]
 
@@ -113,7 +113,7 @@ async def reason_text(
     if code == "daily_limit":
         limit = ctx.daily_limits.limit_for(owner_id)
         values.update(limit=limit, sent=await _sent_today(ctx, owner_id, limit))
-    return text(code, lang, **values)
+    return text(reason_key(code, until=row.deferred_until, now=now), lang, **values)
 
 
 async def _sent_today(ctx: ApiContext, owner_id: str, limit: int) -> int:

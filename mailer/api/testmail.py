@@ -32,6 +32,7 @@ from mailer.actors.campaign import Mail
 from mailer.actors.runtime import ActorDead, AskTimeout, MailboxFull
 from mailer.api.context import ApiContext, Caller, check_address, require_owner
 from mailer.bus import RemoteError
+from mailer.clock import api_time
 from mailer.errors import NotFound, Refused, SendFailed, Unavailable, ValidationFailed
 from mailer.messages import TestEmail, TestEmailSent, TokenReply
 from mailer.render import MessageTemplate, make_message_id
@@ -141,6 +142,7 @@ async def _grant(
     if grant.granted >= 1:
         return grant
     reason_code = grant.reason or "rate_per_hour"
+    # quota_exhausted has no time (a top-up ends it): retry_at null, never "now".
     next_run = grant.retry_at or now
     # The reason's own words, as the manager's view has them, in the caller's language.
     worded: dict[str, Any] = reason_values(ctx.settings, until=next_run, now=now, lang=caller.lang)
@@ -150,7 +152,7 @@ async def _grant(
     )
     raise Refused(
         reason_code,
-        retry_at=next_run.isoformat(),
+        retry_at=None if grant.retry_at is None else api_time(grant.retry_at),
         **{k: v for k, v in worded.items() if k in fields_of(reason_code)},
     )
 

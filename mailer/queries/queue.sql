@@ -66,13 +66,19 @@ WHERE campaign_id = $1 AND lease_owner = $2 AND lease_epoch = $3;
 
 -- name: queue-defer
 -- The one way a campaign waits: the reason and until when, under our lease.
--- Returns the reason the owner was last notified of, before this update.
+-- Returns what the owner was last notified of in this episode (reason and
+-- promised time); the row stays locked, so the caller's decision to notify
+-- (queue-notified) is made in the same transaction.
 UPDATE queue_entry q
-SET defer_reason = $4, deferred_until = $5, lease_owner = NULL, lease_until = NULL,
-    notified_reason = $4
-FROM (SELECT id, notified_reason FROM queue_entry WHERE campaign_id = $1 FOR UPDATE) old
+SET defer_reason = $4, deferred_until = $5, lease_owner = NULL, lease_until = NULL
+FROM (SELECT id, notified_reason, notified_until FROM queue_entry
+      WHERE campaign_id = $1 FOR UPDATE) old
 WHERE q.id = old.id AND q.campaign_id = $1 AND q.lease_owner = $2 AND q.lease_epoch = $3
-RETURNING q.id, old.notified_reason AS previous_reason;
+RETURNING q.id, old.notified_reason AS previous_reason, old.notified_until AS previous_until;
+
+-- name: queue-notified
+-- The owner was told of reason $2, with the time $3 (NULL: none could be named).
+UPDATE queue_entry SET notified_reason = $2, notified_until = $3 WHERE campaign_id = $1;
 
 -- name: queue-pause
 -- The engine pauses the campaign with reason $4 (circuit_breaker, render_error):

@@ -1,0 +1,144 @@
+"""Issue 8, "honest waiting": where limits meet, the manager is told the truth.
+
+Each test reproduces one finding of the issue through the public API (NATS),
+with the service's clock faked; NATS, PostgreSQL, Redis and the SMTP sink are
+real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import pytest
+
+from mailer.clock import FakeClock
+from tests.helpers import Crm, Events, people
+
+OFFICE = {"working_hours_start": "09:00", "working_hours_end": "18:00"}
+# 2026-11-23 is a Monday. Moscow is UTC+3.
+MONDAY_1710_MSK = datetime(2026, 11, 23, 14, 10, tzinfo=UTC)
+MONDAY_1315_MSK = datetime(2026, 11, 23, 10, 15, tzinfo=UTC)
+TUESDAY_0900_MSK = datetime(2026, 11, 24, 6, 0, tzinfo=UTC)
+
+
+class Notes:
+    """The owner's notifications (``<prefix>.events.notify.>``), as they arrive."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self._changed = asyncio.Condition()
+
+    async def subscribe(self, nc: Any, prefix: str) -> None:
+        async def on_msg(msg: Any) -> None:
+            async with self._changed:
+                self.seen.append(msgspec.json.decode(msg.data))
+                self._changed.notify_all()
+
+        await nc.subscribe(f"{prefix}.events.notify.>", cb=on_msg)
+        await nc.flush()
+
+    def of(self, campaign_id: int) -> list[dict[str, Any]]:
+        return [n for n in self.seen if n["campaign_id"] == campaign_id]
+
+    async def wait(self, campaign_id: int, n: int, timeout: float = 15.0) -> None:
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: len(self.of(campaign_id)) >= n)
+
+
+@pytest.fixture
+async def notes(nc: Any, settings: Any) -> Notes:
+    n = Notes()
+    await n.subscribe(nc, settings.subject_prefix)
+    return n
+
+
+async def _view(crm: Crm, lang: str | None = None) -> dict[str, Any]:
+    return await crm.call("manager.status", {}, lang=lang)
+
+
+async def _settle(service: Any) -> None:
+    """Lets the service act on a clock move (timers fire, actors run), then returns."""
+    for _ in range(20):
+        await asyncio.sleep(0.02)
+
+
+async def test_hourly_limit_late_in_the_day_promises_the_next_opening_once(
+    make_service, crm: Crm, events: Events, notes: Notes, sink
+) -> None:
+    # The issue: rate 2/h, 17:10 Moscow: "Продолжим в 18:00", nothing at 18:00,
+    # then outside_hours till 09:00 with a second notice.
+    clock = FakeClock(MONDAY_1710_MSK)
+    service = await make_service(clock=clock, rate_per_hour=2, **OFFICE)
+    cid = await crm.campaign(people(3))
+    await crm.start(cid)
+    deferred = await events.wait(cid, ("deferred",))
+    assert len(sink.messages) == 2
+    assert deferred["defer_reason"] == "rate_per_hour"
+    assert deferred["deferred_until"] == "2026-11-24T06:00:00Z"
+    view = await _view(crm)
+    assert (view["reason_code"], view["next_run_at"]) == ("rate_per_hour", "2026-11-24T06:00:00Z")
+    assert view["reason"] == "Достигнут лимит 2 писем/час. Продолжим завтра в 09:00 МСК."
+    english = await _view(crm, lang="en")
+    assert english["reason"] == (
+        "The limit of 2 emails/hour is reached. We continue tomorrow at 09:00 MSK."
+    )
+    await notes.wait(cid, 1)
+
+    # 18:00: nothing happens — no second deferral, no second notice.
+    clock.set(datetime(2026, 11, 23, 15, 0, tzinfo=UTC))
+    await _settle(service)
+    assert len(events.of(cid, "deferred")) == 1
+    assert len(sink.messages) == 2
+    clock.set(TUESDAY_0900_MSK)
+    done = await events.wait(cid, ("sent", "completed_with_errors"))
+    assert done["event"] == "sent" and len(sink.messages) == 3
+    assert len(events.of(cid, "deferred")) == 1
+    assert len(notes.of(cid)) == 1
+    assert notes.of(cid)[0]["message"] == (
+        "Достигнут лимит 2 писем/час. Продолжим завтра в 09:00 МСК."
+    )
+
+
+async def test_quota_exhausted_names_no_time_and_notifies_once_day_and_night(
+    make_service, crm: Crm, events: Events, notes: Notes, sink, db
+) -> None:
+    # The issue: next_run_at was now + 2 h (an internal re-check) with nothing
+    # to happen then; late in the day the view switched to outside_hours "till
+    # 09:00" with the quota still 0, and the owner got 3 notices a day.
+    clock = FakeClock(MONDAY_1315_MSK)
+    service = await make_service(clock=clock, monthly_quota=3, **OFFICE)
+    first = await crm.campaign(people(5))
+    second = await crm.campaign(people(2, "second.example"))
+    await crm.start(first)
+    await crm.start(second)
+    deferred = await events.wait(first, ("deferred",))
+    assert len(sink.messages) == 3
+    assert (deferred["defer_reason"], deferred["deferred_until"]) == ("quota_exhausted", None)
+
+    async def still_waiting_for_the_quota() -> None:
+        view = await _view(crm)
+        assert view["active_campaign"]["id"] == first
+        assert view["reason_code"] == "quota_exhausted"
+        assert view["next_run_at"] is None
+        assert view["reason"].startswith("Глобальная квота исчерпана.")
+        # Nothing can be known to start while the quota is 0: both say so.
+        assert view["next_campaign_at"] is None
+
+    await still_waiting_for_the_quota()
+    await notes.wait(first, 1)
+    # Two hours, the evening, the night, the next morning: nothing changes.
+    for hours in (2, 5, 12, 20, 24):
+        clock.set(MONDAY_1315_MSK + timedelta(hours=hours))
+        await _settle(service)
+        await still_waiting_for_the_quota()
+    assert len(sink.messages) == 3
+    assert len(notes.of(first)) == 1
+    assert [e["defer_reason"] for e in events.of(first, "deferred")] == ["quota_exhausted"] * len(
+        events.of(first, "deferred")
+    )
+    assert await db.fetchval(
+        "SELECT deferred_until FROM queue_entry WHERE campaign_id = $1", first
+    ) is None
