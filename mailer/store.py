@@ -164,7 +164,7 @@ def notice_due(
         return True
     if reason == "quota_exhausted":
         return previous_reason != "quota_exhausted"
-    if reason == previous_reason or previous_reason == "quota_exhausted" or until is None:
+    if previous_reason in (reason, "quota_exhausted") or until is None:
         # From "when the quota is topped up" to a known time: not later than promised.
         return False
     return previous_until is None or until > previous_until
