@@ -286,7 +286,8 @@ class PgStore:
         await self.pool.execute(Q["queue-release"], lease.campaign_id, lease.owner, lease.epoch)
 
     async def begin_sending(self, lease: Lease, now: datetime) -> int | None:
-        """Marks the campaign ``sending``; settles what a dead owner left in doubt.
+        """Settles what a dead owner left in doubt (the campaign stays ``ready``
+        until its first message has gone: ``mark_sending``).
 
         Only while the lease is ours (the queue entry is locked first): a
         takeover that lost its lease before this ran changes nothing and gets
@@ -298,22 +299,40 @@ class PgStore:
             )
             if ours is None:
                 return None
-            moved = await conn.fetchrow(
-                Q["campaign-set-status"], lease.campaign_id, "sending", ["ready"], now
-            )
-            if moved is not None:
-                await conn.execute(
-                    Q["audit-insert"],
-                    now,
-                    "system",
-                    "campaign.status",
-                    lease.campaign_id,
-                    {"from": "ready", "to": "sending"},
-                )
             doubts = await conn.fetch(
                 Q["recipients-orphans-to-doubt"], lease.campaign_id, lease.claim_token, now
             )
         return len(doubts)
+
+    async def mark_sending(self, lease: Lease, now: datetime) -> bool:
+        """The campaign's first messages go to SMTP now (tokens granted):
+        ``ready`` -> ``sending``, and its queue entry's ``started_at``. True
+        when this call moved it (once).
+
+        Under the lease, in one transaction with the status's own check (from
+        ``ready`` only): a manager's pause or cancel meanwhile stands.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            ours = await conn.fetchrow(
+                Q["queue-lock-ours"], lease.campaign_id, lease.owner, lease.epoch
+            )
+            if ours is None:
+                return False
+            moved = await conn.fetchrow(
+                Q["campaign-set-status"], lease.campaign_id, "sending", ["ready"], now
+            )
+            if moved is None:
+                return False
+            await conn.execute(Q["queue-started"], lease.campaign_id, now)
+            await conn.execute(
+                Q["audit-insert"],
+                now,
+                "system",
+                "campaign.status",
+                lease.campaign_id,
+                {"from": "ready", "to": "sending"},
+            )
+        return True
 
     async def claim(self, lease: Lease, n: int, now: datetime) -> tuple[list[Claimed], int]:
         """Claims up to n recipients; returns those to send and how many were unsubscribed."""
@@ -656,7 +675,7 @@ class PgStore:
             c = await conn.fetchrow(Q["campaign-lock"], cid)
             counts = await self.counts(cid, conn)
             await self._hook("finish.checked", cid)
-            if c is None or c["status"] != "sending":
+            if c is None or c["status"] not in ("ready", "sending"):
                 await conn.execute(Q["queue-release"], cid, lease.owner, lease.epoch)
                 return Finish(
                     status=None, counts=counts, stopped="deleted" if c is None else str(c["status"])
@@ -665,14 +684,16 @@ class PgStore:
                 return Finish(status=None, counts=counts)
             status = _final_status(counts)
             await conn.execute(Q["queue-complete"], cid, lease.owner, lease.epoch, now)
-            await conn.execute(Q["campaign-set-status"], cid, status, ["sending"], now)
+            # From ready too: a campaign whose every recipient failed or was
+            # unsubscribed never had a message go.
+            await conn.execute(Q["campaign-set-status"], cid, status, ["ready", "sending"], now)
             await conn.execute(
                 Q["audit-insert"],
                 now,
                 "system",
                 "campaign.status",
                 cid,
-                {"from": "sending", "to": status, "counts": counts},
+                {"from": str(c["status"]), "to": status, "counts": counts},
             )
             owner = str(c["owner_id"])
             await self._store_notices(

@@ -139,6 +139,48 @@ async def test_quota_exhausted_names_no_time_and_notifies_once_day_and_night(
     assert [e["defer_reason"] for e in events.of(first, "deferred")] == ["quota_exhausted"] * len(
         events.of(first, "deferred")
     )
-    assert await db.fetchval(
-        "SELECT deferred_until FROM queue_entry WHERE campaign_id = $1", first
-    ) is None
+    assert (
+        await db.fetchval("SELECT deferred_until FROM queue_entry WHERE campaign_id = $1", first)
+        is None
+    )
+
+
+async def test_campaigns_that_have_sent_nothing_show_ready_and_start_with_their_first_message(
+    make_service, crm: Crm, events: Events, sink, db
+) -> None:
+    # The issue: one campaign at a time, before 09:00 all five queued campaigns
+    # showed `sending` while /metrics said 0 active; started_at was the first
+    # dispatch, not the first message.
+    from prometheus_client import REGISTRY
+
+    early = datetime(2026, 11, 23, 5, 0, tzinfo=UTC)  # 08:00 Moscow
+    clock = FakeClock(early)
+    service = await make_service(clock=clock, max_active_campaigns=1, **OFFICE)
+    ids = [await crm.campaign(people(2, f"c{i}.example")) for i in range(5)]
+    for cid in ids:
+        await crm.start(cid)
+    for cid in ids:
+        await events.wait(cid, ("deferred",))
+    await _settle(service)
+    for cid in ids:
+        view = await crm.get(cid)
+        assert view["status"] == "ready", view
+        assert view["queue"]["started_at"] is None
+    manager = await _view(crm)
+    assert manager["active_campaign"]["status"] == "ready"
+    assert manager["active_campaign"]["started_at"] is None
+    assert [q["status"] for q in manager["queue"]] == ["ready"] * 5
+    assert REGISTRY.get_sample_value("mailer_campaigns_active") == 0
+    assert not any(e["event"] == "started" for e in events.seen)
+    assert all(e["status"] == "ready" for e in events.seen if e["event"] == "deferred")
+
+    nine = datetime(2026, 11, 23, 6, 0, tzinfo=UTC)
+    clock.set(nine)
+    for cid in ids:
+        assert (await events.wait(cid, ("sent", "completed_with_errors")))["event"] == "sent"
+    started = [e for e in events.seen if e["event"] == "started"]
+    assert [e["campaign_id"] for e in started] == ids
+    assert all(e["status"] == "sending" for e in started)
+    rows = await db.fetch("SELECT started_at FROM queue_entry ORDER BY campaign_id")
+    assert [r["started_at"] for r in rows] == [nine] * 5
+    assert len(sink.messages) == 10

@@ -97,6 +97,7 @@ class CampaignStore(Protocol):
     async def renew(self, lease: Lease, until: datetime) -> bool: ...
     async def release(self, lease: Lease) -> None: ...
     async def begin_sending(self, lease: Lease, now: datetime) -> int | None: ...
+    async def mark_sending(self, lease: Lease, now: datetime) -> bool: ...
     async def get_campaign(self, campaign_id: int) -> CampaignRow | None: ...
     async def campaign_status(self, campaign_id: int) -> str | None: ...
     async def attachments(self, campaign_id: int) -> list[Attachment]: ...
@@ -232,6 +233,7 @@ class CampaignActor(Actor[Continue]):
         self._handed: list[Claimed] = []
         self._unrecorded: list[Outcome] = []
         self._ended = False  # finished or deferred: the lease is already given up
+        self._status = "ready"  # the campaign's status as this actor made it
         self._heartbeat_task: asyncio.Task[None] | None = None
 
     # --- setup ----------------------------------------------------------------
@@ -285,7 +287,9 @@ class CampaignActor(Actor[Continue]):
             await self._pause(lease, "render_error", {}, error=repr(exc))
             return
         self._start_heartbeat(lease)
-        await self._emit("started")
+        # ``ready`` until its first message has gone (then ``sending``, and the
+        # "started" event): a campaign that waits before sending says so.
+        self._status = "sending" if campaign.status == "sending" else "ready"
         self._again()
 
     def _start_heartbeat(self, lease: Lease, *, renew_first: bool = False) -> None:
@@ -358,6 +362,10 @@ class CampaignActor(Actor[Continue]):
             await self._defer(lease, reason, reply.retry_at, _reply_details(reply))
             return
 
+        if self._status == "ready" and await self._store.mark_sending(lease, now):
+            # Its first messages go now: from here on it is ``sending``.
+            self._status = "sending"
+            await self._emit("started")
         outcomes = await self._send(template, granted, now, reply.usable_until(now))
         self._batches += 1
         if self._fault is not None:
@@ -462,7 +470,7 @@ class CampaignActor(Actor[Continue]):
 
     async def _nothing_claimed(self, lease: Lease) -> None:
         status = await self._store.campaign_status(self.campaign_id)
-        if status != "sending":
+        if status not in ("ready", "sending"):
             # Paused or cancelled by a manager: the API recorded it; let go.
             log.info(
                 "campaign stopped by its status",
@@ -597,14 +605,14 @@ class CampaignActor(Actor[Continue]):
             await self._outbox.flush()
 
     async def _emit(self, event: str, *, counts: dict[str, int] | None = None) -> None:
-        status = event if event in ("sent", "completed_with_errors") else "sending"
+        status = event if event in ("sent", "completed_with_errors") else self._status
         await self._events.emit(self._event(event, status=status, counts=counts))
 
     def _event(
         self,
         event: str,
         *,
-        status: str = "sending",
+        status: str | None = None,
         counts: dict[str, int] | None = None,
         defer_reason: str | None = None,
         deferred_until: datetime | None = None,
@@ -615,7 +623,7 @@ class CampaignActor(Actor[Continue]):
             event=event,
             campaign_id=self.campaign_id,
             owner_id=self._campaign.owner_id,
-            status=status,
+            status=status or self._status,
             at=self._clock.now(),
             counts=counts,
             defer_reason=defer_reason,

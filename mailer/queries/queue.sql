@@ -42,7 +42,6 @@ UPDATE queue_entry q
 SET lease_owner = $2, lease_until = $3,
     lease_epoch = q.lease_epoch + 1,
     leased_at = $4,
-    started_at = COALESCE(q.started_at, $4),
     defer_reason = NULL, deferred_until = NULL
 FROM campaign c
 WHERE q.campaign_id = $1 AND c.id = q.campaign_id AND q.completed_at IS NULL
@@ -75,6 +74,10 @@ FROM (SELECT id, notified_reason, notified_until FROM queue_entry
       WHERE campaign_id = $1 FOR UPDATE) old
 WHERE q.id = old.id AND q.campaign_id = $1 AND q.lease_owner = $2 AND q.lease_epoch = $3
 RETURNING q.id, old.notified_reason AS previous_reason, old.notified_until AS previous_until;
+
+-- name: queue-started
+-- The campaign's first message has gone: that, not its first dispatch, is its start.
+UPDATE queue_entry SET started_at = COALESCE(started_at, $2) WHERE campaign_id = $1;
 
 -- name: queue-notified
 -- The owner was told of reason $2, with the time $3 (NULL: none could be named).
