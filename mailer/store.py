@@ -591,6 +591,13 @@ class PgStore:
     async def competing(self, now: datetime) -> int:
         return int(await self.pool.fetchval(Q["queue-competing"], now))
 
+    async def competitors(
+        self, now: datetime, limit: int, asker: int, hour: tuple[datetime, datetime]
+    ) -> list[tuple[int, int]]:
+        """(campaign id, demand of the hour) of the campaigns sharing it, in queue order."""
+        rows = await self.pool.fetch(Q["queue-competitors"], now, limit, asker, *hour)
+        return [(int(r["campaign_id"]), int(r["demand"])) for r in rows]
+
     async def queue_depth(self, now: datetime) -> int:
         return int(await self.pool.fetchval(Q["queue-depth"], now))
 

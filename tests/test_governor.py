@@ -309,8 +309,9 @@ async def test_redis_down_fails_open_for_hour_and_day_but_not_for_hours_or_quota
 # --- fair share --------------------------------------------------------------------------
 
 
-async def _queued_campaigns(db, n: int, *, now: datetime) -> list[int]:
-    """n campaigns started and waiting in the queue (status ready), as the API leaves them."""
+async def _queued_campaigns(db, n: int, *, now: datetime, pending: int = 200) -> list[int]:
+    """n campaigns started and waiting in the queue (status ready), as the API
+    leaves them, each with ``pending`` recipients to send (its demand of the hour)."""
     ids = []
     for i in range(n):
         cid = await db.fetchval(
@@ -321,6 +322,14 @@ async def _queued_campaigns(db, n: int, *, now: datetime) -> list[int]:
         )
         await db.execute(
             "INSERT INTO queue_entry (campaign_id, queued_at) VALUES ($1, $2)", cid, now
+        )
+        await db.execute(
+            "INSERT INTO recipient (campaign_id, email, status, created_at, updated_at)"
+            " SELECT $1, 'r' || g || '@example.org', 'pending', $3, $3"
+            " FROM generate_series(1, $2) g",
+            cid,
+            pending,
+            now,
         )
         ids.append(cid)
     return ids

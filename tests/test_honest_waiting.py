@@ -184,3 +184,32 @@ async def test_campaigns_that_have_sent_nothing_show_ready_and_start_with_their_
     rows = await db.fetch("SELECT started_at FROM queue_entry ORDER BY campaign_id")
     assert [r["started_at"] for r in rows] == [nine] * 5
     assert len(sink.messages) == 10
+
+
+async def test_fair_share_is_work_conserving_5_20_20_at_30_per_hour(
+    make_service, crm: Crm, events: Events, sink
+) -> None:
+    # The issue: at 30/h with campaigns of 5, 20 and 20 running together the
+    # result was 5/15/10 — the small one's unused share went to whoever asked
+    # first. Max-min: 5, and the other 25 split evenly.
+    early = datetime(2026, 11, 23, 5, 0, tzinfo=UTC)  # 08:00 Moscow: all three wait
+    clock = FakeClock(early)
+    await make_service(
+        clock=clock, max_active_campaigns=3, rate_per_hour=30, batch_size=4, **OFFICE
+    )
+    small = await crm.campaign(people(5, "small.example"))
+    big1 = await crm.campaign(people(20, "big1.example"))
+    big2 = await crm.campaign(people(20, "big2.example"))
+    for cid in (small, big1, big2):
+        await crm.start(cid)
+    for cid in (small, big1, big2):
+        await events.wait(cid, ("deferred",))
+    clock.set(datetime(2026, 11, 23, 6, 0, tzinfo=UTC))  # 09:00: all three at once
+    assert (await events.wait(small, ("sent", "completed_with_errors")))["event"] == "sent"
+    for cid in (big1, big2):
+        await events.wait_count(cid, "deferred", 2)
+    per = {d: 0 for d in ("small.example", "big1.example", "big2.example")}
+    for m in sink.messages:
+        per[m.rcpt_tos[0].rpartition("@")[2]] += 1
+    assert per["small.example"] == 5
+    assert sorted((per["big1.example"], per["big2.example"])) == [12, 13], per

@@ -287,3 +287,18 @@ def test_next_send_is_the_first_moment_every_limit_allows(case: tuple[datetime, 
     assert (got.reason is None) == (got.at == now)
     if got.reason is not None:
         assert not allows(now, now, lim)[got.reason]
+
+
+# --- max-min fair shares (the rule the governor's script applies) -----------------------
+
+
+def test_max_min_shares_give_what_one_cannot_use_to_the_others() -> None:
+    from mailer.ratelimit import max_min_shares
+
+    assert max_min_shares(30, [5, 20, 20]) == [5, 13, 12]
+    assert max_min_shares(30, [20, 5, 20]) == [13, 5, 12]
+    assert max_min_shares(30, [0, 20, 20]) == [0, 15, 15]
+    assert max_min_shares(30, [3, 4, 5]) == [3, 4, 5]
+    assert max_min_shares(10, [20, 20, 20]) == [4, 3, 3]
+    assert max_min_shares(0, [1, 2]) == [0, 0]
+    assert max_min_shares(7, []) == []

@@ -52,7 +52,7 @@ from nats.aio.subscription import Subscription
 from mailer import metrics
 from mailer.actors.runtime import Actor
 from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus, decode, encode
-from mailer.clock import Clock
+from mailer.clock import Clock, utc
 from mailer.config import Settings
 from mailer.messages import ErrorBody, ErrorReply, TokenReply, TokenRequest
 from mailer.nextsend import Limits, NextSend, next_send
@@ -63,6 +63,8 @@ from mailer.ratelimit import (
     Reservation,
     SendLimiter,
     SpentTokens,
+    hour_start,
+    max_min_shares,
 )
 from mailer.rules import DailyLimits, WorkingHours
 from mailer.store import PgStore
@@ -90,6 +92,14 @@ def governor_subject(bus: Bus) -> str:
 class Competition(Protocol):
     async def competing(self, now: datetime) -> int:
         """How many campaigns run or are ready to run now (the queue's count)."""
+        ...
+
+    async def competitors(
+        self, now: datetime, limit: int, asker: int, hour: tuple[datetime, datetime]
+    ) -> list[tuple[int, int]]:
+        """(campaign id, demand of ``hour``) of the first ``limit`` of them in
+        queue order, and of ``asker``: attempts recorded in the hour plus the
+        recipients still to send."""
         ...
 
 
@@ -197,7 +207,7 @@ class GovernorActor(Actor[TokenRequest]):
             day=day,
             daily_limit=daily_limit,
             campaign_id=msg.campaign_id,
-            competing=await self._competing(now, msg),
+            fair_share=await self._fair_share(now, msg),
             spent=self._spent,
         )
         if r.granted == 0:
@@ -312,15 +322,26 @@ class GovernorActor(Actor[TokenRequest]):
             ends.append(closes)
         return min(ends)
 
-    async def _competing(self, now: datetime, msg: TokenRequest) -> int:
-        """With several campaigns allowed at once, how many share the hour.
+    async def _fair_share(self, now: datetime, msg: TokenRequest) -> int | None:
+        """With several campaigns allowed at once, the asker's part of the hour:
+        max-min fair over the demands of those sharing it, work-conserving —
+        what one cannot use (small, finished, deferred, paused) goes to the
+        others within the same hour.
 
-        One campaign at a time (the default) needs no count; a test email
-        competes with nobody.
+        One campaign at a time (the default) shares with nobody (None); a test
+        email competes with nobody.
         """
         if self._max_active <= 1 or self._competition is None or msg.kind != "campaign":
-            return 1
-        return min(self._max_active, await self._competition.competing(now))
+            return None
+        start = hour_start(utc(now))
+        sharing = await self._competition.competitors(
+            now, self._max_active, msg.campaign_id, (start, start + timedelta(hours=1))
+        )
+        ids = [cid for cid, _ in sharing]
+        if msg.campaign_id not in ids:
+            return None
+        parts = max_min_shares(self._limiter.hourly_limit, [d for _, d in sharing])
+        return parts[ids.index(msg.campaign_id)]
 
     def _refuse(
         self,

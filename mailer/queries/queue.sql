@@ -150,6 +150,43 @@ WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
   AND (q.deferred_until IS NULL OR q.deferred_until <= $1)
   AND NOT (q.deferred_until IS NULL AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted');
 
+-- name: queue-competitors
+-- The campaigns sharing the hour [$4, $5) now, in queue order, with their
+-- demand of it. Those that run or may run: the first $2 (as queue-competing
+-- counts them; the scheduler runs that many at once) and the asker $3 — which
+-- runs, so it is one of them unless the queue changed under it; their demand
+-- is the attempts recorded this hour plus the recipients still to send
+-- (pending, or claimed: a batch in flight or about to ask for its tokens).
+-- And those that used part of this hour but run no more (finished, deferred,
+-- paused): their demand is what they used, so the rest goes to the others.
+WITH top AS (
+    SELECT q.campaign_id
+    FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
+    WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
+      AND (q.deferred_until IS NULL OR q.deferred_until <= $1)
+      AND NOT (q.deferred_until IS NULL AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted')
+    ORDER BY q.priority DESC, q.queued_at, q.id
+    LIMIT $2
+), runs AS (
+    SELECT campaign_id FROM top UNION SELECT $3::bigint
+), used AS (
+    SELECT l.campaign_id, count(*) AS n FROM send_log l
+    WHERE NOT l.is_test AND l.campaign_id IS NOT NULL
+      AND l.created_at >= $4 AND l.created_at < $5
+    GROUP BY l.campaign_id
+), sharing AS (
+    SELECT campaign_id, true AS running FROM runs
+    UNION ALL
+    SELECT campaign_id, false FROM used WHERE campaign_id NOT IN (SELECT campaign_id FROM runs)
+)
+SELECT s.campaign_id,
+       (COALESCE((SELECT n FROM used u WHERE u.campaign_id = s.campaign_id), 0)
+        + CASE WHEN s.running THEN (SELECT count(*) FROM recipient r
+               WHERE r.campaign_id = s.campaign_id AND r.status IN ('pending', 'sending'))
+          ELSE 0 END)::bigint AS demand
+FROM sharing s JOIN queue_entry q ON q.campaign_id = s.campaign_id
+ORDER BY q.priority DESC, q.queued_at, q.id;
+
 -- name: queue-processing-since
 -- Entries an owner is processing now (live lease), longest-held first: the
 -- stuck-campaign report. Deferred campaigns hold no lease: waiting for the
