@@ -26,6 +26,7 @@ import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
 from mailer.db import Q
+from mailer.forecast import Entry
 from mailer.messages import (
     AttachmentView,
     AuditEntry,
@@ -323,6 +324,22 @@ class ApiStore:
         return log_id
 
     # --- the manager's view -------------------------------------------------------------------
+
+    async def forecast_queue(self, limit: int) -> list[Entry]:
+        """The queue in order, as the forecast replays it (first ``limit`` entries)."""
+        rows = await self.pool.fetch(Q["api-forecast-queue"], limit)
+        return [
+            Entry(
+                campaign_id=int(r["campaign_id"]),
+                owner_id=str(r["owner_id"]),
+                remaining=int(r["remaining"]),
+                smtp_wait_until=r["deferred_until"]
+                if r["defer_reason"] == "transient_error"
+                else None,
+                started=r["started_at"] is not None,
+            )
+            for r in rows
+        ]
 
     async def owner_queue(self, owner_id: str, limit: int) -> tuple[list[OwnerQueueRow], int, int]:
         """The owner's unfinished campaigns (first ``limit``), and how many queued / paused."""

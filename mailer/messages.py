@@ -149,6 +149,12 @@ class CampaignView(Struct, kw_only=True):
     finished_at: datetime | None
     counts: dict[str, int]
     queue: QueueView | None = None
+    # The forecast (mailer.forecast): its first message, for a campaign that
+    # has not sent yet; its last; and why the last cannot be known when null
+    # (quota_exhausted, paused, draft, unknown). Null on finished campaigns.
+    estimated_start_at: datetime | None = None
+    estimated_completion_at: datetime | None = None
+    estimate_reason: str | None = None
 
 
 class StartWarning(Struct, kw_only=True):
@@ -487,6 +493,10 @@ class ActiveCampaign(Struct, kw_only=True):
     status: str
     counts: dict[str, int]
     started_at: datetime | None
+    # The forecast, as on CampaignView.
+    estimated_start_at: datetime | None = None
+    estimated_completion_at: datetime | None = None
+    estimate_reason: str | None = None
 
 
 class QueuedCampaign(Struct, kw_only=True):
@@ -497,6 +507,10 @@ class QueuedCampaign(Struct, kw_only=True):
     queued_at: datetime
     defer_reason: str | None
     deferred_until: datetime | None
+    # The forecast, as on CampaignView.
+    estimated_start_at: datetime | None = None
+    estimated_completion_at: datetime | None = None
+    estimate_reason: str | None = None
 
 
 class ManagerStatus(Struct, kw_only=True):

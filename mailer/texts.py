@@ -106,6 +106,22 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "At {rate} emails/hour sending "
         "takes about {hours} h.",
     },
+    # The same, from the forecast, when it takes more than one working day.
+    "warning_large_campaign_days": {
+        "ru": "Большая кампания: {count} {count:plural:получатель|получателя|получателей}. "
+        "При лимите {rate} писем/час отправка займёт около {days} "
+        "{days:plural:рабочего дня|рабочих дней|рабочих дней}, до {until}.",
+        "en": "A large campaign: {count} {count:plural:recipient|recipients}. "
+        "At {rate} emails/hour sending takes about {days} working "
+        "{days:plural:day|days}, until {until}.",
+    },
+    # ...and when the forecast cannot know (the quota is exhausted).
+    "warning_large_campaign_unknown": {
+        "ru": "Большая кампания: {count} {count:plural:получатель|получателя|получателей}. "
+        "При лимите {rate} писем/час срок отправки сейчас не определить: квота исчерпана.",
+        "en": "A large campaign: {count} {count:plural:recipient|recipients}. "
+        "At {rate} emails/hour its duration cannot be known now: the quota is exhausted.",
+    },
     "warning_quota_exhausted": {
         "ru": "Глобальная квота исчерпана: кампания поставлена в очередь, отправка начнётся "
         "после пополнения квоты.",

@@ -213,3 +213,97 @@ async def test_fair_share_is_work_conserving_5_20_20_at_30_per_hour(
         per[m.rcpt_tos[0].rpartition("@")[2]] += 1
     assert per["small.example"] == 5
     assert sorted((per["big1.example"], per["big2.example"])) == [12, 13], per
+
+
+async def test_forecast_matches_the_real_completion_of_a_multi_day_campaign(
+    make_service, crm: Crm, events: Events, sink, db
+) -> None:
+    # 5/h, sending 09:00-11:00: two windows, ten emails a day. 25 from Monday
+    # 09:30 go Mon 09:30 and 10:00, Tue 09:00 and 10:00, Wed 09:00; the next
+    # campaign (5) starts and ends at Wed 10:00.
+    monday_0930 = datetime(2026, 11, 23, 6, 30, tzinfo=UTC)
+    clock = FakeClock(monday_0930)
+    await make_service(
+        clock=clock,
+        rate_per_hour=5,
+        batch_size=5,
+        max_active_campaigns=1,
+        working_hours_start="09:00",
+        working_hours_end="11:00",
+    )
+    first = await crm.campaign(people(25, "first.example"))
+    second = await crm.campaign(people(5, "second.example"))
+    await crm.start(first)
+    await crm.start(second)
+    await events.wait(first, ("deferred",))
+    view = await crm.get(first)
+    assert view["estimate_reason"] is None
+    forecast_first = datetime.fromisoformat(view["estimated_completion_at"])
+    assert forecast_first == datetime(2026, 11, 25, 6, 0, tzinfo=UTC)  # Wed 09:00 Moscow
+    queued = await crm.get(second)
+    assert queued["status"] == "ready"
+    start_second = datetime.fromisoformat(queued["estimated_start_at"])
+    forecast_second = datetime.fromisoformat(queued["estimated_completion_at"])
+    assert start_second == forecast_second == datetime(2026, 11, 25, 7, 0, tzinfo=UTC)
+    manager = await _view(crm)
+    assert manager["active_campaign"]["estimated_completion_at"] == "2026-11-25T06:00:00Z"
+    assert manager["next_campaign_at"] == "2026-11-25T07:00:00Z"
+
+    # Nobody acts but the clock: each wait ends when it said, until both are done.
+    for _ in range(20):
+        finals = [e for e in events.seen if e["event"] in ("sent", "completed_with_errors")]
+        if len(finals) == 2:
+            break
+        ends = await db.fetch(
+            "SELECT deferred_until FROM queue_entry WHERE completed_at IS NULL"
+            " AND deferred_until IS NOT NULL ORDER BY deferred_until LIMIT 1"
+        )
+        assert ends, "a campaign waits without a time"
+        clock.set(ends[0]["deferred_until"])
+        await _settle(None)
+        for _ in range(100):
+            if (
+                await db.fetchval(
+                    "SELECT count(*) FROM queue_entry WHERE completed_at IS NULL"
+                    " AND (lease_owner IS NOT NULL OR deferred_until <= $1)",
+                    clock.now(),
+                )
+                == 0
+            ):
+                break
+            await asyncio.sleep(0.05)
+    for cid, expected in ((first, forecast_first), (second, forecast_second)):
+        done = await db.fetchval("SELECT finished_at FROM campaign WHERE id = $1", cid)
+        assert done is not None
+        assert abs((done - expected).total_seconds()) < 3600, (cid, done, expected)
+    started = await db.fetchval("SELECT started_at FROM queue_entry WHERE campaign_id = $1", second)
+    assert started == start_second
+    assert len(sink.messages) == 30
+
+
+async def test_the_large_campaign_warning_counts_working_days(make_service, crm: Crm) -> None:
+    # The issue: "about 100 h" for 10 000 at 100/h ignored working hours. Here
+    # 1000 at 10/h, 09:00-18:00 on weekdays, from Monday 13:15: 50 today, 90 a
+    # working day after — done Tuesday 8.12, the 12th working day.
+    clock = FakeClock(MONDAY_1315_MSK)
+    await make_service(
+        clock=clock,
+        rate_per_hour=10,
+        working_days="1,2,3,4,5",
+        large_campaign_warning=500,
+        **OFFICE,
+    )
+    cid = await crm.campaign(people(1000))
+    started = await crm.start(cid)
+    by_code = {w["code"]: w["message"] for w in started["warnings"]}
+    assert by_code["large_campaign"] == (
+        "Большая кампания: 1000 получателей. При лимите 10 писем/час отправка займёт около "
+        "12 рабочих дней, до 08.12."
+    )
+    english = await crm.campaign(people(600, "en.example"))
+    started = await crm.call("campaign.start", {"campaign_id": english}, lang="en")
+    by_code = {w["code"]: w["message"] for w in started["warnings"]}
+    assert by_code["large_campaign"].startswith(
+        "A large campaign: 600 recipients. At 10 emails/hour sending takes about "
+    )
+    assert "working days, until " in by_code["large_campaign"]
