@@ -314,6 +314,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_hash_salt: Annotated[
         str, Meta(description="Salt of email hashes in logs; production refuses the default.")
     ] = "mailer-dev-salt-change-me"
+    log_each_send: Annotated[
+        bool,
+        Meta(
+            description=(
+                "One INFO line per accepted message; `false` keeps only the batch lines and "
+                "the failed/retried recipients."
+            )
+        ),
+    ] = True
 
     @property
     def effective_instance_id(self) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 from datetime import datetime
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 from zoneinfo import ZoneInfo
 
 import nats.errors
@@ -60,6 +60,8 @@ EVENTS_PUBLISH_FAILURES: Final = Counter(
     "Events that could not be stored on JetStream (the database still holds the truth).",
     ["kind"],
 )
+for _event_kind in get_args(EventKind):  # a series from the start: increase() sees the first
+    EVENTS_PUBLISH_FAILURES.labels(kind=_event_kind)
 
 # Subject tokens may not contain '.', '*', '>' or whitespace; '%' is escaped too so
 # the encoding stays reversible.

@@ -19,11 +19,16 @@ from aiohttp import web
 
 from mailer.metrics import render_latest
 
-__all__ = ["HttpServer", "ReadinessCheck"]
+__all__ = ["DependencyReport", "HttpServer", "ReadinessCheck", "ScrapeHook"]
 
 log = logging.getLogger(__name__)
 
+# What decides readiness: every value must be True for a 200.
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+# What /readyz reports besides, without letting it decide (``reported`` in the body).
+DependencyReport = Callable[[], Awaitable[dict[str, bool]]]
+# Runs before /metrics is rendered: gauges read at scrape time (mailer.gauges).
+ScrapeHook = Callable[[], Awaitable[None]]
 
 # A stuck dependency check must turn into a 503, not a hung probe; keep it below the
 # readiness probe's timeoutSeconds in deploy/k8s.
@@ -45,12 +50,16 @@ class HttpServer:
         readiness: ReadinessCheck | None,
         readiness_timeout: float = DEFAULT_READINESS_TIMEOUT,
         name: str = "internal",
+        report: DependencyReport | None = None,
+        before_scrape: ScrapeHook | None = None,
     ) -> None:
         self.host = host
         self.port = port  # the real port after start() when 0 was asked for
         self.name = name
         self._readiness = readiness
         self._readiness_timeout = readiness_timeout
+        self._report = report
+        self._before_scrape = before_scrape
         self.app = web.Application()
         if readiness is not None:
             self.app.router.add_get("/metrics", self._metrics)
@@ -97,6 +106,13 @@ class HttpServer:
     # -- handlers ---------------------------------------------------------------------
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if self._before_scrape is not None:
+            # The hook bounds its own reads; this bound only keeps a scrape from hanging.
+            try:
+                async with asyncio.timeout(self._readiness_timeout):
+                    await self._before_scrape()
+            except Exception:
+                log.warning("scrape-time gauges not refreshed", exc_info=True)
         body, content_type = render_latest(request.headers.get("Accept"))
         # Content-Type goes in as a raw header: it carries parameters (version, charset)
         # that web.Response's content_type argument refuses.
@@ -106,10 +122,16 @@ class HttpServer:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
+        """200 when every readiness check passes, else 503. The body lists the checks and,
+        under ``reported``, dependencies that are shown but do not decide readiness."""
         assert self._readiness is not None
+        reported: dict[str, bool] | None = None
         try:
             async with asyncio.timeout(self._readiness_timeout):
-                checks = await self._readiness()
+                if self._report is None:
+                    checks = await self._readiness()
+                else:
+                    checks, reported = await asyncio.gather(self._readiness(), self._report())
         except TimeoutError:
             log.warning("readiness check timed out", extra={"timeout_s": self._readiness_timeout})
             return web.json_response({"readiness": False}, status=503)
@@ -117,4 +139,7 @@ class HttpServer:
             log.exception("readiness check failed")
             return web.json_response({"readiness": False}, status=503)
         ok = all(checks.values())
-        return web.json_response(checks, status=200 if ok else 503)
+        body: dict[str, object] = dict(checks)
+        if reported is not None:
+            body["reported"] = reported
+        return web.json_response(body, status=200 if ok else 503)

@@ -30,7 +30,10 @@ import re
 import sys
 import traceback
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import IO, Any, Final
+
+from mailer.clock import Clock, SystemClock
 
 __all__ = [
     "DEFAULT_HASH_SALT",
@@ -38,6 +41,7 @@ __all__ = [
     "EmailRedactionFilter",
     "JsonFormatter",
     "LineFormatter",
+    "LogLimiter",
     "check_salt",
     "configure_logging",
     "debug_email_fields",
@@ -63,6 +67,7 @@ KNOWN_FIELDS: Final = (
     "provider",
     "took_ms",
     "rate_limit_count",
+    "suppressed",
     "defer_reason",
     "deferred_until",
     "policy",
@@ -414,3 +419,46 @@ def configure_logging(
     handler.addFilter(EmailRedactionFilter(full_emails=full_emails))
     root.addHandler(handler)
     root.setLevel(_parse_level(level))
+
+
+# ---------------------------------------------------------------------------------------
+# Rate-limited lines
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Slot:
+    last: dt.datetime
+    suppressed: int = 0
+
+
+class LogLimiter:
+    """At most one line per ``key`` every ``every`` seconds; the rest are counted, not written.
+
+    For failures that repeat as fast as they are retried (an SMTP server refusing every
+    connection): the first line of a key goes out at once, later ones within ``every``
+    seconds are dropped, and the next line written for that key carries
+    ``suppressed=<how many were dropped>``. Keys must come from a small closed set (a cause,
+    not an address): one slot is kept per key. The records go through the handler's PII
+    filter like any other.
+    """
+
+    def __init__(
+        self, logger: logging.Logger, *, every: float = 30.0, clock: Clock | None = None
+    ) -> None:
+        self._logger = logger
+        self._every = dt.timedelta(seconds=every)
+        self._clock: Clock = clock or SystemClock()
+        self._slots: dict[str, _Slot] = {}
+
+    def log(self, level: int, key: str, msg: str, *, extra: Mapping[str, Any]) -> bool:
+        """Writes the line unless ``key`` had one less than ``every`` ago; True if written."""
+        now = self._clock.now()
+        slot = self._slots.get(key)
+        if slot is not None and now - slot.last < self._every:
+            slot.suppressed += 1
+            return False
+        suppressed = slot.suppressed if slot is not None else 0
+        self._slots[key] = _Slot(last=now)
+        self._logger.log(level, msg, extra={**extra, "suppressed": suppressed})
+        return True

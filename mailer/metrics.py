@@ -32,29 +32,45 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 __all__ = [
+    "ACTOR_KINDS",
     "ACTOR_MAILBOX_DEPTH",
     "ACTOR_MAILBOX_FULL",
     "ACTOR_RESTARTS",
+    "API_REQUESTS",
+    "API_REQUEST_DURATION",
     "BUILD_INFO",
     "CAMPAIGNS_ACTIVE",
+    "CAMPAIGNS_WAITING",
     "CIRCUIT_BREAKER_STATE",
     "CIRCUIT_CLOSED",
     "CIRCUIT_HALF_OPEN",
     "CIRCUIT_OPEN",
     "DEFERS",
+    "DEPENDENCIES",
+    "DEPENDENCY_UP",
     "EMAILS_FAILED",
     "EMAILS_SENT",
     "LEADER",
     "PROCESSING_OLDEST_SECONDS",
     "PROCESSING_SECONDS",
     "QUEUE_DEPTH",
+    "QUOTA_AVAILABLE",
     "RATE_COUNTER_REBUILDS",
+    "RATE_HOUR_LIMIT",
+    "RATE_HOUR_USED",
     "RATE_LIMITER_REDIS_ERRORS",
+    "RECIPIENTS_PENDING",
+    "RECIPIENTS_SENDABLE",
     "RETENTION_DELETED",
     "SEND_DURATION",
+    "SMTP_CONNECTION_ERRORS",
+    "SMTP_ERROR_CAUSES",
     "TOKENS_DENIED",
     "TOKENS_GRANTED",
+    "WAITING_REASONS",
     "actor_kind",
+    "precreate_actor_series",
+    "precreate_api_series",
     "register_mailbox",
     "render_latest",
     "set_build_info",
@@ -76,6 +92,36 @@ KNOWN_DEFER_REASONS: Final = (
     "outside_hours",
     "daily_limit",
     "transient_error",
+)
+
+# The actors of a service (mailer.service) plus the per-campaign ones, by actor_kind(): their
+# restart and mailbox-full series exist before the first crash. A kind not listed here gets
+# its series when it starts (service.MetricsObserver).
+ACTOR_KINDS: Final = (
+    "smtp-sender",
+    "rate-governor",
+    "quota-sync",
+    "api",
+    "scheduler",
+    "leader",
+    "runner",
+    "campaign",
+)
+# Why an SMTP session could not be opened or was lost without a reply (mailer.smtphealth).
+SMTP_ERROR_CAUSES: Final = ("connect", "tls", "auth", "timeout", "protocol")
+DEPENDENCIES: Final = ("postgres", "nats", "redis", "smtp")
+# Why an unfinished campaign that nobody is sending right now waits (mailer.gauges):
+# a deferral's reason, a pause, or "queued" (runnable, waiting for a free slot).
+WAITING_REASONS: Final = (
+    "queued",
+    "rate_per_hour",
+    "quota_exhausted",
+    "outside_hours",
+    "daily_limit",
+    "transient_error",
+    "circuit_breaker",
+    "render_error",
+    "paused",
 )
 
 # Circuit-breaker states as gauge values (ordered by severity so max() is meaningful).
@@ -195,6 +241,72 @@ RETENTION_DELETED: Final = Counter(
     ["table"],
 )
 RETENTION_TABLES: Final = ("send_log", "audit_log", "recipient")
+# ---------------------------------------------------------------------------------------
+# Backlog, budgets and dependencies: read from PostgreSQL / Redis at scrape time
+# (mailer.gauges). Cluster-wide facts: every process exports the same values, so alerts
+# take max() over the job.
+# ---------------------------------------------------------------------------------------
+
+RECIPIENTS_PENDING: Final = Gauge(
+    "mailer_recipients_pending",
+    "Pending recipients of started, unfinished campaigns (running, waiting or paused).",
+)
+RECIPIENTS_SENDABLE: Final = Gauge(
+    "mailer_recipients_sendable",
+    "Pending recipients of campaigns that may send now: ready or sending, not deferred to a "
+    "later time, not paused (by a manager, the breaker or render_error). Above 0 while "
+    "nothing is sent means sending is stalled.",
+)
+CAMPAIGNS_WAITING: Final = Gauge(
+    "mailer_campaigns_waiting",
+    "Unfinished campaigns no process is sending right now, by why they wait: a defer reason, "
+    "paused, circuit_breaker, render_error, or queued (may run now, waits for a free slot).",
+    ["reason"],
+)
+QUOTA_AVAILABLE: Final = Gauge(
+    "mailer_quota_emails_available",
+    "Emails left of the provider's monthly allowance (the quota table).",
+)
+RATE_HOUR_USED: Final = Gauge(
+    "mailer_rate_hour_used",
+    "Send tokens of the current UTC clock hour already reserved for the SMTP account (Redis).",
+    ["account"],
+)
+RATE_HOUR_LIMIT: Final = Gauge(
+    "mailer_rate_hour_limit",
+    "Send tokens allowed per clock hour for the SMTP account (MAILER_RATE_PER_HOUR).",
+    ["account"],
+)
+DEPENDENCY_UP: Final = Gauge(
+    "mailer_dependency_up",
+    "1 when a dependency answered its last check, else 0. postgres, redis: a query/PING at "
+    "scrape time; nats: the client is connected; smtp: 0 after a failed attempt to open a "
+    "session, 1 after a success or before any attempt.",
+    ["dependency"],
+)
+SMTP_CONNECTION_ERRORS: Final = Counter(
+    "mailer_smtp_connection_errors_total",
+    "SMTP sessions that could not be opened or were lost without a reply, by cause "
+    "(connect, tls, auth, timeout, protocol).",
+    ["cause"],
+)
+
+# ---------------------------------------------------------------------------------------
+# Public NATS API
+# ---------------------------------------------------------------------------------------
+
+API_REQUESTS: Final = Counter(
+    "mailer_api_requests_total",
+    "Requests to the public NATS API, by subject (after the prefix) and result code: ok, or "
+    "the error code of the reply (validation_error, throttled, internal_error, ...).",
+    ["subject", "code"],
+)
+API_REQUEST_DURATION: Final = Histogram(
+    "mailer_api_request_duration_seconds",
+    "Time a request to the public NATS API took, from receipt to reply, by subject.",
+    ["subject"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
 
 BUILD_INFO: Final = Info("mailer_build", "Version of the running mailer.")
 
@@ -217,6 +329,8 @@ for _kind in SEND_KINDS:
         EMAILS_FAILED.labels(kind=_kind, reason=_reason)
 for _reason in KNOWN_DEFER_REASONS:
     DEFERS.labels(reason=_reason)
+for _reason in ("circuit_breaker", "render_error"):  # the engine's pauses count here too
+    DEFERS.labels(reason=_reason)
 RATE_LIMITER_REDIS_ERRORS.labels(policy="fail_open")
 for _table in RETENTION_TABLES:
     RETENTION_DELETED.labels(table=_table)
@@ -226,6 +340,13 @@ for _action in ("start", "test_email"):
     API_THROTTLE_REDIS_ERRORS.labels(policy="fail_closed", action=_action)
 for _reason in ("rate_per_hour", "daily_limit", "quota_exhausted", "outside_hours"):
     TOKENS_DENIED.labels(reason=_reason)
+for _cause in SMTP_ERROR_CAUSES:
+    SMTP_CONNECTION_ERRORS.labels(cause=_cause)
+for _reason in WAITING_REASONS:
+    CAMPAIGNS_WAITING.labels(reason=_reason)
+# smtp: no failure seen yet; the others are set by their first check (at start, each scrape).
+for _dependency in DEPENDENCIES:
+    DEPENDENCY_UP.labels(dependency=_dependency).set(1 if _dependency == "smtp" else 0)
 
 # ---------------------------------------------------------------------------------------
 # Actor kinds
@@ -269,6 +390,30 @@ def actor_kind(name: str) -> str:
             return OTHER_KIND
         _known_kinds.add(kind)
         return kind
+
+
+for _kind in ACTOR_KINDS:
+    ACTOR_RESTARTS.labels(actor=actor_kind(_kind))
+    ACTOR_MAILBOX_FULL.labels(actor=actor_kind(_kind))
+
+
+def precreate_actor_series(actor_name: str) -> None:
+    """Restart and mailbox-full series of ``actor_name``'s kind, at 0 until the first event."""
+    kind = actor_kind(actor_name)
+    ACTOR_RESTARTS.labels(actor=kind)
+    ACTOR_MAILBOX_FULL.labels(actor=kind)
+
+
+def precreate_api_series(subjects: Iterable[str]) -> None:
+    """For each API subject: its ``ok`` and ``internal_error`` counts, and its histogram.
+
+    Other error codes appear on their first use: they depend on the subject, and every
+    subject times every code would be hundreds of series that stay 0.
+    """
+    for subject in subjects:
+        API_REQUESTS.labels(subject=subject, code="ok")
+        API_REQUESTS.labels(subject=subject, code="internal_error")
+        API_REQUEST_DURATION.labels(subject=subject)
 
 
 # ---------------------------------------------------------------------------------------

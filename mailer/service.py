@@ -55,13 +55,16 @@ from mailer.clock import Clock, SystemClock
 from mailer.config import Settings
 from mailer.db import Q, connect_pool
 from mailer.events import JetStreamEvents
+from mailer.gauges import ScrapeGauges
 from mailer.http import HttpServer
 from mailer.messages import Wake
 from mailer.outbox import OutboxRelay
 from mailer.quota import QuotaSyncActor, lift_deferrals
 from mailer.ratelimit import SendLimiter
+from mailer.redisconn import connect_redis, redis_up
 from mailer.retention import Retention, RetentionPolicy
 from mailer.rules import WorkingHours
+from mailer.smtphealth import SmtpHealth
 from mailer.store import PgStore
 from mailer.transport import SmtpTransport
 from mailer.unsubscribe import PgUnsubscribes, secrets_of, unsubscribe_url
@@ -81,6 +84,7 @@ class MetricsObserver:
 
     def on_actor_started(self, actor_name: str, mailbox_depth: Callable[[], int]) -> None:
         metrics.register_mailbox(actor_name, mailbox_depth)
+        metrics.precreate_actor_series(actor_name)
 
     def on_actor_stopped(self, actor_name: str) -> None:
         metrics.unregister_mailbox(actor_name)
@@ -128,6 +132,10 @@ class Service:
         self._public_http: HttpServer | None = None
         self._events: JetStreamEvents | None = None
         self._outbox: OutboxRelay | None = None
+        # Outlives restarts of the sender, like the breaker: seen across its transports.
+        self._smtp_health = SmtpHealth(
+            settings.smtp_host, settings.smtp_port, account=settings.smtp_account, clock=self.clock
+        )
         self._stopped = False
         self._background: set[asyncio.Task[None]] = set()
         self._delayed: set[asyncio.TimerHandle] = set()
@@ -169,9 +177,8 @@ class Service:
         s = self.settings
         self._pool = await connect_pool(s.database_url, size=s.database_pool_size)
         self._store = PgStore(self._pool, max_transient_attempts=s.max_transient_attempts)
-        self._redis = redis.Redis.from_url(
-            s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
-        )
+        self._redis = connect_redis(s.redis_url)
+        await self._check_redis()
         self._bus = Bus(
             s.nats_url,
             prefix=s.subject_prefix,
@@ -297,7 +304,22 @@ class Service:
             fault=self._actor_fault,
         )
         await self._supervisor.start()
-        self._http = HttpServer(s.http_host, s.http_port, readiness=self.readiness)
+        gauges = ScrapeGauges(
+            pool=self._pool,
+            redis_client=self._redis,
+            nats_connected=lambda: bus.connected,
+            hour_key=limiter.hour_key,
+            account=s.smtp_account,
+            hourly_limit=s.rate_per_hour,
+            clock=clock,
+        )
+        self._http = HttpServer(
+            s.http_host,
+            s.http_port,
+            readiness=self.readiness,
+            report=self.dependency_report,
+            before_scrape=gauges.refresh,
+        )
         await self._http.start()
         self._public_http = HttpServer(
             s.public_http_host, s.public_http_port, readiness=None, name="public"
@@ -321,6 +343,18 @@ class Service:
             },
         )
 
+    async def _check_redis(self) -> None:
+        """Redis is not required to start (sending fails open without it), but say so."""
+        assert self._redis is not None
+        up = await redis_up(self._redis)
+        metrics.DEPENDENCY_UP.labels(dependency="redis").set(int(up))
+        if not up:
+            log.warning(
+                "Redis does not answer at start; the send-rate limiter fails open (hourly and "
+                "daily limits unchecked) and the API throttles fail closed until it does",
+                extra={"policy": "fail_open"},
+            )
+
     def _new_transport(self) -> SmtpTransport:
         s = self.settings
         return SmtpTransport(
@@ -331,6 +365,7 @@ class Service:
             password=s.smtp_password or None,
             timeout=s.smtp_timeout_seconds,
             connections=s.smtp_connections,
+            health=self._smtp_health,
         )
 
     async def wait_leading(self, above: int = 0) -> int:
@@ -393,6 +428,7 @@ class Service:
             transient_retry=timedelta(minutes=s.transient_retry_delay_minutes),
             breaker_threshold=s.circuit_breaker_threshold,
             hours=WorkingHours.from_settings(s),
+            log_each_send=s.log_each_send,
         )
 
         def link(cid: int, email: str) -> str:
@@ -465,11 +501,15 @@ class Service:
             log.warning("wake not published")
 
     async def readiness(self) -> dict[str, bool]:
-        """Ready when NATS and PostgreSQL answer.
+        """Ready when NATS and PostgreSQL answer: the policy of ``/readyz``.
 
-        Redis is left out on purpose: sending fails open without it, and the
-        HTTP routes (unsubscribe, metrics) do not need it; a Redis outage must
-        not take every pod out of its Service.
+        Only these two decide, because without them the pod can do nothing useful (no
+        request reaches it, no state can be read or written). Redis and SMTP are reported
+        in the body (``dependency_report``) but do not decide, on purpose: without Redis
+        sending fails open and the unsubscribe pages and metrics still work; an SMTP outage
+        is the provider's, shared by every pod, and is handled by the retry policy and the
+        circuit breaker. Taking every pod out of its Service for either would only take
+        the unsubscribe pages down with it.
         """
         checks: dict[str, bool] = {"nats": self._bus is not None and self._bus.connected}
         try:
@@ -479,6 +519,12 @@ class Service:
         except Exception:
             checks["postgres"] = False
         return checks
+
+    async def dependency_report(self) -> dict[str, bool]:
+        """Redis (a PING now) and SMTP (the last session attempt): shown, not deciding."""
+        up = self._redis is not None and await redis_up(self._redis)
+        metrics.DEPENDENCY_UP.labels(dependency="redis").set(int(up))
+        return {"redis": up, "smtp": self._smtp_health.up}
 
     async def wait(self) -> None:
         """Returns when the supervisor shut down; raises SupervisorEscalation if it gave up."""

@@ -44,6 +44,7 @@ from aiosmtplib import (
 )
 
 from mailer.render import idna_address
+from mailer.smtphealth import SmtpHealth
 
 __all__ = [
     "EXPIRED",
@@ -168,6 +169,14 @@ def _reply_of(exc: BaseException) -> tuple[int | None, str]:
     return None, ""
 
 
+def _lost_without_reply(exc: BaseException) -> bool:
+    """A transaction's connection failed (not a reply, not the address); setup failures
+    are reported where they happen, in ``_connected``."""
+    if isinstance(exc, ConnectionSetupError | UnsendableError | SMTPResponseException):
+        return False
+    return isinstance(exc, InDoubtError | OSError | TimeoutError)
+
+
 def _describe(stage: str, exc: BaseException) -> str:
     cause = exc.__cause__ if isinstance(exc, ConnectionSetupError | InDoubtError) else None
     shown = cause if cause is not None else exc
@@ -224,6 +233,7 @@ class SmtpTransport:
         local_hostname: str | None = None,
         tls_verify: bool = True,
         tls_context: ssl.SSLContext | None = None,
+        health: SmtpHealth | None = None,
     ) -> None:
         if connections < 1:
             raise ValueError("connections must be >= 1")
@@ -239,6 +249,7 @@ class SmtpTransport:
         self._local_hostname = local_hostname
         self._tls_verify = tls_verify
         self._tls_context = tls_context
+        self._health = health
         self._slots: list[_Connection] = []
         self._free: asyncio.Queue[_Connection] | None = None
         self._in_flight = 0
@@ -387,6 +398,8 @@ class SmtpTransport:
             self._discard(slot)
             raise
         except Exception as exc:
+            if self._health is not None and _lost_without_reply(exc):
+                self._health.failed(exc, stage=stage)
             await self._after_failure(slot, exc)
             code, answer = _reply_of(exc)
             return SendResult(
@@ -400,6 +413,8 @@ class SmtpTransport:
         finally:
             slot.busy = False
         slot.transactions += 1
+        if self._health is not None:
+            self._health.succeeded()
         return SendResult(
             outcome="sent",
             smtp_code=reply.code,
@@ -440,7 +455,11 @@ class SmtpTransport:
             raise
         except Exception as exc:
             smtp.close()
+            if self._health is not None:
+                self._health.failed(exc, stage="connect")
             raise ConnectionSetupError(str(exc)) from exc
+        if self._health is not None:
+            self._health.succeeded()
         if self._closing:
             # close() ran while this connection was being opened; it would leak.
             smtp.close()

@@ -46,6 +46,7 @@ UNSUBSCRIBES: Final = Counter(
     "Addresses newly unsubscribed, by source.",
     ["source"],
 )
+UNSUBSCRIBES.labels(source=SOURCE_LINK)  # a series from the start: increase() sees the first one
 
 # Security headers of every page: the token is in the URL (no Referer may carry
 # it away, no cache may keep it), and nobody may frame the button to trick a click.

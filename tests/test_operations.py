@@ -64,6 +64,16 @@ REQUIRED_DASHBOARD_METRICS = {
     "mailer_actor_restarts_total",
     "mailer_rate_limiter_redis_errors_total",
     "mailer_api_throttle_redis_errors_total",
+    "mailer_recipients_pending",
+    "mailer_recipients_sendable",
+    "mailer_campaigns_waiting",
+    "mailer_quota_emails_available",
+    "mailer_rate_hour_used",
+    "mailer_rate_hour_limit",
+    "mailer_dependency_up",
+    "mailer_smtp_connection_errors_total",
+    "mailer_api_requests_total",
+    "mailer_api_request_duration_seconds_bucket",
 }
 PLAYBOOK_SECTIONS = {
     "sending-stalled",
@@ -207,6 +217,20 @@ def test_dashboard_panels_and_metrics() -> None:
             assert names <= exported, f"panel {title!r}: unknown metrics {names - exported}"
             used |= names
     assert used >= REQUIRED_DASHBOARD_METRICS, REQUIRED_DASHBOARD_METRICS - used
+    # Whoever is paged can see on the dashboard what the alert looked at.
+    for rule in alert_rules():
+        shown = set(METRIC_NAME.findall(rule["expr"]))
+        assert shown <= used, f"{rule['alert']}: no panel shows {shown - used}"
+
+
+def test_sending_panels_count_per_hour_like_the_limits() -> None:
+    # The limits are per clock hour (100/h is 0.028/s): the sending panels say per hour.
+    for panel in dashboard_panels():
+        for target in panel["targets"]:
+            expr = target["expr"]
+            if any(m in expr for m in ("mailer_emails_", "mailer_tokens_")):
+                assert "* 3600" in expr, (panel["title"], expr)
+                assert "per hour" in panel["title"], panel["title"]
 
 
 # --- playbook ------------------------------------------------------------------------------------

@@ -16,6 +16,11 @@ failure is one ``ErrorReply`` shape -- a stable ``code``, a human ``message``
 (Russian by default), ``details`` -- and also the micro error headers
 (``Nats-Service-Error`` = the message on one line, ``Nats-Service-Error-Code``
 = an HTTP-like status), so micro-aware clients and plain ones both see it.
+Error replies go out through micro's own error path, so ``$SRV.STATS`` counts
+them (``num_errors``, ``last_error`` = "status:code", never the message text).
+
+Every request is counted in ``mailer_api_requests_total{subject,code}`` (code
+``ok`` or the error code) and timed in ``mailer_api_request_duration_seconds``.
 
 nats-py micro awaits each handler inside its subscription's callback: one
 endpoint serves one request at a time per process (others queue in the
@@ -26,6 +31,7 @@ one SMTP transaction.
 from __future__ import annotations
 
 import logging
+import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -34,9 +40,10 @@ from typing import Any
 import msgspec
 import redis.asyncio as redis
 from nats.micro import add_service
-from nats.micro.request import Request
+from nats.micro.request import Request, ServiceError
 from nats.micro.service import EndpointConfig, Service
 
+from mailer import metrics
 from mailer.actors.campaign import Mail
 from mailer.actors.governor import NatsTokenSource
 from mailer.actors.runtime import Actor, ActorRef
@@ -45,7 +52,7 @@ from mailer.api.context import ApiContext, Caller, EventSink, caller_from, lang_
 from mailer.api.recipients import MAX_RECIPIENTS_PER_CALL
 from mailer.api.routes import LARGE_PAYLOAD, Route, routes
 from mailer.apistore import ApiStore
-from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus, encode
+from mailer.bus import Bus, encode
 from mailer.clock import Clock
 from mailer.config import Settings
 from mailer.errors import ApiError, BadRequest, PayloadTooLarge, Unavailable, ValidationFailed
@@ -138,6 +145,7 @@ class ApiActor(Actor[None]):
         )
         # Assigned before the endpoints: a failure half-way still stops what was added.
         self._service = svc
+        metrics.precreate_api_series(r.subject for r in routes(self._settings))
         for route in routes(self._settings):
             await svc.add_endpoint(
                 EndpointConfig(
@@ -160,8 +168,11 @@ class ApiActor(Actor[None]):
 
     def _endpoint(self, route: Route) -> Handler:
         ctx = self._ctx
+        requests = metrics.API_REQUESTS
+        duration = metrics.API_REQUEST_DURATION.labels(subject=route.subject)
 
         async def handler(request: Request) -> None:
+            started = time.perf_counter()
             headers = request.headers or {}
             try:
                 if len(request.data) > route.max_payload:
@@ -170,13 +181,18 @@ class ApiActor(Actor[None]):
                 body = decode_request(request.data, route.request)
                 reply = await route.operation(ctx, caller, body)
             except ApiError as exc:
-                await _respond_error(request, exc, lang_of(headers))
-                return
+                error = exc
             except Exception:
                 log.exception("request failed", extra={"nats_subject": request.subject})
-                await _respond_error(request, ApiError(), lang_of(headers))
+                error = ApiError()
+            else:
+                await request.respond(encode(reply))
+                requests.labels(subject=route.subject, code="ok").inc()
+                duration.observe(time.perf_counter() - started)
                 return
-            await request.respond(encode(reply))
+            requests.labels(subject=route.subject, code=error.code).inc()
+            duration.observe(time.perf_counter() - started)
+            raise _error_reply(request, error, lang_of(headers))
 
         return handler
 
@@ -246,12 +262,37 @@ def render_error(exc: ApiError, lang: Lang) -> ErrorReply:
     return ErrorReply(error=ErrorBody(code=exc.code, message=message, details=details))
 
 
-async def _respond_error(request: Request, exc: ApiError, lang: Lang) -> None:
+class _ApiServiceError(ServiceError):
+    """micro's error: ``code`` is the status for the header; ``repr`` (micro's
+    ``last_error`` in $SRV.STATS, readable by any NATS user) names the stable
+    error code only, never the message, which may quote the request."""
+
+    def __init__(self, status: int, description: str, api_code: str) -> None:
+        super().__init__(str(status), description)
+        self.api_code = api_code
+
+    def __repr__(self) -> str:
+        return f"{self.code}:{self.api_code}"
+
+
+def _error_reply(request: Request, exc: ApiError, lang: Lang) -> ServiceError:
+    """The exception that makes micro send our error reply and count it.
+
+    nats-py micro (2.16) counts an error in $SRV.STATS only when the handler
+    raises; it then replies with ``request.respond_error(code, description)``,
+    which sets the two error headers but sends no body. Our replies carry the
+    ``ErrorReply`` JSON too, so for this one request ``respond_error`` is bound
+    to pass that body along: the headers are micro's, the body is ours, and
+    the reply is sent once. (tests/test_api_discovery.py pins this behaviour.)
+    """
     body = render_error(exc, lang)
-    await request.respond(
-        encode(body),
-        headers={
-            ERROR_HEADER: _one_line(body.error.message),
-            ERROR_CODE_HEADER: str(exc.status),
-        },
-    )
+    payload = encode(body)
+    respond_error = request.respond_error
+
+    async def respond_with_body(
+        code: str, description: str, data: bytes = b"", headers: dict[str, str] | None = None
+    ) -> None:
+        await respond_error(code, description, payload, headers)
+
+    request.respond_error = respond_with_body  # type: ignore[method-assign]
+    return _ApiServiceError(exc.status, _one_line(body.error.message), exc.code)

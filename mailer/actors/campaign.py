@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
 import msgspec
 
-from mailer import metrics
+from mailer import metrics, sendlog
 from mailer.actors.runtime import Actor
 from mailer.clock import Clock
 from mailer.messages import CampaignEvent, Notice, TokenReply
@@ -180,6 +181,8 @@ class CampaignSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Where a retry after an SMTP error would land outside them, it waits for
     # the next opening (``nextsend``): no deferral ends when nothing can go.
     hours: WorkingHours | None = None
+    # One INFO line per accepted message (MAILER_LOG_EACH_SEND); failures always log.
+    log_each_send: bool = True
 
 
 # A test hook called after a batch was sent and before it is recorded: the
@@ -232,6 +235,7 @@ class CampaignActor(Actor[Continue]):
         self._claimed: list[Claimed] = []
         self._handed: list[Claimed] = []
         self._unrecorded: list[Outcome] = []
+        self._batch_started = 0.0  # perf_counter() when the batch went to SMTP, for its log line
         self._ended = False  # finished or deferred: the lease is already given up
         self._status = "ready"  # the campaign's status as this actor made it
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -404,6 +408,7 @@ class CampaignActor(Actor[Continue]):
             except ValueError as exc:
                 unsendable.append(_unsendable(r, str(exc)))
         self._handed, self._claimed = [r for r, _, _ in sendable], []
+        self._batch_started = time.perf_counter()
         results = await self._mailer.send_all([m for _, m, _ in sendable], not_after=not_after)
         done = [(r, mid, res) for (r, _, mid), res in zip(sendable, results, strict=True)]
         sent = [_outcome(r, mid, res) for r, mid, res in done if not res.expired]
@@ -456,6 +461,10 @@ class CampaignActor(Actor[Continue]):
             success=success,
         )
         self._unrecorded = []
+        took_ms = (time.perf_counter() - self._batch_started) * 1000
+        sendlog.log_batch(
+            self.campaign_id, outcomes, written, took_ms=took_ms, each_send=self._s.log_each_send
+        )
         for o in outcomes:
             if o.status == "sent":
                 metrics.EMAILS_SENT.labels(kind="campaign").inc()

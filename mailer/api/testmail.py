@@ -27,7 +27,7 @@ from typing import Any
 
 import nats.errors
 
-from mailer import metrics
+from mailer import metrics, sendlog
 from mailer.actors.campaign import Mail
 from mailer.actors.runtime import ActorDead, AskTimeout, MailboxFull
 from mailer.api.context import ApiContext, Caller, check_address, require_owner
@@ -36,6 +36,7 @@ from mailer.clock import api_time
 from mailer.errors import NotFound, Refused, SendFailed, Unavailable, ValidationFailed
 from mailer.messages import TestEmail, TestEmailSent, TokenReply
 from mailer.render import MessageTemplate, make_message_id
+from mailer.store import Outcome
 from mailer.texts import fields_of, reason_values, text
 from mailer.transport import SendResult
 from mailer.unsubscribe import unsubscribe_url
@@ -111,6 +112,19 @@ async def send_test(ctx: ApiContext, caller: Caller, req: TestEmail) -> TestEmai
         took_ms=result.took_ms,
         actor_id=caller.user,
         now=ctx.clock.now(),
+    )
+    sendlog.log_test_send(
+        campaign.id,
+        log_id,
+        Outcome(
+            recipient_id=0,
+            email=req.email,
+            status=status,
+            message_id=message_id,
+            answer=result.provider_answer or None,
+            error=result.error,
+            took_ms=result.took_ms,
+        ),
     )
     if status != "sent":
         metrics.EMAILS_FAILED.labels(kind="test", reason=_metric_reason(status)).inc()
