@@ -445,9 +445,23 @@ class Empty(_Strict):
 
 class QuotaView(Struct, kw_only=True):
     emails_available: int
-    monthly_limit: int
+    # What the provider reports (the local one: MAILER_MONTHLY_QUOTA or the
+    # last quota.set); null when the provider does not say.
+    monthly_limit: int | None
     last_synced_at: datetime | None
     sync_error: str | None
+
+
+class QuotaSet(_Strict):
+    """Sets the local provider's monthly allowance (admin); applied at once."""
+
+    monthly_limit: Annotated[int, Meta(ge=0, le=1_000_000_000)]
+
+
+class LimitsReloaded(Struct, kw_only=True):
+    """``limits.reload``: the deferrals ended now, to be decided again."""
+
+    reevaluated: int
 
 
 class QuotaSyncRequest(Struct, kw_only=True):

@@ -588,6 +588,12 @@ class PgStore:
         rows = await self.pool.fetch(Q["queue-active"], now)
         return {int(r["campaign_id"]): str(r["lease_owner"]) for r in rows}
 
+    async def reevaluate(self, now: datetime) -> list[int]:
+        """Ends every limit's deferral now, to be decided again against the limits
+        in force (see queue-reevaluate); wake the scheduler after this."""
+        rows = await self.pool.fetch(Q["queue-reevaluate"], now)
+        return [int(r["campaign_id"]) for r in rows]
+
     async def competing(self, now: datetime) -> int:
         return int(await self.pool.fetchval(Q["queue-competing"], now))
 

@@ -333,6 +333,12 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "ru": "Тестовое письмо не отправлено: {error}",
         "en": "The test email was not sent: {error}",
     },
+    "quota_not_local": {
+        "ru": "Квоту можно задать только для локального учёта (MAILER_QUOTA_PROVIDER=local): "
+        "квоту провайдера меняет сам провайдер.",
+        "en": "The quota can only be set for local accounting (MAILER_QUOTA_PROVIDER=local): "
+        "the provider's quota is the provider's to change.",
+    },
     "quota_sync_unavailable": {
         "ru": "Синхронизация квоты сейчас недоступна. Попробуйте позже.",
         "en": "Quota sync is unavailable right now. Try again later.",

@@ -307,3 +307,84 @@ async def test_the_large_campaign_warning_counts_working_days(make_service, crm:
         "A large campaign: 600 recipients. At 10 emails/hour sending takes about "
     )
     assert "working days, until " in by_code["large_campaign"]
+
+
+ADMIN = {"user": "boss", "roles": "admin"}
+
+
+async def test_quota_set_tops_up_the_local_quota_without_a_restart(
+    make_service, crm: Crm, events: Events, sink, db
+) -> None:
+    # The issue: the local quota could not be topped up without a restart.
+    clock = FakeClock(MONDAY_1315_MSK)
+    await make_service(clock=clock, monthly_quota=3, **OFFICE)
+    cid = await crm.campaign(people(5))
+    await crm.start(cid)
+    deferred = await events.wait(cid, ("deferred",))
+    assert deferred["defer_reason"] == "quota_exhausted" and len(sink.messages) == 3
+
+    err = await crm.fails("quota.set", {"monthly_limit": 10})
+    assert err.code == "forbidden"
+    err = await crm.fails("quota.set", {"monthly_limit": -1}, **ADMIN)
+    assert err.code == "validation_error"
+    quota = await crm.call("quota.set", {"monthly_limit": 10}, **ADMIN)
+    # 10 this month, 3 already sent.
+    assert (quota["monthly_limit"], quota["emails_available"]) == (10, 7)
+    done = await events.wait(cid, ("sent", "completed_with_errors"))
+    assert done["event"] == "sent" and len(sink.messages) == 5
+    # A later sync keeps the set allowance.
+    synced = await crm.call("quota.sync", {}, **ADMIN)
+    assert (synced["monthly_limit"], synced["emails_available"]) == (10, 5)
+    audit = await db.fetchval("SELECT details FROM audit_log WHERE action = 'quota.set'")
+    assert audit is not None
+
+
+async def test_a_restart_with_new_limits_re_evaluates_every_deferral_at_once(
+    make_service, crm: Crm, events: Events, sink
+) -> None:
+    # The issue: after a restart with new limits deferred campaigns kept their
+    # old deferral until the next 5-minute reconcile (or its end).
+    clock = FakeClock(MONDAY_1315_MSK)
+    first = await make_service(clock=clock, rate_per_hour=2, **OFFICE)
+    cid = await crm.campaign(people(5))
+    await crm.start(cid)
+    deferred = await events.wait(cid, ("deferred",))
+    assert deferred["deferred_until"] == "2026-11-23T11:00:00Z" and len(sink.messages) == 2
+    await first.stop()
+    await make_service(clock=clock, rate_per_hour=100, **OFFICE)  # the same hour, new limit
+    done = await events.wait(cid, ("sent", "completed_with_errors"))
+    assert done["event"] == "sent" and len(sink.messages) == 5
+    assert clock.now() == MONDAY_1315_MSK
+
+
+async def test_limits_reload_decides_every_deferral_again(
+    make_service, crm: Crm, events: Events, sink
+) -> None:
+    clock = FakeClock(MONDAY_1315_MSK)
+    await make_service(clock=clock, rate_per_hour=2, **OFFICE)
+    cid = await crm.campaign(people(3))
+    await crm.start(cid)
+    await events.wait(cid, ("deferred",))
+    err = await crm.fails("limits.reload", {})
+    assert err.code == "forbidden"
+    reply = await crm.call("limits.reload", {}, **ADMIN)
+    assert reply == {"reevaluated": 1}
+    # Still held by the same limit: deferred again, to the same time.
+    await events.wait_count(cid, "deferred", 2)
+    again = events.of(cid, "deferred")[1]
+    assert (again["defer_reason"], again["deferred_until"]) == (
+        "rate_per_hour",
+        "2026-11-23T11:00:00Z",
+    )
+    assert len(sink.messages) == 2
+
+
+async def test_quota_set_is_refused_when_the_provider_owns_the_quota(
+    make_service, crm: Crm, db
+) -> None:
+    await make_service(quota_provider="http", quota_http_url="http://127.0.0.1:9/quota")
+    before = await db.fetchrow("SELECT emails_available, monthly_override FROM quota")
+    err = await crm.fails("quota.set", {"monthly_limit": 10}, **ADMIN)
+    assert (err.code, err.status) == ("quota_not_local", 409)
+    assert err.message.startswith("Квоту можно задать только для локального учёта")
+    assert await db.fetchrow("SELECT emails_available, monthly_override FROM quota") == before

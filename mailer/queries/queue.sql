@@ -79,6 +79,19 @@ RETURNING q.id, old.notified_reason AS previous_reason, old.notified_until AS pr
 -- The campaign's first message has gone: that, not its first dispatch, is its start.
 UPDATE queue_entry SET started_at = COALESCE(started_at, $2) WHERE campaign_id = $1;
 
+-- name: queue-reevaluate
+-- Ends now every deferral a limit decided (the hour, the day, working hours,
+-- the quota) so each is decided again, by the governor, against the limits in
+-- force now: at start (settings may have changed with the restart) and on
+-- limits.reload / quota.set. A campaign still held is deferred again — with
+-- the same reason, so no new notice. SMTP waits and pauses are not limits.
+UPDATE queue_entry q SET deferred_until = $1
+FROM campaign c
+WHERE c.id = q.campaign_id AND q.completed_at IS NULL AND c.status IN ('ready', 'sending')
+  AND q.defer_reason IN ('rate_per_hour', 'daily_limit', 'outside_hours', 'quota_exhausted')
+  AND (q.deferred_until IS NULL OR q.deferred_until > $1)
+RETURNING q.campaign_id;
+
 -- name: queue-notified
 -- The owner was told of reason $2, with the time $3 (NULL: none could be named).
 UPDATE queue_entry SET notified_reason = $2, notified_until = $3 WHERE campaign_id = $1;
