@@ -388,3 +388,12 @@ async def test_quota_set_is_refused_when_the_provider_owns_the_quota(
     assert (err.code, err.status) == ("quota_not_local", 409)
     assert err.message.startswith("Квоту можно задать только для локального учёта")
     assert await db.fetchrow("SELECT emails_available, monthly_override FROM quota") == before
+
+
+async def test_a_test_email_refused_for_the_quota_names_no_time(make_service, crm: Crm, db) -> None:
+    await make_service(clock=FakeClock(MONDAY_1315_MSK), **OFFICE)
+    await db.execute("UPDATE quota SET emails_available = 0")
+    cid = await crm.campaign([])
+    err = await crm.fails("campaign.test", {"campaign_id": cid, "email": "a@example.org"})
+    assert err.code == "quota_exhausted"
+    assert "retry_at" not in err.details

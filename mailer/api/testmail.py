@@ -164,9 +164,11 @@ async def _grant(
         limit=grant.daily_limit if reason_code == "daily_limit" else grant.limit,
         sent=grant.daily_sent,
     )
+    # Details are strings: a wait with no time (the quota) has no retry_at at all.
+    when = {} if grant.retry_at is None else {"retry_at": api_time(grant.retry_at)}
     raise Refused(
         reason_code,
-        retry_at=None if grant.retry_at is None else api_time(grant.retry_at),
+        **when,
         **{k: v for k, v in worded.items() if k in fields_of(reason_code)},
     )
 
