@@ -1,17 +1,19 @@
-"""The ``mailer`` command: run, migrate, dev, demo.
+"""The ``mailer`` command (Click): the service's commands, and the client's.
 
 - ``mailer run``      the service against the configured NATS/PostgreSQL/Redis/SMTP
 - ``mailer migrate``  applies the database migrations and exits
 - ``mailer dev``      the service on the embedded stack (any MAILER_*_URL set wins)
 - ``mailer demo``     dev stack + service + a sample campaign sent end to end
+- ``mailer campaign|recipients|status|watch|quota|limits|unsubscribe|audit|events|ping``:
+  a client of the NATS API (``mailer.commands``)
 
-Exit codes: 0 normal, 1 the supervisor gave up (restart intensity exceeded:
-let the orchestrator restart the pod), 2 bad configuration.
+Exit codes of the service's commands: 0 normal, 1 the supervisor gave up
+(restart intensity exceeded: let the orchestrator restart the pod), 2 bad
+configuration (or a usage error). The client's are in ``mailer.commands.common``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -20,7 +22,11 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
+import click
+
+from mailer import __version__
 from mailer.actors import SupervisorEscalation
+from mailer.commands import register as register_commands
 from mailer.config import ConfigError, Settings, load_settings
 from mailer.db import migrate
 from mailer.logs import check_salt, configure_logging
@@ -123,25 +129,38 @@ async def _dev(settings: Settings) -> int:
     return await run_dev(settings)
 
 
-async def _demo(settings: Settings, recipients: int) -> int:
+async def _demo(settings: Settings, *, recipients: int) -> int:
     from mailer.demo import run_demo
 
     return await run_demo(settings, recipients=recipients)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mailer", description="Email-campaign engine of the CRM")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the service against configured servers")
-    sub.add_parser("migrate", help="apply database migrations")
-    sub.add_parser("dev", help="run the service on the embedded dev stack")
-    demo = sub.add_parser("demo", help="send a sample campaign end to end on the dev stack")
-    demo.add_argument("--recipients", type=int, default=25)
-    return p
+def _service_command(name: str, help_text: str) -> Callable[[Callable[..., Any]], click.Command]:
+    """A command that runs the service (or a part of it) on this process's settings."""
+
+    def wrap(f: Callable[..., Coroutine[Any, Any, int]]) -> click.Command:
+        def command(**args: Any) -> None:
+            raise SystemExit(_serve_command(lambda settings: f(settings, **args)))
+
+        command.__doc__ = help_text
+        return root.command(name, help=help_text)(command)
+
+    return wrap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+@click.group(
+    name="mailer",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    help="Email-campaign engine of the CRM: the service, and a client of its NATS API.\n\n"
+    "Client commands connect with MAILER_NATS_URL (and MAILER_NATS_*, "
+    "MAILER_SUBJECT_PREFIX); `mailer dev` prints the line to export.",
+)
+@click.version_option(__version__, "--version", "-V", prog_name="mailer")
+def root() -> None:
+    pass
+
+
+def _serve_command(make: Callable[[Settings], Coroutine[Any, Any, int]]) -> int:
     try:
         settings = load_settings()
         check_salt(settings.env, settings.log_hash_salt)
@@ -154,21 +173,43 @@ def main(argv: list[str] | None = None) -> int:
         full_emails=settings.log_full_emails,
         hash_salt=settings.log_hash_salt,
     )
-    commands: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {
-        "run": lambda: _run(settings),
-        "migrate": lambda: _migrate(settings),
-        "dev": lambda: _dev(settings),
-        "demo": lambda: _demo(settings, args.recipients),
-    }
     try:
         import uvloop
 
-        return uvloop.run(commands[args.command]())
+        return uvloop.run(make(settings))
     except ConfigError as exc:
         print(f"mailer: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+
+
+_service_command("run", "Run the service against the configured NATS/PostgreSQL/Redis/SMTP.")(_run)
+_service_command("migrate", "Apply the database migrations and exit.")(_migrate)
+_service_command(
+    "dev", "Run the service on the embedded dev stack; prints the line a second terminal exports."
+)(_dev)
+click.option(
+    "--recipients",
+    type=click.IntRange(1, 5000),
+    default=25,
+    show_default=True,
+    help="How many sample recipients.",
+)(
+    _service_command(
+        "demo", "Send a sample campaign end to end on the dev stack (exit 0: all sent)."
+    )(_demo)
+)
+register_commands(root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs ``mailer`` with ``argv`` (default: the process's); returns the exit code."""
+    try:
+        root.main(args=argv, prog_name="mailer", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":

@@ -61,6 +61,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         Meta(description="PostgreSQL DSN; empty under `mailer dev` starts an embedded one."),
     ] = ""
     database_pool_size: Annotated[int, Meta(ge=2, description="asyncpg pool size.")] = 10
+    database_statement_timeout_seconds: Annotated[
+        Seconds,
+        Meta(
+            description="Longest wait for one PostgreSQL statement, and for a pool connection;"
+            " past it the call raises instead of hanging."
+        ),
+    ] = 30.0
     redis_url: Annotated[
         str,
         Meta(description="Redis URL; empty under `mailer dev` starts an embedded one."),

@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import Iterator, Mapping
 from importlib import resources
+from typing import Any
 
 import asyncpg
 
@@ -65,16 +66,54 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-async def connect_pool(dsn: str, *, size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
+class _TimedPool(asyncpg.Pool):
+    """A pool whose ``acquire`` waits at most ``acquire_timeout`` unless told otherwise.
+
+    ``pool.fetch()`` and the like acquire without a timeout: with every
+    connection stuck, they would wait for ever.
+    """
+
+    def __init__(self, *args: Any, acquire_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._acquire_timeout = acquire_timeout
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return super().acquire(timeout=self._acquire_timeout if timeout is None else timeout)
+
+
+async def connect_pool(
+    dsn: str, *, size: int = 10, statement_timeout: float = 30.0
+) -> asyncpg.Pool:
+    """The process's pool, where no call can hang for ever (issue 7).
+
+    Three bounds, one setting: the server cancels a statement that runs (or
+    waits for a lock) longer than ``statement_timeout``; the client gives up
+    on one that gets no answer a little later (a black-holed connection,
+    where the server's own cancel never arrives); and taking a connection
+    from the pool waits at most as long. Each raises, so the actor that made
+    the call crashes and its supervisor restarts it, as for any database error.
+    """
+    pool = _TimedPool(
         dsn,
+        acquire_timeout=statement_timeout,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
         min_size=1,
         max_size=size,
+        max_queries=50000,
+        loop=None,
+        connect=None,
+        setup=None,
         init=_init_connection,
+        reset=None,
         # Connections that PostgreSQL dropped (restart) are replaced on acquire.
         max_inactive_connection_lifetime=60.0,
+        # The server's cancel comes first and is the clearer error; the margin
+        # is for the network.
+        command_timeout=statement_timeout + 2.0,
+        server_settings={"statement_timeout": str(max(1, round(statement_timeout * 1000)))},
     )
-    assert pool is not None
+    await pool
     return pool
 
 

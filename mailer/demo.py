@@ -1,8 +1,9 @@
 """``mailer demo``: a sample campaign sent end to end on the dev stack.
 
-It drives the service only through the public NATS API, as a CRM service
-would: create a campaign, add recipients, start it, then follow its events
-until it reaches a final status. Exit 0 only if every recipient was sent and
+It drives the service only through the public NATS API with the client a
+CRM service would use (``mailer.client``): create a campaign, add
+recipients, start it, then follow its events (a JetStream consumer) until it
+reaches a final status. Exit 0 only if every recipient was sent and
 the SMTP sink holds one message per recipient: as many files as recipients,
 addressed (``To:``) to each recipient once.
 """
@@ -17,10 +18,8 @@ from collections import Counter
 from pathlib import Path
 
 import msgspec
-import nats
-from nats.aio.msg import Msg
 
-from mailer.bus import ERROR_CODE_HEADER, USER_HEADER
+from mailer.client import CampaignEvents, ClientOptions, MailerClient
 from mailer.config import Settings
 from mailer.devrun import dev_stack
 from mailer.messages import CampaignEvent
@@ -49,6 +48,21 @@ def _to_addresses(files: list[Path]) -> list[str]:
 
 def _people(n: int) -> list[dict[str, str]]:
     return [{"email": f"client{i:03d}@example.org", "name": f"Клиент {i}"} for i in range(n)]
+
+
+async def _follow(events: CampaignEvents) -> CampaignEvent:
+    """Prints the campaign's events until a final one, or a wait that is not a demo."""
+    async for event in events:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted((event.counts or {}).items()))
+        extra = (
+            f" ({event.defer_reason} until {event.deferred_until})" if event.defer_reason else ""
+        )
+        print(f"  event {event.event:<22} {counts}{extra}", flush=True)
+        # A deferral ends the demo too: waiting for the next hour or for a
+        # quota top-up (limits of a real Redis or provider) is not a demo.
+        if event.event in (*FINAL, "deferred", "paused"):
+            return event
+    raise AssertionError("the events stream ended")
 
 
 def _outbox_problem(files: list[Path], expected: list[str]) -> str | None:
@@ -86,64 +100,31 @@ async def run_demo(settings: Settings, *, recipients: int = 25) -> int:
 
 
 async def _drive(s: Settings, outbox: Path | None, n: int, began: float) -> int:
-    nc = await nats.connect(s.nats_url, name="mailer-demo")
-    finished: asyncio.Future[CampaignEvent] = asyncio.get_running_loop().create_future()
-    campaign_id = 0
-
-    async def on_event(msg: Msg) -> None:
-        event = msgspec.json.decode(msg.data, type=CampaignEvent)
-        if event.campaign_id != campaign_id:
-            return
-        counts = ", ".join(f"{k} {v}" for k, v in sorted((event.counts or {}).items()))
-        extra = (
-            f" ({event.defer_reason} until {event.deferred_until})" if event.defer_reason else ""
+    options = ClientOptions.from_settings(s, name="mailer-demo")
+    async with await MailerClient.connect(options, user="demo-manager") as client:
+        created = await client.create_campaign(
+            "Демо-рассылка",
+            "Новости компании — демо",
+            body_text="Здравствуйте, {{name}}!\n\nЭто демонстрационное письмо mailer.",
+            body_html="<p>Здравствуйте, <b>{{name}}</b>!</p>"
+            "<p>Это демонстрационное письмо mailer.</p>",
         )
-        print(f"  event {event.event:<22} {counts}{extra}", flush=True)
-        # A deferral ends the demo too: waiting for the next hour or for a
-        # quota top-up (limits of a real Redis or provider) is not a demo.
-        if event.event in (*FINAL, "deferred", "paused") and not finished.done():
-            finished.set_result(event)
-
-    async def call(subject: str, body: dict[str, object]) -> dict[str, object]:
-        reply = await nc.request(
-            f"{s.subject_prefix}.{subject}",
-            msgspec.json.encode(body),
-            timeout=10,
-            headers={USER_HEADER: "demo-manager"},
-        )
-        data: dict[str, object] = msgspec.json.decode(reply.data)
-        if reply.headers and ERROR_CODE_HEADER in reply.headers:
-            raise RuntimeError(f"{subject} failed: {data}")
-        return data
-
-    try:
-        await nc.subscribe(f"{s.subject_prefix}.events.campaign.>", cb=on_event)
-        created = await call(
-            "campaign.create",
-            {
-                "name": "Демо-рассылка",
-                "subject": "Новости компании — демо",
-                "body_text": "Здравствуйте, {{name}}!\n\nЭто демонстрационное письмо mailer.",
-                "body_html": "<p>Здравствуйте, <b>{{name}}</b>!</p>"
-                "<p>Это демонстрационное письмо mailer.</p>",
-            },
-        )
-        campaign_id = int(str(created["id"]))
-        people = _people(n)
-        added = await call("recipients.add", {"campaign_id": campaign_id, "recipients": people})
-        print(f"campaign {campaign_id}: {added['added']} recipients added", flush=True)
-        started = await call("campaign.start", {"campaign_id": campaign_id})
-        warnings = started.get("warnings") or []
-        print(f"campaign {campaign_id} started{' ' + str(warnings) if warnings else ''}")
-        event = await asyncio.wait_for(finished, timeout=120)
-        view = await call("campaign.get", {"campaign_id": campaign_id})
-    finally:
-        await nc.close()
+        campaign_id = created.id
+        added = await client.add_recipients(campaign_id, _people(n))
+        print(f"campaign {campaign_id}: {added.added} recipients added", flush=True)
+        # The consumer exists before the start: no event of this campaign is missed.
+        async with client.campaign_events(campaign_id) as events:
+            started = await client.start_campaign(campaign_id)
+            warnings = [(w.code, w.message) for w in started.warnings]
+            print(f"campaign {campaign_id} started{' ' + str(warnings) if warnings else ''}")
+            async with asyncio.timeout(120):
+                event = await _follow(events)
+        view = await client.get_campaign(campaign_id)
 
     files = await asyncio.to_thread(_eml_files, outbox)
     took = time.perf_counter() - began
     print(
-        f"campaign {campaign_id}: status {view['status']}, counts {view['counts']}; "
+        f"campaign {campaign_id}: status {view.status}, counts {view.counts}; "
         f"{len(files)} messages in {outbox or 'the external SMTP server'}; {took:.1f}s"
     )
     problem = None

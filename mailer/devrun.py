@@ -9,14 +9,58 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import msgspec
 
 from mailer.config import Settings
 from mailer.db import migrate
 from mailer.devstack import EmbeddedStack, StackEndpoints, StackOverrides
+from mailer.rules import WorkingHours
 
-__all__ = ["dev_stack", "run_dev", "with_endpoints"]
+__all__ = ["dev_stack", "limits_in_force", "run_dev", "second_terminal", "with_endpoints"]
+
+# Settings that lift the sending limits for a try on the dev stack.
+LIFT_LIMITS = (
+    "MAILER_WORKING_HOURS_START=00:00 MAILER_WORKING_HOURS_END=24:00 MAILER_RATE_PER_HOUR=100000"
+)
+
+
+def second_terminal(s: Settings) -> str:
+    """What a second terminal runs to drive this service with the ``mailer`` CLI."""
+    lines = [
+        "In another terminal, to use the mailer CLI:",
+        f"  export MAILER_NATS_URL={s.nats_url}",
+    ]
+    if s.subject_prefix != Settings().subject_prefix:
+        lines.append(f"  export MAILER_SUBJECT_PREFIX={s.subject_prefix}")
+    lines.append("  mailer campaign create --help")
+    return "\n".join(lines)
+
+
+def limits_in_force(s: Settings, now: datetime) -> str:
+    """The sending limits a first campaign meets, and how to lift them for a try.
+
+    A newcomer's campaign started at night otherwise waits silently until the
+    morning's working hours.
+    """
+    hours = WorkingHours.from_settings(s)
+    tz = ZoneInfo(s.timezone)
+    daily = f", {s.daily_limit_default}/day per manager" if s.daily_limit_default else ""
+    lines = [
+        f"Limits in force: working hours {s.working_hours_start}-{s.working_hours_end} "
+        f"{s.timezone} (days {s.working_days}), {s.rate_per_hour} emails/hour{daily}, "
+        f"{s.monthly_quota} a month."
+    ]
+    opens = hours.next_open(now)
+    if opens > now:
+        lines.append(
+            "  It is outside working hours now: a campaign started now waits until "
+            f"{opens.astimezone(tz):%Y-%m-%d %H:%M} {s.timezone}."
+        )
+    lines.append(f"  To lift them for a try: {LIFT_LIMITS} make run")
+    return "\n".join(lines)
 
 
 def with_endpoints(settings: Settings, e: StackEndpoints) -> Settings:
@@ -59,7 +103,11 @@ async def run_dev(settings: Settings) -> int:
             f"  Redis       {e.redis_url}\n"
             f"  SMTP        {e.smtp_host}:{e.smtp_port}   outbox {e.outbox_dir or '-'}\n"
             f"  HTTP        http://{resolved.http_host}:{service.http_port}/metrics"
-            f"   unsubscribe pages on :{service.public_http_port}",
+            f"   unsubscribe pages on :{service.public_http_port}\n"
+            "\n"
+            f"{second_terminal(resolved)}\n"
+            "\n"
+            f"{limits_in_force(resolved, datetime.now(UTC))}",
             flush=True,
         )
         return await serve(service)

@@ -6,6 +6,9 @@ only at template build time (folding and RFC 2047-encoding the static headers,
 encoding attachments); per recipient, ``MessageTemplate.render`` only fills
 pre-split body segments, base64-encodes the two bodies with ``binascii`` and
 joins pre-built byte strings: tens of microseconds per message.
+``MessageTemplate.render_payload`` does not even join: it returns the message
+as chunks (``mailer.payload.Payload``) in which the attachments, encoded once
+per template, are the same objects for every recipient.
 
 Template language: ``{{name}}``, ``{{email}}``, ``{{unsubscribe_url}}`` and any
 ``{{var}}`` from the recipient's variables (whitespace inside the braces is
@@ -39,6 +42,7 @@ from email.header import Header
 from email.message import MIMEPart
 from email.utils import format_datetime, parseaddr
 
+from mailer.payload import Payload, data_safe
 from mailer.texts import text
 
 __all__ = [
@@ -109,7 +113,7 @@ def _crlf(text: str) -> str:
     return text.replace("\n", "\r\n")
 
 
-def _b64_lines(data: bytes) -> bytes:
+def _b64_lines(data: bytes | memoryview) -> bytes:
     """Base64 in 76-character CRLF-terminated lines (RFC 2045 6.8).
 
     One C-level b2a_base64 call over the whole body plus slicing is faster than
@@ -254,10 +258,18 @@ def _new_boundary(avoid: Sequence[bytes]) -> str:
             return boundary
 
 
-def _attachment_part(filename: str, content_type: str, data: bytes) -> bytes:
-    """One attachment as a complete MIME part (headers + base64), built by the stdlib.
+# Input bytes per encoded chunk of an attachment: a multiple of 57 (one 76-character
+# base64 line), ~76 KiB of output. Encoding block by block keeps the transient
+# memory of a 10 MiB attachment at one block instead of several whole copies.
+_ATTACHMENT_BLOCK = 57 * 1024
 
-    Done once per template, so the stdlib's care with RFC 2231 filenames is worth it.
+
+def _attachment_head(filename: str, content_type: str) -> bytes:
+    """An attachment part's headers and blank line, built by the stdlib.
+
+    Done once per template, so the stdlib's care with RFC 2231 filenames is worth
+    it; the body is encoded apart (``_attachment_chunks``) because the stdlib
+    would make several whole copies of a large one.
     """
     _check_header_value("attachment filename", filename)
     _check_header_value("attachment content type", content_type)
@@ -266,7 +278,7 @@ def _attachment_part(filename: str, content_type: str, data: bytes) -> bytes:
         raise ValueError(f"invalid attachment content type {content_type!r}")
     part = MIMEPart(policy=_POLICY)
     part.set_content(
-        data,
+        b"",
         maintype=maintype.strip().lower(),
         subtype=subtype.strip().lower(),
         disposition="attachment",
@@ -274,7 +286,23 @@ def _attachment_part(filename: str, content_type: str, data: bytes) -> bytes:
         cte="base64",
     )
     raw = part.as_bytes(policy=_POLICY)
-    return raw if raw.endswith(b"\r\n") else raw + b"\r\n"
+    head, sep, _ = raw.partition(b"\r\n\r\n")
+    assert sep, "a MIME part always has a blank line after its headers"
+    return head + b"\r\n\r\n"
+
+
+def _attachment_chunks(filename: str, content_type: str, data: bytes) -> list[bytes]:
+    """One attachment as a complete MIME part: its headers, then base64 blocks.
+
+    Every chunk is whole CRLF lines, none starting with "." (base64 has no "."),
+    so the chunks are DATA-safe as they are and shared by every message.
+    """
+    head = _attachment_head(filename, content_type)
+    view = memoryview(data)
+    body = (
+        _b64_lines(view[i : i + _ATTACHMENT_BLOCK]) for i in range(0, len(data), _ATTACHMENT_BLOCK)
+    )
+    return [head, *body]
 
 
 def check_attachment(filename: str, content_type: str) -> None:
@@ -284,7 +312,7 @@ def check_attachment(filename: str, content_type: str) -> None:
     content plays no part in what is refused), so the API that checks with it
     can never accept a file the engine cannot send.
     """
-    _attachment_part(filename, content_type, b"")
+    _attachment_head(filename, content_type)
 
 
 class MessageTemplate:
@@ -345,11 +373,13 @@ class MessageTemplate:
         self._text = self._compile_text(text) if text is not None else None
         self._html = self._compile_html(html) if html is not None else None
 
-        attachment_parts = [_attachment_part(*a) for a in attachments]
+        # Encoded here, once per campaign: every message shares these chunks.
+        attachment_parts = [_attachment_chunks(*a) for a in attachments]
         avoid = [
             (text or "").encode("utf-8"),
             (html or "").encode("utf-8"),
-            *attachment_parts,
+            # "=_" cannot occur in base64: the parts' headers are all there is to check.
+            *(part[0] for part in attachment_parts),
         ]
         alt_boundary = _new_boundary(avoid)
         mixed_boundary = _new_boundary([*avoid, alt_boundary.encode("ascii")])
@@ -384,18 +414,23 @@ class MessageTemplate:
                 + body_head
                 + body_mid
             )
-            self._tail = (
-                body_tail
-                + b"".join(sep + part for part in attachment_parts)
-                + b"--"
-                + mixed
-                + b"--\r\n"
-            )
+            pieces: list[bytes | Payload] = [body_tail]
+            for head, *body in attachment_parts:
+                pieces += [sep + head, Payload.trusted(body)]
+            pieces.append(b"--" + mixed + b"--\r\n")
+            # Boundaries, part headers and base64: no line starts with ".", so the
+            # DATA form of the tail is also its plain form (render() joins it).
+            self._tail = Payload.of(*pieces)
         else:
             self._mid = body_head + body_mid
-            self._tail = body_tail
+            self._tail = Payload.of(body_tail)
         self._between = body_between
         self._static_headers = static_headers
+        # The static pieces in DATA form, made once (data_safe returns the same
+        # object when nothing needs stuffing, which is the rule).
+        self._safe_static_headers = data_safe(static_headers)
+        self._safe_mid = data_safe(self._mid)
+        self._safe_between = data_safe(body_between)
         self._date_key: tuple[datetime, object] | None = None
         self._date_value = ""
 
@@ -438,6 +473,63 @@ class MessageTemplate:
         unsubscribe_url, an invalid address, or a value that is not encodable
         as UTF-8 (lone surrogates): the caller should fail that recipient.
         """
+        head, text, html_ = self._personal(
+            to_email=to_email,
+            to_name=to_name,
+            variables=variables,
+            message_id=message_id,
+            date=date,
+            unsubscribe_url=unsubscribe_url,
+        )
+        return b"".join(
+            (
+                self._static_headers,
+                head,
+                self._mid,
+                text,
+                self._between,
+                html_,
+                *self._tail.chunks,
+            )
+        )
+
+    def render_payload(
+        self,
+        *,
+        to_email: str,
+        to_name: str | None,
+        variables: Mapping[str, str],
+        message_id: str,
+        date: datetime,
+        unsubscribe_url: str,
+    ) -> Payload:
+        """The same message as ``render``, in DATA form: only the per-recipient
+        parts are new bytes, the rest (attachments above all) is shared by every
+        message of the template. Raises ValueError like ``render``.
+        """
+        head, text, html_ = self._personal(
+            to_email=to_email,
+            to_name=to_name,
+            variables=variables,
+            message_id=message_id,
+            date=date,
+            unsubscribe_url=unsubscribe_url,
+        )
+        # Base64 bodies are DATA-safe as they are; the headers are checked.
+        own = Payload.trusted((self._safe_static_headers, data_safe(head), self._safe_mid, text))
+        return Payload.of(own, Payload.trusted((self._safe_between, html_)), self._tail)
+
+    def _personal(
+        self,
+        *,
+        to_email: str,
+        to_name: str | None,
+        variables: Mapping[str, str],
+        message_id: str,
+        date: datetime,
+        unsubscribe_url: str,
+    ) -> tuple[bytes, bytes, bytes]:
+        """The per-recipient pieces: headers, text body, HTML body (bytes, base64)."""
         if to_name is not None:
             _check_header_value("to_name", to_name)
         _check_header_value("message_id", message_id)
@@ -465,17 +557,7 @@ class MessageTemplate:
         }
         text = self._text.fill(builtins, variables, escape=False) if self._text else b""
         html_ = self._html.fill(builtins, variables, escape=True) if self._html else b""
-        return b"".join(
-            (
-                self._static_headers,
-                head,
-                self._mid,
-                text,
-                self._between,
-                html_,
-                self._tail,
-            )
-        )
+        return head, text, html_
 
 
 def make_message_id(campaign_id: int, recipient_id: int, domain: str) -> str:

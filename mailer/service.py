@@ -4,13 +4,16 @@ Start order:
   PostgreSQL pool, Redis, NATS  ->  supervisor: smtp-sender, rate-governor,
   quota-sync, api, scheduler, leader, runner (+ one campaign-N actor per
   running campaign)  ->  HTTP.
-At shutdown the HTTP server closes first; then the runner (no new campaign
-comes here) and the leader, which resigns at once, so another process leads
-within a second while this one drains; then the campaign actors (their batch
-in flight is sent and recorded, their leases given back and the new leader
-woken for each), the scheduler, the API, the governor, the sender (its SMTP
-connections close last); finally NATS is drained and the pools closed. The
-scheduler starts before every campaign actor, so it stops after them.
+At shutdown the HTTP servers close first; then every campaign actor is told
+to stop at once and the SMTP transport closes (see ``Service.stop``); the
+runner (no new campaign comes here) and the leader stop first, the leader
+resigning at once so another process leads within a second while this one
+drains; the campaign actors drain in parallel (their sends in flight are
+recorded, the rest released, their leases given back and the new leader
+woken for each); then the scheduler, the API, the governor, the sender;
+finally NATS is drained and the pools closed. The campaign actors stop
+before the parts they need (governor, sender), static children started
+before them.
 
 Restarts: the long-lived actors share the supervisor's restart intensity
 (exceeded: the process exits 1). Each campaign actor has its own limit
@@ -77,6 +80,9 @@ log = logging.getLogger("mailer.service")
 CAMPAIGN_PREFIX = "campaign-"
 # A campaign actor crashing more often than this is given up (not the process).
 CAMPAIGN_RESTARTS = ChildLimit(max_restarts=5, window_seconds=60.0)
+# The share of the shutdown deadline that SMTP transactions in flight get to
+# finish; the rest is for recording their outcomes and releasing the leases.
+SHUTDOWN_SEND_SHARE = 0.6
 
 
 class MetricsObserver:
@@ -136,6 +142,7 @@ class Service:
         self._smtp_health = SmtpHealth(
             settings.smtp_host, settings.smtp_port, account=settings.smtp_account, clock=self.clock
         )
+        self._transport: SmtpTransport | None = None
         self._stopped = False
         self._background: set[asyncio.Task[None]] = set()
         self._delayed: set[asyncio.TimerHandle] = set()
@@ -175,7 +182,11 @@ class Service:
 
     async def start(self) -> None:
         s = self.settings
-        self._pool = await connect_pool(s.database_url, size=s.database_pool_size)
+        self._pool = await connect_pool(
+            s.database_url,
+            size=s.database_pool_size,
+            statement_timeout=s.database_statement_timeout_seconds,
+        )
         self._store = PgStore(self._pool, max_transient_attempts=s.max_transient_attempts)
         self._redis = connect_redis(s.redis_url)
         await self._check_redis()
@@ -358,7 +369,8 @@ class Service:
 
     def _new_transport(self) -> SmtpTransport:
         s = self.settings
-        return SmtpTransport(
+        # Kept so that stop() can close it while the campaign actors drain (see stop).
+        self._transport = SmtpTransport(
             s.smtp_host,
             s.smtp_port,
             security=s.smtp_security,
@@ -368,6 +380,7 @@ class Service:
             connections=s.smtp_connections,
             health=self._smtp_health,
         )
+        return self._transport
 
     async def wait_leading(self, above: int = 0) -> int:
         """Waits until this process leads with an epoch above ``above``; returns it."""
@@ -430,6 +443,7 @@ class Service:
             breaker_threshold=s.circuit_breaker_threshold,
             hours=WorkingHours.from_settings(s),
             log_each_send=s.log_each_send,
+            window=s.smtp_connections,
         )
 
         def link(cid: int, email: str) -> str:
@@ -545,7 +559,19 @@ class Service:
         await self.supervisor.wait()
 
     async def stop(self) -> None:
-        """Graceful, idempotent: HTTP, actors (reverse start order), NATS, pools."""
+        """Graceful, idempotent: HTTP, actors (campaigns together, then the rest in
+        reverse start order), NATS, pools.
+
+        Stop means: claim nothing more, send nothing more, record what is known.
+        Every campaign actor is told to stop at once (none claims or asks for
+        tokens after that) and the SMTP transport closes at the same moment: a
+        message not yet started is not attempted, one in flight gets until
+        ``SHUTDOWN_SEND_SHARE`` of the deadline to finish, and then its
+        connection is cut -- before its end of data it is simply not delivered
+        and goes back to ``pending``; after it, the server may have it and it
+        is recorded ``in_doubt``. The actors record all that before the
+        deadline, which then cancels nothing.
+        """
         if self._stopped:
             return
         self._stopped = True
@@ -553,7 +579,17 @@ class Service:
             if server is not None:
                 await server.stop()
         if self._supervisor is not None:
+            deadline = self.settings.shutdown_timeout_seconds
+            self._supervisor.begin_shutdown(deadline)
+            transport = self._transport
+            closing = None
+            if transport is not None:
+                # Directly, not through the sender's mailbox: the sender is busy
+                # with the very sends this cuts short.
+                closing = asyncio.create_task(transport.close(deadline * SHUTDOWN_SEND_SHARE))
             await self._supervisor.shutdown()
+            if closing is not None:
+                await asyncio.gather(closing, return_exceptions=True)
         for handle in self._delayed:
             handle.cancel()
         self._delayed.clear()

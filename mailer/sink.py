@@ -132,6 +132,11 @@ class SmtpSink:
         #: When set, each DATA waits for this event before its reply: a test holds a
         #: message mid-way without a timer, and lets it go when it has acted.
         self.data_gate: asyncio.Event | None = None
+        # A hung provider (see hang()): sessions at that stage wait for release().
+        self._hang_stage: Stage | None = None
+        self._released = asyncio.Event()
+        self._hung = 0
+        self._hung_waiters: list[_Waiter] = []
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -259,6 +264,51 @@ class SmtpSink:
         rule = _Rule(stage, _check_reply(reply), times)
         self._rules.setdefault(address.lower(), []).append(rule)
 
+    def hang(self, stage: Stage) -> None:
+        """Never answers from now on at ``stage`` (a hung provider) until :meth:`release`.
+
+        ``"rcpt"``: the RCPT command gets no reply, so nothing was delivered; ``"data"``:
+        the end of data gets no reply, so the client cannot know (in doubt).
+        """
+        self._hang_stage = stage
+        self._released = asyncio.Event()
+
+    def release(self) -> None:
+        """Ends :meth:`hang`: the hung sessions go on (their clients may be gone)."""
+        self._hang_stage = None
+        self._released.set()
+
+    @property
+    def hung(self) -> int:
+        """Sessions that have been held by :meth:`hang` since start or the last reset."""
+        return self._hung
+
+    async def wait_hung(self, n: int, timeout: float = 10.0) -> None:
+        """Waits until ``n`` sessions are (or were) held by :meth:`hang`."""
+        if self._hung < n:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiter = _Waiter(n, fut)
+            self._hung_waiters.append(waiter)
+            try:
+                await asyncio.wait_for(fut, timeout)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"smtp sink: {self._hung} of {n} hung after {timeout:g}s"
+                ) from None
+            finally:
+                if waiter in self._hung_waiters:
+                    self._hung_waiters.remove(waiter)
+
+    async def _maybe_hang(self, stage: Stage) -> None:
+        if self._hang_stage != stage:
+            return
+        self._hung += 1
+        for waiter in [w for w in self._hung_waiters if w.count <= self._hung]:
+            self._hung_waiters.remove(waiter)
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+        await self._released.wait()
+
     def clear_rules(self) -> None:
         self._rules.clear()
         self.hook = None
@@ -270,6 +320,8 @@ class SmtpSink:
         self._count = 0
         self.data_delay = 0.0
         self.data_gate = None
+        self.release()
+        self._hung = 0
         self.clear_rules()
 
     # --- internals used by the handler ---------------------------------------------------
@@ -367,6 +419,7 @@ class _Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        await self._sink._maybe_hang("rcpt")
         reply = self._sink._reply_for("rcpt", address)
         if reply is not None:
             return self._sink._refuse("rcpt", address, reply)
@@ -380,6 +433,7 @@ class _Handler:
             reply = self._sink._reply_for("data", address)
             if reply is not None:
                 return self._sink._refuse("data", address, reply)
+        await self._sink._maybe_hang("data")
         if self._sink.data_delay:
             await asyncio.sleep(self._sink.data_delay)
         if self._sink.data_gate is not None:

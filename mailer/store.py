@@ -356,6 +356,15 @@ class PgStore:
         if ids:
             await self.pool.execute(Q["recipients-release"], list(ids), lease.claim_token, now)
 
+    async def hand(self, lease: Lease, ids: Sequence[int], now: datetime) -> list[int]:
+        """Marks claimed recipients handed to SMTP; returns those this lease still holds."""
+        if not ids:
+            return []
+        rows = await self.pool.fetch(
+            Q["recipients-hand"], list(ids), lease.claim_token, now, lease.owner, lease.epoch
+        )
+        return [int(r["id"]) for r in rows]
+
     async def record(
         self,
         lease: Lease,
@@ -611,17 +620,19 @@ class PgStore:
         rows = await self.pool.fetch(Q["queue-processing-since"], now)
         return [(int(r["campaign_id"]), r["leased_at"], r["defer_reason"]) for r in rows]
 
-    async def settle_stale_claims(self, now: datetime, fence: int) -> dict[int, int]:
-        """Rows left ``sending`` under a claim that is not the live lease's become
-        ``in_doubt`` (a live owner would otherwise wait for them forever).
+    async def settle_stale_claims(self, now: datetime, fence: int) -> dict[int, dict[str, int]]:
+        """Rows left ``sending`` under a claim that is not the live lease's are
+        settled (a live owner would otherwise wait for them forever): handed to
+        SMTP → ``in_doubt``, never handed → ``pending``.
 
-        On the leader's authority (``fence``); returns {campaign_id: rows settled}.
+        On the leader's authority (``fence``); returns
+        {campaign_id: {"in_doubt": n, "pending": m}} of what was settled.
         """
-        settled: dict[int, int] = {}
+        settled: dict[int, dict[str, int]] = {}
         async with self.pool.acquire() as conn, conn.transaction():
             for r in await conn.fetch(Q["recipients-stale-claims-to-doubt"], now, fence):
-                cid = int(r["campaign_id"])
-                settled[cid] = settled.get(cid, 0) + 1
+                verdicts = settled.setdefault(int(r["campaign_id"]), {})
+                verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + 1
         return settled
 
     async def finish_orphans(

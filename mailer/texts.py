@@ -357,6 +357,151 @@ TEXTS: dict[str, dict[Lang, str]] = {
 # start refusal, one definition.
 TEXTS["empty"] = TEXTS["empty_campaign"]
 
+# What the `mailer` command line prints (mailer/commands/): --lang en for English.
+TEXTS.update(
+    {
+        "cli_created": {
+            "ru": "Кампания {id} создана (черновик).",
+            "en": "Campaign {id} created (draft).",
+        },
+        "cli_attached": {
+            "ru": "Вложение «{filename}» добавлено ({size} байт).",
+            "en": "Attachment {filename!r} added ({size} bytes).",
+        },
+        "cli_campaign_line": {
+            "ru": "Кампания {id} «{name}»: {status}.",
+            "en": "Campaign {id} {name!r}: {status}.",
+        },
+        "cli_deleted": {"ru": "Кампания {id} удалена.", "en": "Campaign {id} deleted."},
+        "cli_warning": {"ru": "Внимание: {message}", "en": "Warning: {message}"},
+        "cli_test_sent": {
+            "ru": "Тестовое письмо отправлено на {email}: {answer}",
+            "en": "Test email sent to {email}: {answer}",
+        },
+        "cli_import_progress": {"ru": "Импорт получателей", "en": "Importing recipients"},
+        "cli_import_summary": {
+            "ru": "Добавлено: {added}, дубликатов: {duplicates}, с ошибками: {invalid}.",
+            "en": "Added: {added}, duplicates: {duplicates}, invalid: {invalid}.",
+        },
+        "cli_import_invalid": {
+            "ru": "  строка {line}: «{email}» — {reason}",
+            "en": "  line {line}: {email!r} — {reason}",
+        },
+        "cli_csv_no_email_column": {
+            "ru": "В первой строке CSV нет столбца email (заголовок: email, name, переменные).",
+            "en": "The CSV's first line has no email column (header: email, name, variables).",
+        },
+        "cli_csv_empty_email": {"ru": "пустой адрес", "en": "no address"},
+        "cli_csv_extra_fields": {
+            "ru": "полей больше, чем в заголовке",
+            "en": "more fields than the header",
+        },
+        "cli_removed": {
+            "ru": "Удалено: {removed}, не удалено: {kept}.",
+            "en": "Removed: {removed}, not removed: {kept}.",
+        },
+        "cli_not_removed": {"ru": "  {email}: {reason}", "en": "  {email}: {reason}"},
+        "cli_more": {
+            "ru": "Есть ещё: --cursor {cursor}",
+            "en": "There is more: --cursor {cursor}",
+        },
+        "cli_sending": {"ru": "Отправляется.", "en": "Sending."},
+        "cli_waits_turn": {
+            "ru": "Ждёт своей очереди.",
+            "en": "Waits for its turn.",
+        },
+        "cli_until": {
+            "ru": "Продолжим {when} (через {left}).",
+            "en": "We go on {when} (in {left}).",
+        },
+        "cli_forecast": {
+            "ru": "Прогноз завершения: {when}.",
+            "en": "Expected to finish {when}.",
+        },
+        "cli_rate": {"ru": "{rate} писем/мин", "en": "{rate} emails/min"},
+        "cli_progress": {
+            "ru": "отправлено {sent} · ошибок {failed} · осталось {pending}",
+            "en": "sent {sent} · failed {failed} · pending {pending}",
+        },
+        "cli_watch_done": {
+            "ru": "Кампания {id} завершена: {status}. Отправлено {sent}, ошибок {failed}, "
+            "отписано {unsubscribed}, под вопросом {in_doubt}.",
+            "en": "Campaign {id} finished: {status}. Sent {sent}, failed {failed}, "
+            "unsubscribed {unsubscribed}, in doubt {in_doubt}.",
+        },
+        "cli_watch_deleted": {
+            "ru": "Кампания {id} удалена.",
+            "en": "Campaign {id} was deleted.",
+        },
+        "cli_status_active": {
+            "ru": "Активная кампания: {id} «{name}», {status} ({counts}).",
+            "en": "Active campaign: {id} {name!r}, {status} ({counts}).",
+        },
+        "cli_status_none": {"ru": "Активной кампании нет.", "en": "No active campaign."},
+        "cli_status_queue": {
+            "ru": "В очереди ещё: {queued}, приостановлено: {paused}.",
+            "en": "Also queued: {queued}, paused: {paused}.",
+        },
+        "cli_status_next": {
+            "ru": "Следующая начнётся {when}.",
+            "en": "The next one starts {when}.",
+        },
+        "cli_unsubscribed": {
+            "ru": "{email}: отписан ({source}, {at}).",
+            "en": "{email}: unsubscribed ({source}, {at}).",
+        },
+        "cli_subscribed": {"ru": "{email}: не отписан.", "en": "{email}: not unsubscribed."},
+        "cli_unsubscribe_removed": {
+            "ru": "{email}: отписка снята.",
+            "en": "{email}: unsubscribe removed.",
+        },
+        "cli_unsubscribe_absent": {
+            "ru": "{email}: отписки не было.",
+            "en": "{email}: was not unsubscribed.",
+        },
+        "cli_quota": {
+            "ru": "Квота: доступно {available} из {limit} в месяц; синхронизирована {synced}.",
+            "en": "Quota: {available} of {limit} a month left; synced {synced}.",
+        },
+        "cli_limits_reloaded": {
+            "ru": "Отложенных кампаний пересмотрено: {count}.",
+            "en": "Deferrals decided again: {count}.",
+        },
+        "cli_quota_error": {
+            "ru": "Последняя синхронизация не удалась: {error}",
+            "en": "The last sync failed: {error}",
+        },
+        "cli_never": {"ru": "никогда", "en": "never"},
+        "cli_no_instances": {
+            "ru": "Ни один экземпляр mailer не ответил (префикс {prefix}).",
+            "en": "No mailer instance answered (prefix {prefix}).",
+        },
+        "cli_unreachable": {
+            "ru": "mailer недоступен: {message}",
+            "en": "mailer is unreachable: {message}",
+        },
+        "cli_col_id": {"ru": "ID", "en": "ID"},
+        "cli_col_name": {"ru": "Название", "en": "Name"},
+        "cli_col_status": {"ru": "Статус", "en": "Status"},
+        "cli_col_priority": {"ru": "Приоритет", "en": "Priority"},
+        "cli_col_counts": {"ru": "Получатели", "en": "Recipients"},
+        "cli_col_created": {"ru": "Создана", "en": "Created"},
+        "cli_col_email": {"ru": "Адрес", "en": "Address"},
+        "cli_col_error": {"ru": "Ошибка", "en": "Error"},
+        "cli_col_at": {"ru": "Когда", "en": "When"},
+        "cli_col_actor": {"ru": "Кто", "en": "Who"},
+        "cli_col_action": {"ru": "Действие", "en": "Action"},
+        "cli_col_details": {"ru": "Подробности", "en": "Details"},
+        "cli_col_source": {"ru": "Источник", "en": "Source"},
+        "cli_col_waits": {"ru": "Ждёт", "en": "Waits"},
+        "cli_col_instance": {"ru": "Экземпляр", "en": "Instance"},
+        "cli_col_version": {"ru": "Версия", "en": "Version"},
+        "cli_col_prefix": {"ru": "Префикс", "en": "Prefix"},
+        "cli_col_endpoints": {"ru": "Подписок", "en": "Endpoints"},
+        "cli_col_rtt": {"ru": "Отклик, мс", "en": "RTT, ms"},
+    }
+)
+
 
 class _TextFormatter(string.Formatter):
     """``str.format`` plus ``{n:plural:one|few|many}``: the word that goes with a

@@ -43,6 +43,7 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 
+from mailer.payload import Payload
 from mailer.render import idna_address
 from mailer.smtphealth import SmtpHealth
 
@@ -87,6 +88,10 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     # Not attempted: its send token expired before a connection was free (the
     # grant's window ended). The recipient goes back to pending, unsent.
     expired: bool = False
+    # Not delivered because this process closed the transport (shutdown) before
+    # the message's end of data went out: nothing reached a mailbox and the
+    # server is not to blame, so the recipient simply goes back to the queue.
+    aborted: bool = False
 
 
 EXPIRED = SendResult(
@@ -96,6 +101,16 @@ EXPIRED = SendResult(
     error="not attempted: its send token expired (the grant's window ended)",
     took_ms=0.0,
     expired=True,
+)
+
+
+_CLOSED = SendResult(
+    outcome="transient",
+    smtp_code=None,
+    provider_answer="",
+    error="transport closed",
+    took_ms=0.0,
+    aborted=True,
 )
 
 
@@ -186,21 +201,10 @@ def _describe(stage: str, exc: BaseException) -> str:
     return text
 
 
-def _data_payload(data: bytes) -> bytes:
-    """The DATA payload: CRLF line endings, dot-stuffed, terminated (RFC 5321 4.5.2).
-
-    Rendered messages are already CRLF, so the check is two C-level counts and
-    the normalization is skipped; dot-stuffing is one replace.
-    """
-    crlf = data.count(b"\r\n")
-    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    if data.startswith(b"."):
-        data = b"." + data
-    data = data.replace(b"\r\n.", b"\r\n..")
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    return data + b".\r\n"
+# Bytes handed to the socket per write: the transport buffers at most about
+# this much beyond what the kernel took (flow control waits for the rest), so
+# a large message is never copied whole into a write buffer.
+_WRITE_SLICE = 256 * 1024
 
 
 @dataclass(slots=True, eq=False)
@@ -314,27 +318,24 @@ class SmtpTransport:
         self,
         mail_from: str,
         rcpt: str,
-        data: bytes,
+        data: bytes | Payload,
         *,
         may_start: Callable[[], bool] | None = None,
     ) -> SendResult:
         """One message to one recipient over a pooled connection.
 
-        ``data`` is the complete message (CRLF line endings preferred). Never
-        raises for SMTP, network or address failures: see ``SendResult``.
-        Cancelling a send closes its connection (its state is unknown then).
-        ``may_start`` is asked once a connection is free, just before the
-        message is handed to it: False answers ``expired`` without sending
-        (its send token's window is over).
+        ``data`` is the complete message (CRLF line endings preferred), or a
+        ``Payload`` already in DATA form, whose shared chunks are written as
+        they are. Never raises for SMTP, network or address failures: see
+        ``SendResult``. Cancelling a send closes its connection (its state is
+        unknown then). After ``close()`` began, a send not yet started is not
+        attempted, and one whose end of data had not gone out when its
+        connection was cut reports ``aborted``. ``may_start`` is asked once a
+        connection is free, just before the message is handed to it: False
+        answers ``expired`` without sending (its send token's window is over).
         """
         if self._closing:
-            return SendResult(
-                outcome="transient",
-                smtp_code=None,
-                provider_answer="",
-                error="transport closed",
-                took_ms=0.0,
-            )
+            return _CLOSED
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -343,13 +344,7 @@ class SmtpTransport:
             slot = await self._free.get()
             try:
                 if self._closing:
-                    return SendResult(
-                        outcome="transient",
-                        smtp_code=None,
-                        provider_answer="",
-                        error="transport closed",
-                        took_ms=0.0,
-                    )
+                    return _CLOSED
                 if may_start is not None and not may_start():
                     return EXPIRED
                 return await self._send_on(slot, mail_from, rcpt, data)
@@ -361,7 +356,7 @@ class SmtpTransport:
                 self._idle.set()
 
     async def _send_on(
-        self, slot: _Connection, mail_from: str, rcpt: str, data: bytes
+        self, slot: _Connection, mail_from: str, rcpt: str, data: bytes | Payload
     ) -> SendResult:
         started = time.perf_counter()
         slot.busy = True
@@ -373,7 +368,7 @@ class SmtpTransport:
             except ValueError as exc:
                 stage = "address"
                 raise UnsendableError(str(exc)) from exc
-            payload = _data_payload(data)
+            payload = data if isinstance(data, Payload) else Payload.of(data)
             reused = slot.smtp is not None and slot.smtp.is_connected
             smtp = await self._connected(slot)
             stage = "MAIL"
@@ -402,13 +397,17 @@ class SmtpTransport:
                 self._health.failed(exc, stage=stage)
             await self._after_failure(slot, exc)
             code, answer = _reply_of(exc)
+            in_doubt = isinstance(exc, InDoubtError)
             return SendResult(
                 outcome=classify(exc),
                 smtp_code=code,
                 provider_answer=answer,
                 error=_describe(stage, exc),
                 took_ms=(time.perf_counter() - started) * 1000,
-                in_doubt=isinstance(exc, InDoubtError),
+                in_doubt=in_doubt,
+                # Cut by close() (only close cuts a busy connection) before the end
+                # of data: undelivered for sure, and no fault of the server's.
+                aborted=self._closing and not in_doubt,
             )
         finally:
             slot.busy = False
@@ -473,7 +472,7 @@ class SmtpTransport:
         return "ascii" if sender.isascii() and recipient.isascii() else "utf-8"
 
     async def _mail(
-        self, smtp: aiosmtplib.SMTP, sender: str, recipient: str, payload: bytes
+        self, smtp: aiosmtplib.SMTP, sender: str, recipient: str, payload: Payload
     ) -> SMTPResponse:
         options: list[str] = []
         encoding = self._encoding(sender, recipient)
@@ -485,15 +484,18 @@ class SmtpTransport:
             options.append("BODY=8BITMIME")
         if smtp.supports_extension("size"):
             # Lets the server refuse an oversized message before the upload.
-            options.append(f"SIZE={len(payload) - 3}")
+            options.append(f"SIZE={payload.size}")
         return await smtp.mail(sender, options=options, encoding=encoding)
 
-    async def _data(self, smtp: aiosmtplib.SMTP, payload: bytes) -> SMTPResponse:
+    async def _data(self, smtp: aiosmtplib.SMTP, payload: Payload) -> SMTPResponse:
         """DATA in two steps so that a failure is known to be before or after the payload.
 
         SMTP.data() would do both steps in one call and raise the same
         SMTPServerDisconnected for a drop before the 354 (nothing sent) as for
-        a drop after the payload (maybe delivered).
+        a drop after the payload (maybe delivered). The payload goes out in
+        slices, each after the previous one drained, so a large message is
+        never copied into the write buffer; a failure before the final
+        ``.\\r\\n`` left the server without an end of data: not delivered.
         """
         start = await smtp.execute_command(b"DATA")
         if start.code != 354:
@@ -502,10 +504,18 @@ class SmtpTransport:
         if protocol is None:
             raise SMTPServerDisconnected("connection lost before the message data")
         # Safe without the protocol's command lock: this connection runs one
-        # transaction at a time. write() and read_response() run without a
-        # yield in between, so the reply cannot arrive before it is awaited.
-        # write() raising means nothing was handed to the socket: not in doubt.
-        protocol.write(payload)
+        # transaction at a time. A reply is expected from now on (a server may
+        # refuse before the end of data), so it is kept, not dropped as
+        # unsolicited, while the slices are written (aiosmtplib's own
+        # execute_data_command sets the same flag).
+        protocol._response_pending = True
+        for chunk in payload.chunks:
+            view = memoryview(chunk)
+            for at in range(0, len(view), _WRITE_SLICE):
+                protocol.write(view[at : at + _WRITE_SLICE])  # type: ignore[arg-type]
+                # Waits only while the transport is above its high-water mark.
+                await protocol._drain_helper()
+        protocol.write(b".\r\n")
         try:
             reply = await protocol.read_response(timeout=self._timeout)
         except asyncio.CancelledError:

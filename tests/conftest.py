@@ -20,6 +20,7 @@ import pytest
 import redis.asyncio as redis
 from nats.aio.client import Client
 
+from mailer.client import ClientOptions, MailerClient
 from mailer.config import Settings, load_settings
 from mailer.db import migrate
 from mailer.devstack import EmbeddedStack, StackOverrides, create_database, drop_database
@@ -152,6 +153,15 @@ async def nc(settings: Settings) -> AsyncIterator[Client]:
 @pytest.fixture
 def crm(nc: Client, settings: Settings) -> Crm:
     return Crm(nc, settings.subject_prefix)
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[MailerClient]:
+    """mailer.client on this test's prefix, acting as manager-1."""
+    options = ClientOptions(url=settings.nats_url, prefix=settings.subject_prefix)
+    c = await MailerClient.connect(options, user="manager-1")
+    yield c
+    await c.close()
 
 
 @pytest.fixture

@@ -1,20 +1,26 @@
-"""docs/api.md stays true: every subject documented, every example a valid request, the
-Python client runs against a real service."""
+"""docs/api.md stays true: every subject documented, every example a valid request (the
+raw JSON ones decoded as the service does, the client's bound to its methods, the ``mailer``
+CLI's parsed by the CLI), the first Python example runs against a real service."""
 
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import re
+import shlex
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from click.testing import CliRunner
 
 from mailer.api.routes import routes
 from mailer.bus import Bus
+from mailer.cli import root
+from mailer.client import MailerClient
 from mailer.config import Settings
 from mailer.errors import CODES
 from mailer.events import MSG_ID_HEADER, JetStreamEvents, Notification, UnsubscribeEvent
@@ -48,17 +54,67 @@ def test_python_examples_are_valid_requests() -> None:
         msgspec.json.decode(json.dumps(value).encode(), type=ROUTES[subject].request, strict=True)
 
 
-async def test_python_client_runs(make_service, settings, sink) -> None:
+async def test_python_client_runs(make_service, settings, sink, monkeypatch) -> None:
+    """The first Python example, as printed: it takes the server from the environment."""
     await make_service()
     [block] = [
         b for b in re.findall(r"```python\n(.*?)```", DOC, re.DOTALL) if "async def main" in b
     ]
-    code = block.replace("nats://127.0.0.1:4222", settings.nats_url)
-    code = code.replace('f"mailer.{subject}"', f'f"{settings.subject_prefix}.{{subject}}"')
-    code = code.replace("asyncio.run(main())", "")
+    monkeypatch.setenv("MAILER_NATS_URL", settings.nats_url)
+    monkeypatch.setenv("MAILER_SUBJECT_PREFIX", settings.subject_prefix)
+    code = block.replace("asyncio.run(main())", "")
     namespace: dict[str, object] = {}
     exec(compile(code, "docs/api.md", "exec"), namespace)
     await namespace["main"]()  # type: ignore[operator]
+    assert len(sink.messages) == 1
+
+
+TYPED = re.compile(r"^await mailer\.(?:acting\((.*?)\)\.)?([a-z_]+)\((.*)\)$", re.MULTILINE)
+
+
+def test_typed_examples_call_real_methods() -> None:
+    """Each ``await mailer.<method>(…)`` line names a client method and fits its signature."""
+    found = TYPED.findall(DOC)
+    assert len(found) >= len(ROUTES)
+    for acting, method, args in found:
+        fn = getattr(MailerClient, method)
+        call = ast.parse(f"f({args})", mode="eval").body
+        assert isinstance(call, ast.Call)
+        # Computed arguments ("Привет".encode()) count by position only.
+        positional = [None if isinstance(a, ast.Call) else ast.literal_eval(a) for a in call.args]
+        named = {k.arg: ... for k in call.keywords}
+        inspect.signature(fn).bind(None, *positional, **named)
+        if acting:
+            inspect.signature(MailerClient.acting).bind(
+                None, **dict.fromkeys(re.findall(r"([a-z]+)=", acting))
+            )
+
+
+def _cli_lines() -> list[list[str]]:
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", DOC, re.DOTALL):
+        for line in block.splitlines():
+            if line.startswith("mailer "):
+                lines.append(shlex.split(line, comments=True)[1:])
+    return lines
+
+
+@pytest.mark.parametrize("argv", _cli_lines(), ids=" ".join)
+def test_mailer_cli_examples_parse(argv: list[str]) -> None:
+    """Each ``mailer …`` line names a command and options it really has (Click parses every
+    option before it answers ``--help``: an unknown one is a usage error, exit 2)."""
+    result = CliRunner().invoke(root, [*argv, "--help"])
+    assert result.exit_code == 0, (argv, result.output)
+    assert "No such option" not in result.output
+
+
+def test_every_subject_has_a_typed_example_and_a_cli_one_where_there_is_a_command() -> None:
+    without_cli = {"attachments.list", "attachments.remove"}
+    for subject in ROUTES:
+        section = _section(subject)
+        assert re.search(r"^await mailer\.", section, re.MULTILINE), subject
+        if subject not in without_cli:
+            assert re.search(r"^mailer ", section, re.MULTILINE), subject
 
 
 def _section(subject: str) -> str:

@@ -6,6 +6,7 @@ the clock is faked where a test needs time to stand still.
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 from collections import Counter
@@ -14,23 +15,34 @@ from datetime import UTC, datetime
 import pytest
 from prometheus_client import REGISTRY
 
+from mailer.client import MailerClient
 from mailer.clock import FakeClock
-from tests.helpers import Crm, Events, people
+from tests.helpers import FINAL, Crm, Events, people
 
 
-async def test_campaign_sent_end_to_end(make_service, crm: Crm, events: Events, sink, db) -> None:
+async def test_campaign_sent_end_to_end(make_service, client: MailerClient, sink, db) -> None:
+    """Through mailer.client, as a CRM service drives it."""
     await make_service()
     recipients = people(25)
     recipients[3]["name"] = "<script>alert(1)</script>"
-    cid = await crm.campaign(recipients)
-    view = await crm.get(cid)
-    assert view["status"] == "draft" and view["counts"] == {"pending": 25}
+    created = await client.create_campaign(
+        "Осенняя рассылка",
+        "Привет, это тест",
+        body_text="Здравствуйте, {{name}}!\nЭто письмо для {{email}}.",
+        body_html="<p>Здравствуйте, <b>{{name}}</b>!</p>",
+    )
+    cid = created.id
+    await client.add_recipients(cid, recipients)
+    view = await client.get_campaign(cid)
+    assert view.status == "draft" and view.counts == {"pending": 25}
 
-    started = await crm.start(cid)
-    assert started["campaign"]["status"] in ("ready", "sending", "sent")
-    done = await events.wait(cid, ("sent", "completed_with_errors"))
-    assert done["event"] == "sent"
-    assert done["counts"] == {"sent": 25}
+    async with client.campaign_events(cid) as events:
+        started = await client.start_campaign(cid)
+        assert started.campaign.status in ("ready", "sending", "sent")
+        async with asyncio.timeout(30):
+            done = await anext(e async for e in events if e.event in FINAL)
+    assert done.event == "sent"
+    assert done.counts == {"sent": 25}
 
     got = sink.messages
     assert len(got) == 25
@@ -54,9 +66,9 @@ async def test_campaign_sent_end_to_end(make_service, crm: Crm, events: Events, 
             assert "&lt;script&gt;" in html and "<script>" not in html
         assert "/u/" in text and "/u/" in html  # a visible unsubscribe link
 
-    view = await crm.get(cid)
-    assert view["status"] == "sent"
-    assert view["counts"] == {"sent": 25}
+    view = await client.get_campaign(cid)
+    assert view.status == "sent"
+    assert view.counts == {"sent": 25}
     rows = await db.fetch(
         "SELECT status, smtp_message_id FROM send_log WHERE campaign_id = $1", cid
     )

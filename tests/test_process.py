@@ -214,3 +214,124 @@ async def test_restart_intensity_exceeded_exits_1(
     assert "restart intensity exceeded; shutting down" in log
     assert "supervisor gave up: exiting non-zero so the pod is restarted" in log
     assert "actor crashed" in log
+
+
+async def _statuses(db, cid: int) -> dict[str, int]:
+    rows = await db.fetch(
+        "SELECT status, count(*) AS n FROM recipient WHERE campaign_id = $1 GROUP BY status", cid
+    )
+    return {r["status"]: int(r["n"]) for r in rows}
+
+
+async def test_sigterm_with_a_hung_smtp_server_releases_every_unsent_claim(
+    start_worker: StartWorker, crm: Crm, sink, db, leaders: LeaderWatch
+) -> None:
+    # The provider hangs before answering RCPT: nothing can be delivered. A
+    # rolling deploy's SIGTERM must not leave those claims sending (in doubt
+    # for the next owner): they never reached a mailbox, so they go back.
+    sink.hang("rcpt")
+    deadline = 6.0
+    worker = await start_worker(
+        "hung",
+        shutdown_timeout_seconds=str(deadline),
+        campaign_lease_seconds="120",
+        smtp_timeout_seconds="60",  # the hang outlives the deadline
+        batch_size="10",
+        smtp_connections="2",
+    )
+    assert await leaders.wait(timeout=30) == "hung"
+    cid = await crm.campaign(people(10))
+    await crm.start(cid)
+    await sink.wait_hung(2, timeout=30)  # both connections stuck in a transaction
+    assert (await _statuses(db, cid)).get("sending") == 10
+
+    worker.proc.send_signal(signal.SIGTERM)
+    code = await worker.exit_code(deadline + 10)
+    assert code == 0, worker.log()
+    assert "shutdown deadline exceeded" not in worker.log()
+    assert await _statuses(db, cid) == {"pending": 10}
+    assert await db.fetchval("SELECT count(*) FROM send_log WHERE campaign_id = $1", cid) == 0
+    entry = await db.fetchrow(
+        "SELECT lease_owner, defer_reason, consecutive_transient_errors FROM queue_entry"
+        " WHERE campaign_id = $1",
+        cid,
+    )
+    assert entry is not None
+    # Given back, not deferred: the next pod goes on at once, with a clean count.
+    assert dict(entry) == {
+        "lease_owner": None,
+        "defer_reason": None,
+        "consecutive_transient_errors": 0,
+    }
+    sink.release()
+    assert sink.count == 0
+
+
+async def test_sigterm_with_the_end_of_data_unanswered_records_only_those_in_doubt(
+    start_worker: StartWorker, crm: Crm, sink, db, leaders: LeaderWatch
+) -> None:
+    # The provider took the data of two messages and never answers: they may be
+    # delivered. The stop waits part of its deadline, cuts them, and records
+    # them in doubt; the rest of the batch was never handed and goes back.
+    sink.hang("data")
+    deadline = 6.0
+    worker = await start_worker(
+        "hung-data",
+        shutdown_timeout_seconds=str(deadline),
+        campaign_lease_seconds="120",
+        smtp_timeout_seconds="60",
+        batch_size="10",
+        smtp_connections="2",
+    )
+    assert await leaders.wait(timeout=30) == "hung-data"
+    cid = await crm.campaign(people(10))
+    await crm.start(cid)
+    await sink.wait_hung(2, timeout=30)
+
+    worker.proc.send_signal(signal.SIGTERM)
+    code = await worker.exit_code(deadline + 10)
+    assert code == 0, worker.log()
+    assert "shutdown deadline exceeded" not in worker.log()
+    assert await _statuses(db, cid) == {"in_doubt": 2, "pending": 8}
+    logged = await db.fetch("SELECT status, error FROM send_log WHERE campaign_id = $1", cid)
+    assert [r["status"] for r in logged] == ["in_doubt", "in_doubt"]
+    assert all("in doubt" in r["error"] for r in logged)
+    sink.release()
+
+
+async def test_kill_9_mid_batch_leaves_in_doubt_only_the_sends_in_flight(
+    start_worker: StartWorker, crm: Crm, events: Events, sink, db, leaders: LeaderWatch
+) -> None:
+    sink.data_delay = 0.02  # a slow provider: the kill lands mid-batch
+    connections = 2
+    common = {
+        "batch_size": "50",
+        "smtp_connections": str(connections),
+        "campaign_lease_seconds": "3",
+    }
+    first = await start_worker("first", **common)
+    assert await leaders.wait(timeout=30) == "first"
+    recipients = people(100)
+    cid = await crm.campaign(recipients)
+    await crm.start(cid)
+    await sink.wait_for(9, timeout=30)  # within the first batch of 50
+    first.proc.kill()
+    await first.exit_code(10)
+    assert (await _statuses(db, cid)).get("sending", 0) >= 40  # a batch was claimed
+
+    # The next owner settles what the dead one left: only the handed wave is in doubt.
+    await start_worker("second", **common)
+    done = await events.wait(cid, ("sent", "completed_with_errors"), timeout=60)
+    counts = await _statuses(db, cid)
+    assert set(counts) <= {"sent", "in_doubt"} and sum(counts.values()) == 100, counts
+    assert counts.get("in_doubt", 0) <= connections, counts
+    assert done["event"] == ("sent" if "in_doubt" not in counts else "completed_with_errors")
+    received = Counter(r for m in sink.messages for r in m.rcpt_tos)
+    assert max(received.values()) == 1, "nobody twice"
+    sent = {
+        r["email"]
+        for r in await db.fetch(
+            "SELECT email FROM recipient WHERE campaign_id = $1 AND status = 'sent'", cid
+        )
+    }
+    assert sent <= set(received)

@@ -410,3 +410,28 @@ def test_render_round_trips_through_the_stdlib_parser(
     # line breaks (U+2028, NEL, FF...) inside it are sent as spaces.
     breaks = dict.fromkeys(map(ord, "\t\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"), " ")
     assert msg["Subject"] == subject.strip().translate(breaks)
+
+
+def test_payload_is_the_message_in_data_form_sharing_the_attachment_chunks() -> None:
+    content = bytes(range(256)) * 2000  # 512 KB: several encoded chunks
+    template = make_template(
+        attachments=[("a.bin", "application/octet-stream", content)],
+        headers={".Dotted": "starts a line with a dot"},
+    )
+    kwargs: dict[str, Any] = {
+        "to_name": "Иван",
+        "variables": {"code": "1"},
+        "message_id": "<m@shop.example>",
+        "date": DATE,
+        "unsubscribe_url": UNSUB,
+    }
+    one = template.render_payload(to_email="a@example.com", **kwargs)
+    two = template.render_payload(to_email="b@example.com", **kwargs)
+    # Only the per-recipient pieces differ; the attachment's chunks are the same objects.
+    shared = [c for c in one.chunks if any(c is d for d in two.chunks)]
+    assert sum(len(c) for c in shared) > len(content)
+    # On the wire the dotted header line is doubled; everything else is render() as is.
+    plain = template.render(to_email="a@example.com", **kwargs)
+    assert one.wire() == plain.replace(b"\r\n.Dotted", b"\r\n..Dotted")
+    (part,) = parse(plain).iter_attachments()
+    assert part.get_content() == content

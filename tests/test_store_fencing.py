@@ -66,6 +66,7 @@ async def test_a_late_record_replaces_the_takeovers_doubt_in_the_send_log(
     a = await store.acquire(cid, "A", until=T0 + timedelta(seconds=1), now=T0, fence=0)
     assert a is not None
     claimed, _ = await store.claim(a, 10, T0)
+    assert len(await store.hand(a, [r.id for r in claimed], T0)) == 2  # both went to SMTP
     t1 = T0 + timedelta(seconds=5)
     b = await store.acquire(cid, "B", until=t1 + timedelta(seconds=30), now=t1, fence=0)
     assert b is not None

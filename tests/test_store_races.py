@@ -149,6 +149,7 @@ async def test_a_late_transient_record_leaves_the_doubt_of_a_finished_campaign(
     cid = await _campaign(db, 2)
     a = await _lease(store, cid)
     claimed, _ = await store.claim(a, 10, T0)
+    await store.hand(a, [r.id for r in claimed], T0)  # A handed both to SMTP
     b = await _lease(store, cid, "B", T1)
     assert await store.begin_sending(b, T1) == 2
     done = await store.finish(b, T1)
@@ -353,7 +354,11 @@ async def test_a_claim_racing_a_takeover_leaves_no_row_sending_under_the_new_own
         "SELECT count(*) FROM recipient WHERE status = 'sending' AND claimed_by <> $1", token
     )
     assert stray == 0, "rows claimed under a lost lease would hold the new owner forever"
-    assert (await store.finish(b, T1)).status == "completed_with_errors"
+    # A never handed what it claimed (if anything): nothing is in doubt, B sends it all.
+    assert await _statuses(db, cid) == ["pending"] * 3
+    mine, _ = await store.claim(b, 10, T1)
+    await store.record(b, [_outcome(r, "sent") for r in mine], T1)
+    assert (await store.finish(b, T1)).status == "sent"
 
 
 async def test_reconcile_puts_claims_under_a_lost_lease_in_doubt(store: PgStore, db) -> None:
@@ -368,13 +373,21 @@ async def test_reconcile_puts_claims_under_a_lost_lease_in_doubt(store: PgStore,
         a.claim_token,
         T0,
     )
+    # The first was handed to SMTP by A (it may have gone out); the second never was.
+    await db.execute(
+        "UPDATE recipient SET handed_at = $1 WHERE id = (SELECT min(id) FROM recipient)", T0
+    )
     mine, _ = await store.claim(b, 10, T1)
     assert len(mine) == 1
     assert await store.settle_stale_claims(T1, fence=1) == {}  # not the leader's epoch
-    assert await store.settle_stale_claims(T1, fence=0) == {cid: 2}
-    assert await _statuses(db, cid) == ["in_doubt", "in_doubt", "sending"]
-    assert await db.fetchval("SELECT count(*) FROM send_log WHERE status = 'in_doubt'") == 2
+    assert await store.settle_stale_claims(T1, fence=0) == {cid: {"in_doubt": 1, "pending": 1}}
+    assert await _statuses(db, cid) == ["in_doubt", "pending", "sending"]
+    assert await db.fetchval("SELECT count(*) FROM send_log WHERE status = 'in_doubt'") == 1
     await store.record(b, [_outcome(mine[0], "sent")], T1)
+    # The one never handed is B's to send, once.
+    again, _ = await store.claim(b, 10, T1)
+    assert len(again) == 1
+    await store.record(b, [_outcome(again[0], "sent")], T1)
     assert (await store.finish(b, T1)).status == "completed_with_errors"
 
 

@@ -271,7 +271,9 @@ async def test_children_marked_stop_first_stop_before_the_others() -> None:
     await sup.spawn(campaign.spec(Restart.TRANSIENT))
     journal.clear()
     await sup.shutdown(1)
-    assert journal == ["stop runner", "stop leader", "stop c", "stop a"]
+    # The campaign actor is told the moment the shutdown begins (it drains while
+    # the others stop); the stop_first ones stop before the other static ones.
+    assert journal == ["stop c", "stop runner", "stop leader", "stop a"]
 
 
 async def test_a_fault_hook_crashes_the_actor_even_on_an_ask() -> None:
@@ -480,7 +482,7 @@ async def test_failing_static_child_stops_the_ones_already_started() -> None:
 # -- shutdown --------------------------------------------------------------------------
 
 
-async def test_shutdown_stops_children_in_reverse_start_order_after_their_work() -> None:
+async def test_shutdown_stops_dynamic_children_together_then_static_in_reverse_order() -> None:
     journal: list[str] = []
     static = [Factory(name, journal) for name in ("a", "b", "c")]
     dynamic = [Factory(name, journal) for name in ("d", "e")]
@@ -497,12 +499,46 @@ async def test_shutdown_stops_children_in_reverse_start_order_after_their_work()
     journal.clear()
     await asyncio.gather(sup.shutdown(1), sup.shutdown(1))
     await sup.shutdown(1)  # idempotent
-    assert journal == ["stop e", "stop d", "stop c", "stop b", "stop a"]
+    # The dynamic children (campaigns) drain together, in no particular order.
+    assert set(journal[:2]) == {"stop d", "stop e"}
+    assert journal[2:] == ["stop c", "stop b", "stop a"]
     assert static[0].instances[0].count == 3
     assert all(ref.done and ref.exit_error is None for ref in refs)
-    assert [name for name, _ in observer.exits] == ["e", "d", "c", "b", "a"]
+    assert {name for name, _ in observer.exits[:2]} == {"d", "e"}
+    assert [name for name, _ in observer.exits[2:]] == ["c", "b", "a"]
     assert observer.restarts == []
     await asyncio.wait_for(sup.wait(), 1)  # no escalation: returns normally
+
+
+async def test_every_dynamic_child_is_told_to_stop_the_moment_shutdown_begins() -> None:
+    # Two campaign-like children, both busy: stopped one after the other, the
+    # second would go on working (claiming, asking for tokens) while the first
+    # drains. Told together, neither accepts work once the shutdown began.
+    journal: list[str] = []
+    static = Factory("static", journal)
+    dynamic = [Factory(name, journal) for name in ("d", "e")]
+    sup = supervisor([static.spec()], Recorder())
+    await sup.start()
+    refs = [await sup.spawn(f.spec(Restart.TRANSIENT)) for f in dynamic]
+    for ref in refs:
+        ref.tell(Block())
+    for f in dynamic:
+        await f.instances[0].entered.wait()
+
+    shutdown = asyncio.create_task(sup.shutdown(2))
+    for _ in range(100):  # until the shutdown told anyone (a few loop turns)
+        if not all(ref.alive for ref in refs):
+            break
+        await asyncio.sleep(0)
+    assert [ref.alive for ref in refs] == [False, False]
+    static_ref = sup.get("static")
+    assert static_ref is not None and static_ref.alive
+    with pytest.raises(SupervisorClosed):
+        await sup.spawn(Factory("late", journal).spec(Restart.TRANSIENT))
+    for f in dynamic:
+        f.instances[0].gate.set()
+    await shutdown
+    assert set(journal[-3:-1]) == {"stop d", "stop e"} and journal[-1] == "stop static"
     with pytest.raises(SupervisorClosed):
         await sup.spawn(dynamic[0].spec())
 

@@ -1,15 +1,26 @@
-"""One actor per running campaign: claim, get tokens, send, record, repeat.
+"""One actor per running campaign: claim, get tokens, send in waves, record, repeat.
 
 The database is the checkpoint. The actor keeps only what one batch needs;
 a restarted actor starts from the rows. Each turn of the loop is one
-``Continue`` message, so a Stop queued behind it is handled between batches:
-the SMTP transactions in flight finish and are recorded before the actor ends.
+``Continue`` message, so a Stop queued behind it is handled between batches.
 
-Crash policy ("stop means mark, drain, then clean up and record"):
-- claimed recipients not yet handed to SMTP go back to ``pending``;
+A granted batch goes out in waves of ``window`` recipients (the SMTP
+connections): each wave is marked handed in the database, rendered, sent and
+recorded before the next one starts. So only one wave's messages are rendered
+at a time (the attachments, encoded once per campaign, are shared by all of
+them), and only one wave can be handed and unrecorded when the process dies.
+
+Stop ("mark, drain, then clean up and record"): once a stop was asked for --
+a shutdown tells every campaign actor at once -- the actor claims nothing,
+asks for no tokens and hands no further wave to SMTP; the wave in flight ends
+(the service closes the SMTP transport at the same time, which lets a send in
+flight finish for a while, then cuts it) and is recorded. Then:
+- claimed recipients not handed to SMTP go back to ``pending``, and so do
+  handed ones whose send was cut before its end of data (``aborted``);
 - outcomes known but not yet written are written in teardown;
-- recipients handed to SMTP whose outcome is unknown stay ``sending``; the
-  next owner turns them into ``in_doubt`` — never re-sent, never lost.
+- recipients handed to SMTP whose outcome is unknown (a crash, a kill) stay
+  ``sending``; the next owner turns them into ``in_doubt`` -- never re-sent,
+  never lost -- and gives the claimed but unhanded ones back to ``pending``.
 
 SMTP outcomes: permanent (5xx, invalid address) → that recipient ``failed``,
 the campaign goes on; transient (4xx, timeout, refused) → the recipient goes
@@ -50,6 +61,7 @@ from mailer.actors.runtime import Actor
 from mailer.clock import Clock
 from mailer.messages import CampaignEvent, Notice, TokenReply
 from mailer.nextsend import Limits, next_send
+from mailer.payload import Payload
 from mailer.render import MessageTemplate, make_message_id
 from mailer.rules import WorkingHours
 from mailer.store import (
@@ -88,7 +100,7 @@ class Mail(msgspec.Struct, frozen=True):
     """One rendered message for the sender."""
 
     rcpt: str
-    data: bytes
+    data: bytes | Payload
 
 
 class CampaignStore(Protocol):
@@ -104,6 +116,10 @@ class CampaignStore(Protocol):
     async def attachments(self, campaign_id: int) -> list[Attachment]: ...
     async def claim(self, lease: Lease, n: int, now: datetime) -> tuple[list[Claimed], int]: ...
     async def release_claims(self, lease: Lease, ids: Sequence[int], now: datetime) -> None: ...
+    async def hand(self, lease: Lease, ids: Sequence[int], now: datetime) -> list[int]:
+        """Marks claimed recipients handed to SMTP; returns those still this lease's."""
+        ...
+
     async def record(
         self,
         lease: Lease,
@@ -183,6 +199,8 @@ class CampaignSettings(msgspec.Struct, frozen=True, kw_only=True):
     hours: WorkingHours | None = None
     # One INFO line per accepted message (MAILER_LOG_EACH_SEND); failures always log.
     log_each_send: bool = True
+    # Messages rendered and handed to SMTP at once (a wave): the SMTP connections.
+    window: int = 8
 
 
 # A test hook called after a batch was sent and before it is recorded: the
@@ -231,11 +249,16 @@ class CampaignActor(Actor[Continue]):
         self._template: MessageTemplate | None = None
         self._batches = 0
         self._transient_errors = 0
-        # Batch state, for teardown: claimed-not-handed, handed, known outcomes.
+        # Batch state, for teardown: claimed-not-handed, handed, known outcomes,
+        # handed but cut by a shutdown before their data went out.
         self._claimed: list[Claimed] = []
         self._handed: list[Claimed] = []
         self._unrecorded: list[Outcome] = []
         self._batch_started = 0.0  # perf_counter() when the batch went to SMTP, for its log line
+        self._aborted: list[Claimed] = []
+        self._batch_outcomes: list[Outcome] = []
+        self._expired: list[Claimed] = []
+        self._batch_written: dict[int, str] = {}
         self._ended = False  # finished or deferred: the lease is already given up
         self._status = "ready"  # the campaign's status as this actor made it
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -337,9 +360,17 @@ class CampaignActor(Actor[Continue]):
         if self.ref.alive:
             self.ref.tell(Continue())
 
+    @property
+    def _stopping(self) -> bool:
+        """A stop was asked for (shutdown, or this actor letting go): start nothing new."""
+        return not self.ref.alive
+
     async def _batch(self) -> None:
         lease, campaign, template = self._lease, self._campaign, self._template
         assert lease is not None and campaign is not None and template is not None
+        if self._stopping:
+            # The Continue was queued before the stop: no claim, no tokens now.
+            return
         blocked = await self._mailer.blocked_until()
         if blocked is not None:
             # The account's breaker is open: reserving tokens now would spend the
@@ -354,6 +385,8 @@ class CampaignActor(Actor[Continue]):
             else:
                 await self._nothing_claimed(lease)
             return
+        if self._stopping:
+            return  # on_stop gives the claims back; no token is spent on them
 
         reply = await self._tokens.request_tokens(
             self.campaign_id, campaign.owner_id, len(self._claimed)
@@ -370,11 +403,9 @@ class CampaignActor(Actor[Continue]):
             # Its first messages go now: from here on it is ``sending``.
             self._status = "sending"
             await self._emit("started")
-        outcomes = await self._send(template, granted, now, reply.usable_until(now))
-        self._batches += 1
-        if self._fault is not None:
-            await self._fault(self.campaign_id, self._batches)
-        written = await self._flush(lease) if outcomes else {}
+        outcomes, written = await self._send(lease, template, now, reply.usable_until(now))
+        if self._stopping:
+            return  # stopped between waves: on_stop releases the rest and the lease
         if self._claimed:
             await self._release_expired(lease)
 
@@ -391,32 +422,63 @@ class CampaignActor(Actor[Continue]):
             self._again()
 
     async def _send(
-        self,
-        template: MessageTemplate,
-        granted: list[Claimed],
-        now: datetime,
-        not_after: datetime | None,
-    ) -> list[Outcome]:
-        # A recipient whose message cannot be built (an address or name the
-        # renderer refuses) fails permanently without reaching SMTP.
-        sendable: list[tuple[Claimed, Mail, str]] = []
-        unsendable: list[Outcome] = []
-        for r in granted:
-            mid = make_message_id(self.campaign_id, r.id, self._s.message_id_domain)
-            try:
-                sendable.append((r, self._render(template, r, mid, now), mid))
-            except ValueError as exc:
-                unsendable.append(_unsendable(r, str(exc)))
-        self._handed, self._claimed = [r for r, _, _ in sendable], []
-        self._batch_started = time.perf_counter()
-        results = await self._mailer.send_all([m for _, m, _ in sendable], not_after=not_after)
-        done = [(r, mid, res) for (r, _, mid), res in zip(sendable, results, strict=True)]
-        sent = [_outcome(r, mid, res) for r, mid, res in done if not res.expired]
-        self._unrecorded = unsendable + sent
-        # Never handed to SMTP: claimed again, so a stop now releases them too.
-        self._claimed = [r for r, _, res in done if res.expired]
-        self._handed = []
-        return self._unrecorded
+        self, lease: Lease, template: MessageTemplate, now: datetime, not_after: datetime | None
+    ) -> tuple[list[Outcome], dict[int, str]]:
+        """Sends the granted claims in waves of ``window``: hand, render, send, record.
+
+        A wave is marked handed in the database before its SMTP transactions
+        start, and recorded once they end, so at any moment at most one wave
+        is handed and unrecorded: all a kill -9 can leave in doubt. Only one
+        wave is rendered at a time (the attachments are shared by all of
+        them), and a stop between waves hands nothing more. ``not_after`` is
+        the grant's end: no message goes to SMTP at or after it (the sender
+        checks each one); the claims left then stay in ``_claimed`` for
+        ``_release_expired``. Returns the batch's outcomes and the status each
+        recorded row got.
+        """
+        self._batch_outcomes = []
+        self._batch_written = {}
+        self._batches += 1
+        while self._claimed and not self._stopping:
+            self._batch_started = time.perf_counter()
+            # The wave stays in _claimed (released by on_stop if we die) until handed.
+            wave = self._claimed[: self._s.window]
+            # A recipient whose message cannot be built (an address or name the
+            # renderer refuses) fails permanently without reaching SMTP.
+            built: list[tuple[Claimed, Mail, str]] = []
+            for r in wave:
+                mid = make_message_id(self.campaign_id, r.id, self._s.message_id_domain)
+                try:
+                    built.append((r, self._render(template, r, mid, now), mid))
+                except ValueError as exc:
+                    self._unrecorded.append(_unsendable(r, str(exc)))
+            handing = [r.id for r, _, _ in built]
+            marked = set(await self._store.hand(lease, handing, self._clock.now()))
+            self._claimed = self._claimed[len(wave) :]
+            # Rows a takeover settled meanwhile are no longer ours to send.
+            taken = [r for r, _, _ in built if r.id not in marked]
+            sendable = [b for b in built if b[0].id in marked]
+            self._handed = [r for r, _, _ in sendable]
+            results = await self._mailer.send_all([m for _, m, _ in sendable], not_after=not_after)
+            for (r, _, mid), res in zip(sendable, results, strict=True):
+                if res.aborted:
+                    self._aborted.append(r)
+                elif res.expired:
+                    self._expired.append(r)
+                else:
+                    self._unrecorded.append(_outcome(r, mid, res))
+            self._handed = []
+            over = not_after is not None and self._clock.now() >= not_after
+            last = not self._claimed or self._stopping or over or bool(self._expired)
+            if last and self._fault is not None:
+                # After the batch's last wave was sent, before it is recorded.
+                await self._fault(self.campaign_id, self._batches)
+            await self._flush(lease, last=last)
+            if taken:
+                raise LeaseLost(f"recipients of campaign {lease.campaign_id} taken over")
+            if last:
+                break
+        return self._batch_outcomes, self._batch_written
 
     async def _release_expired(self, lease: Lease) -> None:
         """Recipients whose grant ended before SMTP took them go back to pending.
@@ -433,7 +495,7 @@ class CampaignActor(Actor[Continue]):
         )
 
     def _render(self, template: MessageTemplate, r: Claimed, mid: str, now: datetime) -> Mail:
-        data = template.render(
+        data = template.render_payload(
             to_email=r.email,
             to_name=r.name,
             variables=r.variables,
@@ -443,28 +505,46 @@ class CampaignActor(Actor[Continue]):
         )
         return Mail(r.email, data)
 
-    async def _flush(self, lease: Lease) -> dict[int, str]:
-        """Records the known outcomes; returns the status each recipient row got."""
-        outcomes = self._unrecorded
-        # One batch is one attempt: any success resets the count, a failed
-        # attempt (a transient error, no success) adds one whatever its size.
-        success = any(o.status == "sent" for o in outcomes)
-        if success:
-            self._transient_errors = 0
-        elif any(o.status == "transient" and not o.short_circuited for o in outcomes):
-            self._transient_errors += 1
+    async def _flush(self, lease: Lease, *, last: bool) -> dict[int, str]:
+        """Records the known outcomes and gives back the sends that never went out
+        (cut before their end of data by a stop, or past their grant's end).
+
+        ``last``: the batch's last record, which writes its attempt count. One
+        batch is one attempt: any success resets the count, a failed attempt
+        (a transient error, no success) adds one whatever its size. Returns the
+        status each recipient row written got.
+        """
+        outcomes, aborted, expired = self._unrecorded, self._aborted, self._expired
+        self._batch_outcomes += outcomes
+        batch = self._batch_outcomes
+        success = any(o.status == "sent" for o in batch)
+        count: int | None = None
+        if last:
+            if success:
+                self._transient_errors = 0
+            elif any(o.status == "transient" and not o.short_circuited for o in batch):
+                self._transient_errors += 1
+            count = self._transient_errors
         written = await self._store.record(
-            lease,
-            outcomes,
-            self._clock.now(),
-            transient_errors=self._transient_errors,
-            success=success,
+            lease, outcomes, self._clock.now(), transient_errors=count, success=success
         )
         self._unrecorded = []
+        self._batch_written.update(written)
         took_ms = (time.perf_counter() - self._batch_started) * 1000
-        sendlog.log_batch(
-            self.campaign_id, outcomes, written, took_ms=took_ms, each_send=self._s.log_each_send
-        )
+        if outcomes:
+            sendlog.log_batch(
+                self.campaign_id,
+                outcomes,
+                written,
+                took_ms=took_ms,
+                each_send=self._s.log_each_send,
+            )
+        given_back = [r.id for r in aborted + expired]
+        if given_back:
+            # Never accepted by SMTP: pending again, no send-log row. Their
+            # tokens stay spent (better to under-send).
+            await self._store.release_claims(lease, given_back, self._clock.now())
+            self._aborted, self._expired = [], []
         for o in outcomes:
             if o.status == "sent":
                 metrics.EMAILS_SENT.labels(kind="campaign").inc()
@@ -474,7 +554,8 @@ class CampaignActor(Actor[Continue]):
             else:
                 reason = "permanent" if o.status == "failed" else o.status
                 metrics.EMAILS_FAILED.labels(kind="campaign", reason=reason).inc()
-        await self._emit("progress", counts=_tally(outcomes, written))
+        if last and batch:  # one progress event per batch, not per wave
+            await self._emit("progress", counts=_tally(batch, self._batch_written))
         return written
 
     async def _nothing_claimed(self, lease: Lease) -> None:
@@ -648,8 +729,8 @@ class CampaignActor(Actor[Continue]):
             return
         now = self._clock.now()
         try:
-            if self._unrecorded:
-                await self._flush(lease)
+            if self._unrecorded or self._aborted or self._expired:
+                await self._flush(lease, last=True)
             if self._claimed:
                 await self._store.release_claims(lease, [r.id for r in self._claimed], now)
                 self._claimed = []

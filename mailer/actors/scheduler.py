@@ -108,7 +108,7 @@ class SchedulerStore(Protocol):
     async def finish_orphans(
         self, now: datetime, fence: int, *, notices: FinalNotices | None = None
     ) -> list[tuple[int, str, str, dict[str, int]]]: ...
-    async def settle_stale_claims(self, now: datetime, fence: int) -> dict[int, int]: ...
+    async def settle_stale_claims(self, now: datetime, fence: int) -> dict[int, dict[str, int]]: ...
 
 
 def wake_subject(bus: Bus) -> str:
@@ -309,12 +309,18 @@ class SchedulerActor(Actor[SchedulerMsg]):
                     },
                 )
         metrics.PROCESSING_OLDEST_SECONDS.set(oldest)
-        for campaign_id, n in (await self._store.settle_stale_claims(now, self._epoch)).items():
+        stale = await self._store.settle_stale_claims(now, self._epoch)
+        for campaign_id, verdicts in stale.items():
             # A claim that outlived its lease: its rows would keep the live
-            # owner from ever finishing. They may have reached SMTP: in doubt.
+            # owner from ever finishing. Handed ones may have reached SMTP (in
+            # doubt); the others never left their owner (pending again).
             log.warning(
-                "reconcile: recipients claimed under a lost lease put in doubt",
-                extra={"campaign_id": campaign_id, "in_doubt": n},
+                "reconcile: recipients claimed under a lost lease settled",
+                extra={
+                    "campaign_id": campaign_id,
+                    "in_doubt": verdicts.get("in_doubt", 0),
+                    "pending": verdicts.get("pending", 0),
+                },
             )
         events = self._events
 

@@ -2,11 +2,13 @@
 
 Campaign actors (and test emails) ask it to send a rendered batch; it sends
 the messages in parallel over the pool and answers with one result per
-message, in order. Being an actor, it is stopped after every campaign actor
-at shutdown, so the SMTP transactions in flight finish before the
-connections close. It keeps the SMTP account's circuit breaker: while the
-breaker is open nothing is attempted, and a campaign asks (``BreakerQuery``)
-before it reserves send tokens, so a dead server does not burn the hour.
+message, in order. At shutdown the service closes its transport the moment
+every campaign actor is told to stop (see ``Service.stop``): nothing new is
+attempted, the transactions in flight get part of the deadline to finish,
+and a cut one reports whether its data had gone out. It keeps the SMTP
+account's circuit breaker: while the breaker is open nothing is attempted,
+and a campaign asks (``BreakerQuery``) before it reserves send tokens, so a
+dead server does not burn the hour.
 
 The breaker counts failures that speak of the server, not of one message: no
 SMTP reply at all (refused, timeout, reset, TLS), 421 "service not
@@ -58,7 +60,7 @@ SenderMessage = SendBatch | BreakerQuery
 
 
 def _server_failure(r: SendResult) -> bool:
-    if r.outcome != "transient" or r.in_doubt or r.short_circuited or r.expired:
+    if r.outcome != "transient" or r.in_doubt or r.short_circuited or r.expired or r.aborted:
         return False
     # Transient 5xx only come from session-level refusals (greeting, EHLO, AUTH).
     return r.smtp_code is None or r.smtp_code == 421 or r.smtp_code >= 500

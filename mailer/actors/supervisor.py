@@ -23,10 +23,13 @@ child's factory.
 
 A child ends for good when it will not be restarted; ``on_child_exit(name, error)`` is
 then called (a plain callback, meant to ``tell()`` another actor) and ``ref.wait()``
-returns. ``shutdown(deadline)`` stops children one by one in reverse start order, each
-through its Stop message, and cancels whatever is still running at the deadline; children
-marked ``stop_first`` are stopped before all others (a leader resigns before the campaign
-actors drain, so a successor leads at once).
+returns. ``shutdown(deadline)`` first tells every dynamic child (spawned after start,
+e.g. one per campaign) to stop at once -- the moment the shutdown begins, so none starts
+new work while others drain -- then stops the children marked ``stop_first`` (a leader
+resigns before the campaign actors drain, so a successor leads at once), waits for the
+dynamic ones to drain in parallel, and stops the other static children one by one in
+reverse start order, each through its Stop message; whatever still runs at the deadline is
+cancelled.
 """
 
 from __future__ import annotations
@@ -285,17 +288,25 @@ class Supervisor:
             raise self._escalation
 
     async def shutdown(self, deadline_seconds: float | None = None) -> None:
-        """Stops every child in reverse start order within one deadline. Idempotent.
+        """Stops every child within one deadline (see the module docstring). Idempotent.
 
         Each child gets its Stop message (queued work is finished) and is awaited; once the
         deadline has passed, the children still running are cancelled.
         """
-        self._begin_shutdown(
-            self._shutdown_deadline if deadline_seconds is None else deadline_seconds
-        )
+        self.begin_shutdown(deadline_seconds)
         assert self._shutdown_task is not None
         # Shielded: a caller that gives up waiting must not abort the shutdown itself.
         await asyncio.shield(self._shutdown_task)
+
+    def begin_shutdown(self, deadline_seconds: float | None = None) -> None:
+        """Begins the shutdown without waiting for it; ``shutdown()`` waits. Idempotent.
+
+        Before it returns, the supervisor spawns nothing more and every dynamic child
+        has been told to stop, so that none of them starts new work after this call.
+        """
+        self._begin_shutdown(
+            self._shutdown_deadline if deadline_seconds is None else deadline_seconds
+        )
 
     async def __aenter__(self) -> Supervisor:
         await self.start()
@@ -494,12 +505,27 @@ class Supervisor:
         )
         self._begin_shutdown(self._shutdown_deadline)
 
+    def _dynamic(self) -> list[_Child]:
+        static = {spec.name for spec in self._specs}
+        return [c for c in self._children.values() if c.spec.name not in static]
+
     def _begin_shutdown(self, deadline_seconds: float) -> None:
         if self._shutdown_task is None:
             self._state = _State.CLOSING
+            # All at once, synchronously: stopped one by one, the others would go
+            # on working (claiming, asking for tokens) while the first ones drain.
+            for child in self._dynamic():
+                child.ref._request_stop()
             self._shutdown_task = asyncio.get_running_loop().create_task(
                 self._shutdown(deadline_seconds), name=f"{self.name}/shutdown"
             )
+
+    async def _stop_child(self, child: _Child, deadline: float) -> None:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0 or child.runner is None:
+            return
+        child.ref._request_stop()
+        await asyncio.wait({child.runner}, timeout=remaining)
 
     async def _shutdown(self, deadline_seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -507,8 +533,12 @@ class Supervisor:
         try:
             children = list(self._children.values())
             first = [c for c in children if c.spec.stop_first]
-            rest = [c for c in children if not c.spec.stop_first]
-            for child in [*reversed(first), *reversed(rest)]:
+            for child in reversed(first):
+                await self._stop_child(child, deadline)
+            dynamic = [c.runner for c in self._dynamic() if c.runner is not None]
+            if dynamic:  # told to stop in _begin_shutdown; they drain in parallel
+                await asyncio.wait(dynamic, timeout=max(0.0, deadline - loop.time()))
+            for child in reversed([c for c in children if not c.spec.stop_first]):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break

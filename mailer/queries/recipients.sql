@@ -88,17 +88,40 @@ WHERE r.id = o.id
        OR (r.status = 'in_doubt' AND o.status IN ('sent', 'failed')))
 RETURNING r.id, r.status, r.error;
 
+-- name: recipients-hand
+-- Marks claimed recipients as handed to SMTP, just before their SMTP
+-- transactions start, while this claimer still holds them and owner $4 holds
+-- the lease at epoch $5. Returns the rows marked: only those may be sent (a
+-- takeover that settled a row first leaves it unmarked, and unsent).
+UPDATE recipient r
+SET handed_at = $3, updated_at = $3
+WHERE r.id = ANY($1::bigint[]) AND r.status = 'sending' AND r.claimed_by = $2
+  AND EXISTS (SELECT 1 FROM queue_entry q
+              WHERE q.campaign_id = r.campaign_id AND q.lease_owner = $4
+                AND q.lease_epoch = $5)
+RETURNING r.id;
+
 -- name: recipients-orphans-to-doubt
 -- Rows of this campaign left 'sending' by an owner that is gone (crash,
--- kill -9, lost lease): they may have been accepted by the SMTP server, so
--- they become visibly 'in_doubt' instead of being sent again. The send log
--- gets the same verdict, so the two agree and the local quota counts them.
+-- kill -9, lost lease). Those marked handed may have been accepted by the
+-- SMTP server, so they become visibly 'in_doubt' instead of being sent again;
+-- the send log gets the same verdict, so the two agree and the local quota
+-- counts them. Those never handed did not leave the old owner's process: they
+-- go back to 'pending' (a late hand of the old owner then matches nothing).
 WITH doubted AS (
     UPDATE recipient
     SET status = 'in_doubt', claimed_by = NULL, claimed_at = NULL,
-        error = 'owner died between claim and record; delivery unknown', updated_at = $3
+        error = 'owner died between handing to SMTP and record; delivery unknown',
+        updated_at = $3
     WHERE campaign_id = $1 AND status = 'sending' AND claimed_by <> $2
+      AND handed_at IS NOT NULL
     RETURNING id, email, error
+), returned AS (
+    UPDATE recipient
+    SET status = 'pending', claimed_by = NULL, claimed_at = NULL, updated_at = $3
+    WHERE campaign_id = $1 AND status = 'sending' AND claimed_by <> $2
+      AND handed_at IS NULL
+    RETURNING id
 )
 INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, error, created_at)
 SELECT $1, d.id, d.email, false, 'in_doubt', d.error, $3 FROM doubted d
@@ -107,11 +130,14 @@ RETURNING recipient_id AS id;
 -- name: recipients-stale-claims-to-doubt
 -- Reconcile: rows left 'sending' under a claim token that is not the live
 -- lease's (a claim that raced a takeover, an owner gone without settling)
--- would keep the live owner from ever finishing. Like a takeover, they
--- become 'in_doubt' (they may have reached SMTP), with a send-log row each.
+-- would keep the live owner from ever finishing. Like a takeover: those
+-- marked handed become 'in_doubt' (they may have reached SMTP), with a
+-- send-log row each; those never handed go back to 'pending' (a late hand of
+-- their old owner matches nothing, so they are sent once, by the live owner).
 -- Only on the current leader's authority ($2 = its epoch).
 WITH stale AS (
-    SELECT r.id FROM recipient r JOIN queue_entry q ON q.campaign_id = r.campaign_id
+    SELECT r.id, r.handed_at IS NOT NULL AS handed
+    FROM recipient r JOIN queue_entry q ON q.campaign_id = r.campaign_id
     WHERE r.status = 'sending' AND q.lease_until > $1
       AND r.claimed_by <> q.lease_owner || '#' || q.lease_epoch
       AND (SELECT epoch FROM leader_fence) = $2
@@ -121,12 +147,23 @@ doubted AS (
     UPDATE recipient r
     SET status = 'in_doubt', claimed_by = NULL, claimed_at = NULL,
         error = 'claim outlived its lease; delivery unknown', updated_at = $1
-    FROM stale s WHERE r.id = s.id
+    FROM stale s WHERE r.id = s.id AND s.handed
     RETURNING r.id, r.campaign_id, r.email, r.error
+),
+returned AS (
+    UPDATE recipient r
+    SET status = 'pending', claimed_by = NULL, claimed_at = NULL, updated_at = $1
+    FROM stale s WHERE r.id = s.id AND NOT s.handed
+    RETURNING r.campaign_id
+),
+logged AS (
+    INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, error, created_at)
+    SELECT d.campaign_id, d.id, d.email, false, 'in_doubt', d.error, $1 FROM doubted d
+    RETURNING campaign_id
 )
-INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, error, created_at)
-SELECT d.campaign_id, d.id, d.email, false, 'in_doubt', d.error, $1 FROM doubted d
-RETURNING campaign_id;
+SELECT campaign_id, 'in_doubt' AS verdict FROM logged
+UNION ALL
+SELECT campaign_id, 'pending' AS verdict FROM returned;
 
 -- name: recipients-counts
 -- The counts by status; for a campaign whose recipients retention removed, the
