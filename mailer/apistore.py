@@ -35,7 +35,7 @@ from mailer.messages import (
     RecipientView,
     UnsubscribeView,
 )
-from mailer.store import CampaignRow, campaign_view
+from mailer.store import CampaignRow, campaign_view, forecast_queue
 
 __all__ = ["ApiStore", "Locked", "OwnerQueueRow"]
 
@@ -327,19 +327,7 @@ class ApiStore:
 
     async def forecast_queue(self, limit: int) -> list[Entry]:
         """The queue in order, as the forecast replays it (first ``limit`` entries)."""
-        rows = await self.pool.fetch(Q["api-forecast-queue"], limit)
-        return [
-            Entry(
-                campaign_id=int(r["campaign_id"]),
-                owner_id=str(r["owner_id"]),
-                remaining=int(r["remaining"]),
-                smtp_wait_until=r["deferred_until"]
-                if r["defer_reason"] == "transient_error"
-                else None,
-                started=r["started_at"] is not None,
-            )
-            for r in rows
-        ]
+        return await forecast_queue(self.pool, limit)
 
     async def owner_queue(self, owner_id: str, limit: int) -> tuple[list[OwnerQueueRow], int, int]:
         """The owner's unfinished campaigns (first ``limit``), and how many queued / paused."""

@@ -54,11 +54,13 @@ class Entry:
 @dataclass(frozen=True)
 class Outlook:
     """``starts_at``: its first message (None once started, or not known);
-    ``completes_at``: its last (None: not known — ``reason`` says why)."""
+    ``completes_at``: its last (None: not known — ``reason`` says why);
+    ``next_at``: its next message, started or not (None: not known)."""
 
     starts_at: datetime | None
     completes_at: datetime | None
     reason: Reason | None = None
+    next_at: datetime | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -170,9 +172,9 @@ def forecast(
     for s in states:
         starts = None if s.entry.started else s.first
         if s.left == 0:
-            result[s.entry.campaign_id] = Outlook(starts, s.last or now)
+            result[s.entry.campaign_id] = Outlook(starts, s.last or now, next_at=s.first)
         else:
             # Only the quota makes the future unknown (or a replay longer than
             # _MAX_STEPS windows: then no reason is claimed).
-            result[s.entry.campaign_id] = Outlook(starts, None, unknown)
+            result[s.entry.campaign_id] = Outlook(starts, None, unknown, next_at=s.first)
     return result

@@ -15,6 +15,7 @@ import asyncpg
 import msgspec
 
 from mailer.db import Q
+from mailer.forecast import Entry
 from mailer.messages import CampaignView, Notice, QueueView
 
 __all__ = [
@@ -142,6 +143,21 @@ def campaign_view(
         counts=counts,
         queue=q,
     )
+
+
+async def forecast_queue(pool: Any, limit: int) -> list[Entry]:
+    """The queue in order, as the forecast replays it (its first ``limit`` entries)."""
+    rows = await pool.fetch(Q["api-forecast-queue"], limit)
+    return [
+        Entry(
+            campaign_id=int(r["campaign_id"]),
+            owner_id=str(r["owner_id"]),
+            remaining=int(r["remaining"]),
+            smtp_wait_until=r["deferred_until"] if r["defer_reason"] == "transient_error" else None,
+            started=r["started_at"] is not None,
+        )
+        for r in rows
+    ]
 
 
 def notice_due(
@@ -596,6 +612,9 @@ class PgStore:
     async def active(self, now: datetime) -> dict[int, str]:
         rows = await self.pool.fetch(Q["queue-active"], now)
         return {int(r["campaign_id"]): str(r["lease_owner"]) for r in rows}
+
+    async def forecast_queue(self, limit: int) -> list[Entry]:
+        return await forecast_queue(self.pool, limit)
 
     async def reevaluate(self, now: datetime) -> list[int]:
         """Ends every limit's deferral now, to be decided again against the limits

@@ -397,3 +397,38 @@ async def test_a_test_email_refused_for_the_quota_names_no_time(make_service, cr
     err = await crm.fails("campaign.test", {"campaign_id": cid, "email": "a@example.org"})
     assert err.code == "quota_exhausted"
     assert "retry_at" not in err.details
+
+
+async def test_a_place_in_the_queue_is_promised_and_a_pause_ahead_gives_the_turn_back(
+    make_service, crm: Crm, events: Events, notes: Notes, sink
+) -> None:
+    # 10/h, one at a time: `big` (25) sends 10 now, `small` behind it is
+    # promised 12:00 UTC (big takes 11:00's hour and half of 12:00's). When
+    # big is paused, small's wait is decided again at once: 11:00 — earlier
+    # than promised, so no new notice.
+    clock = FakeClock(MONDAY_1315_MSK)
+    await make_service(clock=clock, rate_per_hour=10, batch_size=5, max_active_campaigns=1)
+    big = await crm.campaign(people(25, "big.example"))
+    small = await crm.campaign(people(5, "small.example"))
+    await crm.start(big)
+    await crm.start(small)
+    await events.wait(big, ("deferred",))
+    first = await events.wait(small, ("deferred",))
+    assert (first["defer_reason"], first["deferred_until"]) == (
+        "rate_per_hour",
+        "2026-11-23T12:00:00Z",
+    )
+    manager = await _view(crm)
+    assert manager["next_campaign_at"] == "2026-11-23T12:00:00Z"
+    await crm.call("campaign.pause", {"campaign_id": big})
+    await events.wait_count(small, "deferred", 2)
+    again = events.of(small, "deferred")[1]
+    assert (again["defer_reason"], again["deferred_until"]) == (
+        "rate_per_hour",
+        "2026-11-23T11:00:00Z",
+    )
+    clock.set(datetime(2026, 11, 23, 11, 0, tzinfo=UTC))
+    done = await events.wait(small, ("sent", "completed_with_errors"))
+    assert done["event"] == "sent"
+    assert len(notes.of(small)) == 1
+    assert sum(m.rcpt_tos[0].endswith("@small.example") for m in sink.messages) == 5

@@ -54,6 +54,7 @@ from mailer.actors.runtime import Actor
 from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus, decode, encode
 from mailer.clock import Clock, utc
 from mailer.config import Settings
+from mailer.forecast import Entry, forecast
 from mailer.messages import ErrorBody, ErrorReply, TokenReply, TokenRequest
 from mailer.nextsend import Limits, NextSend, next_send
 from mailer.quota import PgQuota
@@ -80,6 +81,8 @@ __all__ = [
 log = logging.getLogger("mailer.governor")
 
 GOVERNOR_QUEUE = "governor"
+# A refusal's retry time replays at most this much of the queue (mailer.forecast).
+_TURN_QUEUE_LIMIT = 500
 # How long the NATS callback waits for the governor's mailbox; a campaign's own
 # request timeout (token_request_timeout_seconds) is usually shorter.
 _ASK_TIMEOUT_SECONDS = 10.0
@@ -92,6 +95,10 @@ def governor_subject(bus: Bus) -> str:
 class Competition(Protocol):
     async def competing(self, now: datetime) -> int:
         """How many campaigns run or are ready to run now (the queue's count)."""
+        ...
+
+    async def forecast_queue(self, limit: int) -> list[Entry]:
+        """The queue in order with what each campaign still has to send."""
         ...
 
     async def competitors(
@@ -229,6 +236,12 @@ class GovernorActor(Actor[TokenRequest]):
                 # comes back to it within the hour — so it asks again soon.
                 assert retry is not None
                 retry = min(retry, now + timedelta(seconds=FAIR_SHARE_WINDOW_SECONDS))
+            elif retry is not None:
+                # Its place in the queue: campaigns ahead take the reopened
+                # hour (or day) first, so say when its own turn comes.
+                turn = await self._turn(now, msg, r.hour_used, r.day_used)
+                if turn is not None and turn > retry:
+                    retry = turn
             count = r.day_used if ns.reason == "daily_limit" else r.hour_used
             return self._refuse(msg, ns.reason, retry, count=count, r=r)
 
@@ -256,6 +269,41 @@ class GovernorActor(Actor[TokenRequest]):
             decided_at=now,
             valid_until=self._valid_until(msg, now, r.next_hour),
         )
+
+    async def _turn(
+        self, now: datetime, msg: TokenRequest, hour_used: int, day_used: int
+    ) -> datetime | None:
+        """When the queue lets this campaign send again (``mailer.forecast``).
+
+        Best effort: None (no queue view, the campaign not in it, or a read
+        failing) leaves the limits' own time, which is then merely early — the
+        campaign is refused again then, with no new notice.
+        """
+        if self._competition is None or msg.kind != "campaign":
+            return None
+        try:
+            queue = await self._competition.forecast_queue(_TURN_QUEUE_LIMIT)
+            if len(queue) < 2 or all(e.campaign_id != msg.campaign_id for e in queue):
+                return None
+            day = self._hours.local_date(now)
+            used: dict[str, int] = {msg.owner_id: day_used}
+            for owner in {e.owner_id for e in queue} - {msg.owner_id}:
+                used[owner] = await self._limiter.day_used(owner, day)
+        except Exception as exc:
+            log.warning("queue not read for the retry time", extra={"error": repr(exc)})
+            return None
+        outlooks = forecast(
+            now,
+            queue,
+            hours=self._hours,
+            hourly_limit=self._limiter.hourly_limit,
+            hour_used=hour_used,
+            daily_limit=self._daily.limit_for,
+            day_used=used,
+            max_active=self._max_active,
+        )
+        mine = outlooks.get(msg.campaign_id)
+        return None if mine is None else mine.next_at
 
     def _limits(
         self,
@@ -307,8 +355,13 @@ class GovernorActor(Actor[TokenRequest]):
             ),
         )
         assert ns.reason is not None, ns
+        retry = ns.at
+        if retry is not None:  # its place in the queue, as after a refusal in hours
+            turn = await self._turn(now, msg, hour_used, day_used)
+            if turn is not None and turn > retry:
+                retry = turn
         count = {"daily_limit": day_used, "rate_per_hour": hour_used}.get(ns.reason, 0)
-        return self._refuse(msg, ns.reason, ns.at, count=count)
+        return self._refuse(msg, ns.reason, retry, count=count)
 
     def _valid_until(self, msg: TokenRequest, now: datetime, next_hour: datetime) -> datetime:
         """Where the grant's window ends: its hour, its local day, or working hours.

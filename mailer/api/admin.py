@@ -18,6 +18,7 @@ import nats.errors
 
 from mailer import addresses
 from mailer.api.context import ApiContext, Caller, check_address, require_admin
+from mailer.api.outlook import reevaluate_deferrals
 from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, encode
 from mailer.errors import Conflict, QuotaSyncFailed, Unavailable, ValidationFailed
 from mailer.messages import (
@@ -35,7 +36,6 @@ from mailer.messages import (
     UnsubscribePage,
     UnsubscribeRemoved,
     UnsubscribeView,
-    Wake,
 )
 from mailer.quota import PgQuota
 
@@ -159,24 +159,16 @@ async def quota_set(ctx: ApiContext, caller: Caller, req: QuotaSet) -> QuotaView
         {"monthly_limit": req.monthly_limit, "from": previous, "to": state.emails_available},
         now,
     )
-    await _reevaluate(ctx)
+    await reevaluate_deferrals(ctx)
     return await quota_get(ctx, caller, Empty())
 
 
 async def limits_reload(ctx: ApiContext, caller: Caller, req: Empty) -> LimitsReloaded:
     """Decides every limit's deferral again, now, against the limits in force."""
     require_admin(caller)
-    ids = await _reevaluate(ctx)
+    ids = await reevaluate_deferrals(ctx)
     await ctx.db.audit(None, caller.user, "limits.reload", {"campaigns": ids}, ctx.clock.now())
     return LimitsReloaded(reevaluated=len(ids))
-
-
-async def _reevaluate(ctx: ApiContext) -> list[int]:
-    ids = await ctx.store.reevaluate(ctx.clock.now())
-    if ids:
-        # The leader dispatches them at once instead of at their old times.
-        await ctx.bus.publish(ctx.bus.subject("internal", "scheduler", "wake"), Wake())
-    return ids
 
 
 async def audit_list(ctx: ApiContext, caller: Caller, req: AuditList) -> AuditPage:

@@ -29,7 +29,7 @@ import math
 import msgspec
 
 from mailer.api.context import EDITABLE, ApiContext, Caller, check_message, require_owner
-from mailer.api.outlook import queue_outlook, with_estimate
+from mailer.api.outlook import queue_outlook, reevaluate_deferrals, with_estimate
 from mailer.apistore import Locked
 from mailer.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from mailer.messages import (
@@ -204,6 +204,8 @@ async def pause(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignVi
 
     owner = await ctx.db.locked(req.campaign_id, change)
     await ctx.emit("paused", campaign_id=req.campaign_id, owner_id=owner, status="paused", at=now)
+    # Campaigns waiting for its turn may go sooner now: their waits are decided again.
+    await reevaluate_deferrals(ctx)
     return await _view(ctx, req.campaign_id)
 
 
@@ -247,6 +249,7 @@ async def cancel(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignV
     await ctx.emit(
         "cancelled", campaign_id=req.campaign_id, owner_id=owner, status="cancelled", at=now
     )
+    await reevaluate_deferrals(ctx)  # as after a pause: its turn goes to the others
     return await _view(ctx, req.campaign_id)
 
 

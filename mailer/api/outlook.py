@@ -21,9 +21,16 @@ import msgspec
 
 from mailer.api.context import ApiContext
 from mailer.forecast import Outlook, forecast
-from mailer.messages import CampaignView
+from mailer.messages import CampaignView, Wake
 
-__all__ = ["FORECAST_QUEUE_LIMIT", "Estimate", "estimate_of", "queue_outlook", "with_estimate"]
+__all__ = [
+    "FORECAST_QUEUE_LIMIT",
+    "Estimate",
+    "estimate_of",
+    "queue_outlook",
+    "reevaluate_deferrals",
+    "with_estimate",
+]
 
 log = logging.getLogger("mailer.api")
 
@@ -82,3 +89,14 @@ async def with_estimate(ctx: ApiContext, view: CampaignView) -> CampaignView:
     return msgspec.structs.replace(
         view, estimated_start_at=start, estimated_completion_at=done, estimate_reason=why
     )
+
+
+async def reevaluate_deferrals(ctx: ApiContext) -> list[int]:
+    """Ends every limit's deferral now so the governor decides it again (the
+    limits or the queue changed: quota.set, limits.reload, a pause or cancel
+    that frees a turn); wakes the schedulers. Returns the campaign ids."""
+    ids = await ctx.store.reevaluate(ctx.clock.now())
+    if ids:
+        # The leader dispatches them at once instead of at their old times.
+        await ctx.bus.publish(ctx.bus.subject("internal", "scheduler", "wake"), Wake())
+    return ids
