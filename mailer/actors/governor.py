@@ -16,7 +16,8 @@ this order:
 2. the SMTP account's clock hour (``rate_per_hour``) and the owner's local day
    (``daily_limit``), reserved together by one Redis script; the retry is the
    first moment working hours, the hour and the day all allow — never the
-   next hour when it falls after closing;
+   next hour when it falls after closing — and the campaign's own turn in the
+   queue (``mailer.forecast``: campaigns ahead take a reopened hour first);
 3. the monthly quota in PostgreSQL (``quota_exhausted``, ``retry_at`` null:
    nothing can be known until a sync or an operator's ``quota.set`` restores
    it, which lifts the waiting campaigns at once). Redis tokens the quota
