@@ -492,7 +492,13 @@ class State:
         return payload.replace(str(ATTACHMENT_PLACEHOLDER).encode(), str(self.attachment).encode())
 
     async def ensure(self) -> None:
-        """Re-creates every standing campaign that left its state (or is gone)."""
+        """Re-creates every standing campaign that left its state (or is gone), and
+        gives the quota back if a generated ``quota.set`` took it (the tour's test
+        emails need it, as they need the standing campaigns)."""
+        await self.db.execute(
+            "UPDATE quota SET monthly_override = NULL, emails_available = 1000000"
+            " WHERE emails_available < 1000"
+        )
         rows = {
             r["id"]: r
             for r in await self.db.fetch(

@@ -301,7 +301,9 @@ async def test_redis_down_fails_open_for_hour_and_day_but_not_for_hours_or_quota
         clock.set(MONDAY_2000_MSK)
         assert (await gov.ask(1)).reason == "outside_hours"
 
-    assert sample("mailer_rate_limiter_redis_errors_total", policy="fail_open") >= errors_before + 3
+    # Two reservations failed open; the quota's refusal reserved nothing (it
+    # reads the quota first), so it met no Redis error.
+    assert sample("mailer_rate_limiter_redis_errors_total", policy="fail_open") >= errors_before + 2
     fail_open = [r for r in caplog.records if getattr(r, "policy", None) == "fail_open"]
     assert fail_open and all(r.levelno == logging.ERROR for r in fail_open)
 

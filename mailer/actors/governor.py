@@ -20,8 +20,9 @@ this order:
    queue (``mailer.forecast``: campaigns ahead take a reopened hour first);
 3. the monthly quota in PostgreSQL (``quota_exhausted``, ``retry_at`` null:
    nothing can be known until a sync or an operator's ``quota.set`` restores
-   it, which lifts the waiting campaigns at once). Redis tokens the quota
-   cannot cover are given back.
+   it, which lifts the waiting campaigns at once). Read before anything is
+   reserved (a quota of 0 refuses with no write), taken after; Redis tokens
+   the quota cannot cover are given back.
 
 Any number of governors share Redis and PostgreSQL, and each step is atomic
 there, so together they never exceed a limit. Redis down: the hour and the
@@ -205,6 +206,10 @@ class GovernorActor(Actor[TokenRequest]):
         now = self._clock.now()
         if msg.kind == "campaign" and not self._hours.is_open(now):
             return await self._refuse_closed(msg, now)
+        if await self._quota.available() <= 0:
+            # Nothing to reserve: the hour, the day and the fair share are left
+            # untouched (a refusal writes nothing), and no time can be named.
+            return self._refuse(msg, "quota_exhausted", None, count=0)
 
         daily_limit = self._daily.limit_for(msg.owner_id)
         day = self._hours.local_date(now)
