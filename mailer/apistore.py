@@ -26,6 +26,7 @@ import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
 from mailer.db import Q
+from mailer.forecast import Entry
 from mailer.messages import (
     AttachmentView,
     AuditEntry,
@@ -34,7 +35,7 @@ from mailer.messages import (
     RecipientView,
     UnsubscribeView,
 )
-from mailer.store import CampaignRow, campaign_view
+from mailer.store import CampaignRow, campaign_view, forecast_queue
 
 __all__ = ["ApiStore", "Locked", "OwnerQueueRow"]
 
@@ -323,6 +324,10 @@ class ApiStore:
         return log_id
 
     # --- the manager's view -------------------------------------------------------------------
+
+    async def forecast_queue(self, limit: int) -> list[Entry]:
+        """The queue in order, as the forecast replays it (first ``limit`` entries)."""
+        return await forecast_queue(self.pool, limit)
 
     async def owner_queue(self, owner_id: str, limit: int) -> tuple[list[OwnerQueueRow], int, int]:
         """The owner's unfinished campaigns (first ``limit``), and how many queued / paused."""

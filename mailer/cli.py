@@ -4,7 +4,7 @@
 - ``mailer migrate``  applies the database migrations and exits
 - ``mailer dev``      the service on the embedded stack (any MAILER_*_URL set wins)
 - ``mailer demo``     dev stack + service + a sample campaign sent end to end
-- ``mailer campaign|recipients|status|watch|quota|unsubscribe|audit|events|ping``:
+- ``mailer campaign|recipients|status|watch|quota|limits|unsubscribe|audit|events|ping``:
   a client of the NATS API (``mailer.commands``)
 
 Exit codes of the service's commands: 0 normal, 1 the supervisor gave up

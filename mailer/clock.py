@@ -14,7 +14,9 @@ import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-__all__ = ["Clock", "FakeClock", "SystemClock", "utc"]
+import msgspec
+
+__all__ = ["Clock", "FakeClock", "SystemClock", "api_time", "utc"]
 
 # Wall-clock time may jump (NTP); a long sleep is cut into slices so a timer
 # re-reads the clock at least this often instead of trusting one big sleep.
@@ -24,6 +26,12 @@ _MAX_SLICE_SECONDS = 30.0
 def utc(dt: datetime) -> datetime:
     """Returns dt as an aware UTC datetime (naive values are taken as UTC)."""
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def api_time(dt: datetime) -> str:
+    """An instant as every API field writes it: UTC, ``…Z`` (msgspec's own form),
+    for the few fields that carry a time as text (error details)."""
+    return msgspec.json.encode(utc(dt)).decode().strip('"')
 
 
 class Clock(Protocol):

@@ -36,7 +36,7 @@ from prometheus_client import Counter
 from mailer.bus import STREAM_CONFIG_DIFFERS, Bus, encode
 from mailer.config import Settings
 from mailer.messages import CampaignEvent, Notice
-from mailer.texts import TEXTS, fields_of, reason_values, text
+from mailer.texts import TEXTS, fields_of, reason_key, reason_values, text, tz_label
 
 __all__ = [
     "EVENTS_PUBLISH_FAILURES",
@@ -133,14 +133,16 @@ def notification_for(
     fill: dict[str, object] = reason_values(s, until=until, now=event.at, lang="ru")
     fill["campaign_id"] = event.campaign_id
     if until is not None:
-        fill["until_at"] = until.astimezone(ZoneInfo(s.timezone)).strftime("%d.%m.%Y %H:%M")
+        tz = ZoneInfo(s.timezone)
+        # A date, a time and the zone: the owner reads it on any day, anywhere.
+        fill["until_at"] = f"{until.astimezone(tz).strftime('%d.%m.%Y %H:%M')} {tz_label(tz)}"
     if event.event == "completed_with_errors":
         counts = event.counts or {}
         code = "notify_completed_with_errors"
         fill["sent"] = counts.get("sent", 0)
         fill["failed"] = counts.get("failed", 0) + counts.get("in_doubt", 0)
     else:
-        code = reason
+        code = reason_key(reason, until=until, now=event.at)
     fill.update(event.details or {})
     fill.update(values)
 

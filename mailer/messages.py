@@ -149,6 +149,12 @@ class CampaignView(Struct, kw_only=True):
     finished_at: datetime | None
     counts: dict[str, int]
     queue: QueueView | None = None
+    # The forecast (mailer.forecast): its first message, for a campaign that
+    # has not sent yet; its last; and why the last cannot be known when null
+    # (quota_exhausted, paused, draft, unknown). Null on finished campaigns.
+    estimated_start_at: datetime | None = None
+    estimated_completion_at: datetime | None = None
+    estimate_reason: str | None = None
 
 
 class StartWarning(Struct, kw_only=True):
@@ -439,9 +445,23 @@ class Empty(_Strict):
 
 class QuotaView(Struct, kw_only=True):
     emails_available: int
-    monthly_limit: int
+    # What the provider reports (the local one: MAILER_MONTHLY_QUOTA or the
+    # last quota.set); null when the provider does not say.
+    monthly_limit: int | None
     last_synced_at: datetime | None
     sync_error: str | None
+
+
+class QuotaSet(_Strict):
+    """Sets the local provider's monthly allowance (admin); applied at once."""
+
+    monthly_limit: Annotated[int, Meta(ge=0, le=1_000_000_000)]
+
+
+class LimitsReloaded(Struct, kw_only=True):
+    """``limits.reload``: the deferrals ended now, to be decided again."""
+
+    reevaluated: int
 
 
 class QuotaSyncRequest(Struct, kw_only=True):
@@ -487,6 +507,10 @@ class ActiveCampaign(Struct, kw_only=True):
     status: str
     counts: dict[str, int]
     started_at: datetime | None
+    # The forecast, as on CampaignView.
+    estimated_start_at: datetime | None = None
+    estimated_completion_at: datetime | None = None
+    estimate_reason: str | None = None
 
 
 class QueuedCampaign(Struct, kw_only=True):
@@ -497,6 +521,10 @@ class QueuedCampaign(Struct, kw_only=True):
     queued_at: datetime
     defer_reason: str | None
     deferred_until: datetime | None
+    # The forecast, as on CampaignView.
+    estimated_start_at: datetime | None = None
+    estimated_completion_at: datetime | None = None
+    estimate_reason: str | None = None
 
 
 class ManagerStatus(Struct, kw_only=True):

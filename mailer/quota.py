@@ -80,14 +80,16 @@ class QuotaState(msgspec.Struct, frozen=True, kw_only=True):
     """The quota row as an operator sees it."""
 
     emails_available: int
-    monthly_limit: int
+    monthly_limit: int | None  # None: the provider does not say
     last_synced_at: datetime | None
     sync_error: str | None
 
 
 class ProviderReading(msgspec.Struct, frozen=True, kw_only=True):
     emails_available: int
-    monthly_limit: int | None = None  # None: the provider does not say; keep ours
+    monthly_limit: int | None = None  # None: the provider does not say (shown as null)
+    # A reading of the local provider: an operator's quota.set overrides it.
+    local: bool = False
     # [start, end): sends recorded in this period are subtracted when the
     # reading is written (``local``: the month's; ``http``: since the provider
     # was asked, end None). Counted under the quota's lock, with the claims.
@@ -120,6 +122,10 @@ class PgQuota:
         row = await self._pool.fetchrow(Q["quota-take"], n)
         return 0 if row is None else int(row["taken"])
 
+    async def available(self) -> int:
+        """What is left of the allowance now (a read: nothing is taken)."""
+        return (await self.state()).emails_available
+
     async def state(self) -> QuotaState:
         row = await self._pool.fetchrow(Q["quota-get"])
         assert row is not None, "the quota row is created by the schema migration"
@@ -128,12 +134,31 @@ class PgQuota:
     async def record_sync(self, reading: ProviderReading, now: datetime) -> tuple[int, QuotaState]:
         """Writes a successful reading, less what is in flight (see the module);
         returns (the value it replaced, the new state)."""
+        return await self._record(reading, now, override=None)
+
+    async def set_local(self, monthly: int, now: datetime, tz: tzinfo) -> tuple[int, QuotaState]:
+        """quota.set: the local provider's monthly allowance from now on, applied at
+        once (less this month's sends and the claims, as a sync would); returns
+        (the value it replaced, the new state). Later syncs keep it."""
+        reading = ProviderReading(
+            emails_available=monthly,
+            monthly_limit=monthly,
+            minus_sent_between=month_bounds(now, tz),
+            local=True,
+        )
+        return await self._record(reading, now, override=monthly)
+
+    async def _record(
+        self, reading: ProviderReading, now: datetime, *, override: int | None
+    ) -> tuple[int, QuotaState]:
         start, end = reading.minus_sent_between or (None, None)
         async with self._pool.acquire() as conn, conn.transaction():
             # The lock first, the counts after: under READ COMMITTED each
             # statement sees what was committed when it began, so the counts
             # include every take that finished before the lock was granted.
             previous = await conn.fetchval(Q["quota-lock"])
+            if override is not None:
+                await conn.execute(Q["quota-set-override"], override)
             row = await conn.fetchrow(
                 Q["quota-record-sync"],
                 max(0, reading.emails_available),
@@ -141,6 +166,7 @@ class PgQuota:
                 now,
                 start,
                 end,
+                reading.local,
             )
         assert row is not None, "the quota row is created by the schema migration"
         return int(previous), _state(row)
@@ -190,6 +216,7 @@ class LocalQuotaProvider:
             emails_available=self._monthly,
             monthly_limit=self._monthly,
             minus_sent_between=month_bounds(now, self._tz),
+            local=True,
         )
 
 

@@ -31,6 +31,7 @@ slot: give ``MAILER_REDIS_KEY_PREFIX`` a hash tag (``{mailer}:``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import date, datetime, time, timedelta, tzinfo
 from typing import Protocol
 
@@ -50,6 +51,7 @@ __all__ = [
     "SendLimiter",
     "SpentTokens",
     "hour_start",
+    "max_min_shares",
 ]
 
 log = logging.getLogger("mailer.ratelimit")
@@ -90,11 +92,14 @@ _DAY_TTL_SECONDS = 2 * 86400
 # overwrites counted tokens.
 # ``seeded``: 1 the hour, 2 the day, 3 both were rebuilt from a non-zero seed.
 #
-# Fair share: the campaigns competing for the hour split it equally — each
-# gets at most limit/askers of it, minus what it already had; a campaign
-# alone may take all of it. The competitors are those that asked within the
-# window, or more if the queue says more are running or ready to (so the
-# first to ask does not take the whole hour before the others' first ask).
+# Fair share, work-conserving (several campaigns at once): ARGV[12] is the
+# asker's part of the whole hour, split by max-min fairness over the demands
+# of the campaigns sharing it (``max_min_shares``, computed by the caller from
+# the queue); its share is that less what it already had (KEYS[4]). So what a
+# campaign cannot use (small, finished, deferred or paused: then it is no
+# longer among them) goes to the others within the same hour. ARGV[12] = -1:
+# the older rule — limit/askers each, the askers being those that asked
+# within the window, or more if the queue says so.
 # ``capped`` = 1 when only its share refused while the hour still has room
 # (the share grows as others finish).
 _RESERVE = """
@@ -133,6 +138,10 @@ local askers = math.max(1, redis.call('ZCARD', KEYS[3]), tonumber(ARGV[9]))
 local mine = tonumber(redis.call('HGET', KEYS[4], ARGV[6]) or '0')
 local left = hour_limit - hour_used
 local share = math.ceil(hour_limit / askers) - mine
+local fair = tonumber(ARGV[12] or '-1')
+if fair >= 0 then
+  share = fair - mine
+end
 local grant = math.min(want, left, share)
 local day_limit = tonumber(ARGV[4])
 if day_limit > 0 then
@@ -174,6 +183,31 @@ if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then
 end
 return 0
 """
+
+
+def max_min_shares(capacity: int, demands: Sequence[int]) -> list[int]:
+    """Splits ``capacity`` by max-min fairness over ``demands`` (in queue order).
+
+    Whoever wants no more than an equal part of what is left gets all it
+    wants; the others share the rest equally, the remainder one each to the
+    first in queue order. The same rule as ``_RESERVE``'s, for the forecast.
+    """
+    alloc = [0] * len(demands)
+    order = sorted(range(len(demands)), key=lambda k: (demands[k], k))
+    remaining, others = capacity, len(demands)
+    for pos, k in enumerate(order):
+        level = remaining // others
+        if demands[k] <= level:
+            alloc[k] = demands[k]
+            remaining -= demands[k]
+            others -= 1
+            continue
+        rest = sorted(order[pos:])
+        extra = remaining - level * others
+        for r, j in enumerate(rest):
+            alloc[j] = level + (1 if r < extra else 0)
+        break
+    return alloc
 
 
 def hour_start(now: datetime) -> datetime:
@@ -267,11 +301,13 @@ class SendLimiter:
         daily_limit: int,
         campaign_id: int = 0,
         competing: int = 1,
+        fair_share: int | None = None,
         spent: SpentTokens | None = None,
     ) -> Reservation:
         """Reserves up to ``want`` tokens of this hour and of ``owner_id``'s ``day``,
         at most ``campaign_id``'s fair share of the hour's rest (shared with at
-        least ``competing`` campaigns).
+        least ``competing`` campaigns). ``fair_share``: the asker's max-min part
+        of the whole hour (``max_min_shares``) instead — work-conserving.
 
         ``spent`` rebuilds a missing counter from the send log (see ``_RESERVE``);
         without it a missing counter starts at 0.
@@ -303,6 +339,7 @@ class SendLimiter:
                     max(1, competing),
                     hour_seed,
                     day_seed,
+                    -1 if fair_share is None else fair_share,
                 ],
             )
             return [int(v) for v in result]

@@ -24,7 +24,13 @@ from zoneinfo import ZoneInfo
 
 from mailer.config import Settings
 
-__all__ = ["DailyLimits", "WorkingHours", "month_bounds", "parse_daily_limits"]
+__all__ = [
+    "DailyLimits",
+    "WorkingHours",
+    "month_bounds",
+    "parse_daily_limits",
+    "working_days_between",
+]
 
 _MINUTES_PER_DAY = 24 * 60
 # A search for the next working day needs at most a week; two give room for a
@@ -153,6 +159,17 @@ class WorkingHours:
             if w is not None:
                 return w[0]
         raise AssertionError(f"{self!r} has no working window within {_SEARCH_DAYS} days")
+
+
+def working_days_between(hours: WorkingHours, first: datetime, last: datetime) -> int:
+    """How many working days (local dates with a window) from ``first``'s date to
+    ``last``'s, both counted: "about 12 working days" of a forecast."""
+    day, end = hours.local_date(first), hours.local_date(last)
+    n = 0
+    while day <= end:
+        n += hours.window(day) is not None
+        day += timedelta(days=1)
+    return n
 
 
 def month_bounds(now: datetime, tz: tzinfo) -> tuple[datetime, datetime]:

@@ -66,6 +66,7 @@ from mailer.quota import QuotaSyncActor, lift_deferrals
 from mailer.ratelimit import SendLimiter
 from mailer.redisconn import connect_redis, redis_up
 from mailer.retention import Retention, RetentionPolicy
+from mailer.rules import WorkingHours
 from mailer.smtphealth import SmtpHealth
 from mailer.startup import Deadline, StartupError, describe, retry_until
 from mailer.store import PgStore
@@ -345,6 +346,7 @@ class Service:
             fault=self._actor_fault,
         )
         await self._supervisor.start()
+        await self._reevaluate_deferrals()
         self._gauges = ScrapeGauges(
             pool=self._pool,
             redis_client=self._redis,
@@ -496,6 +498,7 @@ class Service:
             message_id_domain=s.effective_message_id_domain,
             transient_retry=timedelta(minutes=s.transient_retry_delay_minutes),
             breaker_threshold=s.circuit_breaker_threshold,
+            hours=WorkingHours.from_settings(s),
             log_each_send=s.log_each_send,
             window=s.smtp_connections,
         )
@@ -555,6 +558,19 @@ class Service:
         task = asyncio.get_running_loop().create_task(self._publish_wake(ended))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _reevaluate_deferrals(self) -> None:
+        """At start, every limit's deferral is decided again against the settings
+        this process runs with (a restart with new limits takes effect at once,
+        not at the old deferral's end). Best effort: the old times still hold."""
+        try:
+            ids = await self.store.reevaluate(self.clock.now())
+        except Exception as exc:
+            log.warning("deferrals not re-evaluated at start", extra={"error": repr(exc)})
+            return
+        if ids:
+            log.info("deferrals re-evaluated at start", extra={"campaigns": ids})
+            await self._publish_wake()
 
     async def _quota_restored(self) -> None:
         """A sync brought the quota back: campaigns waiting for it go on now."""

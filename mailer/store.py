@@ -15,6 +15,7 @@ import asyncpg
 import msgspec
 
 from mailer.db import Q
+from mailer.forecast import Entry
 from mailer.messages import CampaignView, Notice, QueueView
 
 __all__ = [
@@ -144,6 +145,47 @@ def campaign_view(
     )
 
 
+async def forecast_queue(pool: Any, limit: int) -> list[Entry]:
+    """The queue in order, as the forecast replays it (its first ``limit`` entries)."""
+    rows = await pool.fetch(Q["api-forecast-queue"], limit)
+    return [
+        Entry(
+            campaign_id=int(r["campaign_id"]),
+            owner_id=str(r["owner_id"]),
+            remaining=int(r["remaining"]),
+            smtp_wait_until=r["deferred_until"] if r["defer_reason"] == "transient_error" else None,
+            started=r["started_at"] is not None,
+        )
+        for r in rows
+    ]
+
+
+def notice_due(
+    reason: str,
+    until: datetime | None,
+    previous_reason: str | None,
+    previous_until: datetime | None,
+) -> bool:
+    """Whether a deferral tells the owner anything new: one notice per episode.
+
+    An episode is one continuous wait (it ends when mail goes again, which
+    clears ``previous_reason``), whatever the reasons inside it. Within one, a
+    notice is due only when the reason becomes the quota (the manager must
+    see that: only a top-up ends it), or when another reason takes over with
+    a time later than the one promised. The same reason going on is the same
+    news (MISSION: no duplicates for one ongoing reason), and a wait that ends
+    as promised, or sooner, tells nothing new.
+    """
+    if previous_reason is None:
+        return True
+    if reason == "quota_exhausted":
+        return previous_reason != "quota_exhausted"
+    if previous_reason in (reason, "quota_exhausted") or until is None:
+        # From "when the quota is topped up" to a known time: not later than promised.
+        return False
+    return previous_until is None or until > previous_until
+
+
 class PgStore:
     def __init__(
         self,
@@ -260,7 +302,8 @@ class PgStore:
         await self.pool.execute(Q["queue-release"], lease.campaign_id, lease.owner, lease.epoch)
 
     async def begin_sending(self, lease: Lease, now: datetime) -> int | None:
-        """Marks the campaign ``sending``; settles what a dead owner left in doubt.
+        """Settles what a dead owner left in doubt (the campaign stays ``ready``
+        until its first message has gone: ``mark_sending``).
 
         Only while the lease is ours (the queue entry is locked first): a
         takeover that lost its lease before this ran changes nothing and gets
@@ -272,22 +315,40 @@ class PgStore:
             )
             if ours is None:
                 return None
-            moved = await conn.fetchrow(
-                Q["campaign-set-status"], lease.campaign_id, "sending", ["ready"], now
-            )
-            if moved is not None:
-                await conn.execute(
-                    Q["audit-insert"],
-                    now,
-                    "system",
-                    "campaign.status",
-                    lease.campaign_id,
-                    {"from": "ready", "to": "sending"},
-                )
             doubts = await conn.fetch(
                 Q["recipients-orphans-to-doubt"], lease.campaign_id, lease.claim_token, now
             )
         return len(doubts)
+
+    async def mark_sending(self, lease: Lease, now: datetime) -> bool:
+        """The campaign's first messages go to SMTP now (tokens granted):
+        ``ready`` -> ``sending``, and its queue entry's ``started_at``. True
+        when this call moved it (once).
+
+        Under the lease, in one transaction with the status's own check (from
+        ``ready`` only): a manager's pause or cancel meanwhile stands.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            ours = await conn.fetchrow(
+                Q["queue-lock-ours"], lease.campaign_id, lease.owner, lease.epoch
+            )
+            if ours is None:
+                return False
+            moved = await conn.fetchrow(
+                Q["campaign-set-status"], lease.campaign_id, "sending", ["ready"], now
+            )
+            if moved is None:
+                return False
+            await conn.execute(Q["queue-started"], lease.campaign_id, now)
+            await conn.execute(
+                Q["audit-insert"],
+                now,
+                "system",
+                "campaign.status",
+                lease.campaign_id,
+                {"from": "ready", "to": "sending"},
+            )
+        return True
 
     async def claim(self, lease: Lease, n: int, now: datetime) -> tuple[list[Claimed], int]:
         """Claims up to n recipients; returns those to send and how many were unsubscribed."""
@@ -398,12 +459,15 @@ class PgStore:
         self,
         lease: Lease,
         reason: str,
-        until: datetime,
+        until: datetime | None,
         now: datetime,
         *,
         notice: Notice | None = None,
     ) -> tuple[bool, bool]:
         """The one way a campaign waits: reason and time on the queue entry, audited.
+
+        ``until`` None only for ``quota_exhausted``: no time can be named, the
+        campaign waits for the sync (or ``quota.set``) that restores the quota.
 
         ``notice`` is the owner's notification for this deferral: it goes into
         the event outbox in the same transaction, unless the owner was already
@@ -412,6 +476,8 @@ class PgStore:
         the quota ends at once (``now``).
         """
         if reason != "quota_exhausted":
+            if until is None:
+                raise ValueError(f"a {reason} deferral needs a time")
             return await self._wait(
                 lease, Q["queue-defer"], reason=reason, now=now, args=(reason, until), notice=notice
             )
@@ -507,7 +573,14 @@ class PgStore:
             lease.campaign_id,
             {"reason": reason, "until": until},
         )
-        if notice is None or row["previous_reason"] == reason:
+        if notice is None:
+            return True, False
+        if sql == Q["queue-defer"]:  # a deferral: one notice per episode
+            promised = args[1] if len(args) > 1 else None
+            if not notice_due(reason, promised, row["previous_reason"], row["previous_until"]):
+                return True, False
+            await conn.execute(Q["queue-notified"], lease.campaign_id, reason, promised)
+        elif row["previous_reason"] == reason:
             return True, False
         await conn.execute(
             Q["outbox-insert"],
@@ -540,8 +613,24 @@ class PgStore:
         rows = await self.pool.fetch(Q["queue-active"], now)
         return {int(r["campaign_id"]): str(r["lease_owner"]) for r in rows}
 
+    async def forecast_queue(self, limit: int) -> list[Entry]:
+        return await forecast_queue(self.pool, limit)
+
+    async def reevaluate(self, now: datetime) -> list[int]:
+        """Ends every limit's deferral now, to be decided again against the limits
+        in force (see queue-reevaluate); wake the scheduler after this."""
+        rows = await self.pool.fetch(Q["queue-reevaluate"], now)
+        return [int(r["campaign_id"]) for r in rows]
+
     async def competing(self, now: datetime) -> int:
         return int(await self.pool.fetchval(Q["queue-competing"], now))
+
+    async def competitors(
+        self, now: datetime, limit: int, asker: int, hour: tuple[datetime, datetime]
+    ) -> list[tuple[int, int]]:
+        """(campaign id, demand of the hour) of the campaigns sharing it, in queue order."""
+        rows = await self.pool.fetch(Q["queue-competitors"], now, limit, asker, *hour)
+        return [(int(r["campaign_id"]), int(r["demand"])) for r in rows]
 
     async def queue_depth(self, now: datetime) -> int:
         return int(await self.pool.fetchval(Q["queue-depth"], now))
@@ -629,7 +718,7 @@ class PgStore:
             c = await conn.fetchrow(Q["campaign-lock"], cid)
             counts = await self.counts(cid, conn)
             await self._hook("finish.checked", cid)
-            if c is None or c["status"] != "sending":
+            if c is None or c["status"] not in ("ready", "sending"):
                 await conn.execute(Q["queue-release"], cid, lease.owner, lease.epoch)
                 return Finish(
                     status=None, counts=counts, stopped="deleted" if c is None else str(c["status"])
@@ -638,14 +727,16 @@ class PgStore:
                 return Finish(status=None, counts=counts)
             status = _final_status(counts)
             await conn.execute(Q["queue-complete"], cid, lease.owner, lease.epoch, now)
-            await conn.execute(Q["campaign-set-status"], cid, status, ["sending"], now)
+            # From ready too: a campaign whose every recipient failed or was
+            # unsubscribed never had a message go.
+            await conn.execute(Q["campaign-set-status"], cid, status, ["ready", "sending"], now)
             await conn.execute(
                 Q["audit-insert"],
                 now,
                 "system",
                 "campaign.status",
                 cid,
-                {"from": "sending", "to": status, "counts": counts},
+                {"from": str(c["status"]), "to": status, "counts": counts},
             )
             owner = str(c["owner_id"])
             await self._store_notices(

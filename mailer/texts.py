@@ -26,8 +26,10 @@ __all__ = [
     "DEFAULT_LANG",
     "TEXTS",
     "Lang",
+    "at_phrase",
     "duration_phrase",
     "fields_of",
+    "reason_key",
     "reason_values",
     "resume_phrase",
     "text",
@@ -52,9 +54,11 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "en": "The global quota is exhausted. Sending resumes by itself once an "
         "administrator tops it up.",
     },
+    # {at}: "в 14:00" today in the service's zone, else with the day and zone
+    # ("завтра в 09:00 МСК": an hour reached at 17:10 resumes at the next opening).
     "rate_per_hour": {
-        "ru": "Достигнут лимит {limit} писем/час. Продолжим в {time}.",
-        "en": "The limit of {limit} emails/hour is reached. We continue at {time}.",
+        "ru": "Достигнут лимит {limit} писем/час. Продолжим {at}.",
+        "en": "The limit of {limit} emails/hour is reached. We continue {at}.",
     },
     # {start}-{end} {tz}: the configured working hours (``hours_phrase``, ``tz_label``).
     "outside_hours": {
@@ -66,6 +70,11 @@ TEXTS: dict[str, dict[Lang, str]] = {
     "transient_error": {
         "ru": "Временная ошибка отправки. Повторим попытку через {retry_in}.",
         "en": "Temporary sending error. We retry in {retry_in}.",
+    },
+    # The same reason when the retry waits for working hours (``reason_key``).
+    "transient_error_later": {
+        "ru": "Временная ошибка отправки. Повторим попытку {until}.",
+        "en": "Temporary sending error. We retry {until}.",
     },
     "empty_campaign": {
         "ru": "Нет писем в очереди",
@@ -96,6 +105,22 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "en": "A large campaign: {count} {count:plural:recipient|recipients}. "
         "At {rate} emails/hour sending "
         "takes about {hours} h.",
+    },
+    # The same, from the forecast, when it takes more than one working day.
+    "warning_large_campaign_days": {
+        "ru": "Большая кампания: {count} {count:plural:получатель|получателя|получателей}. "
+        "При лимите {rate} писем/час отправка займёт около {days} "
+        "{days:plural:рабочего дня|рабочих дней|рабочих дней}, до {until}.",
+        "en": "A large campaign: {count} {count:plural:recipient|recipients}. "
+        "At {rate} emails/hour sending takes about {days} working "
+        "{days:plural:day|days}, until {until}.",
+    },
+    # ...and when the forecast cannot know (the quota is exhausted).
+    "warning_large_campaign_unknown": {
+        "ru": "Большая кампания: {count} {count:plural:получатель|получателя|получателей}. "
+        "При лимите {rate} писем/час срок отправки сейчас не определить: квота исчерпана.",
+        "en": "A large campaign: {count} {count:plural:recipient|recipients}. "
+        "At {rate} emails/hour its duration cannot be known now: the quota is exhausted.",
     },
     "warning_quota_exhausted": {
         "ru": "Глобальная квота исчерпана: кампания поставлена в очередь, отправка начнётся "
@@ -308,6 +333,12 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "ru": "Тестовое письмо не отправлено: {error}",
         "en": "The test email was not sent: {error}",
     },
+    "quota_not_local": {
+        "ru": "Квоту можно задать только для локального учёта (MAILER_QUOTA_PROVIDER=local): "
+        "квоту провайдера меняет сам провайдер.",
+        "en": "The quota can only be set for local accounting (MAILER_QUOTA_PROVIDER=local): "
+        "the provider's quota is the provider's to change.",
+    },
     "quota_sync_unavailable": {
         "ru": "Синхронизация квоты сейчас недоступна. Попробуйте позже.",
         "en": "Quota sync is unavailable right now. Try again later.",
@@ -431,6 +462,10 @@ TEXTS.update(
         "cli_quota": {
             "ru": "Квота: доступно {available} из {limit} в месяц; синхронизирована {synced}.",
             "en": "Quota: {available} of {limit} a month left; synced {synced}.",
+        },
+        "cli_limits_reloaded": {
+            "ru": "Отложенных кампаний пересмотрено: {count}.",
+            "en": "Deferrals decided again: {count}.",
         },
         "cli_quota_error": {
             "ru": "Последняя синхронизация не удалась: {error}",
@@ -591,6 +626,29 @@ def resume_phrase(at: datetime, *, now: datetime, tz: tzinfo, lang: str | None =
     )
 
 
+_AT_TODAY: dict[Lang, str] = {"ru": "в {time}", "en": "at {time}"}
+
+
+def at_phrase(at: datetime, *, now: datetime, tz: tzinfo, lang: str | None = None) -> str:
+    """A time later today as ``в 14:00``; any other day with its day and zone
+    (``resume_phrase``): a manager never reads a bare time that is not today."""
+    lang = _lang(lang)
+    if at.astimezone(tz).date() == now.astimezone(tz).date():
+        return _AT_TODAY[lang].format(time=at.astimezone(tz).strftime("%H:%M"))
+    return resume_phrase(at, now=now, tz=tz, lang=lang)
+
+
+# A transient retry this much longer than any SMTP wait was moved to the next
+# opening of working hours: "через 15 часов" would hide that, the time says it.
+_LATER_SECONDS = 3600
+
+
+def reason_key(code: str, *, until: datetime | None, now: datetime) -> str:
+    """Which text words ``code`` for a wait until ``until``."""
+    later = until is not None and (until - now).total_seconds() > _LATER_SECONDS
+    return "transient_error_later" if code == "transient_error" and later else code
+
+
 def _plural(n: int, forms: tuple[str, ...], lang: Lang) -> str:
     if lang == "en":
         return forms[0] if n == 1 else forms[1]
@@ -639,6 +697,7 @@ def reason_values(
     return {
         "limit": s.rate_per_hour,
         "time": end.astimezone(tz).strftime("%H:%M"),
+        "at": at_phrase(end, now=now, tz=tz, lang=lang),
         "until": resume_phrase(end, now=now, tz=tz, lang=lang),
         "start": working_time(s.working_hours_start),
         "end": working_time(s.working_hours_end),

@@ -29,6 +29,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from mailer import metrics
+from mailer.clock import api_time
 from mailer.errors import Throttled, Unavailable
 
 __all__ = ["FAIL_CLOSED", "Decision", "Throttle"]
@@ -136,5 +137,5 @@ class Throttle:
             action=self.action,
             limit=self.limit,
             minutes=minutes,
-            retry_at=d.retry_at.isoformat(),
+            retry_at=api_time(d.retry_at),
         )

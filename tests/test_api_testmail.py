@@ -77,7 +77,8 @@ async def test_sixth_test_email_in_an_hour_is_refused(
     assert err.message == (
         "Слишком много тестовых писем: не больше 5 в час. Попробуйте снова через 55 мин."
     )
-    assert err.details["retry_at"].startswith("2026-11-23T11:15:00")
+    # The API's one time form (issue 8: it was "+00:00").
+    assert err.details["retry_at"] == "2026-11-23T11:15:00Z"
     assert len(sink.messages) == 5
     assert int(await redis_client.get(_hour_key(settings, redis_client, NOW))) == 5
     # Another manager has their own hour.
@@ -98,7 +99,7 @@ async def test_governor_refusal_is_a_structured_error(make_service, crm: Crm, si
     err = await crm.fails("campaign.test", {"campaign_id": cid, "email": "b@example.org"})
     assert err.code == "rate_per_hour" and err.status == 429
     assert err.message == "Достигнут лимит 1 писем/час. Продолжим в 14:00."
-    assert err.details["retry_at"].startswith("2026-11-23T11:00:00")
+    assert err.details["retry_at"] == "2026-11-23T11:00:00Z"
     err = await crm.fails(
         "campaign.test", {"campaign_id": cid, "email": "b@example.org"}, lang="en"
     )

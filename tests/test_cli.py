@@ -78,7 +78,11 @@ CSV = (
 
 
 async def test_every_command_end_to_end(make_service, mailer: Mailer, sink, tmp_path) -> None:
-    await make_service(start_throttle_per_hour=2)
+    # The hour holds 3: the first campaign's 2 and the test email. The second
+    # campaign then cannot send within the hour, so it is still there to be
+    # paused, resumed and cancelled: an actor resumed with it would otherwise
+    # send its one recipient before the cancel arrives.
+    await make_service(start_throttle_per_hour=2, rate_per_hour=3)
     (tmp_path / "body.txt").write_text("Здравствуйте, {{name}} из {{city}}!", encoding="utf-8")
     (tmp_path / "notes.txt").write_text("Привет", encoding="utf-8")
     (tmp_path / "people.csv").write_text(CSV, encoding="utf-8")

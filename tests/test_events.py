@@ -254,7 +254,7 @@ def test_notification_texts() -> None:
     # back to a generic text, never "{limit}".
     daily = notification_for(deferred(defer_reason="daily_limit", details=None))
     assert daily is not None and "{" not in daily.message
-    assert daily.message == "Рассылка 7 отложена (daily_limit) до 23.11.2026 11:00."
+    assert daily.message == "Рассылка 7 отложена (daily_limit) до 23.11.2026 11:00 МСК."
 
     # The same words as the manager's view, from the same settings and clock.
     office = msgspec.structs.replace(

@@ -237,19 +237,44 @@ async def test_quota_grants_what_is_left_and_gives_redis_tokens_back(
 
         refused = await gov.ask(5)
         assert (refused.granted, refused.reason) == (0, "quota_exhausted")
-        # The safety net: two sync intervals (the restoring sync lifts it sooner).
-        assert refused.retry_at == MONDAY_1315_MSK + timedelta(
-            seconds=2 * settings.quota_sync_interval_seconds
-        )
+        # No time can be named (issue 8: it said now + 2 h, when nothing would
+        # go): the restoring sync or quota.set lifts the wait.
+        assert refused.retry_at is None
         assert await counter(redis_client, hour_key(settings, MONDAY_1315_MSK)) == 2
         assert await counter(redis_client, day_key(settings, "anna", "20261123")) == 2
 
 
-async def test_working_hours_are_checked_before_the_quota(settings, db) -> None:
+async def test_quota_zero_is_named_outside_working_hours_too(settings, db) -> None:
+    # Issue 8: after the evening re-check the view said outside_hours "till
+    # 09:00" with the quota still 0; at 09:00 nothing went and it switched back.
     await db.execute("UPDATE quota SET emails_available = 0")
     async with governor(settings, FakeClock(MONDAY_2000_MSK), **OFFICE) as gov:
-        assert (await gov.ask(1)).reason == "outside_hours"
+        refused = await gov.ask(1)
+        assert (refused.reason, refused.retry_at) == ("quota_exhausted", None)
         assert (await gov.ask(1, kind="test")).reason == "quota_exhausted"
+    await db.execute("UPDATE quota SET emails_available = 10")
+    async with governor(settings, FakeClock(MONDAY_2000_MSK), **OFFICE) as gov:
+        refused = await gov.ask(1)
+        assert (refused.reason, refused.retry_at) == ("outside_hours", TUESDAY_0900_MSK)
+
+
+async def test_hourly_limit_late_in_the_day_retries_at_the_next_opening(settings) -> None:
+    # Issue 8: 2/h reached at 17:10 said 18:00, when nothing can go (closed).
+    clock = FakeClock(datetime(2026, 11, 23, 14, 10, tzinfo=UTC))  # 17:10 MSK
+    async with governor(settings, clock, rate_per_hour=2, **OFFICE) as gov:
+        assert (await gov.ask(2)).granted == 2
+        refused = await gov.ask(1)
+        assert (refused.reason, refused.retry_at) == ("rate_per_hour", TUESDAY_0900_MSK)
+
+
+async def test_a_day_used_up_before_opening_waits_for_the_next_working_day(settings) -> None:
+    # Before 09:00 with the day used up (test emails count against it): not 09:00 today.
+    clock = FakeClock(datetime(2026, 11, 23, 5, 0, tzinfo=UTC))  # 08:00 MSK
+    async with governor(settings, clock, daily_limit_default=1, **OFFICE) as gov:
+        assert (await gov.ask(1, kind="test")).granted == 1
+        clock.set(datetime(2026, 11, 23, 5, 30, tzinfo=UTC))  # 08:30 MSK, not yet open
+        refused = await gov.ask(1)
+        assert (refused.reason, refused.retry_at) == ("daily_limit", TUESDAY_0900_MSK)
 
 
 # --- Redis down -----------------------------------------------------------------------------
@@ -271,11 +296,14 @@ async def test_redis_down_fails_open_for_hour_and_day_but_not_for_hours_or_quota
         # ...the quota does (4 - 3 = 1 left)...
         assert (await gov.ask(3)).granted == 1
         assert (await gov.ask(3)).reason == "quota_exhausted"
-        # ...and so do working hours.
+        # ...and so do working hours (with quota: a quota of 0 would be named).
+        await db.execute("UPDATE quota SET emails_available = 4")
         clock.set(MONDAY_2000_MSK)
         assert (await gov.ask(1)).reason == "outside_hours"
 
-    assert sample("mailer_rate_limiter_redis_errors_total", policy="fail_open") >= errors_before + 3
+    # Two reservations failed open; the quota's refusal reserved nothing (it
+    # reads the quota first), so it met no Redis error.
+    assert sample("mailer_rate_limiter_redis_errors_total", policy="fail_open") >= errors_before + 2
     fail_open = [r for r in caplog.records if getattr(r, "policy", None) == "fail_open"]
     assert fail_open and all(r.levelno == logging.ERROR for r in fail_open)
 
@@ -283,8 +311,9 @@ async def test_redis_down_fails_open_for_hour_and_day_but_not_for_hours_or_quota
 # --- fair share --------------------------------------------------------------------------
 
 
-async def _queued_campaigns(db, n: int, *, now: datetime) -> list[int]:
-    """n campaigns started and waiting in the queue (status ready), as the API leaves them."""
+async def _queued_campaigns(db, n: int, *, now: datetime, pending: int = 200) -> list[int]:
+    """n campaigns started and waiting in the queue (status ready), as the API
+    leaves them, each with ``pending`` recipients to send (its demand of the hour)."""
     ids = []
     for i in range(n):
         cid = await db.fetchval(
@@ -295,6 +324,14 @@ async def _queued_campaigns(db, n: int, *, now: datetime) -> list[int]:
         )
         await db.execute(
             "INSERT INTO queue_entry (campaign_id, queued_at) VALUES ($1, $2)", cid, now
+        )
+        await db.execute(
+            "INSERT INTO recipient (campaign_id, email, status, created_at, updated_at)"
+            " SELECT $1, 'r' || g || '@example.org', 'pending', $3, $3"
+            " FROM generate_series(1, $2) g",
+            cid,
+            pending,
+            now,
         )
         ids.append(cid)
     return ids

@@ -205,8 +205,10 @@ async def test_rate_per_hour_notifies_once_per_ongoing_episode(
     make_service, crm: Crm, stream: Stream
 ) -> None:
     # 10 per hour, one campaign at a time. `big` sends 10 an hour; `small`,
-    # queued behind it, is refused at 10:15 and again at 11:00 without sending
-    # in between: one ongoing reason, one notification.
+    # queued behind it, is refused at 10:15. Its place in the queue is part
+    # of the answer (issue 8): `big` takes 11:00's hour and half of 12:00's, so
+    # `small` is promised 12:00 (15:00 Moscow) at once — not 11:00, when it
+    # would only be refused again. One wait, one notification.
     clock = FakeClock(MONDAY_1315_MSK)
     await make_service(clock=clock, rate_per_hour=10, batch_size=5, max_active_campaigns=1)
     big = await crm.campaign(people(25, "big.example"))
@@ -216,21 +218,23 @@ async def test_rate_per_hour_notifies_once_per_ongoing_episode(
 
     await stream.wait_deferred(big, 1)
     await stream.wait_deferred(small, 1)
+    noon_utc = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+    assert _at(stream.campaign_events(small, "deferred")[0]["deferred_until"]) == noon_utc
     clock.set(datetime(2026, 11, 23, 11, 0, tzinfo=UTC))
     await stream.wait_deferred(big, 2)
-    await stream.wait_deferred(small, 2)
-    clock.set(datetime(2026, 11, 23, 12, 0, tzinfo=UTC))
+    clock.set(noon_utc)
     for cid in (big, small):
         assert (await stream.wait_final(cid))["event"] == "sent"
 
     for cid in (big, small):
         reasons = {e["defer_reason"] for e in stream.campaign_events(cid, "deferred")}
         assert reasons == {"rate_per_hour"}
+    assert len(stream.campaign_events(small, "deferred")) == 1
     small_notes = stream.notifications(small)
     assert len(small_notes) == 1
     assert small_notes[0]["owner_id"] == "manager-2"
     assert small_notes[0]["reason_code"] == "rate_per_hour"
-    assert small_notes[0]["message"] == "Достигнут лимит 10 писем/час. Продолжим в 14:00."
+    assert small_notes[0]["message"] == "Достигнут лимит 10 писем/час. Продолжим в 15:00."
     # `big` sent between its two deferrals: each was an episode of its own.
     big_notes = stream.notifications(big)
     assert [n["reason_code"] for n in big_notes] == ["rate_per_hour", "rate_per_hour"]
@@ -245,7 +249,8 @@ async def test_daily_limit_notifies_once_per_ongoing_episode(
 ) -> None:
     # The manager may send 3 a day. `first` (7) uses Monday's 3, Tuesday's 3
     # and one of Wednesday's; `second` (2), queued behind it, is refused on
-    # Monday and again on Tuesday without having sent: one notification for it.
+    # Monday and promised Wednesday at once, its place in the queue counted
+    # (issue 8) — not Tuesday, when it would only be refused again.
     clock = FakeClock(MONDAY_1315_MSK)
     await make_service(
         clock=clock, daily_limits="manager-1=3", batch_size=2, max_active_campaigns=1, **OFFICE
@@ -257,15 +262,15 @@ async def test_daily_limit_notifies_once_per_ongoing_episode(
 
     await stream.wait_deferred(first, 1)
     await stream.wait_deferred(second, 1)
+    wednesday = TUESDAY_0900_MSK + timedelta(days=1)
+    assert _at(stream.campaign_events(second, "deferred")[0]["deferred_until"]) == wednesday
     clock.set(TUESDAY_0900_MSK)
     await stream.wait_deferred(first, 2)
-    await stream.wait_deferred(second, 2)
-    wednesday = TUESDAY_0900_MSK + timedelta(days=1)
-    assert _at(stream.campaign_events(second, "deferred")[1]["deferred_until"]) == wednesday
     clock.set(wednesday)
     for cid in (first, second):
         assert (await stream.wait_final(cid))["event"] == "sent"
 
+    assert len(stream.campaign_events(second, "deferred")) == 1
     second_notes = stream.notifications(second)
     assert len(second_notes) == 1
     assert second_notes[0]["reason_code"] == "daily_limit"

@@ -60,8 +60,10 @@ from mailer import metrics, sendlog
 from mailer.actors.runtime import Actor
 from mailer.clock import Clock
 from mailer.messages import CampaignEvent, Notice, TokenReply
+from mailer.nextsend import Limits, next_send
 from mailer.payload import Payload
 from mailer.render import MessageTemplate, make_message_id
+from mailer.rules import WorkingHours
 from mailer.store import (
     Attachment,
     CampaignRow,
@@ -108,6 +110,7 @@ class CampaignStore(Protocol):
     async def renew(self, lease: Lease, until: datetime) -> bool: ...
     async def release(self, lease: Lease) -> None: ...
     async def begin_sending(self, lease: Lease, now: datetime) -> int | None: ...
+    async def mark_sending(self, lease: Lease, now: datetime) -> bool: ...
     async def get_campaign(self, campaign_id: int) -> CampaignRow | None: ...
     async def campaign_status(self, campaign_id: int) -> str | None: ...
     async def attachments(self, campaign_id: int) -> list[Attachment]: ...
@@ -130,7 +133,7 @@ class CampaignStore(Protocol):
         self,
         lease: Lease,
         reason: str,
-        until: datetime,
+        until: datetime | None,
         now: datetime,
         *,
         notice: Notice | None = None,
@@ -191,6 +194,9 @@ class CampaignSettings(msgspec.Struct, frozen=True, kw_only=True):
     message_id_domain: str
     transient_retry: timedelta = timedelta(minutes=5)
     breaker_threshold: int = 10
+    # Where a retry after an SMTP error would land outside them, it waits for
+    # the next opening (``nextsend``): no deferral ends when nothing can go.
+    hours: WorkingHours | None = None
     # One INFO line per accepted message (MAILER_LOG_EACH_SEND); failures always log.
     log_each_send: bool = True
     # Messages rendered and handed to SMTP at once (a wave): the SMTP connections.
@@ -254,6 +260,7 @@ class CampaignActor(Actor[Continue]):
         self._expired: list[Claimed] = []
         self._batch_written: dict[int, str] = {}
         self._ended = False  # finished or deferred: the lease is already given up
+        self._status = "ready"  # the campaign's status as this actor made it
         self._heartbeat_task: asyncio.Task[None] | None = None
 
     # --- setup ----------------------------------------------------------------
@@ -307,7 +314,9 @@ class CampaignActor(Actor[Continue]):
             await self._pause(lease, "render_error", {}, error=repr(exc))
             return
         self._start_heartbeat(lease)
-        await self._emit("started")
+        # ``ready`` until its first message has gone (then ``sending``, and the
+        # "started" event): a campaign that waits before sending says so.
+        self._status = "sending" if campaign.status == "sending" else "ready"
         self._again()
 
     def _start_heartbeat(self, lease: Lease, *, renew_first: bool = False) -> None:
@@ -390,6 +399,10 @@ class CampaignActor(Actor[Continue]):
             await self._defer(lease, reason, reply.retry_at, _reply_details(reply))
             return
 
+        if self._status == "ready" and await self._store.mark_sending(lease, now):
+            # Its first messages go now: from here on it is ``sending``.
+            self._status = "sending"
+            await self._emit("started")
         outcomes, written = await self._send(lease, template, now, reply.usable_until(now))
         if self._stopping:
             return  # stopped between waves: on_stop releases the rest and the lease
@@ -547,7 +560,7 @@ class CampaignActor(Actor[Continue]):
 
     async def _nothing_claimed(self, lease: Lease) -> None:
         status = await self._store.campaign_status(self.campaign_id)
-        if status != "sending":
+        if status not in ("ready", "sending"):
             # Paused or cancelled by a manager: the API recorded it; let go.
             log.info(
                 "campaign stopped by its status",
@@ -609,10 +622,26 @@ class CampaignActor(Actor[Continue]):
         await self._outbox.flush()
         self.request_stop()
 
+    def _breaker_wait(self, until: datetime) -> datetime:
+        """A wait for SMTP (the breaker's probe, the transient retry), with working hours."""
+        hours = self._s.hours
+        if hours is None:
+            return until
+        now = self._clock.now()
+        # Only the hours and the breaker: the hour and the day are the governor's
+        # to tell when the campaign asks again.
+        ns = next_send(now, Limits(hours=hours, hourly_limit=1, breaker_until=until))
+        return ns.at or until
+
     async def _defer(
         self, lease: Lease, reason: str, until: datetime | None, details: dict[str, str]
     ) -> None:
-        until = until or self._clock.now() + timedelta(minutes=1)
+        if reason == "transient_error" and until is not None:
+            until = self._breaker_wait(until)
+        elif until is None and reason != "quota_exhausted":
+            # Only the quota's wait has no time (a top-up ends it): any other
+            # refusal without one looks again soon.
+            until = self._clock.now() + timedelta(minutes=1)
         await self._stop_heartbeat()
         event = self._event("deferred", defer_reason=reason, deferred_until=until, details=details)
         deferred, noticed = await self._store.defer(
@@ -628,7 +657,7 @@ class CampaignActor(Actor[Continue]):
             extra={
                 "campaign_id": self.campaign_id,
                 "defer_reason": reason,
-                "deferred_until": until.isoformat(),
+                "deferred_until": until.isoformat() if until else None,
             },
         )
         await self._events.emit(event)
@@ -666,14 +695,14 @@ class CampaignActor(Actor[Continue]):
             await self._outbox.flush()
 
     async def _emit(self, event: str, *, counts: dict[str, int] | None = None) -> None:
-        status = event if event in ("sent", "completed_with_errors") else "sending"
+        status = event if event in ("sent", "completed_with_errors") else self._status
         await self._events.emit(self._event(event, status=status, counts=counts))
 
     def _event(
         self,
         event: str,
         *,
-        status: str = "sending",
+        status: str | None = None,
         counts: dict[str, int] | None = None,
         defer_reason: str | None = None,
         deferred_until: datetime | None = None,
@@ -684,7 +713,7 @@ class CampaignActor(Actor[Continue]):
             event=event,
             campaign_id=self.campaign_id,
             owner_id=self._campaign.owner_id,
-            status=status,
+            status=status or self._status,
             at=self._clock.now(),
             counts=counts,
             defer_reason=defer_reason,

@@ -4,19 +4,25 @@ Campaign actors (and test emails) in any process ask it over NATS
 request/reply (subject ``<prefix>.internal.governor.tokens``, queue group
 ``governor``: one governor per process, any of them may answer). For a
 ``TokenRequest`` it grants k <= want tokens or refuses with a reason and the
-time to retry. The rules, in this order — the first that refuses names the
-reason:
+time to retry — both from ``mailer.nextsend.next_send``, the one answer to
+"when can mail go next?" under every limit at once. The limits, checked in
+this order:
 
-1. working hours (``outside_hours``; campaigns only, test emails ignore them),
-   retry at the next working start. Nothing is granted at or after the end,
-   and campaigns ask per batch, so a campaign stops at its first batch after it;
-2. the SMTP account's clock hour (``rate_per_hour``, retry at the next hour)
-   and the owner's local day (``daily_limit``, retry at the next working
-   day's start), reserved together by one Redis script; when both are used
-   up the day is named, its wait being the longer;
-3. the monthly quota in PostgreSQL (``quota_exhausted``, retry after one sync
-   interval — a safety net: a sync that restores the quota resumes waiting
-   campaigns at once). Redis tokens the quota cannot cover are given back.
+1. working hours (campaigns only, test emails ignore them). Nothing is granted
+   at or after the end, and campaigns ask per batch, so a campaign stops at its
+   first batch after it. A refusal here still reads the quota and the
+   counters: quota 0 is named (``quota_exhausted``, no time) rather than
+   "tomorrow at 09:00", and a day already used up waits for the next day;
+2. the SMTP account's clock hour (``rate_per_hour``) and the owner's local day
+   (``daily_limit``), reserved together by one Redis script; the retry is the
+   first moment working hours, the hour and the day all allow — never the
+   next hour when it falls after closing — and the campaign's own turn in the
+   queue (``mailer.forecast``: campaigns ahead take a reopened hour first);
+3. the monthly quota in PostgreSQL (``quota_exhausted``, ``retry_at`` null:
+   nothing can be known until a sync or an operator's ``quota.set`` restores
+   it, which lifts the waiting campaigns at once). Read before anything is
+   reserved (a quota of 0 refuses with no write), taken after; Redis tokens
+   the quota cannot cover are given back.
 
 Any number of governors share Redis and PostgreSQL, and each step is atomic
 there, so together they never exceed a limit. Redis down: the hour and the
@@ -48,9 +54,11 @@ from nats.aio.subscription import Subscription
 from mailer import metrics
 from mailer.actors.runtime import Actor
 from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus, decode, encode
-from mailer.clock import Clock
+from mailer.clock import Clock, utc
 from mailer.config import Settings
+from mailer.forecast import Entry, forecast
 from mailer.messages import ErrorBody, ErrorReply, TokenReply, TokenRequest
+from mailer.nextsend import Limits, NextSend, next_send
 from mailer.quota import PgQuota
 from mailer.ratelimit import (
     FAIR_SHARE_WINDOW_SECONDS,
@@ -58,6 +66,8 @@ from mailer.ratelimit import (
     Reservation,
     SendLimiter,
     SpentTokens,
+    hour_start,
+    max_min_shares,
 )
 from mailer.rules import DailyLimits, WorkingHours
 from mailer.store import PgStore
@@ -73,6 +83,8 @@ __all__ = [
 log = logging.getLogger("mailer.governor")
 
 GOVERNOR_QUEUE = "governor"
+# A refusal's retry time replays at most this much of the queue (mailer.forecast).
+_TURN_QUEUE_LIMIT = 500
 # How long the NATS callback waits for the governor's mailbox; a campaign's own
 # request timeout (token_request_timeout_seconds) is usually shorter.
 _ASK_TIMEOUT_SECONDS = 10.0
@@ -87,10 +99,26 @@ class Competition(Protocol):
         """How many campaigns run or are ready to run now (the queue's count)."""
         ...
 
+    async def forecast_queue(self, limit: int) -> list[Entry]:
+        """The queue in order with what each campaign still has to send."""
+        ...
+
+    async def competitors(
+        self, now: datetime, limit: int, asker: int, hour: tuple[datetime, datetime]
+    ) -> list[tuple[int, int]]:
+        """(campaign id, demand of ``hour``) of the first ``limit`` of them in
+        queue order, and of ``asker``: attempts recorded in the hour plus the
+        recipients still to send."""
+        ...
+
 
 class QuotaTaker(Protocol):
     async def take(self, n: int) -> int:
         """Takes up to ``n`` from the monthly allowance atomically; returns how many."""
+        ...
+
+    async def available(self) -> int:
+        """What is left of the monthly allowance (a read, nothing taken)."""
         ...
 
 
@@ -104,7 +132,6 @@ class GovernorActor(Actor[TokenRequest]):
         hours: WorkingHours,
         daily: DailyLimits,
         clock: Clock,
-        quota_retry: timedelta,
         max_active: int = 1,
         competition: Competition | None = None,
         spent: SpentTokens | None = None,
@@ -117,7 +144,6 @@ class GovernorActor(Actor[TokenRequest]):
         self._hours = hours
         self._daily = daily
         self._clock = clock
-        self._quota_retry = quota_retry
         self._spent = spent
         self._sub: Subscription | None = None
 
@@ -138,9 +164,6 @@ class GovernorActor(Actor[TokenRequest]):
             hours=WorkingHours.from_settings(settings),
             daily=DailyLimits.from_settings(settings),
             clock=clock,
-            # The sync that restores the quota lifts the wait at once; this
-            # time is only the safety net for a sync that never comes.
-            quota_retry=timedelta(seconds=2 * settings.quota_sync_interval_seconds),
             max_active=settings.max_active_campaigns,
             competition=PgStore(pool),
             spent=PgSpentTokens(pool, ZoneInfo(settings.timezone)),
@@ -182,7 +205,11 @@ class GovernorActor(Actor[TokenRequest]):
     async def handle(self, msg: TokenRequest) -> object:
         now = self._clock.now()
         if msg.kind == "campaign" and not self._hours.is_open(now):
-            return self._refuse(msg, "outside_hours", self._hours.next_open(now), count=0)
+            return await self._refuse_closed(msg, now)
+        if await self._quota.available() <= 0:
+            # Nothing to reserve: the hour, the day and the fair share are left
+            # untouched (a refusal writes nothing), and no time can be named.
+            return self._refuse(msg, "quota_exhausted", None, count=0)
 
         daily_limit = self._daily.limit_for(msg.owner_id)
         day = self._hours.local_date(now)
@@ -193,18 +220,36 @@ class GovernorActor(Actor[TokenRequest]):
             day=day,
             daily_limit=daily_limit,
             campaign_id=msg.campaign_id,
-            competing=await self._competing(now, msg),
+            fair_share=await self._fair_share(now, msg),
             spent=self._spent,
         )
-        if r.refused_by == "daily_limit":
-            return self._refuse(
-                msg, "daily_limit", self._hours.next_day_start(now), count=r.day_used, r=r
+        if r.granted == 0:
+            ns = next_send(
+                now,
+                self._limits(
+                    msg,
+                    hour_used=r.hour_used,
+                    share_left=0 if r.capped else None,
+                    day_used=r.day_used,
+                    daily_limit=r.day_limit,
+                ),
             )
-        if r.refused_by == "rate_per_hour":
-            # Capped by its fair share only: others use the rest of the hour;
-            # the share grows when they stop asking, so look again soon.
-            retry = now + timedelta(seconds=FAIR_SHARE_WINDOW_SECONDS) if r.capped else r.next_hour
-            return self._refuse(msg, "rate_per_hour", retry, count=r.hour_used, r=r)
+            assert ns.reason in ("daily_limit", "rate_per_hour"), ns
+            retry = ns.at
+            if r.capped and ns.reason == "rate_per_hour":
+                # Capped by its fair share only: others use the rest of the
+                # hour, and what they cannot use (finished, deferred, paused)
+                # comes back to it within the hour — so it asks again soon.
+                assert retry is not None
+                retry = min(retry, now + timedelta(seconds=FAIR_SHARE_WINDOW_SECONDS))
+            elif retry is not None:
+                # Its place in the queue: campaigns ahead take the reopened
+                # hour (or day) first, so say when its own turn comes.
+                turn = await self._turn(now, msg, r.hour_used, r.day_used)
+                if turn is not None and turn > retry:
+                    retry = turn
+            count = r.day_used if ns.reason == "daily_limit" else r.hour_used
+            return self._refuse(msg, ns.reason, retry, count=count, r=r)
 
         try:
             taken = await self._quota.take(r.granted)
@@ -215,7 +260,8 @@ class GovernorActor(Actor[TokenRequest]):
         if taken < r.granted:
             r = await self._limiter.give_back(r, r.granted - taken)
         if taken == 0:
-            return self._refuse(msg, "quota_exhausted", now + self._quota_retry, count=0, r=r)
+            # No time can be named: the restoring sync (or quota.set) lifts the wait.
+            return self._refuse(msg, "quota_exhausted", None, count=0, r=r)
 
         metrics.TOKENS_GRANTED.inc(taken)
         return TokenReply(
@@ -230,6 +276,99 @@ class GovernorActor(Actor[TokenRequest]):
             valid_until=self._valid_until(msg, now, r.next_hour),
         )
 
+    async def _turn(
+        self, now: datetime, msg: TokenRequest, hour_used: int, day_used: int
+    ) -> datetime | None:
+        """When the queue lets this campaign send again (``mailer.forecast``).
+
+        Best effort: None (no queue view, the campaign not in it, or a read
+        failing) leaves the limits' own time, which is then merely early — the
+        campaign is refused again then, with no new notice.
+        """
+        if self._competition is None or msg.kind != "campaign":
+            return None
+        try:
+            queue = await self._competition.forecast_queue(_TURN_QUEUE_LIMIT)
+            if len(queue) < 2 or all(e.campaign_id != msg.campaign_id for e in queue):
+                return None
+            day = self._hours.local_date(now)
+            used: dict[str, int] = {msg.owner_id: day_used}
+            for owner in {e.owner_id for e in queue} - {msg.owner_id}:
+                used[owner] = await self._limiter.day_used(owner, day)
+        except Exception as exc:
+            log.warning("queue not read for the retry time", extra={"error": repr(exc)})
+            return None
+        outlooks = forecast(
+            now,
+            queue,
+            hours=self._hours,
+            hourly_limit=self._limiter.hourly_limit,
+            hour_used=hour_used,
+            daily_limit=self._daily.limit_for,
+            day_used=used,
+            max_active=self._max_active,
+        )
+        mine = outlooks.get(msg.campaign_id)
+        return None if mine is None else mine.next_at
+
+    def _limits(
+        self,
+        msg: TokenRequest,
+        *,
+        hour_used: int = 0,
+        share_left: int | None = None,
+        day_used: int = 0,
+        daily_limit: int | None = None,
+        quota: int | None = None,
+    ) -> Limits:
+        return Limits(
+            hours=self._hours,
+            hourly_limit=self._limiter.hourly_limit,
+            hour_used=hour_used,
+            share_left=share_left,
+            daily_limit=self._daily.limit_for(msg.owner_id) if daily_limit is None else daily_limit,
+            day_used=day_used,
+            quota=quota,
+            kind=msg.kind,
+        )
+
+    async def _refuse_closed(self, msg: TokenRequest, now: datetime) -> TokenReply:
+        """Outside working hours: when mail can go, every limit considered.
+
+        The quota and the counters are read, nothing reserved: a quota of 0 is
+        the reason (no time can be named), and a day already used up waits for
+        the next working day, not for this morning's opening. The counters are
+        best effort (Redis down: taken as unused, the limiter's fail-open side).
+        """
+        quota = await self._quota.available()
+        daily_limit = self._daily.limit_for(msg.owner_id)
+        try:
+            hour_used = await self._limiter.hour_used(now)
+            day_used = await self._limiter.day_used(msg.owner_id, self._hours.local_date(now))
+        except Exception as exc:  # the counters only sharpen the time; the hours hold anyway
+            log.warning(
+                "rate counters unavailable outside working hours", extra={"error": repr(exc)}
+            )
+            hour_used = day_used = 0
+        ns: NextSend = next_send(
+            now,
+            self._limits(
+                msg,
+                hour_used=hour_used,
+                day_used=day_used,
+                daily_limit=daily_limit,
+                quota=quota,
+            ),
+        )
+        assert ns.reason is not None, ns
+        retry = ns.at
+        if retry is not None:  # its place in the queue, as after a refusal in hours
+            turn = await self._turn(now, msg, hour_used, day_used)
+            if turn is not None and turn > retry:
+                retry = turn
+        count = {"daily_limit": day_used, "rate_per_hour": hour_used}.get(ns.reason, 0)
+        return self._refuse(msg, ns.reason, retry, count=count)
+
     def _valid_until(self, msg: TokenRequest, now: datetime, next_hour: datetime) -> datetime:
         """Where the grant's window ends: its hour, its local day, or working hours.
 
@@ -242,21 +381,32 @@ class GovernorActor(Actor[TokenRequest]):
             ends.append(closes)
         return min(ends)
 
-    async def _competing(self, now: datetime, msg: TokenRequest) -> int:
-        """With several campaigns allowed at once, how many share the hour.
+    async def _fair_share(self, now: datetime, msg: TokenRequest) -> int | None:
+        """With several campaigns allowed at once, the asker's part of the hour:
+        max-min fair over the demands of those sharing it, work-conserving —
+        what one cannot use (small, finished, deferred, paused) goes to the
+        others within the same hour.
 
-        One campaign at a time (the default) needs no count; a test email
-        competes with nobody.
+        One campaign at a time (the default) shares with nobody (None); a test
+        email competes with nobody.
         """
         if self._max_active <= 1 or self._competition is None or msg.kind != "campaign":
-            return 1
-        return min(self._max_active, await self._competition.competing(now))
+            return None
+        start = hour_start(utc(now))
+        sharing = await self._competition.competitors(
+            now, self._max_active, msg.campaign_id, (start, start + timedelta(hours=1))
+        )
+        ids = [cid for cid, _ in sharing]
+        if msg.campaign_id not in ids:
+            return None
+        parts = max_min_shares(self._limiter.hourly_limit, [d for _, d in sharing])
+        return parts[ids.index(msg.campaign_id)]
 
     def _refuse(
         self,
         msg: TokenRequest,
-        reason: Literal["outside_hours", "daily_limit", "rate_per_hour", "quota_exhausted"],
-        retry_at: datetime,
+        reason: str,
+        retry_at: datetime | None,
         *,
         count: int,
         r: Reservation | None = None,
@@ -271,7 +421,7 @@ class GovernorActor(Actor[TokenRequest]):
                 "kind": msg.kind,
                 "want": msg.want,
                 "defer_reason": reason,
-                "deferred_until": retry_at.isoformat(),
+                "deferred_until": retry_at.isoformat() if retry_at else None,
                 # The count of the limit that refused (0 where none is counted).
                 "rate_limit_count": count,
             },

@@ -3,9 +3,9 @@
 Who may (``Mailer-Roles``):
 - unsubscribe.check, quota.get: any authenticated caller (a CRM screen asks
   "may I mail this address?" and "how much quota is left?");
-- unsubscribe.add, unsubscribe.remove, unsubscribe.list, quota.sync: ``admin``
-  only (they change who gets mail, list people's addresses, or spend the
-  provider's API budget);
+- unsubscribe.add, unsubscribe.remove, unsubscribe.list, quota.sync,
+  quota.set, limits.reload: ``admin`` only (they change who gets mail, list
+  people's addresses, spend the provider's API budget, or change limits);
 - audit.list: the campaign's owner or an admin, like the campaign itself.
 """
 
@@ -18,14 +18,17 @@ import nats.errors
 
 from mailer import addresses
 from mailer.api.context import ApiContext, Caller, check_address, require_admin
+from mailer.api.outlook import reevaluate_deferrals
 from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, encode
-from mailer.errors import QuotaSyncFailed, Unavailable, ValidationFailed
+from mailer.errors import Conflict, QuotaSyncFailed, Unavailable, ValidationFailed
 from mailer.messages import (
     AuditList,
     AuditPage,
     EmailRef,
     Empty,
     ErrorReply,
+    LimitsReloaded,
+    QuotaSet,
     QuotaSyncRequest,
     QuotaView,
     UnsubscribeAdd,
@@ -34,11 +37,14 @@ from mailer.messages import (
     UnsubscribeRemoved,
     UnsubscribeView,
 )
+from mailer.quota import PgQuota
 
 __all__ = [
     "QUOTA_SYNC_TIMEOUT_SECONDS",
     "audit_list",
+    "limits_reload",
     "quota_get",
+    "quota_set",
     "quota_sync",
     "unsubscribe_add",
     "unsubscribe_check",
@@ -129,6 +135,40 @@ async def quota_sync(ctx: ApiContext, caller: Caller, req: Empty) -> QuotaView:
     if error is not None:
         raise QuotaSyncFailed(detail=error[:500])
     return await quota_get(ctx, caller, req)
+
+
+async def quota_set(ctx: ApiContext, caller: Caller, req: QuotaSet) -> QuotaView:
+    """Sets the local quota's monthly allowance without a restart; applied at once.
+
+    Only with the ``local`` provider (``quota_not_local`` otherwise: the http
+    provider's numbers are the provider's, the next sync would undo any set).
+    The allowance less this month's sends becomes ``emails_available`` in one
+    step under the quota's lock; later syncs keep the set value. A quota above
+    0 resumes every campaign waiting for it at once; all limits' deferrals are
+    decided again.
+    """
+    require_admin(caller)
+    if ctx.settings.quota_provider != "local":
+        raise Conflict("quota_not_local", text_key="quota_not_local")
+    now = ctx.clock.now()
+    previous, state = await PgQuota(ctx.db.pool).set_local(req.monthly_limit, now, ctx.hours.tz)
+    await ctx.db.audit(
+        None,
+        caller.user,
+        "quota.set",
+        {"monthly_limit": req.monthly_limit, "from": previous, "to": state.emails_available},
+        now,
+    )
+    await reevaluate_deferrals(ctx)
+    return await quota_get(ctx, caller, Empty())
+
+
+async def limits_reload(ctx: ApiContext, caller: Caller, req: Empty) -> LimitsReloaded:
+    """Decides every limit's deferral again, now, against the limits in force."""
+    require_admin(caller)
+    ids = await reevaluate_deferrals(ctx)
+    await ctx.db.audit(None, caller.user, "limits.reload", {"campaigns": ids}, ctx.clock.now())
+    return LimitsReloaded(reevaluated=len(ids))
 
 
 async def audit_list(ctx: ApiContext, caller: Caller, req: AuditList) -> AuditPage:

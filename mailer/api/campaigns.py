@@ -29,6 +29,7 @@ import math
 import msgspec
 
 from mailer.api.context import EDITABLE, ApiContext, Caller, check_message, require_owner
+from mailer.api.outlook import queue_outlook, reevaluate_deferrals, with_estimate
 from mailer.apistore import Locked
 from mailer.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from mailer.messages import (
@@ -43,6 +44,7 @@ from mailer.messages import (
     StartWarning,
     Wake,
 )
+from mailer.rules import working_days_between
 from mailer.store import CampaignRow
 from mailer.texts import reason_values, text
 
@@ -80,7 +82,7 @@ async def create(ctx: ApiContext, caller: Caller, req: CampaignCreate) -> Campai
 
 
 async def get(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignView:
-    return await ctx.own(caller, req.campaign_id)
+    return await with_estimate(ctx, await ctx.own(caller, req.campaign_id))
 
 
 async def update(ctx: ApiContext, caller: Caller, req: CampaignUpdate) -> CampaignView:
@@ -182,7 +184,7 @@ async def start(ctx: ApiContext, caller: Caller, req: CampaignRef) -> StartReply
         if current is None:
             raise NotFound(campaign_id=req.campaign_id)
         raise Conflict(status=current.status)
-    warnings = await _start_warnings(ctx, caller, total)
+    warnings = await _start_warnings(ctx, caller, req.campaign_id, total)
     await _wake(ctx, req.campaign_id)
     await ctx.emit("queued", campaign_id=row.id, owner_id=row.owner_id, status="ready", at=now)
     return StartReply(campaign=await _view(ctx, req.campaign_id), warnings=warnings)
@@ -203,6 +205,8 @@ async def pause(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignVi
 
     owner = await ctx.db.locked(req.campaign_id, change)
     await ctx.emit("paused", campaign_id=req.campaign_id, owner_id=owner, status="paused", at=now)
+    # Campaigns waiting for its turn may go sooner now: their waits are decided again.
+    await reevaluate_deferrals(ctx)
     return await _view(ctx, req.campaign_id)
 
 
@@ -246,6 +250,7 @@ async def cancel(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignV
     await ctx.emit(
         "cancelled", campaign_id=req.campaign_id, owner_id=owner, status="cancelled", at=now
     )
+    await reevaluate_deferrals(ctx)  # as after a pause: its turn goes to the others
     return await _view(ctx, req.campaign_id)
 
 
@@ -289,7 +294,27 @@ async def _wake(ctx: ApiContext, campaign_id: int) -> None:
     )
 
 
-async def _start_warnings(ctx: ApiContext, caller: Caller, total: int) -> list[StartWarning]:
+async def _large_campaign_message(ctx: ApiContext, campaign_id: int, total: int, lang: str) -> str:
+    """How long a large campaign takes, from the forecast: working hours, days
+    and every other limit counted (the issue: "about 100 h" for 10 000 at
+    100/h, when 9 working hours a day make it more than 11 working days)."""
+    s, now = ctx.settings, ctx.clock.now()
+    outlook = (await queue_outlook(ctx)).get(campaign_id)
+    base: dict[str, object] = {"count": total, "rate": s.rate_per_hour}
+    if outlook is None or outlook.completes_at is None:
+        return text("warning_large_campaign_unknown", lang, **base)
+    done = outlook.completes_at
+    days = working_days_between(ctx.hours, outlook.starts_at or now, done)
+    if days <= 1:
+        hours = max(1, math.ceil((done - now).total_seconds() / 3600))
+        return text("warning_large_campaign", lang, hours=hours, **base)
+    until = done.astimezone(ctx.hours.tz).strftime("%d.%m")
+    return text("warning_large_campaign_days", lang, days=days, until=until, **base)
+
+
+async def _start_warnings(
+    ctx: ApiContext, caller: Caller, campaign_id: int, total: int
+) -> list[StartWarning]:
     """Accepted, but the manager should know it will not (all) go out now."""
     s, now, lang = ctx.settings, ctx.clock.now(), caller.lang
     warnings: list[StartWarning] = []
@@ -304,12 +329,6 @@ async def _start_warnings(ctx: ApiContext, caller: Caller, total: int) -> list[S
         message = text("warning_outside_hours", lang, **values)
         warnings.append(StartWarning(code="outside_hours", message=message))
     if total > s.large_campaign_warning:
-        message = text(
-            "warning_large_campaign",
-            lang,
-            count=total,
-            rate=s.rate_per_hour,
-            hours=math.ceil(total / s.rate_per_hour),
-        )
+        message = await _large_campaign_message(ctx, campaign_id, total, lang)
         warnings.append(StartWarning(code="large_campaign", message=message))
     return warnings

@@ -180,9 +180,12 @@ class TestMailer(Protocol):
 
 
 class DailyCounter(Protocol):
-    """How many emails an owner sent on a local day (the send limiter's counter)."""
+    """How many emails an owner sent on a local day, and the account this
+    hour (the send limiter's counters)."""
 
     async def day_used(self, owner_id: str, day: date) -> int: ...
+
+    async def hour_used(self, now: datetime) -> int: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

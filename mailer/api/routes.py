@@ -22,6 +22,7 @@ from mailer.messages import (
     CampaignUpdate,
     EmailRef,
     Empty,
+    QuotaSet,
     RecipientList,
     RecipientsAdd,
     RecipientsRemove,
@@ -112,5 +113,7 @@ def routes(settings: Settings) -> list[Route]:
         ),
         Route("quota-get", "quota.get", Empty, admin.quota_get, small),
         Route("quota-sync", "quota.sync", Empty, admin.quota_sync, small),
+        Route("quota-set", "quota.set", QuotaSet, admin.quota_set, small),
+        Route("limits-reload", "limits.reload", Empty, admin.limits_reload, small),
         Route("audit-list", "audit.list", AuditList, admin.audit_list, small),
     ]

@@ -6,15 +6,21 @@ For the acting user (an admin may name another ``owner_id``):
   with its recipient counts;
 - ``queued_count`` / ``paused_count``: the owner's other unfinished campaigns
   waiting in the queue (ready, or sending but deferred) / paused;
-- ``next_campaign_at``: when the next of those may start: its deferral's end,
-  or null when it only waits for its turn;
+- ``next_campaign_at``: when the next of those may start: the forecast's
+  first message for it (``mailer.forecast``: its turn in the queue and every
+  limit), else its deferral's end; null only when it cannot be known (the
+  quota is exhausted: nothing starts until a top-up);
 - ``reason_code`` + ``reason``: why the active campaign waits (null while it
   sends), with its human text in the caller's language; ``empty`` when the
   owner has nothing queued; ``paused`` for a manager's pause,
   ``circuit_breaker`` for the breaker's, ``render_error`` for a campaign
   whose message the engine could not build;
-- ``next_run_at``: until when it waits (its ``deferred_until``; null for a
-  pause, which only a resume ends).
+- ``next_run_at``: until when it waits (its ``deferred_until``, the
+  governor's ``next_send`` answer: the first moment every limit allows; null
+  for a pause, which only a resume ends, and for the quota, which only a
+  top-up ends);
+- ``estimated_start_at`` / ``estimated_completion_at`` / ``estimate_reason``
+  on the active campaign and each queued one: the forecast (``api.outlook``).
 
 Placeholders of the texts come from data, never from wording fixed in a
 template: the hourly limit, the working hours, their time zone and the
@@ -28,12 +34,14 @@ Redis does not answer: the day is used up).
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 from mailer.api.context import ApiContext, Caller
+from mailer.api.outlook import estimate_of, queue_outlook
 from mailer.apistore import OwnerQueueRow
 from mailer.errors import Forbidden
 from mailer.messages import ActiveCampaign, ManagerStatus, QueuedCampaign, StatusRequest
-from mailer.texts import Lang, reason_values, text
+from mailer.texts import Lang, reason_key, reason_values, text
 
 __all__ = ["STATUS_QUEUE_LIMIT", "reason_text", "status"]
 
@@ -48,6 +56,8 @@ async def status(ctx: ApiContext, caller: Caller, req: StatusRequest) -> Manager
     if owner != caller.user and not caller.is_admin:
         raise Forbidden(text_key="forbidden_other_owner")
     rows, queued, paused = await ctx.db.owner_queue(owner, STATUS_QUEUE_LIMIT)
+    outlooks = await queue_outlook(ctx) if rows else {}
+    estimates = {r.id: estimate_of(r.id, r.status, outlooks) for r in rows}
     queue = [
         QueuedCampaign(
             id=r.id,
@@ -57,6 +67,9 @@ async def status(ctx: ApiContext, caller: Caller, req: StatusRequest) -> Manager
             queued_at=r.queued_at,
             defer_reason=r.defer_reason,
             deferred_until=r.deferred_until,
+            estimated_start_at=estimates[r.id][0],
+            estimated_completion_at=estimates[r.id][1],
+            estimate_reason=estimates[r.id][2],
         )
         for r in rows
     ]
@@ -76,7 +89,7 @@ async def status(ctx: ApiContext, caller: Caller, req: StatusRequest) -> Manager
     code = _reason_code(active)
     waiting = [r for r in rows[1:] if r.status in ("ready", "sending")]
     now = ctx.clock.now()
-    nxt = waiting[0].deferred_until if waiting else None
+    nxt = _next_start(waiting[0], estimates[waiting[0].id][0]) if waiting else None
     return ManagerStatus(
         owner_id=owner,
         active_campaign=ActiveCampaign(
@@ -85,6 +98,9 @@ async def status(ctx: ApiContext, caller: Caller, req: StatusRequest) -> Manager
             status=active.status,
             counts=await ctx.store.counts(active.id),
             started_at=active.started_at,
+            estimated_start_at=estimates[active.id][0],
+            estimated_completion_at=estimates[active.id][1],
+            estimate_reason=estimates[active.id][2],
         ),
         queued_count=queued - (active.status != "paused"),
         paused_count=paused - (active.status == "paused"),
@@ -94,6 +110,12 @@ async def status(ctx: ApiContext, caller: Caller, req: StatusRequest) -> Manager
         next_run_at=active.deferred_until,
         queue=queue,
     )
+
+
+def _next_start(row: OwnerQueueRow, forecast_start: datetime | None) -> datetime | None:
+    """When the next of the owner's campaigns may start: the forecast's first
+    message (it has not sent yet), else its own deferral's end."""
+    return forecast_start if forecast_start is not None else row.deferred_until
 
 
 def _reason_code(row: OwnerQueueRow) -> str | None:
@@ -113,7 +135,7 @@ async def reason_text(
     if code == "daily_limit":
         limit = ctx.daily_limits.limit_for(owner_id)
         values.update(limit=limit, sent=await _sent_today(ctx, owner_id, limit))
-    return text(code, lang, **values)
+    return text(reason_key(code, until=row.deferred_until, now=now), lang, **values)
 
 
 async def _sent_today(ctx: ApiContext, owner_id: str, limit: int) -> int:

@@ -33,6 +33,7 @@ from mailer.actors.campaign import Mail
 from mailer.actors.runtime import ActorDead, AskTimeout, MailboxFull
 from mailer.api.context import ApiContext, Caller, check_address, require_owner
 from mailer.bus import RemoteError
+from mailer.clock import api_time
 from mailer.errors import NotFound, Refused, SendFailed, Unavailable, ValidationFailed
 from mailer.messages import TestEmail, TestEmailSent, TokenReply
 from mailer.render import MessageTemplate, make_message_id
@@ -162,6 +163,7 @@ async def _grant(
     if grant.granted >= 1:
         return grant
     reason_code = grant.reason or "rate_per_hour"
+    # quota_exhausted has no time (a top-up ends it): retry_at null, never "now".
     next_run = grant.retry_at or now
     # The reason's own words, as the manager's view has them, in the caller's language.
     worded: dict[str, Any] = reason_values(ctx.settings, until=next_run, now=now, lang=caller.lang)
@@ -169,9 +171,11 @@ async def _grant(
         limit=grant.daily_limit if reason_code == "daily_limit" else grant.limit,
         sent=grant.daily_sent,
     )
+    # Details are strings: a wait with no time (the quota) has no retry_at at all.
+    when = {} if grant.retry_at is None else {"retry_at": api_time(grant.retry_at)}
     raise Refused(
         reason_code,
-        retry_at=next_run.isoformat(),
+        **when,
         **{k: v for k, v in worded.items() if k in fields_of(reason_code)},
     )
 

@@ -45,7 +45,9 @@ from mailer.messages import (
     EmailRef,
     Empty,
     ErrorReply,
+    LimitsReloaded,
     ManagerStatus,
+    QuotaSet,
     QuotaView,
     RecipientIn,
     RecipientList,
@@ -427,6 +429,14 @@ class MailerClient:
     async def sync_quota(self) -> QuotaView:
         """Admin only: asks the provider now."""
         return await self.request("quota.sync", Empty(), QuotaView)
+
+    async def set_quota(self, monthly_limit: int) -> QuotaView:
+        """Admin only, local quota only: the monthly allowance from now on."""
+        return await self.request("quota.set", QuotaSet(monthly_limit=monthly_limit), QuotaView)
+
+    async def reload_limits(self) -> LimitsReloaded:
+        """Admin only: every limit's deferral decided again under the limits in force."""
+        return await self.request("limits.reload", Empty(), LimitsReloaded)
 
     async def audit(
         self, campaign_id: int, *, limit: int = 100, cursor: int | None = None

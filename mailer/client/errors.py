@@ -35,6 +35,7 @@ __all__ = [
     "OutsideHours",
     "PayloadTooLarge",
     "QuotaExhausted",
+    "QuotaNotLocal",
     "QuotaSyncFailed",
     "QuotaSyncUnavailable",
     "RatePerHour",
@@ -120,6 +121,12 @@ class CampaignBusy(MailerError):
     """Delete while the campaign's actor finishes its last batch: retry in a minute."""
 
     code, status, retryable = "campaign_busy", 409, True
+
+
+class QuotaNotLocal(MailerError):
+    """quota.set while the quota comes from the provider (MAILER_QUOTA_PROVIDER=http)."""
+
+    code, status = "quota_not_local", 409
 
 
 class PayloadTooLarge(MailerError):
@@ -229,6 +236,7 @@ class ConnectionFailed(MailerError):
 ERRORS: dict[str, type[MailerError]] = {
     cls.code: cls
     for cls in (
+        QuotaNotLocal,
         BadRequest,
         Unauthenticated,
         Forbidden,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from mailer.commands.admin import audit, events, ping, quota, unsubscribe
+from mailer.commands.admin import audit, events, limits, ping, quota, unsubscribe
 from mailer.commands.campaigns import campaign
 from mailer.commands.progress import status, watch
 from mailer.commands.recipients import recipients
@@ -17,5 +17,16 @@ __all__ = ["register"]
 
 
 def register(root: click.Group) -> None:
-    for command in (campaign, recipients, status, watch, quota, unsubscribe, audit, events, ping):
+    for command in (
+        campaign,
+        recipients,
+        status,
+        watch,
+        quota,
+        limits,
+        unsubscribe,
+        audit,
+        events,
+        ping,
+    ):
         root.add_command(command)

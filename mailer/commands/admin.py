@@ -12,22 +12,46 @@ from mailer.client import MailerClient
 from mailer.commands.common import Cli, client_command
 from mailer.messages import UnsubscribeView
 
-__all__ = ["audit", "events", "ping", "quota", "unsubscribe"]
+__all__ = ["audit", "events", "limits", "ping", "quota", "unsubscribe"]
 
 
 @client_command(click.Group(), "quota", help="The provider's monthly allowance left.")
 @click.option("--sync", is_flag=True, help="Ask the provider now (admin only).")
-async def quota(cli: Cli, client: MailerClient, *, sync: bool) -> None:
-    view = await (client.sync_quota() if sync else client.quota())
+@click.option(
+    "--set",
+    "set_to",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Set the local monthly allowance now (admin only, local quota only).",
+)
+async def quota(cli: Cli, client: MailerClient, *, sync: bool, set_to: int | None) -> None:
+    if set_to is not None:
+        view = await client.set_quota(set_to)
+    else:
+        view = await (client.sync_quota() if sync else client.quota())
     if cli.json:
         cli.emit(view)
         return
     synced = cli.when(view.last_synced_at)
-    cli.say(
-        cli.t("cli_quota", available=view.emails_available, limit=view.monthly_limit, synced=synced)
-    )
+    # The http provider may not say its monthly limit: then none is shown.
+    limit = "-" if view.monthly_limit is None else view.monthly_limit
+    cli.say(cli.t("cli_quota", available=view.emails_available, limit=limit, synced=synced))
     if view.sync_error:
         cli.say(cli.t("cli_quota_error", error=view.sync_error))
+
+
+@client_command(
+    click.Group(),
+    "limits",
+    help="Decide every limit's deferral again under the limits in force (admin only).",
+)
+@click.option("--reload", "reload_", is_flag=True, required=True, help="Do it now.")
+async def limits(cli: Cli, client: MailerClient, *, reload_: bool) -> None:
+    reply = await client.reload_limits()
+    if cli.json:
+        cli.emit(reply)
+        return
+    cli.say(cli.t("cli_limits_reloaded", count=reply.reevaluated))
 
 
 @click.group(help="The unsubscribe list: add, remove (admin), check, list (admin).")

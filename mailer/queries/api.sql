@@ -182,3 +182,15 @@ SELECT count(*) FILTER (WHERE c.status IN ('ready', 'sending'))::bigint AS queue
        count(*) FILTER (WHERE c.status = 'paused')::bigint AS paused
 FROM campaign c JOIN queue_entry q ON q.campaign_id = c.id
 WHERE c.owner_id = $1 AND q.completed_at IS NULL;
+
+-- name: api-forecast-queue
+-- The whole queue the forecast replays, in queue order (not paused, not
+-- finished), with what each campaign still has to send.
+SELECT q.campaign_id, c.owner_id, q.defer_reason, q.deferred_until, q.started_at,
+       (SELECT count(*) FROM recipient r
+        WHERE r.campaign_id = q.campaign_id AND r.status IN ('pending', 'sending'))::bigint
+           AS remaining
+FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
+WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
+ORDER BY q.priority DESC, q.queued_at, q.id
+LIMIT $1;

@@ -13,6 +13,9 @@ SELECT coalesce(sum(p.n), 0)::bigint AS pending,
              AND (q.deferred_until IS NULL OR q.deferred_until <= $1)
              AND (q.defer_reason IS NULL
                   OR q.defer_reason NOT IN ('paused', 'circuit_breaker', 'render_error'))
+             -- Waiting for a quota top-up (no time: only a sync or quota.set ends it).
+             AND NOT (q.deferred_until IS NULL
+                      AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted')
        ), 0)::bigint AS sendable,
        (SELECT emails_available FROM quota) AS quota_available
 FROM queue_entry q
@@ -26,11 +29,14 @@ WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending', 'paused');
 -- name: gauges-waiting
 -- Unfinished campaigns that no process is sending now (no live lease), by why they wait:
 -- a pause (the engine's: circuit_breaker, render_error; else the manager's), a deferral
--- still running, or nothing but a free slot ("queued").
+-- still running (quota_exhausted: until a top-up), or nothing but a free slot ("queued").
 SELECT CASE
            WHEN q.defer_reason IN ('circuit_breaker', 'render_error') THEN q.defer_reason
            WHEN c.status = 'paused' OR q.defer_reason = 'paused' THEN 'paused'
            WHEN q.deferred_until > $1 THEN q.defer_reason
+           -- The quota's wait has no time: only a top-up ends it.
+           WHEN q.deferred_until IS NULL AND q.defer_reason = 'quota_exhausted'
+               THEN q.defer_reason
            ELSE 'queued'
        END AS reason,
        count(*)::bigint AS campaigns

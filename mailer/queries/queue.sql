@@ -10,12 +10,15 @@ RETURNING id;
 
 -- name: queue-runnable
 -- Entries that may run now, in queue order: not finished, not waiting for a
--- later time, not held by a live lease of another process.
+-- later time nor for a quota top-up (quota_exhausted with no time: the sync
+-- or quota.set that restores the quota lifts it), not held by a live lease of
+-- another process.
 SELECT q.id, q.campaign_id, q.priority, q.queued_at, q.deferred_until, q.lease_owner
 FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
 WHERE q.completed_at IS NULL
   AND c.status IN ('ready', 'sending')
   AND (q.deferred_until IS NULL OR q.deferred_until <= $1)
+  AND NOT (q.deferred_until IS NULL AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted')
   AND (q.lease_owner IS NULL OR q.lease_until <= $1)
 ORDER BY q.priority DESC, q.queued_at, q.id
 LIMIT $2;
@@ -39,7 +42,6 @@ UPDATE queue_entry q
 SET lease_owner = $2, lease_until = $3,
     lease_epoch = q.lease_epoch + 1,
     leased_at = $4,
-    started_at = COALESCE(q.started_at, $4),
     defer_reason = NULL, deferred_until = NULL
 FROM campaign c
 WHERE q.campaign_id = $1 AND c.id = q.campaign_id AND q.completed_at IS NULL
@@ -48,6 +50,7 @@ WHERE q.campaign_id = $1 AND c.id = q.campaign_id AND q.completed_at IS NULL
   AND (q.deferred_until IS NULL OR q.deferred_until <= $4)
   AND (q.defer_reason IS NULL
        OR q.defer_reason NOT IN ('paused', 'circuit_breaker', 'render_error'))
+  AND NOT (q.deferred_until IS NULL AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted')
   AND (SELECT epoch FROM leader_fence) = $5
 RETURNING q.id, q.lease_epoch, q.consecutive_transient_errors, q.started_at;
 
@@ -62,13 +65,36 @@ WHERE campaign_id = $1 AND lease_owner = $2 AND lease_epoch = $3;
 
 -- name: queue-defer
 -- The one way a campaign waits: the reason and until when, under our lease.
--- Returns the reason the owner was last notified of, before this update.
+-- Returns what the owner was last notified of in this episode (reason and
+-- promised time); the row stays locked, so the caller's decision to notify
+-- (queue-notified) is made in the same transaction.
 UPDATE queue_entry q
-SET defer_reason = $4, deferred_until = $5, lease_owner = NULL, lease_until = NULL,
-    notified_reason = $4
-FROM (SELECT id, notified_reason FROM queue_entry WHERE campaign_id = $1 FOR UPDATE) old
+SET defer_reason = $4, deferred_until = $5, lease_owner = NULL, lease_until = NULL
+FROM (SELECT id, notified_reason, notified_until FROM queue_entry
+      WHERE campaign_id = $1 FOR UPDATE) old
 WHERE q.id = old.id AND q.campaign_id = $1 AND q.lease_owner = $2 AND q.lease_epoch = $3
-RETURNING q.id, old.notified_reason AS previous_reason;
+RETURNING q.id, old.notified_reason AS previous_reason, old.notified_until AS previous_until;
+
+-- name: queue-started
+-- The campaign's first message has gone: that, not its first dispatch, is its start.
+UPDATE queue_entry SET started_at = COALESCE(started_at, $2) WHERE campaign_id = $1;
+
+-- name: queue-reevaluate
+-- Ends now every deferral a limit decided (the hour, the day, working hours,
+-- the quota) so each is decided again, by the governor, against the limits in
+-- force now: at start (settings may have changed with the restart) and on
+-- limits.reload / quota.set. A campaign still held is deferred again — with
+-- the same reason, so no new notice. SMTP waits and pauses are not limits.
+UPDATE queue_entry q SET deferred_until = $1
+FROM campaign c
+WHERE c.id = q.campaign_id AND q.completed_at IS NULL AND c.status IN ('ready', 'sending')
+  AND q.defer_reason IN ('rate_per_hour', 'daily_limit', 'outside_hours', 'quota_exhausted')
+  AND (q.deferred_until IS NULL OR q.deferred_until > $1)
+RETURNING q.campaign_id;
+
+-- name: queue-notified
+-- The owner was told of reason $2, with the time $3 (NULL: none could be named).
+UPDATE queue_entry SET notified_reason = $2, notified_until = $3 WHERE campaign_id = $1;
 
 -- name: queue-pause
 -- The engine pauses the campaign with reason $4 (circuit_breaker, render_error):
@@ -131,10 +157,48 @@ WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
 
 -- name: queue-competing
 -- Campaigns competing for the hour's tokens now: running, or ready to run
--- (a deferred one is waiting for a later time, not for tokens).
+-- (a deferred one is waiting for a later time or a quota top-up, not for tokens).
 SELECT count(*)::bigint FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
 WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
-  AND (q.deferred_until IS NULL OR q.deferred_until <= $1);
+  AND (q.deferred_until IS NULL OR q.deferred_until <= $1)
+  AND NOT (q.deferred_until IS NULL AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted');
+
+-- name: queue-competitors
+-- The campaigns sharing the hour [$4, $5) now, in queue order, with their
+-- demand of it. Those that run or may run: the first $2 (as queue-competing
+-- counts them; the scheduler runs that many at once) and the asker $3 — which
+-- runs, so it is one of them unless the queue changed under it; their demand
+-- is the attempts recorded this hour plus the recipients still to send
+-- (pending, or claimed: a batch in flight or about to ask for its tokens).
+-- And those that used part of this hour but run no more (finished, deferred,
+-- paused): their demand is what they used, so the rest goes to the others.
+WITH top AS (
+    SELECT q.campaign_id
+    FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
+    WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
+      AND (q.deferred_until IS NULL OR q.deferred_until <= $1)
+      AND NOT (q.deferred_until IS NULL AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted')
+    ORDER BY q.priority DESC, q.queued_at, q.id
+    LIMIT $2
+), runs AS (
+    SELECT campaign_id FROM top UNION SELECT $3::bigint
+), used AS (
+    SELECT l.campaign_id, count(*) AS n FROM send_log l
+    WHERE NOT l.is_test AND l.campaign_id IS NOT NULL
+      AND l.created_at >= $4 AND l.created_at < $5
+    GROUP BY l.campaign_id
+), sharing AS (
+    SELECT campaign_id, true AS running FROM runs
+    UNION ALL
+    SELECT campaign_id, false FROM used WHERE campaign_id NOT IN (SELECT campaign_id FROM runs)
+)
+SELECT s.campaign_id,
+       (COALESCE((SELECT n FROM used u WHERE u.campaign_id = s.campaign_id), 0)
+        + CASE WHEN s.running THEN (SELECT count(*) FROM recipient r
+               WHERE r.campaign_id = s.campaign_id AND r.status IN ('pending', 'sending'))
+          ELSE 0 END)::bigint AS demand
+FROM sharing s JOIN queue_entry q ON q.campaign_id = s.campaign_id
+ORDER BY q.priority DESC, q.queued_at, q.id;
 
 -- name: queue-processing-since
 -- Entries an owner is processing now (live lease), longest-held first: the

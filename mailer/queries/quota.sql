@@ -23,18 +23,27 @@ SELECT emails_available FROM quota FOR UPDATE;
 -- claimed for sending now (tokens granted or about to be: not yet in any
 -- provider's count) and, with a period [$4, $5) ($5 NULL: open), less the sends
 -- recorded in it (local: the month's; http: since the provider was asked).
--- $2 NULL keeps the monthly limit.
+-- $2: the monthly limit the provider reports (NULL: it does not say). $6: a
+-- local reading — then an operator's quota.set (monthly_override) stands for
+-- both the reading and the limit.
 UPDATE quota q
-SET emails_available = GREATEST(0, $1
+SET emails_available = GREATEST(0,
+        (CASE WHEN $6 AND q.monthly_override IS NOT NULL THEN q.monthly_override ELSE $1 END)
         - (SELECT count(*) FROM recipient WHERE status = 'sending')
         - CASE WHEN $4::timestamptz IS NULL THEN 0 ELSE (
               SELECT count(*) FROM send_log
               WHERE status IN ('sent', 'in_doubt') AND created_at >= $4
                 AND ($5::timestamptz IS NULL OR created_at < $5)
           ) END),
-    monthly_limit = COALESCE($2, q.monthly_limit),
+    monthly_limit = CASE WHEN $6 AND q.monthly_override IS NOT NULL THEN q.monthly_override
+                         ELSE $2 END,
     last_synced_at = $3, sync_error = NULL
 RETURNING q.emails_available, q.monthly_limit, q.last_synced_at, q.sync_error;
+
+-- name: quota-set-override
+-- quota.set: the local monthly allowance from now on (under quota-lock; the
+-- caller then records a local reading, which applies it).
+UPDATE quota SET monthly_override = $1;
 
 -- name: quota-record-sync-error
 -- A failed sync keeps the last known numbers and last_synced_at (the time
@@ -44,10 +53,11 @@ RETURNING emails_available, monthly_limit, last_synced_at, sync_error;
 
 -- name: queue-lift-reason
 -- Ends every deferral of one reason now (e.g. quota_exhausted once the quota
--- is back). The reason stays until the campaign runs again: the queue shows
--- why it waited; queue-acquire clears it.
+-- is back: those wait with no time at all). The reason stays until the
+-- campaign runs again: the queue shows why it waited; queue-acquire clears it.
 UPDATE queue_entry SET deferred_until = $2
-WHERE defer_reason = $1 AND completed_at IS NULL AND deferred_until > $2
+WHERE defer_reason = $1 AND completed_at IS NULL
+  AND (deferred_until IS NULL OR deferred_until > $2)
 RETURNING campaign_id;
 
 -- name: quota-share

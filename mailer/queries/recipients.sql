@@ -31,7 +31,9 @@ picked AS (
     FROM recipient r
     WHERE r.campaign_id = $1 AND r.status = 'pending'
       -- A paused or cancelled campaign claims nothing: its actor stops there.
-      AND EXISTS (SELECT 1 FROM campaign c WHERE c.id = $1 AND c.status = 'sending')
+      -- ('ready' until its first message has gone, then 'sending'.)
+      AND EXISTS (SELECT 1 FROM campaign c WHERE c.id = $1
+                  AND c.status IN ('ready', 'sending'))
       AND r.campaign_id IN (SELECT campaign_id FROM lease)
     ORDER BY r.id
     LIMIT $2
