@@ -57,6 +57,7 @@ from mailer.bus import Bus
 from mailer.clock import Clock, SystemClock
 from mailer.config import Settings
 from mailer.db import Q, connect_pool
+from mailer.dkim import dkim_signer
 from mailer.events import JetStreamEvents
 from mailer.gauges import ScrapeGauges
 from mailer.http import HttpServer
@@ -441,6 +442,7 @@ class Service:
             breaker_threshold=s.circuit_breaker_threshold,
             log_each_send=s.log_each_send,
             window=s.smtp_connections,
+            dkim=dkim_signer(s),
         )
 
         def link(cid: int, email: str) -> str:

@@ -59,6 +59,7 @@ import msgspec
 from mailer import metrics, sendlog
 from mailer.actors.runtime import Actor
 from mailer.clock import Clock
+from mailer.dkim import DkimSigner
 from mailer.messages import CampaignEvent, Notice, TokenReply
 from mailer.payload import Payload
 from mailer.render import MessageTemplate, make_message_id
@@ -195,6 +196,8 @@ class CampaignSettings(msgspec.Struct, frozen=True, kw_only=True):
     log_each_send: bool = True
     # Messages rendered and handed to SMTP at once (a wave): the SMTP connections.
     window: int = 8
+    # Signs every message when set (mailer.dkim); loaded once per process.
+    dkim: DkimSigner | None = None
 
 
 # A test hook called after a batch was sent and before it is recorded: the
@@ -299,6 +302,7 @@ class CampaignActor(Actor[Continue]):
                 html=campaign.body_html,
                 message_id_domain=self._s.message_id_domain,
                 attachments=[(a.filename, a.content_type, a.content) for a in attachments],
+                dkim=self._s.dkim,
             )
         except Exception as exc:
             # Pure computation on the campaign's own content: whatever it raises,
