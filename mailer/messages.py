@@ -55,6 +55,12 @@ __all__ = [
     "StartReply",
     "StartWarning",
     "StatusRequest",
+    "SuppressionAdd",
+    "SuppressionList",
+    "SuppressionPage",
+    "SuppressionReason",
+    "SuppressionRemoved",
+    "SuppressionView",
     "TestEmail",
     "TestEmailSent",
     "TokenReply",
@@ -84,7 +90,17 @@ UserId = Annotated[str, Meta(min_length=1, max_length=200, pattern=_ONE_LINE)]
 CampaignStatus = Literal[
     "draft", "ready", "sending", "paused", "sent", "completed_with_errors", "cancelled"
 ]
-RecipientStatus = Literal["pending", "sending", "sent", "failed", "unsubscribed", "in_doubt"]
+RecipientStatus = Literal[
+    "pending",
+    "sending",
+    "sent",
+    "failed",
+    "unsubscribed",
+    "in_doubt",
+    "bounced",
+    "complained",
+    "suppressed",
+]
 
 
 class _Strict(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -430,6 +446,45 @@ class UnsubscribeList(_Strict):
 
 class UnsubscribePage(Struct, kw_only=True):
     items: list[UnsubscribeView]
+    next_cursor: str | None
+
+
+SuppressionReason = Literal["unsubscribed", "hard_bounce", "complaint", "soft_bounce", "manual"]
+
+
+class SuppressionAdd(_Strict):
+    """An admin's entry (reason ``manual``); ``detail``: why, for the record."""
+
+    email: Email
+    detail: Annotated[str, Meta(max_length=300, pattern=_ONE_LINE)] = ""
+
+
+class SuppressionView(Struct, kw_only=True):
+    email: str
+    suppressed: bool
+    reason: str | None = None
+    source: str | None = None
+    campaign_id: int | None = None
+    detail: str | None = None
+    created_at: datetime | None = None
+
+
+class SuppressionRemoved(Struct, kw_only=True):
+    email: str
+    removed: bool
+    reason: str | None = None  # what it was listed for
+
+
+class SuppressionList(_Strict):
+    """In address order; ``reason`` filters; ``cursor`` is the previous ``next_cursor``."""
+
+    limit: PageLimit = 100
+    cursor: Email | None = None
+    reason: SuppressionReason | None = None
+
+
+class SuppressionPage(Struct, kw_only=True):
+    items: list[SuppressionView]
     next_cursor: str | None
 
 

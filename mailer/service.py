@@ -52,6 +52,7 @@ from mailer.actors.leader import LeaderActor
 from mailer.actors.runner import RunnerActor
 from mailer.actors.scheduler import Leadership, SchedulerActor, wake_subject
 from mailer.actors.sender import ActorMailer, SenderActor
+from mailer.bounces.setup import Bounces, envelope_sender
 from mailer.breaker import CircuitBreaker
 from mailer.bus import Bus
 from mailer.clock import Clock, SystemClock
@@ -69,6 +70,7 @@ from mailer.redisconn import connect_redis, redis_up
 from mailer.retention import Retention, RetentionPolicy
 from mailer.smtphealth import SmtpHealth
 from mailer.store import PgStore
+from mailer.suppression import PgSuppressions
 from mailer.transport import SmtpTransport
 from mailer.unsubscribe import PgUnsubscribes, secrets_of, unsubscribe_url
 from mailer.unsubscribe_http import UnsubscribePages
@@ -136,6 +138,7 @@ class Service:
         self._supervisor: Supervisor | None = None
         self._http: HttpServer | None = None
         self._public_http: HttpServer | None = None
+        self._bounces: Bounces | None = None
         self._events: JetStreamEvents | None = None
         self._outbox: OutboxRelay | None = None
         # Outlives restarts of the sender, like the breaker: seen across its transports.
@@ -172,6 +175,15 @@ class Service:
     def http_port(self) -> int | None:
         """The internal server's port (metrics, probes)."""
         return self._http.port if self._http is not None else None
+
+    @property
+    def bounce_smtp_port(self) -> int | None:
+        """The bounce receiver's port (None: not configured or not started)."""
+        return self._bounces.smtp_port if self._bounces is not None else None
+
+    @property
+    def suppressions(self) -> PgSuppressions | None:
+        return self._bounces.store if self._bounces is not None else None
 
     @property
     def public_http_port(self) -> int | None:
@@ -343,6 +355,10 @@ class Service:
             clock=self.clock,
         )
         self._public_http.add_routes(unsubscribe_pages.routes())
+        self._bounces = Bounces(
+            s, pool=self._pool, events=self._events, outbox=self._outbox, clock=self.clock
+        )
+        await self._bounces.start(self._public_http)
         await self._public_http.start()
         log.info(
             "mailer started",
@@ -445,6 +461,8 @@ class Service:
             dkim=dkim_signer(s),
         )
 
+        verp = envelope_sender(s)
+
         def link(cid: int, email: str) -> str:
             return unsubscribe_url(s.public_url, s.unsubscribe_secret, cid, email)
 
@@ -462,6 +480,7 @@ class Service:
                 settings=settings,
                 unsubscribe_url=link,
                 fault=self._fault,
+                bounce_address=verp,
             ),
             restart=Restart.TRANSIENT,
             limit=CAMPAIGN_RESTARTS,
@@ -564,6 +583,8 @@ class Service:
         for server in (self._public_http, self._http):
             if server is not None:
                 await server.stop()
+        if self._bounces is not None:
+            await self._bounces.stop()
         if self._supervisor is not None:
             deadline = self.settings.shutdown_timeout_seconds
             self._supervisor.begin_shutdown(deadline)

@@ -428,6 +428,22 @@ TEXTS.update(
             "ru": "{email}: отписки не было.",
             "en": "{email}: was not unsubscribed.",
         },
+        "cli_suppressed": {
+            "ru": "{email}: в списке подавления — {reason} ({source}, {at}).",
+            "en": "{email}: suppressed — {reason} ({source}, {at}).",
+        },
+        "cli_not_suppressed": {
+            "ru": "{email}: письма можно отправлять.",
+            "en": "{email}: may be mailed.",
+        },
+        "cli_suppression_removed": {
+            "ru": "{email}: удалён из списка подавления (было: {reason}).",
+            "en": "{email}: removed from the suppression list (was: {reason}).",
+        },
+        "cli_suppression_absent": {
+            "ru": "{email}: не было в списке подавления.",
+            "en": "{email}: was not on the suppression list.",
+        },
         "cli_quota": {
             "ru": "Квота: доступно {available} из {limit} в месяц; синхронизирована {synced}.",
             "en": "Quota: {available} of {limit} a month left; synced {synced}.",

@@ -100,6 +100,8 @@ class Mail(msgspec.Struct, frozen=True):
 
     rcpt: str
     data: bytes | Payload
+    # The envelope sender of this message (VERP); "" for the batch's one.
+    mail_from: str = ""
 
 
 class CampaignStore(Protocol):
@@ -229,6 +231,7 @@ class CampaignActor(Actor[Continue]):
         settings: CampaignSettings,
         unsubscribe_url: Callable[[int, str], str],
         fault: FaultHook | None = None,
+        bounce_address: Callable[[int], str] | None = None,
     ) -> None:
         self.campaign_id = campaign_id
         self._fence = fence
@@ -241,6 +244,8 @@ class CampaignActor(Actor[Continue]):
         self._s = settings
         self._unsubscribe_url = unsubscribe_url
         self._fault = fault
+        # recipient id -> its envelope sender (mailer.bounces.verp); None: from_email.
+        self._bounce_address = bounce_address
         self._lease: Lease | None = None
         self._campaign: CampaignRow | None = None
         self._template: MessageTemplate | None = None
@@ -494,7 +499,8 @@ class CampaignActor(Actor[Continue]):
             date=now,
             unsubscribe_url=self._unsubscribe_url(self.campaign_id, r.email),
         )
-        return Mail(r.email, data)
+        mail_from = self._bounce_address(r.id) if self._bounce_address is not None else ""
+        return Mail(r.email, data, mail_from)
 
     async def _flush(self, lease: Lease, *, last: bool) -> dict[int, str]:
         """Records the known outcomes and gives back the sends that never went out

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
-from mailer.api import admin, campaigns, recipients, status, testmail
+from mailer.api import admin, campaigns, recipients, status, suppression, testmail
 from mailer.api.context import ApiContext, Caller
 from mailer.config import Settings
 from mailer.messages import (
@@ -26,6 +26,8 @@ from mailer.messages import (
     RecipientsAdd,
     RecipientsRemove,
     StatusRequest,
+    SuppressionAdd,
+    SuppressionList,
     TestEmail,
     UnsubscribeAdd,
     UnsubscribeList,
@@ -108,6 +110,34 @@ def routes(settings: Settings) -> list[Route]:
             "unsubscribe.list",
             UnsubscribeList,
             admin.unsubscribe_list,
+            small,
+        ),
+        Route(
+            "suppression-check",
+            "suppression.check",
+            EmailRef,
+            suppression.suppression_check,
+            small,
+        ),
+        Route(
+            "suppression-list",
+            "suppression.list",
+            SuppressionList,
+            suppression.suppression_list,
+            small,
+        ),
+        Route(
+            "suppression-add",
+            "suppression.add",
+            SuppressionAdd,
+            suppression.suppression_add,
+            small,
+        ),
+        Route(
+            "suppression-remove",
+            "suppression.remove",
+            EmailRef,
+            suppression.suppression_remove,
             small,
         ),
         Route("quota-get", "quota.get", Empty, admin.quota_get, small),

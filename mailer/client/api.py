@@ -57,6 +57,12 @@ from mailer.messages import (
     RecipientView,
     StartReply,
     StatusRequest,
+    SuppressionAdd,
+    SuppressionList,
+    SuppressionPage,
+    SuppressionReason,
+    SuppressionRemoved,
+    SuppressionView,
     TestEmail,
     TestEmailSent,
     UnsubscribeAdd,
@@ -420,6 +426,33 @@ class MailerClient:
         """Admin only."""
         body = UnsubscribeList(limit=limit, cursor=cursor)
         return await self.request("unsubscribe.list", body, UnsubscribePage)
+
+    # --- the suppression list ---------------------------------------------------------
+
+    async def suppression_check(self, email: str) -> SuppressionView:
+        """Whether the address is suppressed, and why."""
+        return await self.request("suppression.check", EmailRef(email=email), SuppressionView)
+
+    async def suppression_list(
+        self,
+        *,
+        limit: int = 100,
+        cursor: str | None = None,
+        reason: SuppressionReason | None = None,
+    ) -> SuppressionPage:
+        """Admin only."""
+        body = SuppressionList(limit=limit, cursor=cursor, reason=reason)
+        return await self.request("suppression.list", body, SuppressionPage)
+
+    async def suppression_add(self, email: str, *, detail: str = "") -> SuppressionView:
+        """Admin only: suppress an address by hand (reason ``manual``)."""
+        body = SuppressionAdd(email=email, detail=detail)
+        return await self.request("suppression.add", body, SuppressionView)
+
+    async def suppression_remove(self, email: str) -> SuppressionRemoved:
+        """Admin only."""
+        ref = EmailRef(email=email)
+        return await self.request("suppression.remove", ref, SuppressionRemoved)
 
     async def quota(self) -> QuotaView:
         return await self.request("quota.get", Empty(), QuotaView)

@@ -12,10 +12,22 @@ from mailer.commands.admin import audit, events, ping, quota, unsubscribe
 from mailer.commands.campaigns import campaign
 from mailer.commands.progress import status, watch
 from mailer.commands.recipients import recipients
+from mailer.commands.suppression import suppression
 
 __all__ = ["register"]
 
 
 def register(root: click.Group) -> None:
-    for command in (campaign, recipients, status, watch, quota, unsubscribe, audit, events, ping):
+    for command in (
+        campaign,
+        recipients,
+        status,
+        watch,
+        quota,
+        unsubscribe,
+        suppression,
+        audit,
+        events,
+        ping,
+    ):
         root.add_command(command)

@@ -6,6 +6,7 @@ import csv
 import io
 import sys
 from pathlib import Path
+from typing import get_args
 
 import click
 import msgspec
@@ -14,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from mailer.api.routes import LARGE_PAYLOAD
 from mailer.client import MAX_RECIPIENTS_PER_CALL, MailerClient
 from mailer.commands.common import Cli, client_command
-from mailer.messages import RecipientIn
+from mailer.messages import RecipientIn, RecipientStatus
 
 __all__ = ["Row", "read_csv", "recipients"]
 
@@ -162,7 +163,7 @@ async def import_(cli: Cli, client: MailerClient, *, campaign_id: int, file: Pat
 @click.argument("campaign_id", type=int)
 @click.option(
     "--status",
-    type=click.Choice(["pending", "sending", "sent", "failed", "unsubscribed", "in_doubt"]),
+    type=click.Choice(list(get_args(RecipientStatus))),
     help="Only this status.",
 )
 @click.option("--limit", type=int, default=100, show_default=True, help="How many (1–500).")
