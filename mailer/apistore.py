@@ -97,6 +97,11 @@ class Locked:
     async def resume_queue(self) -> None:
         await self._conn.execute(Q["api-queue-resume"], self._id())
 
+    async def unschedule_queue(self, now: datetime) -> datetime | None:
+        """Removes a still-waiting scheduled entry; the time it had, or None."""
+        at: datetime | None = await self._conn.fetchval(Q["api-queue-unschedule"], self._id(), now)
+        return at
+
     async def cancel_queue(self, now: datetime) -> None:
         await self._conn.execute(Q["api-queue-cancel"], self._id(), now)
 

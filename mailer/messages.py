@@ -28,6 +28,7 @@ __all__ = [
     "CampaignList",
     "CampaignPage",
     "CampaignRef",
+    "CampaignStart",
     "CampaignUpdate",
     "CampaignView",
     "EmailRef",
@@ -117,6 +118,14 @@ class CampaignCreate(_Strict):
 
 class CampaignRef(_Strict):
     campaign_id: Id
+
+
+class CampaignStart(_Strict):
+    """``send_at``: start then instead of now (RFC 3339 with an offset; a time
+    not in the future starts now)."""
+
+    campaign_id: Id
+    send_at: datetime | None = None
 
 
 class RecipientIn(_Strict):

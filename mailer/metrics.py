@@ -122,6 +122,7 @@ WAITING_REASONS: Final = (
     "circuit_breaker",
     "render_error",
     "paused",
+    "scheduled",
 )
 
 # Circuit-breaker states as gauge values (ordered by severity so max() is meaningful).

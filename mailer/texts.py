@@ -67,6 +67,11 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "ru": "Временная ошибка отправки. Повторим попытку через {retry_in}.",
         "en": "Temporary sending error. We retry in {retry_in}.",
     },
+    # A start with send_at: the campaign waits for its time.
+    "scheduled": {
+        "ru": "Рассылка запланирована: отправка начнётся {until}.",
+        "en": "Scheduled: sending starts {until}.",
+    },
     "empty_campaign": {
         "ru": "Нет писем в очереди",
         "en": "No emails in the queue",
@@ -209,6 +214,14 @@ TEXTS: dict[str, dict[Lang, str]] = {
     "not_found": {
         "ru": "Кампания {campaign_id} не найдена.",
         "en": "Campaign {campaign_id} not found.",
+    },
+    "send_at_invalid": {
+        "ru": "Неверное время запуска send_at: {reason}.",
+        "en": "Invalid start time send_at: {reason}.",
+    },
+    "not_scheduled": {
+        "ru": "Кампания не ждёт запланированного запуска (статус «{status}»).",
+        "en": "The campaign is not waiting for a scheduled start (it is {status}).",
     },
     "invalid_state": {
         "ru": "Действие невозможно: кампания в статусе «{status}».",

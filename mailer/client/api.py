@@ -40,6 +40,7 @@ from mailer.messages import (
     CampaignList,
     CampaignPage,
     CampaignRef,
+    CampaignStart,
     CampaignUpdate,
     CampaignView,
     EmailRef,
@@ -304,11 +305,18 @@ class MailerClient:
                 return
             cursor = got.next_cursor
 
-    async def start_campaign(self, campaign_id: int) -> StartReply:
-        """Queues a draft; the reply's ``warnings`` are for the manager to see."""
-        return await self.request(
-            "campaign.start", CampaignRef(campaign_id=campaign_id), StartReply
-        )
+    async def start_campaign(
+        self, campaign_id: int, *, send_at: datetime | None = None
+    ) -> StartReply:
+        """Queues a draft (for ``send_at``, if given: an aware datetime); the reply's
+        ``warnings`` are for the manager to see."""
+        body = CampaignStart(campaign_id=campaign_id, send_at=send_at)
+        return await self.request("campaign.start", body, StartReply)
+
+    async def unschedule_campaign(self, campaign_id: int) -> CampaignView:
+        """A scheduled campaign that has not started goes back to draft."""
+        ref = CampaignRef(campaign_id=campaign_id)
+        return await self.request("campaign.unschedule", ref, CampaignView)
 
     async def pause_campaign(self, campaign_id: int) -> CampaignView:
         return await self.request(

@@ -32,6 +32,7 @@ __all__ = [
     "MailerError",
     "NoResponders",
     "NotFound",
+    "NotScheduled",
     "OutsideHours",
     "PayloadTooLarge",
     "QuotaExhausted",
@@ -120,6 +121,12 @@ class CampaignBusy(MailerError):
     """Delete while the campaign's actor finishes its last batch: retry in a minute."""
 
     code, status, retryable = "campaign_busy", 409, True
+
+
+class NotScheduled(MailerError):
+    """Unschedule of a campaign that is not waiting for a scheduled start."""
+
+    code, status = "not_scheduled", 409
 
 
 class PayloadTooLarge(MailerError):
@@ -237,6 +244,7 @@ ERRORS: dict[str, type[MailerError]] = {
         InvalidState,
         CampaignSending,
         CampaignBusy,
+        NotScheduled,
         PayloadTooLarge,
         ValidationError,
         TooManyInOneCall,

@@ -182,3 +182,11 @@ SELECT count(*) FILTER (WHERE c.status IN ('ready', 'sending'))::bigint AS queue
        count(*) FILTER (WHERE c.status = 'paused')::bigint AS paused
 FROM campaign c JOIN queue_entry q ON q.campaign_id = c.id
 WHERE c.owner_id = $1 AND q.completed_at IS NULL;
+
+-- name: api-queue-unschedule
+-- Takes a scheduled campaign out of the queue while it still waits for its
+-- time (no process holds it); returns the time it was scheduled for.
+DELETE FROM queue_entry
+WHERE campaign_id = $1 AND completed_at IS NULL AND defer_reason = 'scheduled'
+  AND deferred_until > $2 AND lease_owner IS NULL
+RETURNING deferred_until;
