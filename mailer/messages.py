@@ -51,6 +51,10 @@ __all__ = [
     "RecipientsAdded",
     "RecipientsRemove",
     "RecipientsRemoved",
+    "ResolveInDoubt",
+    "ResolveReply",
+    "RetryFailed",
+    "RetryReply",
     "RunCampaign",
     "RunReply",
     "StartReply",
@@ -126,6 +130,33 @@ class CampaignStart(_Strict):
 
     campaign_id: Id
     send_at: datetime | None = None
+
+
+class RetryFailed(_Strict):
+    """``permanent``: also the recipients that failed permanently (5xx)."""
+
+    campaign_id: Id
+    permanent: bool = False
+
+
+class RetryReply(Struct, kw_only=True):
+    campaign: CampaignView
+    requeued: int
+
+
+class ResolveInDoubt(_Strict):
+    """An operator's decision on in-doubt recipients (admin only)."""
+
+    campaign_id: Id
+    recipient_ids: Annotated[list[Id], Meta(min_length=1, max_length=5000)]
+    to: Literal["sent", "failed", "retry"]
+    note: Annotated[str, Meta(max_length=300, pattern=_ONE_LINE)] = ""
+
+
+class ResolveReply(Struct, kw_only=True):
+    campaign: CampaignView
+    resolved: list[int]  # the recipients that were in doubt and now are not
+    warning: str | None = None  # for "retry": it may send a message twice
 
 
 class RecipientIn(_Strict):

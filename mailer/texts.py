@@ -215,6 +215,12 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "ru": "Кампания {campaign_id} не найдена.",
         "en": "Campaign {campaign_id} not found.",
     },
+    "resolve_retry_warning": {
+        "ru": "Внимание: эти письма будут отправлены повторно. Если сервер уже принял их, "
+        "получатели получат письмо дважды.",
+        "en": "Warning: these messages will be sent again. If the server already took "
+        "them, the recipients get the message twice.",
+    },
     "send_at_invalid": {
         "ru": "Неверное время запуска send_at: {reason}.",
         "en": "Invalid start time send_at: {reason}.",
@@ -440,6 +446,14 @@ TEXTS.update(
         "cli_unsubscribe_absent": {
             "ru": "{email}: отписки не было.",
             "en": "{email}: was not unsubscribed.",
+        },
+        "cli_requeued": {
+            "ru": "Снова в очереди: {count}.",
+            "en": "Queued again: {count}.",
+        },
+        "cli_resolved": {
+            "ru": "Решено: {count} → {to}; кампания: {status}.",
+            "en": "Resolved: {count} → {to}; campaign: {status}.",
         },
         "cli_suppressed": {
             "ru": "{email}: в списке подавления — {reason} ({source}, {at}).",

@@ -243,7 +243,7 @@ def test_help_on_every_command() -> None:
     campaign = root.commands["campaign"]
     assert set(campaign.commands) == {  # type: ignore[attr-defined]
         "create", "update", "get", "list", "start", "pause", "resume", "cancel", "delete", "test",
-        "unschedule",
+        "unschedule", "retry",
     }  # fmt: skip
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
-from mailer.api import admin, campaigns, recipients, status, suppression, testmail
+from mailer.api import admin, campaigns, recipients, retry, status, suppression, testmail
 from mailer.api.context import ApiContext, Caller
 from mailer.config import Settings
 from mailer.messages import (
@@ -26,6 +26,8 @@ from mailer.messages import (
     RecipientList,
     RecipientsAdd,
     RecipientsRemove,
+    ResolveInDoubt,
+    RetryFailed,
     StatusRequest,
     SuppressionAdd,
     SuppressionList,
@@ -77,6 +79,13 @@ def routes(settings: Settings) -> list[Route]:
         Route("campaign-resume", "campaign.resume", CampaignRef, campaigns.resume, small),
         Route("campaign-cancel", "campaign.cancel", CampaignRef, campaigns.cancel, small),
         Route("campaign-test", "campaign.test", TestEmail, testmail.send_test, small),
+        Route(
+            "campaign-retry-failed",
+            "campaign.retry_failed",
+            RetryFailed,
+            retry.retry_failed,
+            small,
+        ),
         Route("manager-status", "manager.status", StatusRequest, status.status, small),
         Route("recipients-add", "recipients.add", RecipientsAdd, recipients.add, large),
         Route(
@@ -87,6 +96,7 @@ def routes(settings: Settings) -> list[Route]:
             small,
         ),
         Route("recipients-remove", "recipients.remove", RecipientsRemove, recipients.remove, large),
+        Route("recipients-resolve", "recipients.resolve", ResolveInDoubt, retry.resolve, large),
         Route(
             "attachments-add",
             "attachments.add",

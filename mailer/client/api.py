@@ -56,6 +56,10 @@ from mailer.messages import (
     RecipientsRemove,
     RecipientsRemoved,
     RecipientView,
+    ResolveInDoubt,
+    ResolveReply,
+    RetryFailed,
+    RetryReply,
     StartReply,
     StatusRequest,
     SuppressionAdd,
@@ -313,6 +317,11 @@ class MailerClient:
         body = CampaignStart(campaign_id=campaign_id, send_at=send_at)
         return await self.request("campaign.start", body, StartReply)
 
+    async def retry_failed(self, campaign_id: int, *, permanent: bool = False) -> RetryReply:
+        """Failed recipients (transient by default) as a new attempt; never suppressed ones."""
+        body = RetryFailed(campaign_id=campaign_id, permanent=permanent)
+        return await self.request("campaign.retry_failed", body, RetryReply)
+
     async def unschedule_campaign(self, campaign_id: int) -> CampaignView:
         """A scheduled campaign that has not started goes back to draft."""
         ref = CampaignRef(campaign_id=campaign_id)
@@ -397,6 +406,20 @@ class MailerClient:
         """Removes pending recipients by address (up to 5000 per call)."""
         body = RecipientsRemove(campaign_id=campaign_id, emails=list(emails))
         return await self.request("recipients.remove", body, RecipientsRemoved)
+
+    async def resolve_recipients(
+        self,
+        campaign_id: int,
+        recipient_ids: Sequence[int],
+        to: Literal["sent", "failed", "retry"],
+        *,
+        note: str = "",
+    ) -> ResolveReply:
+        """Admin only: settle in-doubt recipients; ``retry`` may send a message twice."""
+        body = ResolveInDoubt(
+            campaign_id=campaign_id, recipient_ids=list(recipient_ids), to=to, note=note
+        )
+        return await self.request("recipients.resolve", body, ResolveReply)
 
     async def add_attachment(
         self, campaign_id: int, filename: str, content: bytes, content_type: str

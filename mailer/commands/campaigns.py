@@ -182,6 +182,18 @@ async def start(
         cli.say(cli.t("cli_warning", message=w.message))
 
 
+@client_command(campaign, "retry", help="Send the failed recipients again, under every limit.")
+@click.argument("campaign_id", type=int)
+@click.option("--permanent", is_flag=True, help="Also those that failed permanently (5xx).")
+async def retry(cli: Cli, client: MailerClient, *, campaign_id: int, permanent: bool) -> None:
+    reply = await client.retry_failed(campaign_id, permanent=permanent)
+    if cli.json:
+        cli.emit(reply)
+        return
+    _show(cli, reply.campaign)
+    cli.say(cli.t("cli_requeued", count=reply.requeued))
+
+
 def _simple(name: str, help_text: str) -> None:
     @client_command(campaign, name, help=help_text)
     @click.argument("campaign_id", type=int)

@@ -200,3 +200,39 @@ async def remove(
     cli.say(cli.t("cli_removed", removed=reply.removed, kept=len(reply.not_removed)))
     for n in reply.not_removed:
         cli.say(cli.t("cli_not_removed", email=n.email, reason=n.reason))
+
+
+@client_command(
+    recipients, "resolve", help="Settle in-doubt recipients (admin): sent, failed or retry."
+)
+@click.argument("campaign_id", type=int)
+@click.argument("recipient_ids", type=int, nargs=-1, required=True)
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(["sent", "failed", "retry"]),
+    required=True,
+    help="sent: the provider has it; failed: it never left; retry: send again (may duplicate).",
+)
+@click.option("--note", default="", help="Why (a ticket), for the audit log.")
+async def resolve(
+    cli: Cli,
+    client: MailerClient,
+    *,
+    campaign_id: int,
+    recipient_ids: tuple[int, ...],
+    to: str,
+    note: str,
+) -> None:
+    reply = await client.resolve_recipients(
+        campaign_id,
+        list(recipient_ids),
+        to,  # type: ignore[arg-type]  # click.Choice checked it
+        note=note,
+    )
+    if cli.json:
+        cli.emit(reply)
+        return
+    cli.say(cli.t("cli_resolved", count=len(reply.resolved), to=to, status=reply.campaign.status))
+    if reply.warning:
+        cli.say(cli.t("cli_warning", message=reply.warning))
