@@ -108,6 +108,12 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "en": "The global quota is exhausted: the campaign is queued and starts sending "
         "once the quota is topped up.",
     },
+    "warning_scheduled_outside_hours": {
+        "ru": "Запланированное время вне рабочего времени ({start}-{end} {tz}): "
+        "отправка начнётся {until}.",
+        "en": "The scheduled time is outside working hours ({start}-{end} {tz}): "
+        "sending starts {until}.",
+    },
     "warning_outside_hours": {
         "ru": "Сейчас нерабочее время ({start}-{end} {tz}): кампания поставлена в очередь, "
         "отправка начнётся {until}.",

@@ -63,9 +63,20 @@ async def test_unschedule_and_the_checks_made_when_scheduling(
     make_service, crm: Crm, events: Events, sink, db
 ) -> None:
     clock = FakeClock(MONDAY_1015_MSK)
-    await make_service(clock=clock)
+    await make_service(clock=clock, working_hours_start="09:00", working_hours_end="18:00")
     cid = await crm.campaign(people(2))
     later = MONDAY_1015_MSK + timedelta(days=1)
+
+    # Scheduled for 20:00 MSK: the warning is about that time, not about now.
+    evening = await crm.campaign(people(1, "e.example"))
+    reply = await _start_at(crm, evening, MONDAY_1015_MSK + timedelta(hours=10))
+    [warning] = reply["warnings"]
+    assert warning["code"] == "outside_hours"
+    assert warning["message"] == (
+        "Запланированное время вне рабочего времени (9:00-18:00 МСК): "
+        "отправка начнётся завтра в 09:00 МСК."
+    )
+    await crm.call("campaign.unschedule", {"campaign_id": evening})
 
     # Refused as a start now would be, and for a time without an offset or years ahead.
     empty = await crm.campaign([])

@@ -191,7 +191,7 @@ async def start(ctx: ApiContext, caller: Caller, req: CampaignStart) -> StartRep
         if current is None:
             raise NotFound(campaign_id=req.campaign_id)
         raise Conflict(status=current.status)
-    warnings = await _start_warnings(ctx, caller, total)
+    warnings = await _start_warnings(ctx, caller, total, send_at)
     await _wake(ctx, req.campaign_id)
     await ctx.emit("queued", campaign_id=row.id, owner_id=row.owner_id, status="ready", at=now)
     return StartReply(campaign=await _view(ctx, req.campaign_id), warnings=warnings)
@@ -334,8 +334,11 @@ async def _wake(ctx: ApiContext, campaign_id: int) -> None:
     )
 
 
-async def _start_warnings(ctx: ApiContext, caller: Caller, total: int) -> list[StartWarning]:
-    """Accepted, but the manager should know it will not (all) go out now."""
+async def _start_warnings(
+    ctx: ApiContext, caller: Caller, total: int, send_at: datetime | None = None
+) -> list[StartWarning]:
+    """Accepted, but the manager should know it will not (all) go out now (or, for a
+    scheduled start, at ``send_at``)."""
     s, now, lang = ctx.settings, ctx.clock.now(), caller.lang
     warnings: list[StartWarning] = []
     quota = await ctx.db.quota()
@@ -343,10 +346,12 @@ async def _start_warnings(ctx: ApiContext, caller: Caller, total: int) -> list[S
         warnings.append(
             StartWarning(code="quota_exhausted", message=text("warning_quota_exhausted", lang))
         )
-    if not ctx.hours.is_open(now):
-        opens = ctx.hours.next_open(now)
+    at = send_at or now
+    if not ctx.hours.is_open(at):
+        opens = ctx.hours.next_open(at)
         values = reason_values(s, until=opens, now=now, lang=lang)
-        message = text("warning_outside_hours", lang, **values)
+        key = "warning_outside_hours" if send_at is None else "warning_scheduled_outside_hours"
+        message = text(key, lang, **values)
         warnings.append(StartWarning(code="outside_hours", message=message))
     if total > s.large_campaign_warning:
         message = text(
