@@ -238,10 +238,10 @@ PROCESSING_OLDEST_SECONDS: Final = Gauge(
 
 RETENTION_DELETED: Final = Counter(
     "mailer_retention_deleted_total",
-    "Rows the leader's retention removed, by table (send_log, audit_log, recipient).",
+    "Rows the leader's retention removed, by table (send_log, audit_log, recipient, soft_bounce).",
     ["table"],
 )
-RETENTION_TABLES: Final = ("send_log", "audit_log", "recipient")
+RETENTION_TABLES: Final = ("send_log", "audit_log", "recipient", "soft_bounce")
 # ---------------------------------------------------------------------------------------
 # Backlog, budgets and dependencies: read from PostgreSQL / Redis at scrape time
 # (mailer.gauges). Cluster-wide facts: every process exports the same values, so alerts

@@ -272,6 +272,7 @@ class Service:
                 send_log_days=s.retention_send_log_days,
                 audit_log_days=s.retention_audit_log_days,
                 recipients_days=s.retention_recipients_days,
+                soft_bounce_days=s.soft_bounce_window_days,
                 batch=s.retention_batch_size,
             ),
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
@@ -252,3 +253,25 @@ async def test_suppression_admin_subjects(make_service, crm: Crm, db) -> None:
     assert actions.count("suppression.add") == 1 and actions.count("suppression.remove") == 1
     with pytest.raises(ApiFailed):
         await crm.call("suppression.check", {"email": "not an address"})
+
+
+async def test_soft_bounces_past_their_window_are_removed(db, database_url) -> None:
+    import asyncpg
+
+    from mailer.retention import Retention, RetentionPolicy
+
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    for days in (1, 6, 8, 30):
+        await db.execute(
+            "INSERT INTO soft_bounce (email, created_at) VALUES ('a@example.org', $1)",
+            now - timedelta(days=days),
+        )
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        policy = RetentionPolicy(
+            send_log_days=0, audit_log_days=0, recipients_days=0, soft_bounce_days=7, batch=1
+        )
+        assert await Retention(pool, policy).run(now) == {"soft_bounce": 2}
+    finally:
+        await pool.close()
+    assert await db.fetchval("SELECT count(*) FROM soft_bounce") == 2
