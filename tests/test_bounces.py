@@ -275,3 +275,76 @@ async def test_soft_bounces_past_their_window_are_removed(db, database_url) -> N
     finally:
         await pool.close()
     assert await db.fetchval("SELECT count(*) FROM soft_bounce") == 2
+
+
+async def test_receiver_refuses_oversized_and_answers_451_when_the_database_fails(
+    database_url,
+) -> None:
+    """The failure policies of the receiver: 552 past the size limit; a database that
+    cannot record the report gets 451, so the reporting MTA tries again later."""
+    import asyncpg
+
+    from mailer.bounces.inbound import BounceProcessor
+    from mailer.bounces.receiver import BounceReceiver
+    from mailer.clock import SystemClock
+    from mailer.suppression import PgSuppressions
+
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    secret = "s" * 20
+    processor = BounceProcessor(
+        domain=DOMAIN, secrets=[secret], store=PgSuppressions(pool), clock=SystemClock()
+    )
+    receiver = BounceReceiver("127.0.0.1", 0, domain=DOMAIN, processor=processor, max_bytes=4096)
+    await receiver.start()
+    try:
+        rcpt = bounce_address(secret, DOMAIN, 12345)
+        with pytest.raises(aiosmtplib.SMTPResponseException) as big:
+            await deliver(receiver.port, rcpt, dsn() + b"x" * 5000 + b"\r\n")
+        assert big.value.code == 552
+        await deliver(receiver.port, rcpt, dsn())  # the recipient does not exist: 250, nothing
+        await pool.close()  # the database is gone
+        with pytest.raises(aiosmtplib.SMTPDataError) as failed:
+            await deliver(receiver.port, rcpt, dsn())
+        assert failed.value.code == 451
+    finally:
+        await receiver.stop()
+        await pool.close()
+
+
+async def test_webhook_answers_503_when_the_database_fails(database_url) -> None:
+    import asyncpg
+    from aiohttp import web
+
+    from mailer.bounces.inbound import BounceProcessor
+    from mailer.bounces.webhook import BounceWebhook
+    from mailer.clock import SystemClock
+    from mailer.suppression import PgSuppressions
+
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    secret = "s" * 20
+    processor = BounceProcessor(
+        domain=DOMAIN, secrets=[secret], store=PgSuppressions(pool), clock=SystemClock()
+    )
+    app = web.Application()
+    app.add_routes(BounceWebhook(secret=SECRET, processor=processor).routes())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    body = json.dumps(
+        {"events": [{"type": "hard_bounce", "address": bounce_address(secret, DOMAIN, 7)}]}
+    ).encode()
+    try:
+        await pool.close()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"http://127.0.0.1:{port}/bounces/webhook",
+                data=body,
+                headers={SIGNATURE_HEADER: signature(SECRET, body)},
+            ) as resp,
+        ):
+            assert resp.status == 503
+    finally:
+        await runner.cleanup()
