@@ -98,6 +98,34 @@ class Locked:
     async def resume_queue(self) -> None:
         await self._conn.execute(Q["api-queue-resume"], self._id())
 
+    async def retry_failed(self, *, permanent: bool, now: datetime) -> list[int]:
+        rows = await self._conn.fetch(Q["retry-failed"], self._id(), permanent, now)
+        return [int(r["id"]) for r in rows]
+
+    async def resolve_in_doubt(
+        self, ids: Sequence[int], to: str, *, error: str, now: datetime
+    ) -> list[int]:
+        rows = await self._conn.fetch(
+            Q["retry-resolve-in-doubt"], self._id(), list(ids), to, error, now
+        )
+        return [int(r["id"]) for r in rows]
+
+    async def reopen(self, now: datetime) -> bool:
+        """A finished campaign back to ready and into the queue; False if not finished."""
+        return bool(await self._conn.fetchval(Q["retry-reopen-campaign"], self._id(), now))
+
+    async def refinish(self, now: datetime) -> str | None:
+        """A finished campaign's status from its recipients; None if it is not finished."""
+        status: str | None = await self._conn.fetchval(
+            Q["retry-refinish-campaign"], self._id(), now
+        )
+        return status
+
+    async def unschedule_queue(self, now: datetime) -> datetime | None:
+        """Removes a still-waiting scheduled entry; the time it had, or None."""
+        at: datetime | None = await self._conn.fetchval(Q["api-queue-unschedule"], self._id(), now)
+        return at
+
     async def cancel_queue(self, now: datetime) -> None:
         await self._conn.execute(Q["api-queue-cancel"], self._id(), now)
 

@@ -133,6 +133,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     message_id_domain: Annotated[
         str, Meta(description="Domain of generated Message-IDs (default: from_email's).")
     ] = ""
+    dkim_key_file: Annotated[
+        str,
+        Meta(
+            description="PEM private key (RSA or Ed25519) that DKIM-signs every message;"
+            " empty: no signing. Checked at start."
+        ),
+    ] = ""
+    dkim_selector: Annotated[
+        str, Meta(description="DKIM selector: the key is published at <selector>._domainkey.")
+    ] = "mailer"
+    dkim_domain: Annotated[
+        str, Meta(description="DKIM signing domain, d= (default: from_email's domain).")
+    ] = ""
 
     # --- sending rules -------------------------------------------------------
     rate_per_hour: Annotated[
@@ -293,6 +306,38 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         ),
     ] = ""
 
+    # --- bounces and complaints --------------------------------------------------
+    bounce_domain: Annotated[
+        str,
+        Meta(
+            description="Domain of the per-recipient envelope senders (VERP,"
+            " bounce+<token>@domain) and of the bounce receiver; empty: both off."
+        ),
+    ] = ""
+    bounce_smtp_host: Annotated[
+        str, Meta(description="Bind address of the inbound SMTP receiver of bounces.")
+    ] = "127.0.0.1"
+    bounce_smtp_port: Annotated[
+        Port, Meta(description="Port of the inbound SMTP receiver of bounces (0: any free).")
+    ] = 2525
+    bounce_max_message_bytes: Annotated[
+        PositiveInt, Meta(description="Largest report the bounce receiver accepts (552 past it).")
+    ] = 1024 * 1024
+    bounce_webhook_secret: Annotated[
+        str,
+        Meta(
+            description="HMAC key of the provider webhook POST /bounces/webhook on the public"
+            " server; empty: no webhook."
+        ),
+    ] = ""
+    soft_bounce_limit: Annotated[
+        PositiveInt,
+        Meta(description="Soft bounces within the window that suppress an address."),
+    ] = 3
+    soft_bounce_window_days: Annotated[
+        Seconds, Meta(description="Window of the soft-bounce count, in days.")
+    ] = 7.0
+
     # --- process -------------------------------------------------------------------
     http_host: Annotated[
         str, Meta(description="Bind address of the internal server: /metrics, /healthz, /readyz.")
@@ -356,6 +401,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     @property
     def effective_instance_id(self) -> str:
         return self.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @property
+    def effective_dkim_domain(self) -> str:
+        return self.dkim_domain or self.from_email.rpartition("@")[2]
 
     @property
     def effective_message_id_domain(self) -> str:
@@ -502,6 +551,8 @@ def load_settings(
     settings = msgspec.convert(values, Settings)
     _check_values(settings)
     _check_nats_auth(settings)
+    _check_dkim(settings)
+    _check_bounces(settings)
     if settings.env == "production":
         _check_production(settings)
     return settings
@@ -587,6 +638,28 @@ def _check_nats_auth(s: Settings) -> None:
             )
         )
         raise ConfigError(f"{exc} (the NATS auth settings: {names})") from None
+
+
+def _check_dkim(s: Settings) -> None:
+    """A DKIM key that cannot sign verifiable messages stops the process at start."""
+    from mailer.dkim import DkimError, dkim_signer  # the signer owns the key rules
+
+    try:
+        dkim_signer(s)
+    except DkimError as exc:
+        raise ConfigError(f"{env_name('dkim_key_file')}={s.dkim_key_file!r}: {exc}") from None
+
+
+_DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z0-9\-]{2,}")
+
+
+def _check_bounces(s: Settings) -> None:
+    if s.bounce_domain and not _DOMAIN.fullmatch(s.bounce_domain):
+        raise ConfigError(
+            f"{env_name('bounce_domain')}={s.bounce_domain!r} is not allowed: expected a domain"
+        )
+    if s.bounce_webhook_secret and len(s.bounce_webhook_secret) < 16:
+        raise ConfigError(f"{env_name('bounce_webhook_secret')} must have 16+ characters")
 
 
 def _check_production(s: Settings) -> None:

@@ -45,6 +45,7 @@ CODES: Final[Mapping[str, int]] = {
     "campaign_sending": 409,
     "campaign_busy": 409,
     "quota_not_local": 409,
+    "not_scheduled": 409,
     "payload_too_large": 413,
     "validation_error": 422,
     "too_many_in_one_call": 422,

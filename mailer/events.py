@@ -43,6 +43,7 @@ __all__ = [
     "MSG_ID_HEADER",
     "JetStreamEvents",
     "Notification",
+    "SuppressionEvent",
     "UnsubscribeEvent",
     "notification_for",
     "owner_token",
@@ -53,7 +54,7 @@ log = logging.getLogger("mailer.events")
 
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
 
-EventKind = Literal["campaign", "notify", "unsubscribe"]
+EventKind = Literal["campaign", "notify", "unsubscribe", "suppression"]
 
 EVENTS_PUBLISH_FAILURES: Final = Counter(
     "mailer_events_publish_failures_total",
@@ -87,6 +88,20 @@ class UnsubscribeEvent(Struct, kw_only=True):
     source: str
     campaign_id: int | None
     at: datetime  # when the unsubscribe was first recorded
+
+
+class SuppressionEvent(Struct, kw_only=True):
+    """An address added to the suppression list by a bounce, a complaint or an admin."""
+
+    email: str  # the full address: other services update their records by it
+    email_hash: str
+    email_domain: str
+    reason: str  # hard_bounce | soft_bounce | complaint | manual
+    source: str  # dsn | arf | other | webhook | api
+    campaign_id: int | None
+    recipient_id: int | None
+    detail: str
+    at: datetime
 
 
 def stream_name(prefix: str) -> str:
@@ -262,6 +277,16 @@ class JetStreamEvents:
             campaign_id=event.campaign_id,
         )
 
+    def suppression_notice(self, event: SuppressionEvent) -> Notice:
+        """``<prefix>.events.suppression.<reason>``, once per address and record time."""
+        return Notice(
+            kind="suppression",
+            subject=self._bus.subject("events", "suppression", _subject_token(event.reason)),
+            msg_id=f"suppression:{event.email_hash}:{event.at.isoformat()}",
+            payload=encode(event),
+            campaign_id=event.campaign_id,
+        )
+
     def notification_notice(self, note: Notification) -> Notice:
         when = (note.deferred_until or note.at).isoformat()
         return Notice(
@@ -317,6 +342,6 @@ def _kind(kind: str) -> EventKind:
     # Outbox rows are checked by the table; anything else counts as a notification.
     if kind == "campaign":
         return "campaign"
-    if kind == "unsubscribe":
-        return "unsubscribe"
+    if kind in ("unsubscribe", "suppression"):
+        return "unsubscribe" if kind == "unsubscribe" else "suppression"
     return "notify"

@@ -28,6 +28,7 @@ __all__ = [
     "CampaignList",
     "CampaignPage",
     "CampaignRef",
+    "CampaignStart",
     "CampaignUpdate",
     "CampaignView",
     "EmailRef",
@@ -50,11 +51,21 @@ __all__ = [
     "RecipientsAdded",
     "RecipientsRemove",
     "RecipientsRemoved",
+    "ResolveInDoubt",
+    "ResolveReply",
+    "RetryFailed",
+    "RetryReply",
     "RunCampaign",
     "RunReply",
     "StartReply",
     "StartWarning",
     "StatusRequest",
+    "SuppressionAdd",
+    "SuppressionList",
+    "SuppressionPage",
+    "SuppressionReason",
+    "SuppressionRemoved",
+    "SuppressionView",
     "TestEmail",
     "TestEmailSent",
     "TokenReply",
@@ -84,7 +95,17 @@ UserId = Annotated[str, Meta(min_length=1, max_length=200, pattern=_ONE_LINE)]
 CampaignStatus = Literal[
     "draft", "ready", "sending", "paused", "sent", "completed_with_errors", "cancelled"
 ]
-RecipientStatus = Literal["pending", "sending", "sent", "failed", "unsubscribed", "in_doubt"]
+RecipientStatus = Literal[
+    "pending",
+    "sending",
+    "sent",
+    "failed",
+    "unsubscribed",
+    "in_doubt",
+    "bounced",
+    "complained",
+    "suppressed",
+]
 
 
 class _Strict(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -101,6 +122,41 @@ class CampaignCreate(_Strict):
 
 class CampaignRef(_Strict):
     campaign_id: Id
+
+
+class CampaignStart(_Strict):
+    """``send_at``: start then instead of now (RFC 3339 with an offset; a time
+    not in the future starts now)."""
+
+    campaign_id: Id
+    send_at: datetime | None = None
+
+
+class RetryFailed(_Strict):
+    """``permanent``: also the recipients that failed permanently (5xx)."""
+
+    campaign_id: Id
+    permanent: bool = False
+
+
+class RetryReply(Struct, kw_only=True):
+    campaign: CampaignView
+    requeued: int
+
+
+class ResolveInDoubt(_Strict):
+    """An operator's decision on in-doubt recipients (admin only)."""
+
+    campaign_id: Id
+    recipient_ids: Annotated[list[Id], Meta(min_length=1, max_length=5000)]
+    to: Literal["sent", "failed", "retry"]
+    note: Annotated[str, Meta(max_length=300, pattern=_ONE_LINE)] = ""
+
+
+class ResolveReply(Struct, kw_only=True):
+    campaign: CampaignView
+    resolved: list[int]  # the recipients that were in doubt and now are not
+    warning: str | None = None  # for "retry": it may send a message twice
 
 
 class RecipientIn(_Strict):
@@ -436,6 +492,45 @@ class UnsubscribeList(_Strict):
 
 class UnsubscribePage(Struct, kw_only=True):
     items: list[UnsubscribeView]
+    next_cursor: str | None
+
+
+SuppressionReason = Literal["unsubscribed", "hard_bounce", "complaint", "soft_bounce", "manual"]
+
+
+class SuppressionAdd(_Strict):
+    """An admin's entry (reason ``manual``); ``detail``: why, for the record."""
+
+    email: Email
+    detail: Annotated[str, Meta(max_length=300, pattern=_ONE_LINE)] = ""
+
+
+class SuppressionView(Struct, kw_only=True):
+    email: str
+    suppressed: bool
+    reason: str | None = None
+    source: str | None = None
+    campaign_id: int | None = None
+    detail: str | None = None
+    created_at: datetime | None = None
+
+
+class SuppressionRemoved(Struct, kw_only=True):
+    email: str
+    removed: bool
+    reason: str | None = None  # what it was listed for
+
+
+class SuppressionList(_Strict):
+    """In address order; ``reason`` filters; ``cursor`` is the previous ``next_cursor``."""
+
+    limit: PageLimit = 100
+    cursor: Email | None = None
+    reason: SuppressionReason | None = None
+
+
+class SuppressionPage(Struct, kw_only=True):
+    items: list[SuppressionView]
     next_cursor: str | None
 
 

@@ -122,6 +122,7 @@ WAITING_REASONS: Final = (
     "circuit_breaker",
     "render_error",
     "paused",
+    "scheduled",
 )
 
 # Circuit-breaker states as gauge values (ordered by severity so max() is meaningful).
@@ -237,10 +238,10 @@ PROCESSING_OLDEST_SECONDS: Final = Gauge(
 
 RETENTION_DELETED: Final = Counter(
     "mailer_retention_deleted_total",
-    "Rows the leader's retention removed, by table (send_log, audit_log, recipient).",
+    "Rows the leader's retention removed, by table (send_log, audit_log, recipient, soft_bounce).",
     ["table"],
 )
-RETENTION_TABLES: Final = ("send_log", "audit_log", "recipient")
+RETENTION_TABLES: Final = ("send_log", "audit_log", "recipient", "soft_bounce")
 # ---------------------------------------------------------------------------------------
 # Backlog, budgets and dependencies: read from PostgreSQL / Redis at scrape time
 # (mailer.gauges). Cluster-wide facts: every process exports the same values, so alerts

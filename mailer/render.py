@@ -42,6 +42,7 @@ from email.header import Header
 from email.message import MIMEPart
 from email.utils import format_datetime, parseaddr
 
+from mailer.dkim import BoundSigner, DkimSigner
 from mailer.payload import Payload, data_safe
 from mailer.texts import text
 
@@ -334,6 +335,7 @@ class MessageTemplate:
         message_id_domain: str,
         headers: Mapping[str, str] | None = None,
         attachments: Sequence[Attachment] = (),
+        dkim: DkimSigner | None = None,
     ) -> None:
         if text is None and html is None:
             raise ValueError("a message needs a text body, an HTML body, or both")
@@ -353,9 +355,11 @@ class MessageTemplate:
         lines: list[str] = []
         # Same encoder as To (not formataddr): formataddr emits one unfolded
         # encoded-word, several hundred octets long for a long Cyrillic name.
-        lines.append(f"From: {_format_address('From', from_name, from_email)}\r\n")
+        from_value = _format_address("From", from_name, from_email)
+        lines.append(f"From: {from_value}\r\n")
         # Parsers strip whitespace around an unstructured value anyway.
-        lines.append(f"Subject: {_encode_unstructured('Subject', subject)}\r\n")
+        subject_value = _encode_unstructured("Subject", subject)
+        lines.append(f"Subject: {subject_value}\r\n")
         if reply_to:
             rt_name, rt_addr = parseaddr(reply_to)
             reply_header = _format_address("Reply-To", rt_name or None, rt_addr or reply_to)
@@ -433,6 +437,15 @@ class MessageTemplate:
         self._safe_between = data_safe(body_between)
         self._date_key: tuple[datetime, object] | None = None
         self._date_value = ""
+        # DKIM: the static headers canonicalized once; the body begins after
+        # the blank line, which is inside _mid.
+        self._dkim: BoundSigner | None = None
+        self._body_prefix = self._mid[self._mid.index(b"\r\n\r\n") + 4 :]
+        if dkim is not None:
+            self._dkim = dkim.bind(
+                from_header=from_value.encode("utf-8"),
+                subject_header=subject_value.encode("utf-8"),
+            )
 
     @staticmethod
     def _compile_text(source: str) -> _Body:
@@ -483,6 +496,7 @@ class MessageTemplate:
         )
         return b"".join(
             (
+                self._signature(head, text, html_, date),
                 self._static_headers,
                 head,
                 self._mid,
@@ -516,8 +530,19 @@ class MessageTemplate:
             unsubscribe_url=unsubscribe_url,
         )
         # Base64 bodies are DATA-safe as they are; the headers are checked.
-        own = Payload.trusted((self._safe_static_headers, data_safe(head), self._safe_mid, text))
+        # A DKIM-Signature's lines start with "DKIM" or a space: DATA-safe.
+        signature = self._signature(head, text, html_, date)
+        own = Payload.trusted(
+            (signature, self._safe_static_headers, data_safe(head), self._safe_mid, text)
+        )
         return Payload.of(own, Payload.trusted((self._safe_between, html_)), self._tail)
+
+    def _signature(self, head: bytes, text: bytes, html_: bytes, date: datetime) -> bytes:
+        """The DKIM-Signature header of one message, or b"" when not signing."""
+        if self._dkim is None:
+            return b""
+        body = [self._body_prefix, text, self._between, html_, *self._tail.chunks]
+        return self._dkim.signature(head, body, timestamp=int(date.timestamp()))
 
     def _personal(
         self,

@@ -32,6 +32,8 @@ class RetentionPolicy(msgspec.Struct, frozen=True, kw_only=True):
     send_log_days: int
     audit_log_days: int
     recipients_days: int
+    # Soft bounces older than their counting window count for nothing (mailer.suppression).
+    soft_bounce_days: float = 0
     batch: int = 1000
     # Per table and run: bounded work per reconcile.
     max_batches: int = 20
@@ -55,6 +57,9 @@ class Retention:
         if p.recipients_days:
             cutoff = now - timedelta(days=p.recipients_days)
             removed["recipient"] = await self._recipients(cutoff)
+        if p.soft_bounce_days:
+            cutoff = now - timedelta(days=p.soft_bounce_days)
+            removed["soft_bounce"] = await self._batches(Q["retention-soft-bounce"], cutoff)
         removed = {table: n for table, n in removed.items() if n}
         for table, n in removed.items():
             metrics.RETENTION_DELETED.labels(table=table).inc(n)

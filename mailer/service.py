@@ -52,11 +52,13 @@ from mailer.actors.leader import LeaderActor
 from mailer.actors.runner import RunnerActor
 from mailer.actors.scheduler import Leadership, SchedulerActor, wake_subject
 from mailer.actors.sender import ActorMailer, SenderActor
+from mailer.bounces.setup import Bounces, envelope_sender
 from mailer.breaker import CircuitBreaker
 from mailer.bus import Bus, NatsAuthError
 from mailer.clock import Clock, SystemClock
 from mailer.config import Settings, mask_url
 from mailer.db import Q, connect_pool, migrate
+from mailer.dkim import dkim_signer
 from mailer.events import JetStreamEvents
 from mailer.gauges import ScrapeGauges
 from mailer.http import HttpServer
@@ -70,6 +72,7 @@ from mailer.rules import WorkingHours
 from mailer.smtphealth import SmtpHealth
 from mailer.startup import Deadline, StartupError, describe, retry_until
 from mailer.store import PgStore
+from mailer.suppression import PgSuppressions
 from mailer.transport import SmtpTransport
 from mailer.unsubscribe import PgUnsubscribes, secrets_of, unsubscribe_url
 from mailer.unsubscribe_http import UnsubscribePages
@@ -137,6 +140,7 @@ class Service:
         self._supervisor: Supervisor | None = None
         self._http: HttpServer | None = None
         self._public_http: HttpServer | None = None
+        self._bounces: Bounces | None = None
         self._gauges: ScrapeGauges | None = None
         self._started = False
         self._events: JetStreamEvents | None = None
@@ -175,6 +179,15 @@ class Service:
     def http_port(self) -> int | None:
         """The internal server's port (metrics, probes)."""
         return self._http.port if self._http is not None else None
+
+    @property
+    def bounce_smtp_port(self) -> int | None:
+        """The bounce receiver's port (None: not configured or not started)."""
+        return self._bounces.smtp_port if self._bounces is not None else None
+
+    @property
+    def suppressions(self) -> PgSuppressions | None:
+        return self._bounces.store if self._bounces is not None else None
 
     @property
     def public_http_port(self) -> int | None:
@@ -260,6 +273,7 @@ class Service:
                 send_log_days=s.retention_send_log_days,
                 audit_log_days=s.retention_audit_log_days,
                 recipients_days=s.retention_recipients_days,
+                soft_bounce_days=s.soft_bounce_window_days,
                 batch=s.retention_batch_size,
             ),
         )
@@ -367,6 +381,14 @@ class Service:
             clock=self.clock,
         )
         self._public_http.add_routes(unsubscribe_pages.routes())
+        self._bounces = Bounces(
+            s, pool=self._pool, events=self._events, outbox=self._outbox, clock=self.clock
+        )
+        try:
+            await self._bounces.start(self._public_http)
+        except OSError as exc:
+            where = f"{s.bounce_smtp_host}:{s.bounce_smtp_port}"
+            raise StartupError("smtp (bounces)", where, describe(exc), waited=None) from None
         await _listen(self._public_http)
         self._started = True
         log.info(
@@ -501,7 +523,10 @@ class Service:
             hours=WorkingHours.from_settings(s),
             log_each_send=s.log_each_send,
             window=s.smtp_connections,
+            dkim=dkim_signer(s),
         )
+
+        verp = envelope_sender(s)
 
         def link(cid: int, email: str) -> str:
             return unsubscribe_url(s.public_url, s.unsubscribe_secret, cid, email)
@@ -520,6 +545,7 @@ class Service:
                 settings=settings,
                 unsubscribe_url=link,
                 fault=self._fault,
+                bounce_address=verp,
             ),
             restart=Restart.TRANSIENT,
             limit=CAMPAIGN_RESTARTS,
@@ -637,6 +663,8 @@ class Service:
         for server in (self._public_http, self._http):
             if server is not None:
                 await server.stop()
+        if self._bounces is not None:
+            await self._bounces.stop()
         if self._supervisor is not None:
             deadline = self.settings.shutdown_timeout_seconds
             self._supervisor.begin_shutdown(deadline)

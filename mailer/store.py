@@ -248,9 +248,18 @@ class PgStore:
         return campaign_view(row, counts, q)
 
     async def start(
-        self, campaign_id: int, *, actor_id: str, now: datetime, allowed_from: Sequence[str]
+        self,
+        campaign_id: int,
+        *,
+        actor_id: str,
+        now: datetime,
+        allowed_from: Sequence[str],
+        send_at: datetime | None = None,
     ) -> CampaignRow | None:
-        """Moves the campaign to ``ready`` and (re)queues it; None if not allowed now."""
+        """Moves the campaign to ``ready`` and (re)queues it; None if not allowed now.
+
+        ``send_at``: the entry waits until then (reason ``scheduled``).
+        """
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 Q["campaign-set-status-from"], campaign_id, "ready", list(allowed_from), now
@@ -260,7 +269,13 @@ class PgStore:
             c = await conn.fetchrow(Q["campaign-get"], campaign_id)
             assert c is not None
             await conn.execute(Q["queue-enqueue"], campaign_id, c["priority"], now)
-            await conn.execute(Q["audit-insert"], now, actor_id, "campaign.start", campaign_id, {})
+            details: dict[str, str] = {}
+            if send_at is not None:
+                await conn.execute(Q["queue-schedule"], campaign_id, send_at)
+                details["send_at"] = send_at.isoformat()
+            await conn.execute(
+                Q["audit-insert"], now, actor_id, "campaign.start", campaign_id, details
+            )
             await conn.execute(
                 Q["audit-insert"],
                 now,

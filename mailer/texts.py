@@ -76,6 +76,11 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "ru": "Временная ошибка отправки. Повторим попытку {until}.",
         "en": "Temporary sending error. We retry {until}.",
     },
+    # A start with send_at: the campaign waits for its time.
+    "scheduled": {
+        "ru": "Рассылка запланирована: отправка начнётся {until}.",
+        "en": "Scheduled: sending starts {until}.",
+    },
     "empty_campaign": {
         "ru": "Нет писем в очереди",
         "en": "No emails in the queue",
@@ -127,6 +132,12 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "после пополнения квоты.",
         "en": "The global quota is exhausted: the campaign is queued and starts sending "
         "once the quota is topped up.",
+    },
+    "warning_scheduled_outside_hours": {
+        "ru": "Запланированное время вне рабочего времени ({start}-{end} {tz}): "
+        "отправка начнётся {until}.",
+        "en": "The scheduled time is outside working hours ({start}-{end} {tz}): "
+        "sending starts {until}.",
     },
     "warning_outside_hours": {
         "ru": "Сейчас нерабочее время ({start}-{end} {tz}): кампания поставлена в очередь, "
@@ -234,6 +245,20 @@ TEXTS: dict[str, dict[Lang, str]] = {
     "not_found": {
         "ru": "Кампания {campaign_id} не найдена.",
         "en": "Campaign {campaign_id} not found.",
+    },
+    "resolve_retry_warning": {
+        "ru": "Внимание: эти письма будут отправлены повторно. Если сервер уже принял их, "
+        "получатели получат письмо дважды.",
+        "en": "Warning: these messages will be sent again. If the server already took "
+        "them, the recipients get the message twice.",
+    },
+    "send_at_invalid": {
+        "ru": "Неверное время запуска send_at: {reason}.",
+        "en": "Invalid start time send_at: {reason}.",
+    },
+    "not_scheduled": {
+        "ru": "Кампания не ждёт запланированного запуска (статус «{status}»).",
+        "en": "The campaign is not waiting for a scheduled start (it is {status}).",
     },
     "invalid_state": {
         "ru": "Действие невозможно: кампания в статусе «{status}».",
@@ -458,6 +483,30 @@ TEXTS.update(
         "cli_unsubscribe_absent": {
             "ru": "{email}: отписки не было.",
             "en": "{email}: was not unsubscribed.",
+        },
+        "cli_requeued": {
+            "ru": "Снова в очереди: {count}.",
+            "en": "Queued again: {count}.",
+        },
+        "cli_resolved": {
+            "ru": "Решено: {count} → {to}; кампания: {status}.",
+            "en": "Resolved: {count} → {to}; campaign: {status}.",
+        },
+        "cli_suppressed": {
+            "ru": "{email}: в списке подавления — {reason} ({source}, {at}).",
+            "en": "{email}: suppressed — {reason} ({source}, {at}).",
+        },
+        "cli_not_suppressed": {
+            "ru": "{email}: письма можно отправлять.",
+            "en": "{email}: may be mailed.",
+        },
+        "cli_suppression_removed": {
+            "ru": "{email}: удалён из списка подавления (было: {reason}).",
+            "en": "{email}: removed from the suppression list (was: {reason}).",
+        },
+        "cli_suppression_absent": {
+            "ru": "{email}: не было в списке подавления.",
+            "en": "{email}: was not on the suppression list.",
         },
         "cli_quota": {
             "ru": "Квота: доступно {available} из {limit} в месяц; синхронизирована {synced}.",

@@ -23,7 +23,13 @@ from mailer.cli import root
 from mailer.client import MailerClient
 from mailer.config import Settings
 from mailer.errors import CODES
-from mailer.events import MSG_ID_HEADER, JetStreamEvents, Notification, UnsubscribeEvent
+from mailer.events import (
+    MSG_ID_HEADER,
+    JetStreamEvents,
+    Notification,
+    SuppressionEvent,
+    UnsubscribeEvent,
+)
 from mailer.messages import CampaignEvent
 
 DOC = (Path(__file__).parent.parent / "docs" / "api.md").read_text(encoding="utf-8")
@@ -162,6 +168,7 @@ def test_event_payload_examples_have_exactly_the_published_fields() -> None:
         "events.campaign.<event>": CampaignEvent,
         "events.notify.<owner>": Notification,
         "events.unsubscribe": UnsubscribeEvent,
+        "events.suppression.<reason>": SuppressionEvent,
     }
     assert set(examples) == set(types)
     for subject, typ in types.items():
@@ -198,6 +205,7 @@ async def test_documented_msg_ids_are_the_published_ones(settings: Settings) -> 
         "events.campaign.<event>",
         "events.notify.<owner>",
         "events.unsubscribe",
+        "events.suppression.<reason>",
     }
     bus = Bus(settings.nats_url, prefix=settings.subject_prefix, name="docs-test")
     await bus.connect()
@@ -243,14 +251,31 @@ async def test_documented_msg_ids_are_the_published_ones(settings: Settings) -> 
         sub = await js.pull_subscribe(
             bus.subject("events", ">"), stream=events.stream, durable=None
         )
-        msgs = await sub.fetch(4, timeout=5)
-        assert len(msgs) == 4
+        await events.publish_notice(
+            events.suppression_notice(
+                SuppressionEvent(
+                    email="anna@example.org",
+                    email_hash="3f1c9a0b7d2e4c61",
+                    email_domain="example.org",
+                    reason="hard_bounce",
+                    source="dsn",
+                    campaign_id=7,
+                    recipient_id=1234,
+                    detail="failed 5.1.1",
+                    at=at,
+                )
+            )
+        )
+        msgs = await sub.fetch(5, timeout=5)
+        assert len(msgs) == 5
         prefix = settings.subject_prefix + "."
         by_template = {
             "events.campaign.<event>": msgs[0],
             "events.notify.<owner>": msgs[1],
             "events.unsubscribe": msgs[2],
+            "events.suppression.<reason>": msgs[4],
         }
+        assert msgs[4].subject == prefix + "events.suppression.hard_bounce"
         assert msgs[1].subject == prefix + "events.notify.manager%2E1"  # the documented escape
         for template, msg in by_template.items():
             payload = json.loads(msg.data)

@@ -242,10 +242,12 @@ def test_help_on_every_command() -> None:
     walk(root, [])
     names = set(root.commands)
     assert {"campaign", "recipients", "status", "watch", "quota", "unsubscribe"} <= names
+    assert "suppression" in names
     assert {"audit", "events", "ping", "run", "migrate", "dev", "demo"} <= names
     campaign = root.commands["campaign"]
     assert set(campaign.commands) == {  # type: ignore[attr-defined]
         "create", "update", "get", "list", "start", "pause", "resume", "cancel", "delete", "test",
+        "unschedule", "retry",
     }  # fmt: skip
 
 

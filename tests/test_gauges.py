@@ -100,6 +100,7 @@ async def test_gauges_read_the_database_and_redis(
         "circuit_breaker": 1,
         "render_error": 1,
         "paused": 1,
+        "scheduled": 0,
     }
     assert _value("mailer_quota_emails_available") == 1234
     assert _value("mailer_rate_hour_used", account="smtp.test") == 7

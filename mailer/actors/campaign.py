@@ -59,6 +59,7 @@ import msgspec
 from mailer import metrics, sendlog
 from mailer.actors.runtime import Actor
 from mailer.clock import Clock
+from mailer.dkim import DkimSigner
 from mailer.messages import CampaignEvent, Notice, TokenReply
 from mailer.nextsend import Limits, next_send
 from mailer.payload import Payload
@@ -101,6 +102,8 @@ class Mail(msgspec.Struct, frozen=True):
 
     rcpt: str
     data: bytes | Payload
+    # The envelope sender of this message (VERP); "" for the batch's one.
+    mail_from: str = ""
 
 
 class CampaignStore(Protocol):
@@ -201,6 +204,8 @@ class CampaignSettings(msgspec.Struct, frozen=True, kw_only=True):
     log_each_send: bool = True
     # Messages rendered and handed to SMTP at once (a wave): the SMTP connections.
     window: int = 8
+    # Signs every message when set (mailer.dkim); loaded once per process.
+    dkim: DkimSigner | None = None
 
 
 # A test hook called after a batch was sent and before it is recorded: the
@@ -232,6 +237,7 @@ class CampaignActor(Actor[Continue]):
         settings: CampaignSettings,
         unsubscribe_url: Callable[[int, str], str],
         fault: FaultHook | None = None,
+        bounce_address: Callable[[int], str] | None = None,
     ) -> None:
         self.campaign_id = campaign_id
         self._fence = fence
@@ -244,6 +250,8 @@ class CampaignActor(Actor[Continue]):
         self._s = settings
         self._unsubscribe_url = unsubscribe_url
         self._fault = fault
+        # recipient id -> its envelope sender (mailer.bounces.verp); None: from_email.
+        self._bounce_address = bounce_address
         self._lease: Lease | None = None
         self._campaign: CampaignRow | None = None
         self._template: MessageTemplate | None = None
@@ -306,6 +314,7 @@ class CampaignActor(Actor[Continue]):
                 html=campaign.body_html,
                 message_id_domain=self._s.message_id_domain,
                 attachments=[(a.filename, a.content_type, a.content) for a in attachments],
+                dkim=self._s.dkim,
             )
         except Exception as exc:
             # Pure computation on the campaign's own content: whatever it raises,
@@ -503,7 +512,8 @@ class CampaignActor(Actor[Continue]):
             date=now,
             unsubscribe_url=self._unsubscribe_url(self.campaign_id, r.email),
         )
-        return Mail(r.email, data)
+        mail_from = self._bounce_address(r.id) if self._bounce_address is not None else ""
+        return Mail(r.email, data, mail_from)
 
     async def _flush(self, lease: Lease, *, last: bool) -> dict[int, str]:
         """Records the known outcomes and gives back the sends that never went out

@@ -89,7 +89,9 @@ class SenderActor(Actor[SenderMessage]):
             return [_SHORT_CIRCUIT] * len(msg.mails)
         results = await asyncio.gather(
             *(
-                self._transport.send(msg.mail_from, m.rcpt, m.data, may_start=may_start)
+                self._transport.send(
+                    m.mail_from or msg.mail_from, m.rcpt, m.data, may_start=may_start
+                )
                 for m in msg.mails
             )
         )

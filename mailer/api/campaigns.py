@@ -25,6 +25,7 @@ and writes its audit row there; the event is published after the commit.
 from __future__ import annotations
 
 import math
+from datetime import datetime, timedelta
 
 import msgspec
 
@@ -38,6 +39,7 @@ from mailer.messages import (
     CampaignList,
     CampaignPage,
     CampaignRef,
+    CampaignStart,
     CampaignUpdate,
     CampaignView,
     StartReply,
@@ -57,10 +59,13 @@ __all__ = [
     "pause",
     "resume",
     "start",
+    "unschedule",
     "update",
 ]
 
 PAUSABLE = ("ready", "sending")
+# A scheduled start further ahead is more likely a typo than a plan.
+MAX_SCHEDULE_AHEAD = timedelta(days=366)
 CANCELLABLE = ("draft", "ready", "sending", "paused")
 DELETABLE = ("draft", "paused", "sent", "completed_with_errors", "cancelled")
 
@@ -160,8 +165,12 @@ async def delete(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignD
     return CampaignDeleted(campaign_id=req.campaign_id, deleted=True)
 
 
-async def start(ctx: ApiContext, caller: Caller, req: CampaignRef) -> StartReply:
+async def start(ctx: ApiContext, caller: Caller, req: CampaignStart) -> StartReply:
+    """Queues a draft now, or for ``send_at``: every check (size, rendering, the start
+    throttle) is made when it is scheduled, and the queue entry waits with reason
+    ``scheduled`` until then (the scheduler's timer; no polling)."""
     s = ctx.settings
+    send_at = _send_at(req.send_at, ctx.clock.now())
     view = await ctx.own(caller, req.campaign_id)
     if view.status != "draft":
         raise Conflict(status=view.status)
@@ -176,7 +185,7 @@ async def start(ctx: ApiContext, caller: Caller, req: CampaignRef) -> StartReply
     # (empty, too large, wrong state) does not use up the manager's hour.
     slot = await ctx.start_throttle.check(caller.user, now)
     row = await ctx.store.start(
-        req.campaign_id, actor_id=caller.user, now=now, allowed_from=["draft"]
+        req.campaign_id, actor_id=caller.user, now=now, allowed_from=["draft"], send_at=send_at
     )
     if row is None:  # lost a race with another start, a cancel or a delete
         await ctx.start_throttle.give_back(caller.user, slot)
@@ -184,10 +193,46 @@ async def start(ctx: ApiContext, caller: Caller, req: CampaignRef) -> StartReply
         if current is None:
             raise NotFound(campaign_id=req.campaign_id)
         raise Conflict(status=current.status)
-    warnings = await _start_warnings(ctx, caller, req.campaign_id, total)
+    warnings = await _start_warnings(ctx, caller, req.campaign_id, total, send_at)
     await _wake(ctx, req.campaign_id)
     await ctx.emit("queued", campaign_id=row.id, owner_id=row.owner_id, status="ready", at=now)
     return StartReply(campaign=await _view(ctx, req.campaign_id), warnings=warnings)
+
+
+def _send_at(send_at: datetime | None, now: datetime) -> datetime | None:
+    """The time to wait for, or None to start now (no time, or one not in the future)."""
+    if send_at is None:
+        return None
+    if send_at.tzinfo is None:
+        raise ValidationFailed(text_key="send_at_invalid", reason="no time zone offset")
+    if send_at <= now:
+        return None
+    if send_at - now > MAX_SCHEDULE_AHEAD:
+        raise ValidationFailed(
+            text_key="send_at_invalid", reason=f"more than {MAX_SCHEDULE_AHEAD.days} days ahead"
+        )
+    return send_at
+
+
+async def unschedule(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignView:
+    """A scheduled campaign that has not started yet goes back to ``draft``."""
+    now = ctx.clock.now()
+
+    async def change(tx: Locked) -> str:
+        c = _locked(tx, caller, req.campaign_id)
+        at = await tx.unschedule_queue(now) if c.status == "ready" else None
+        if at is None:
+            raise Conflict("not_scheduled", status=c.status)
+        await tx.set_status("draft", now)
+        await tx.audit(caller.user, "campaign.unschedule", {"send_at": at.isoformat()}, now)
+        await tx.audit(caller.user, "campaign.status", {"from": "ready", "to": "draft"}, now)
+        return c.owner_id
+
+    owner = await ctx.db.locked(req.campaign_id, change)
+    await ctx.emit(
+        "unscheduled", campaign_id=req.campaign_id, owner_id=owner, status="draft", at=now
+    )
+    return await _view(ctx, req.campaign_id)
 
 
 async def pause(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignView:
@@ -313,9 +358,14 @@ async def _large_campaign_message(ctx: ApiContext, campaign_id: int, total: int,
 
 
 async def _start_warnings(
-    ctx: ApiContext, caller: Caller, campaign_id: int, total: int
+    ctx: ApiContext,
+    caller: Caller,
+    campaign_id: int,
+    total: int,
+    send_at: datetime | None = None,
 ) -> list[StartWarning]:
-    """Accepted, but the manager should know it will not (all) go out now."""
+    """Accepted, but the manager should know it will not (all) go out now (or, for a
+    scheduled start, at ``send_at``)."""
     s, now, lang = ctx.settings, ctx.clock.now(), caller.lang
     warnings: list[StartWarning] = []
     quota = await ctx.db.quota()
@@ -323,10 +373,12 @@ async def _start_warnings(
         warnings.append(
             StartWarning(code="quota_exhausted", message=text("warning_quota_exhausted", lang))
         )
-    if not ctx.hours.is_open(now):
-        opens = ctx.hours.next_open(now)
+    at = send_at or now
+    if not ctx.hours.is_open(at):
+        opens = ctx.hours.next_open(at)
         values = reason_values(s, until=opens, now=now, lang=lang)
-        message = text("warning_outside_hours", lang, **values)
+        key = "warning_outside_hours" if send_at is None else "warning_scheduled_outside_hours"
+        message = text(key, lang, **values)
         warnings.append(StartWarning(code="outside_hours", message=message))
     if total > s.large_campaign_warning:
         message = await _large_campaign_message(ctx, campaign_id, total, lang)

@@ -18,6 +18,7 @@ from mailer.apistore import ApiStore
 from mailer.bus import LANG_HEADER, ROLES_HEADER, USER_HEADER, Bus
 from mailer.clock import Clock
 from mailer.config import Settings
+from mailer.dkim import dkim_signer
 from mailer.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
 from mailer.messages import CampaignEvent, CampaignView, TokenReply
 from mailer.render import Attachment, MessageTemplate
@@ -149,6 +150,7 @@ def _template(
         html=body_html,
         message_id_domain=settings.effective_message_id_domain,
         attachments=attachments,
+        dkim=dkim_signer(settings),
     )
 
 

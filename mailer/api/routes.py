@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
-from mailer.api import admin, campaigns, recipients, status, testmail
+from mailer.api import admin, campaigns, recipients, retry, status, suppression, testmail
 from mailer.api.context import ApiContext, Caller
 from mailer.config import Settings
 from mailer.messages import (
@@ -19,6 +19,7 @@ from mailer.messages import (
     CampaignCreate,
     CampaignList,
     CampaignRef,
+    CampaignStart,
     CampaignUpdate,
     EmailRef,
     Empty,
@@ -26,7 +27,11 @@ from mailer.messages import (
     RecipientList,
     RecipientsAdd,
     RecipientsRemove,
+    ResolveInDoubt,
+    RetryFailed,
     StatusRequest,
+    SuppressionAdd,
+    SuppressionList,
     TestEmail,
     UnsubscribeAdd,
     UnsubscribeList,
@@ -63,11 +68,25 @@ def routes(settings: Settings) -> list[Route]:
         Route("campaign-get", "campaign.get", CampaignRef, campaigns.get, small),
         Route("campaign-list", "campaign.list", CampaignList, campaigns.list_campaigns, small),
         Route("campaign-delete", "campaign.delete", CampaignRef, campaigns.delete, small),
-        Route("campaign-start", "campaign.start", CampaignRef, campaigns.start, small),
+        Route("campaign-start", "campaign.start", CampaignStart, campaigns.start, small),
+        Route(
+            "campaign-unschedule",
+            "campaign.unschedule",
+            CampaignRef,
+            campaigns.unschedule,
+            small,
+        ),
         Route("campaign-pause", "campaign.pause", CampaignRef, campaigns.pause, small),
         Route("campaign-resume", "campaign.resume", CampaignRef, campaigns.resume, small),
         Route("campaign-cancel", "campaign.cancel", CampaignRef, campaigns.cancel, small),
         Route("campaign-test", "campaign.test", TestEmail, testmail.send_test, small),
+        Route(
+            "campaign-retry-failed",
+            "campaign.retry_failed",
+            RetryFailed,
+            retry.retry_failed,
+            small,
+        ),
         Route("manager-status", "manager.status", StatusRequest, status.status, small),
         Route("recipients-add", "recipients.add", RecipientsAdd, recipients.add, large),
         Route(
@@ -78,6 +97,7 @@ def routes(settings: Settings) -> list[Route]:
             small,
         ),
         Route("recipients-remove", "recipients.remove", RecipientsRemove, recipients.remove, large),
+        Route("recipients-resolve", "recipients.resolve", ResolveInDoubt, retry.resolve, large),
         Route(
             "attachments-add",
             "attachments.add",
@@ -109,6 +129,34 @@ def routes(settings: Settings) -> list[Route]:
             "unsubscribe.list",
             UnsubscribeList,
             admin.unsubscribe_list,
+            small,
+        ),
+        Route(
+            "suppression-check",
+            "suppression.check",
+            EmailRef,
+            suppression.suppression_check,
+            small,
+        ),
+        Route(
+            "suppression-list",
+            "suppression.list",
+            SuppressionList,
+            suppression.suppression_list,
+            small,
+        ),
+        Route(
+            "suppression-add",
+            "suppression.add",
+            SuppressionAdd,
+            suppression.suppression_add,
+            small,
+        ),
+        Route(
+            "suppression-remove",
+            "suppression.remove",
+            EmailRef,
+            suppression.suppression_remove,
             small,
         ),
         Route("quota-get", "quota.get", Empty, admin.quota_get, small),

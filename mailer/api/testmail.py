@@ -34,6 +34,7 @@ from mailer.actors.runtime import ActorDead, AskTimeout, MailboxFull
 from mailer.api.context import ApiContext, Caller, check_address, require_owner
 from mailer.bus import RemoteError
 from mailer.clock import api_time
+from mailer.dkim import dkim_signer
 from mailer.errors import NotFound, Refused, SendFailed, Unavailable, ValidationFailed
 from mailer.messages import TestEmail, TestEmailSent, TokenReply
 from mailer.render import MessageTemplate, make_message_id
@@ -73,6 +74,7 @@ async def send_test(ctx: ApiContext, caller: Caller, req: TestEmail) -> TestEmai
             html=campaign.body_html,
             message_id_domain=s.effective_message_id_domain,
             attachments=[(a.filename, a.content_type, a.content) for a in attachments],
+            dkim=dkim_signer(s),
         )
         now = ctx.clock.now()
         message_id = make_message_id(campaign.id, TEST_RECIPIENT_ID, s.effective_message_id_domain)

@@ -40,6 +40,7 @@ from mailer.messages import (
     CampaignList,
     CampaignPage,
     CampaignRef,
+    CampaignStart,
     CampaignUpdate,
     CampaignView,
     EmailRef,
@@ -57,8 +58,18 @@ from mailer.messages import (
     RecipientsRemove,
     RecipientsRemoved,
     RecipientView,
+    ResolveInDoubt,
+    ResolveReply,
+    RetryFailed,
+    RetryReply,
     StartReply,
     StatusRequest,
+    SuppressionAdd,
+    SuppressionList,
+    SuppressionPage,
+    SuppressionReason,
+    SuppressionRemoved,
+    SuppressionView,
     TestEmail,
     TestEmailSent,
     UnsubscribeAdd,
@@ -300,11 +311,23 @@ class MailerClient:
                 return
             cursor = got.next_cursor
 
-    async def start_campaign(self, campaign_id: int) -> StartReply:
-        """Queues a draft; the reply's ``warnings`` are for the manager to see."""
-        return await self.request(
-            "campaign.start", CampaignRef(campaign_id=campaign_id), StartReply
-        )
+    async def start_campaign(
+        self, campaign_id: int, *, send_at: datetime | None = None
+    ) -> StartReply:
+        """Queues a draft (for ``send_at``, if given: an aware datetime); the reply's
+        ``warnings`` are for the manager to see."""
+        body = CampaignStart(campaign_id=campaign_id, send_at=send_at)
+        return await self.request("campaign.start", body, StartReply)
+
+    async def retry_failed(self, campaign_id: int, *, permanent: bool = False) -> RetryReply:
+        """Failed recipients (transient by default) as a new attempt; never suppressed ones."""
+        body = RetryFailed(campaign_id=campaign_id, permanent=permanent)
+        return await self.request("campaign.retry_failed", body, RetryReply)
+
+    async def unschedule_campaign(self, campaign_id: int) -> CampaignView:
+        """A scheduled campaign that has not started goes back to draft."""
+        ref = CampaignRef(campaign_id=campaign_id)
+        return await self.request("campaign.unschedule", ref, CampaignView)
 
     async def pause_campaign(self, campaign_id: int) -> CampaignView:
         return await self.request(
@@ -386,6 +409,20 @@ class MailerClient:
         body = RecipientsRemove(campaign_id=campaign_id, emails=list(emails))
         return await self.request("recipients.remove", body, RecipientsRemoved)
 
+    async def resolve_recipients(
+        self,
+        campaign_id: int,
+        recipient_ids: Sequence[int],
+        to: Literal["sent", "failed", "retry"],
+        *,
+        note: str = "",
+    ) -> ResolveReply:
+        """Admin only: settle in-doubt recipients; ``retry`` may send a message twice."""
+        body = ResolveInDoubt(
+            campaign_id=campaign_id, recipient_ids=list(recipient_ids), to=to, note=note
+        )
+        return await self.request("recipients.resolve", body, ResolveReply)
+
     async def add_attachment(
         self, campaign_id: int, filename: str, content: bytes, content_type: str
     ) -> AttachmentView:
@@ -422,6 +459,33 @@ class MailerClient:
         """Admin only."""
         body = UnsubscribeList(limit=limit, cursor=cursor)
         return await self.request("unsubscribe.list", body, UnsubscribePage)
+
+    # --- the suppression list ---------------------------------------------------------
+
+    async def suppression_check(self, email: str) -> SuppressionView:
+        """Whether the address is suppressed, and why."""
+        return await self.request("suppression.check", EmailRef(email=email), SuppressionView)
+
+    async def suppression_list(
+        self,
+        *,
+        limit: int = 100,
+        cursor: str | None = None,
+        reason: SuppressionReason | None = None,
+    ) -> SuppressionPage:
+        """Admin only."""
+        body = SuppressionList(limit=limit, cursor=cursor, reason=reason)
+        return await self.request("suppression.list", body, SuppressionPage)
+
+    async def suppression_add(self, email: str, *, detail: str = "") -> SuppressionView:
+        """Admin only: suppress an address by hand (reason ``manual``)."""
+        body = SuppressionAdd(email=email, detail=detail)
+        return await self.request("suppression.add", body, SuppressionView)
+
+    async def suppression_remove(self, email: str) -> SuppressionRemoved:
+        """Admin only."""
+        ref = EmailRef(email=email)
+        return await self.request("suppression.remove", ref, SuppressionRemoved)
 
     async def quota(self) -> QuotaView:
         return await self.request("quota.get", Empty(), QuotaView)

@@ -32,6 +32,7 @@ __all__ = [
     "MailerError",
     "NoResponders",
     "NotFound",
+    "NotScheduled",
     "OutsideHours",
     "PayloadTooLarge",
     "QuotaExhausted",
@@ -127,6 +128,12 @@ class QuotaNotLocal(MailerError):
     """quota.set while the quota comes from the provider (MAILER_QUOTA_PROVIDER=http)."""
 
     code, status = "quota_not_local", 409
+
+
+class NotScheduled(MailerError):
+    """Unschedule of a campaign that is not waiting for a scheduled start."""
+
+    code, status = "not_scheduled", 409
 
 
 class PayloadTooLarge(MailerError):
@@ -245,6 +252,7 @@ ERRORS: dict[str, type[MailerError]] = {
         InvalidState,
         CampaignSending,
         CampaignBusy,
+        NotScheduled,
         PayloadTooLarge,
         ValidationError,
         TooManyInOneCall,

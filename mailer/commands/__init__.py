@@ -12,6 +12,7 @@ from mailer.commands.admin import audit, events, limits, ping, quota, unsubscrib
 from mailer.commands.campaigns import campaign
 from mailer.commands.progress import status, watch
 from mailer.commands.recipients import recipients
+from mailer.commands.suppression import suppression
 
 __all__ = ["register"]
 
@@ -25,6 +26,7 @@ def register(root: click.Group) -> None:
         quota,
         limits,
         unsubscribe,
+        suppression,
         audit,
         events,
         ping,

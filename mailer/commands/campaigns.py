@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mimetypes
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -163,14 +164,34 @@ async def list_(
 
 @client_command(campaign, "start", help="Queue a draft for sending; prints the API's warnings.")
 @click.argument("campaign_id", type=int)
-async def start(cli: Cli, client: MailerClient, *, campaign_id: int) -> None:
-    reply = await client.start_campaign(campaign_id)
+@click.option(
+    "--at",
+    "send_at",
+    type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S%z", "%Y-%m-%dT%H:%M%z"]),
+    help="Start at this time instead of now, with its offset: 2026-12-01T09:00+03:00.",
+)
+async def start(
+    cli: Cli, client: MailerClient, *, campaign_id: int, send_at: datetime | None
+) -> None:
+    reply = await client.start_campaign(campaign_id, send_at=send_at)
     if cli.json:
         cli.emit(reply)
         return
     _show(cli, reply.campaign)
     for w in reply.warnings:
         cli.say(cli.t("cli_warning", message=w.message))
+
+
+@client_command(campaign, "retry", help="Send the failed recipients again, under every limit.")
+@click.argument("campaign_id", type=int)
+@click.option("--permanent", is_flag=True, help="Also those that failed permanently (5xx).")
+async def retry(cli: Cli, client: MailerClient, *, campaign_id: int, permanent: bool) -> None:
+    reply = await client.retry_failed(campaign_id, permanent=permanent)
+    if cli.json:
+        cli.emit(reply)
+        return
+    _show(cli, reply.campaign)
+    cli.say(cli.t("cli_requeued", count=reply.requeued))
 
 
 def _simple(name: str, help_text: str) -> None:
@@ -181,6 +202,7 @@ def _simple(name: str, help_text: str) -> None:
             "pause": client.pause_campaign,
             "resume": client.resume_campaign,
             "cancel": client.cancel_campaign,
+            "unschedule": client.unschedule_campaign,
         }[name]
         _show(cli, await method(campaign_id))
 
@@ -188,6 +210,7 @@ def _simple(name: str, help_text: str) -> None:
 _simple("pause", "Pause a queued or sending campaign (the batch in flight finishes).")
 _simple("resume", "Resume a paused campaign.")
 _simple("cancel", "Cancel a campaign; its pending recipients stay pending, as history.")
+_simple("unschedule", "Take a scheduled campaign back to draft before its time comes.")
 
 
 @client_command(campaign, "delete", help="Delete a campaign that is not sending.")

@@ -6,6 +6,7 @@ import csv
 import io
 import sys
 from pathlib import Path
+from typing import get_args
 
 import click
 import msgspec
@@ -14,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from mailer.api.routes import LARGE_PAYLOAD
 from mailer.client import MAX_RECIPIENTS_PER_CALL, MailerClient
 from mailer.commands.common import Cli, client_command
-from mailer.messages import RecipientIn
+from mailer.messages import RecipientIn, RecipientStatus
 
 __all__ = ["Row", "read_csv", "recipients"]
 
@@ -162,7 +163,7 @@ async def import_(cli: Cli, client: MailerClient, *, campaign_id: int, file: Pat
 @click.argument("campaign_id", type=int)
 @click.option(
     "--status",
-    type=click.Choice(["pending", "sending", "sent", "failed", "unsubscribed", "in_doubt"]),
+    type=click.Choice(list(get_args(RecipientStatus))),
     help="Only this status.",
 )
 @click.option("--limit", type=int, default=100, show_default=True, help="How many (1–500).")
@@ -199,3 +200,39 @@ async def remove(
     cli.say(cli.t("cli_removed", removed=reply.removed, kept=len(reply.not_removed)))
     for n in reply.not_removed:
         cli.say(cli.t("cli_not_removed", email=n.email, reason=n.reason))
+
+
+@client_command(
+    recipients, "resolve", help="Settle in-doubt recipients (admin): sent, failed or retry."
+)
+@click.argument("campaign_id", type=int)
+@click.argument("recipient_ids", type=int, nargs=-1, required=True)
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(["sent", "failed", "retry"]),
+    required=True,
+    help="sent: the provider has it; failed: it never left; retry: send again (may duplicate).",
+)
+@click.option("--note", default="", help="Why (a ticket), for the audit log.")
+async def resolve(
+    cli: Cli,
+    client: MailerClient,
+    *,
+    campaign_id: int,
+    recipient_ids: tuple[int, ...],
+    to: str,
+    note: str,
+) -> None:
+    reply = await client.resolve_recipients(
+        campaign_id,
+        list(recipient_ids),
+        to,  # type: ignore[arg-type]  # click.Choice checked it
+        note=note,
+    )
+    if cli.json:
+        cli.emit(reply)
+        return
+    cli.say(cli.t("cli_resolved", count=len(reply.resolved), to=to, status=reply.campaign.status))
+    if reply.warning:
+        cli.say(cli.t("cli_warning", message=reply.warning))

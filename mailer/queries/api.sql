@@ -194,3 +194,11 @@ FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
 WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
 ORDER BY q.priority DESC, q.queued_at, q.id
 LIMIT $1;
+
+-- name: api-queue-unschedule
+-- Takes a scheduled campaign out of the queue while it still waits for its
+-- time (no process holds it); returns the time it was scheduled for.
+DELETE FROM queue_entry
+WHERE campaign_id = $1 AND completed_at IS NULL AND defer_reason = 'scheduled'
+  AND deferred_until > $2 AND lease_owner IS NULL
+RETURNING deferred_until;

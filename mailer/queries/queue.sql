@@ -240,3 +240,8 @@ SELECT epoch, holder FROM leader_fence;
 
 -- name: campaign-status
 SELECT status FROM campaign WHERE id = $1;
+
+-- name: queue-schedule
+-- A start with send_at: the fresh entry waits until then, reason 'scheduled'.
+UPDATE queue_entry SET defer_reason = 'scheduled', deferred_until = $2
+WHERE campaign_id = $1 AND completed_at IS NULL;

@@ -18,8 +18,9 @@ RETURNING id;
 -- for this claim to commit, then settles its rows), and a takeover committed
 -- while this statement ran is seen by the lock's recheck of the newest row,
 -- so the claim finds no lease and changes nothing. SKIP LOCKED lets two
--- claimers never see the same row; unsubscribed addresses are settled here
--- as 'unsubscribed'.
+-- claimers never see the same row; addresses on the suppression list are
+-- settled here: 'unsubscribed' for an unsubscribe, 'suppressed' with the
+-- reason in `error` for the rest (a bounce, a complaint, an admin's entry).
 WITH lease AS (
     SELECT q.campaign_id FROM queue_entry q
     WHERE q.campaign_id = $1 AND q.lease_owner = $5 AND q.lease_epoch = $6
@@ -27,7 +28,7 @@ WITH lease AS (
 ),
 picked AS (
     SELECT r.id,
-           EXISTS (SELECT 1 FROM unsubscribe u WHERE u.email = lower(r.email)) AS unsub
+           (SELECT u.reason FROM unsubscribe u WHERE u.email = lower(r.email)) AS supp
     FROM recipient r
     WHERE r.campaign_id = $1 AND r.status = 'pending'
       -- A paused or cancelled campaign claims nothing: its actor stops there.
@@ -40,9 +41,13 @@ picked AS (
     FOR UPDATE OF r SKIP LOCKED
 )
 UPDATE recipient r
-SET status = CASE WHEN p.unsub THEN 'unsubscribed' ELSE 'sending' END,
-    claimed_by = CASE WHEN p.unsub THEN NULL ELSE $3 END,
-    claimed_at = CASE WHEN p.unsub THEN NULL ELSE $4::timestamptz END,
+SET status = CASE WHEN p.supp IS NULL THEN 'sending'
+                  WHEN p.supp = 'unsubscribed' THEN 'unsubscribed'
+                  ELSE 'suppressed' END,
+    claimed_by = CASE WHEN p.supp IS NULL THEN $3 END,
+    claimed_at = CASE WHEN p.supp IS NULL THEN $4::timestamptz END,
+    error = CASE WHEN p.supp IS NULL OR p.supp = 'unsubscribed' THEN r.error
+                 ELSE 'suppressed: ' || p.supp END,
     updated_at = $4
 FROM picked p
 WHERE r.id = p.id

@@ -33,3 +33,9 @@ RETURNING c.id;
 DELETE FROM recipient WHERE id IN (
     SELECT id FROM recipient WHERE campaign_id = $1 LIMIT $2
 );
+
+-- name: retention-soft-bounce
+-- Soft bounces older than the counting window $1 no longer count: one batch of them.
+DELETE FROM soft_bounce WHERE id IN (
+    SELECT id FROM soft_bounce WHERE created_at < $1 ORDER BY email, created_at LIMIT $2
+);
