@@ -164,16 +164,20 @@ UNION ALL
 SELECT campaign_id, 'pending' AS verdict FROM returned;
 
 -- name: recipients-counts
--- The counts by status; for a campaign whose recipients retention removed, the
--- counts it kept (from the first removed row on, never a mix of the two).
+-- The counts by status (kept by recipient's triggers in campaign_counts, so
+-- this reads one row whatever the campaign's size); for a campaign whose
+-- recipients retention removed, the counts it kept (from the first removed row
+-- on, never a mix of the two).
 SELECT key AS status, value::bigint AS n
 FROM campaign, jsonb_each_text(purged_counts)
 WHERE id = $1 AND purged_counts IS NOT NULL
 UNION ALL
-SELECT status, count(*)::bigint AS n FROM recipient
-WHERE campaign_id = $1
-  AND NOT EXISTS (SELECT 1 FROM campaign WHERE id = $1 AND purged_counts IS NOT NULL)
-GROUP BY status;
+SELECT s.status, s.n
+FROM campaign c JOIN campaign_counts k ON k.campaign_id = c.id,
+     LATERAL (VALUES ('pending', k.pending), ('sending', k.sending), ('sent', k.sent),
+                     ('failed', k.failed), ('unsubscribed', k.unsubscribed),
+                     ('in_doubt', k.in_doubt)) AS s(status, n)
+WHERE c.id = $1 AND c.purged_counts IS NULL AND s.n <> 0;
 
 -- name: send-log-drop-doubt-placeholders
 -- The in_doubt rows a takeover wrote (no attempt time: they stand for an
