@@ -294,6 +294,59 @@ async def run_campaign(stack: EmbeddedStack, m: Mailer, n: int) -> CampaignRun:
         await nc.close()
 
 
+# --- anchor: django-post-office in a throwaway venv --------------------------------------------
+
+
+def post_office_python(venv: Path) -> tuple[str | None, str]:
+    """The throwaway venv's python with Django + django-post-office + psycopg (created and
+    installed from the package index on first use), or None and why not."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        made = subprocess.run(
+            [sys.executable, "-m", "venv", str(venv)], check=False, capture_output=True, text=True
+        )
+        if made.returncode:
+            return None, f"venv failed: {made.stderr[-300:]}"
+    check = subprocess.run(
+        [str(python), "-c", "import post_office, psycopg"], check=False, capture_output=True
+    )
+    if check.returncode:
+        got = subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "django",
+                "django-post-office",
+                "psycopg[binary]",
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if got.returncode:
+            return None, f"pip install failed: {got.stderr[-300:]}"
+    return str(python), ""
+
+
+def post_office_run(python: str, dsn: str, port: int, n: int) -> float:
+    out = subprocess.run(
+        [python, str(HERE / "post_office_anchor.py"), dsn, str(port), str(n)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if out.returncode:
+        raise RuntimeError(f"post_office_anchor failed: {out.stderr[-2000:]}")
+    result = msgspec.json.decode(out.stdout.strip().splitlines()[-1])
+    if result["sent"] != n:
+        raise RuntimeError(f"post_office sent {result['sent']} of {n}")
+    return float(result["msg_per_s"])
+
+
 # --- history: a database that has sent a million messages before ---------------------------
 
 
@@ -371,6 +424,11 @@ async def main() -> None:
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--history", type=int, default=1_000_000)
+    p.add_argument(
+        "--post-office-venv",
+        default=str(Path(tempfile.gettempdir()) / "mailer-bench-post-office"),
+        help="throwaway venv for django-post-office ('' skips that anchor)",
+    )
     args = p.parse_args()
     n, conns = args.recipients, args.connections
 
@@ -388,6 +446,8 @@ async def main() -> None:
             "history",
             "history_ratio",
             "add",
+            "post_office",
+            "po_ratio",
         )
     }
     loads: list[float] = []
@@ -400,6 +460,11 @@ async def main() -> None:
         ) as stack:
             admin = stack.endpoints.database_url
             data = prerender(n)
+            po_python, po_why = (
+                await asyncio.to_thread(post_office_python, Path(args.post_office_venv))
+                if args.post_office_venv
+                else (None, "skipped (--post-office-venv '')")
+            )
             history_dsn = ""
             if args.history:
                 history_dsn = await create_database(admin, "bench_history")
@@ -434,6 +499,15 @@ async def main() -> None:
                         stop_mailer(m)
                     series["history"].add(h.msg_per_s)
                     series["history_ratio"].add(h.msg_per_s / r.msg_per_s)
+                if po_python:
+                    po_dsn = await create_database(admin, f"bench_po{run}")
+                    po = await timed_run(
+                        "django-post-office",
+                        loads,
+                        asyncio.to_thread(post_office_run, po_python, po_dsn, port, n),
+                    )
+                    series["post_office"].add(po)
+                    series["po_ratio"].add(r.msg_per_s / po)
                 print(
                     f"  bare {rate:,.0f} msg/s; mailer {r.msg_per_s:,.0f} msg/s"
                     + (f"; with history {h.msg_per_s:,.0f} msg/s" if history_dsn else ""),
@@ -494,7 +568,15 @@ async def main() -> None:
         ),
         ("concurrent governor", "not measured by this bench", "—", "—", "≥ 20 000 req/s"),
         ("scale-out", "not measured by this bench", "—", "—", "2 processes ≥ 0.9×"),
-        ("django-post-office", "not measured by this bench", "—", "—", "mailer ≥ 6×"),
+        (
+            "vs django-post-office",
+            f"mailer run {s['mailer'].fmt()} msg/s",
+            f"post_office.send_queued {s['post_office'].fmt()} msg/s"
+            if po_python
+            else f"not measured: {po_why}",
+            f"{s['po_ratio'].fmt(2)}",
+            "≥ 6",
+        ),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
