@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
-from mailer.api import admin, campaigns, recipients, status, testmail
+from mailer.api import admin, campaigns, imports, recipients, status, testmail
 from mailer.api.context import ApiContext, Caller
 from mailer.config import Settings
 from mailer.messages import (
@@ -24,6 +24,7 @@ from mailer.messages import (
     Empty,
     RecipientList,
     RecipientsAdd,
+    RecipientsImport,
     RecipientsRemove,
     StatusRequest,
     TestEmail,
@@ -69,6 +70,13 @@ def routes(settings: Settings) -> list[Route]:
         Route("campaign-test", "campaign.test", TestEmail, testmail.send_test, small),
         Route("manager-status", "manager.status", StatusRequest, status.status, small),
         Route("recipients-add", "recipients.add", RecipientsAdd, recipients.add, large),
+        Route(
+            "recipients-import",
+            "recipients.import",
+            RecipientsImport,
+            imports.import_recipients,
+            small,
+        ),
         Route(
             "recipients-list",
             "recipients.list",

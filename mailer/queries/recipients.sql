@@ -7,6 +7,31 @@ FROM unnest($2::text[], $3::text[], $4::jsonb[]) AS r(email, name, variables)
 ON CONFLICT (campaign_id, lower(email)) DO NOTHING
 RETURNING id;
 
+-- name: recipients-import-table
+-- recipients.import: the validated lines of one file, COPYed here in its
+-- transaction (gone at commit or rollback).
+CREATE TEMPORARY TABLE import_rows (
+    line       integer NOT NULL,
+    email      text    NOT NULL,
+    name       text,
+    -- JSON text: COPY's binary format has no jsonb encoder under the pool's
+    -- text codec; the INSERT casts it.
+    variables  text    NOT NULL
+) ON COMMIT DROP;
+
+-- name: recipients-insert-imported
+-- As recipients-insert for the rows of import_rows, in line order: the first
+-- line of an address (any case) is the one kept, as in recipients.add; one
+-- already in the campaign is skipped. Returns how many rows were added.
+WITH added AS (
+    INSERT INTO recipient (campaign_id, email, name, variables, created_at, updated_at)
+    SELECT $1, i.email, i.name, i.variables::jsonb, $2, $2
+    FROM import_rows i ORDER BY i.line
+    ON CONFLICT (campaign_id, lower(email)) DO NOTHING
+    RETURNING 1
+)
+SELECT count(*)::bigint FROM added;
+
 -- name: recipients-claim
 -- Claims up to $2 pending recipients of a campaign for the claim token $3,
 -- while owner $5 holds the lease at epoch $6: once another process took the
