@@ -122,6 +122,12 @@ class CampaignStore(Protocol):
         """Marks claimed recipients handed to SMTP; returns those still this lease's."""
         ...
 
+    async def record_and_hand(
+        self, lease: Lease, outcomes: Sequence[Outcome], hand: Sequence[int], now: datetime
+    ) -> tuple[dict[int, str], list[int]]:
+        """``record`` (no attempt count) then ``hand``, atomically, in one round trip."""
+        ...
+
     async def record(
         self,
         lease: Lease,
@@ -461,13 +467,14 @@ class CampaignActor(Actor[Continue]):
             wave = None
             try:
                 await self._hook("sending")
-                # With SMTP busy: the previous wave's record, then the next wave's hand.
-                if self._unrecorded or self._aborted or self._expired:
-                    await self._flush(lease, last=False)
+                # With SMTP busy: the previous wave's record, then the next wave's hand
+                # (one statement when there are both).
                 over = not_after is not None and self._clock.now() >= not_after
                 if self._claimed and not self._stopping and not over and not lost:
-                    wave = await self._prepare(lease, template, now)
+                    wave = await self._prepare(lease, template, now, record=True)
                     await self._hook("prepared")
+                elif self._unrecorded or self._aborted or self._expired:
+                    await self._flush(lease, last=False)
                 results = await sending
             except BaseException:
                 # The wave with SMTP is not abandoned: its outcomes are kept for
@@ -499,10 +506,13 @@ class CampaignActor(Actor[Continue]):
         return self._batch_outcomes, self._batch_written
 
     async def _prepare(
-        self, lease: Lease, template: MessageTemplate, now: datetime
+        self, lease: Lease, template: MessageTemplate, now: datetime, *, record: bool = False
     ) -> tuple[list[tuple[Claimed, Mail, str]], bool] | None:
         """Renders the next wave of claims and marks it handed; returns the rows still
-        ours (to send) and whether a takeover settled some first. None: no claims left."""
+        ours (to send) and whether a takeover settled some first. None: no claims left.
+
+        ``record``: the outcomes known so far (the previous wave's) are recorded in the
+        same statement as the hand, before it."""
         if not self._claimed or self._stopping:
             return None
         # The wave stays in _claimed (released by on_stop if we die) until handed.
@@ -516,8 +526,19 @@ class CampaignActor(Actor[Continue]):
                 built.append((r, self._render(template, r, mid, now), mid))
             except ValueError as exc:
                 self._unrecorded.append(_unsendable(r, str(exc)))
-        marked = set(await self._store.hand(lease, [r.id for r, _, _ in built], self._clock.now()))
-        self._claimed = self._claimed[len(wave) :]
+        ids = [r.id for r, _, _ in built]
+        if record and self._unrecorded:
+            written, handed = await self._store.record_and_hand(
+                lease, self._unrecorded, ids, self._clock.now()
+            )
+            marked = set(handed)
+            self._claimed = self._claimed[len(wave) :]
+            await self._flush(lease, last=False, written=written)
+        else:
+            marked = set(await self._store.hand(lease, ids, self._clock.now()))
+            self._claimed = self._claimed[len(wave) :]
+            if record and (self._aborted or self._expired):
+                await self._flush(lease, last=False)
         # Rows a takeover settled meanwhile are no longer ours to send.
         sendable = [b for b in built if b[0].id in marked]
         self._prepared = sendable
@@ -564,14 +585,17 @@ class CampaignActor(Actor[Continue]):
         )
         return Mail(r.email, data)
 
-    async def _flush(self, lease: Lease, *, last: bool) -> dict[int, str]:
+    async def _flush(
+        self, lease: Lease, *, last: bool, written: dict[int, str] | None = None
+    ) -> dict[int, str]:
         """Records the known outcomes and gives back the sends that never went out
         (cut before their end of data by a stop, or past their grant's end).
 
         ``last``: the batch's last record, which writes its attempt count. One
         batch is one attempt: any success resets the count, a failed attempt
         (a transient error, no success) adds one whatever its size. Returns the
-        status each recipient row written got.
+        status each recipient row written got. ``written``: the outcomes were
+        recorded already (with the next wave's hand): only what follows a record.
         """
         outcomes, aborted, expired = self._unrecorded, self._aborted, self._expired
         self._batch_outcomes += outcomes
@@ -584,9 +608,10 @@ class CampaignActor(Actor[Continue]):
             elif any(o.status == "transient" and not o.short_circuited for o in batch):
                 self._transient_errors += 1
             count = self._transient_errors
-        written = await self._store.record(
-            lease, outcomes, self._clock.now(), transient_errors=count, success=success
-        )
+        if written is None:
+            written = await self._store.record(
+                lease, outcomes, self._clock.now(), transient_errors=count, success=success
+            )
         self._unrecorded = []
         self._batch_written.update(written)
         took_ms = (time.perf_counter() - self._batch_started) * 1000
