@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import random
 import re
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -21,6 +22,7 @@ import nats
 from nats.aio.client import Client, Server
 from nats.aio.msg import Msg
 
+from mailer.config import mask_url
 from mailer.messages import ErrorBody, ErrorReply
 
 __all__ = [
@@ -115,6 +117,8 @@ class Bus:
         nkey_seed_file: str | None = None,
     ) -> None:
         self.url = url
+        # For logs: the URL(s) with any password or token masked.
+        self.shown_url = mask_url(url)
         self.prefix = prefix
         self.name = name
         self._auth = _auth_options(
@@ -140,18 +144,26 @@ class Bus:
     def subject(self, *parts: str) -> str:
         return ".".join((self.prefix, *parts))
 
-    async def connect(self) -> None:
+    async def connect(
+        self, *, on_attempt_failed: Callable[[Exception], None] | None = None
+    ) -> None:
+        """Connects, trying again and again until connected (a caller bounds it with a
+        timeout; see ``mailer.startup``). Refused credentials raise at once.
+
+        ``on_attempt_failed`` hears each failure of the first connection (start-up
+        logs it as one line per attempt) instead of the generic error log.
+        """
         if self._nc is not None:
             return
 
         async def on_disconnect() -> None:
             if self._closing:  # our own drain: nothing to warn about
-                log.debug("nats disconnected on close", extra={"nats_url": self.url})
+                log.debug("nats disconnected on close", extra={"nats_url": self.shown_url})
             else:
-                log.warning("nats disconnected", extra={"nats_url": self.url})
+                log.warning("nats disconnected", extra={"nats_url": self.shown_url})
 
         async def on_reconnect() -> None:
-            log.info("nats reconnected", extra={"nats_url": self.url})
+            log.info("nats reconnected", extra={"nats_url": self.shown_url})
 
         nc = Client()
         # Set when the server refuses our credentials before the first connection
@@ -162,7 +174,10 @@ class Bus:
         async def on_error(exc: Exception) -> None:
             if not refused.done() and not nc.is_connected and _is_auth_error(exc):
                 refused.set_result(exc)
-            log.error("nats error: %s", exc, extra={"nats_url": self.url})
+            if on_attempt_failed is not None and not nc.is_connected and self._nc is None:
+                on_attempt_failed(exc)
+                return
+            log.error("nats error: %s", exc, extra={"nats_url": self.shown_url})
 
         connecting = asyncio.ensure_future(
             nc.connect(

@@ -9,7 +9,9 @@
 
 Exit codes of the service's commands: 0 normal, 1 the supervisor gave up
 (restart intensity exceeded: let the orchestrator restart the pod), 2 bad
-configuration (or a usage error). The client's are in ``mailer.commands.common``.
+configuration (or a usage error), 3 start-up failed (a dependency not reachable
+within MAILER_STARTUP_TIMEOUT_SECONDS, or unusable: see ``mailer.startup``).
+The client's are in ``mailer.commands.common``.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import click
 from mailer import __version__
 from mailer.actors import SupervisorEscalation
 from mailer.commands import register as register_commands
-from mailer.config import ConfigError, Settings, load_settings
+from mailer.config import ConfigError, Settings, load_settings, mask_url
 from mailer.db import migrate
 from mailer.logs import check_salt, configure_logging
 from mailer.service import Service
+from mailer.startup import EXIT_STARTUP, Deadline, StartupError, retry_until
 
 __all__ = ["main", "serve"]
 
@@ -107,18 +110,24 @@ async def _run(settings: Settings) -> int:
         # Until serve() takes over, a SIGTERM (a pod stopped while migrating
         # or starting) cancels the start-up instead of being ignored.
         with _cancel_on_signals():
-            await migrate(settings.database_url)
-            await service.start()
+            await service.start(migrate_first=True)
     except asyncio.CancelledError:
         await service.stop()
         return 0
+    except StartupError:
+        await service.stop()
+        raise
     return await serve(service)
 
 
 async def _migrate(settings: Settings) -> int:
     if not settings.database_url:
         raise ConfigError("MAILER_DATABASE_URL must be set")
-    applied = await migrate(settings.database_url)
+    deadline = Deadline(settings.startup_timeout_seconds)
+    target = mask_url(settings.database_url)
+    applied = await retry_until(
+        "postgres", target, lambda: migrate(settings.database_url), deadline
+    )
     print(f"migrations applied: {applied or 'none (up to date)'}")
     return 0
 
@@ -180,6 +189,11 @@ def _serve_command(make: Callable[[Settings], Coroutine[Any, Any, int]]) -> int:
     except ConfigError as exc:
         print(f"mailer: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except StartupError as exc:
+        # One clear line, in the logs (JSON in production) and on stderr; no traceback.
+        log.error("start-up failed; exiting %d", EXIT_STARTUP, extra={"error": str(exc)})
+        print(f"mailer: start-up failed: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
     except KeyboardInterrupt:
         return 130
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 from msgspec import Meta
@@ -28,6 +29,7 @@ __all__ = [
     "env_name",
     "is_service_link",
     "load_settings",
+    "mask_url",
     "read_dotenv",
     "settings_table",
 ]
@@ -301,6 +303,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     public_http_port: Annotated[
         Port, Meta(description="Port of the public server (0: any free); MAILER_PUBLIC_URL's.")
     ] = 8081
+    startup_timeout_seconds: Annotated[
+        Seconds,
+        Meta(
+            description=(
+                "How long start-up waits for PostgreSQL and NATS (retrying with backoff) "
+                "before it exits 3."
+            )
+        ),
+    ] = 60.0
     shutdown_timeout_seconds: Annotated[
         Seconds, Meta(description="Graceful-shutdown deadline before tasks are cancelled.")
     ] = 25.0
@@ -478,10 +489,62 @@ def load_settings(
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; see the README's table")
     settings = msgspec.convert(values, Settings)
+    _check_values(settings)
     _check_nats_auth(settings)
     if settings.env == "production":
         _check_production(settings)
     return settings
+
+
+# URL schemes each client accepts: a wrong one is a configuration error (exit 2)
+# found before anything connects, not a start-up failure after retries.
+_SCHEMES = {
+    "database_url": ("postgres", "postgresql"),
+    "redis_url": ("redis", "rediss", "unix"),
+    "nats_url": ("nats", "tls", "ws", "wss"),
+}
+
+
+def _check_values(s: Settings) -> None:
+    """Checks what a field's type cannot: every value is known good before connecting."""
+    try:
+        ZoneInfo(s.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"{env_name('timezone')}={s.timezone!r} is not allowed: expected an IANA time "
+            "zone name such as Europe/Moscow"
+        ) from None
+    for field, schemes in _SCHEMES.items():
+        value: str = getattr(s, field)
+        for url in filter(None, (u.strip() for u in value.split(","))):
+            scheme = urlsplit(url).scheme.lower()
+            if scheme not in schemes:
+                shown = _mask(url)
+                raise ConfigError(
+                    f"{env_name(field)}={shown!r} is not allowed: expected a URL starting with "
+                    + " or ".join(f"{x}://" for x in schemes)
+                )
+
+
+def _mask(url: str) -> str:
+    """The URL with its password (or a lone user/token) replaced by ***."""
+    parts = urlsplit(url)
+    if "password=" in parts.query:  # libpq style: ?password=...
+        query = re.sub(r"(password=)[^&]*", r"\1***", parts.query)
+        parts = parts._replace(query=query)
+        url = parts.geturl()
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***" if parts.password is not None else "***"
+    return parts._replace(netloc=f"{user}@{host}").geturl()
+
+
+def mask_url(urls: str) -> str:
+    """``urls`` (one URL, or several comma-separated) with every secret replaced by ***."""
+    return ",".join(_mask(u.strip()) for u in urls.split(",")) if urls else urls
 
 
 def _check_nats_auth(s: Settings) -> None:

@@ -53,10 +53,10 @@ from mailer.actors.runner import RunnerActor
 from mailer.actors.scheduler import Leadership, SchedulerActor, wake_subject
 from mailer.actors.sender import ActorMailer, SenderActor
 from mailer.breaker import CircuitBreaker
-from mailer.bus import Bus
+from mailer.bus import Bus, NatsAuthError
 from mailer.clock import Clock, SystemClock
-from mailer.config import Settings
-from mailer.db import Q, connect_pool
+from mailer.config import Settings, mask_url
+from mailer.db import Q, connect_pool, migrate
 from mailer.events import JetStreamEvents
 from mailer.gauges import ScrapeGauges
 from mailer.http import HttpServer
@@ -67,6 +67,7 @@ from mailer.ratelimit import SendLimiter
 from mailer.redisconn import connect_redis, redis_up
 from mailer.retention import Retention, RetentionPolicy
 from mailer.smtphealth import SmtpHealth
+from mailer.startup import Deadline, StartupError, describe, retry_until
 from mailer.store import PgStore
 from mailer.transport import SmtpTransport
 from mailer.unsubscribe import PgUnsubscribes, secrets_of, unsubscribe_url
@@ -138,6 +139,8 @@ class Service:
         self._supervisor: Supervisor | None = None
         self._http: HttpServer | None = None
         self._public_http: HttpServer | None = None
+        self._gauges: ScrapeGauges | None = None
+        self._started = False
         self._events: JetStreamEvents | None = None
         self._outbox: OutboxRelay | None = None
         # Outlives restarts of the sender, like the breaker: seen across its transports.
@@ -182,12 +185,36 @@ class Service:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, migrate_first: bool = False) -> None:
+        """Starts the process's parts; raises ``StartupError`` (exit 3) when a dependency
+        cannot be had within ``MAILER_STARTUP_TIMEOUT_SECONDS`` (see ``mailer.startup``).
+
+        The internal HTTP server listens first, so the probes can tell "starting"
+        (``/healthz`` answers, ``/readyz`` names what is missing) from "dead".
+        ``migrate_first``: apply the migrations once PostgreSQL answers (``mailer run``).
+        """
         s = self.settings
-        self._pool = await connect_pool(
-            s.database_url,
-            size=s.database_pool_size,
-            statement_timeout=s.database_statement_timeout_seconds,
+        deadline = Deadline(s.startup_timeout_seconds)
+        self._http = HttpServer(
+            s.http_host,
+            s.http_port,
+            readiness=self.readiness,
+            report=self.dependency_report,
+            before_scrape=self._refresh_gauges,
+        )
+        await _listen(self._http)
+        db = mask_url(s.database_url)
+        if migrate_first:
+            await retry_until("postgres", db, lambda: migrate(s.database_url), deadline)
+        self._pool = await retry_until(
+            "postgres",
+            db,
+            lambda: connect_pool(
+                s.database_url,
+                size=s.database_pool_size,
+                statement_timeout=s.database_statement_timeout_seconds,
+            ),
+            deadline,
         )
         self._store = PgStore(self._pool, max_transient_attempts=s.max_transient_attempts)
         self._redis = connect_redis(s.redis_url)
@@ -202,12 +229,16 @@ class Service:
             creds_file=s.nats_creds_file or None,
             nkey_seed_file=s.nats_nkey_seed_file or None,
         )
-        await self._bus.connect()
+        await self._connect_nats(deadline)
         # Events go to JetStream; without their stream the service does not come up.
         self._events = JetStreamEvents(
             self._bus, settings=s, max_bytes=s.events_max_bytes, replicas=s.nats_replicas
         )
-        await self._events.ensure_stream()
+        try:
+            await asyncio.wait_for(self._events.ensure_stream(), max(1.0, deadline.remaining()))
+        except Exception as exc:  # JetStream off, no permission, no room: waiting won't help
+            cause = f"its events stream could not be created or updated ({describe(exc)})"
+            raise StartupError("nats", self._bus.shown_url, cause, waited=None) from None
         self._outbox = OutboxRelay(self._pool, self._events)
         metrics.set_build_info(__version__)
 
@@ -317,7 +348,7 @@ class Service:
             fault=self._actor_fault,
         )
         await self._supervisor.start()
-        gauges = ScrapeGauges(
+        self._gauges = ScrapeGauges(
             pool=self._pool,
             redis_client=self._redis,
             nats_connected=lambda: bus.connected,
@@ -326,14 +357,6 @@ class Service:
             hourly_limit=s.rate_per_hour,
             clock=clock,
         )
-        self._http = HttpServer(
-            s.http_host,
-            s.http_port,
-            readiness=self.readiness,
-            report=self.dependency_report,
-            before_scrape=gauges.refresh,
-        )
-        await self._http.start()
         self._public_http = HttpServer(
             s.public_http_host, s.public_http_port, readiness=None, name="public"
         )
@@ -345,7 +368,8 @@ class Service:
             clock=self.clock,
         )
         self._public_http.add_routes(unsubscribe_pages.routes())
-        await self._public_http.start()
+        await _listen(self._public_http)
+        self._started = True
         log.info(
             "mailer started",
             extra={
@@ -355,6 +379,39 @@ class Service:
                 "public_http_port": self.public_http_port,
             },
         )
+
+    async def _refresh_gauges(self) -> None:
+        if self._gauges is not None:  # none until the service has started
+            await self._gauges.refresh()
+
+    async def _connect_nats(self, deadline: Deadline) -> None:
+        """The first connection, bounded by the start-up deadline, one line per failed try."""
+        bus = self.bus
+        tries = 0
+        last = "no answer"
+
+        def failed(exc: Exception) -> None:
+            nonlocal tries, last
+            tries += 1
+            last = describe(exc)
+            log.warning(
+                "waiting for nats",
+                extra={
+                    "dependency": "nats",
+                    "target": bus.shown_url,
+                    "attempt": tries,
+                    "cause": last,
+                },
+            )
+
+        try:
+            await asyncio.wait_for(
+                bus.connect(on_attempt_failed=failed), max(0.1, deadline.remaining())
+            )
+        except TimeoutError:
+            raise StartupError("nats", bus.shown_url, last, waited=deadline.seconds) from None
+        except NatsAuthError as exc:
+            raise StartupError("nats", bus.shown_url, describe(exc), waited=None) from None
 
     async def _check_redis(self) -> None:
         """Redis is not required to start (sending fails open without it), but say so."""
@@ -528,6 +585,8 @@ class Service:
         the unsubscribe pages down with it.
         """
         checks: dict[str, bool] = {"nats": self._bus is not None and self._bus.connected}
+        # Still starting (dependencies awaited, actors not yet up): not ready.
+        checks["started"] = self._started
         try:
             assert self._pool is not None
             await self._pool.fetchval(Q["health-ping"])
@@ -594,3 +653,12 @@ class Service:
             except (TimeoutError, Exception):
                 self._pool.terminate()
         log.info("mailer stopped")
+
+
+async def _listen(server: HttpServer) -> None:
+    """Starts ``server``; a port that cannot be bound is a start-up failure (exit 3)."""
+    try:
+        await server.start()
+    except OSError as exc:
+        where = f"{server.host}:{server.port}"
+        raise StartupError(f"http ({server.name})", where, describe(exc), waited=None) from None

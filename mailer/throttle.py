@@ -60,6 +60,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     limit: int
     # When a refused request may succeed (None when allowed).
     retry_at: datetime | None
+    # The slot an allowed request took, for ``give_back`` (None when refused).
+    slot: str | None = None
 
 
 class Throttle:
@@ -100,15 +102,33 @@ class Throttle:
             )
             raise Unavailable("throttle_backend_unavailable") from None
         if allowed:
-            return Decision(allowed=True, used=int(used), limit=self.limit, retry_at=None)
+            return Decision(
+                allowed=True, used=int(used), limit=self.limit, retry_at=None, slot=member
+            )
         retry_at = datetime.fromtimestamp(int(reopens_ms) / 1000, tz=now.tzinfo)
         return Decision(allowed=False, used=int(used), limit=self.limit, retry_at=retry_at)
 
-    async def check(self, user: str, now: datetime) -> None:
-        """Counts one request or raises Throttled (with when to retry) / Unavailable."""
+    async def give_back(self, user: str, slot: str) -> None:
+        """Frees the slot of a request that was counted but then refused further on
+        (a governor's refusal of a test email, a start that lost a race): only what
+        was done counts. Best effort: Redis down, the slot simply ages out."""
+        try:
+            await self._redis.zrem(self.key(user), slot)
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "throttle slot not given back",
+                extra={"action": self.action, "error": repr(exc)},
+            )
+
+    async def check(self, user: str, now: datetime) -> str:
+        """Counts one request or raises Throttled (with when to retry) / Unavailable.
+
+        Returns the slot taken, for ``give_back``.
+        """
         d = await self.hit(user, now)
         if d.allowed:
-            return
+            assert d.slot is not None
+            return d.slot
         assert d.retry_at is not None
         minutes = max(1, math.ceil((d.retry_at - now).total_seconds() / 60))
         raise Throttled(

@@ -109,3 +109,23 @@ async def test_governor_refusal_is_a_structured_error(make_service, crm: Crm, si
     err = await crm.fails("campaign.test", {"campaign_id": cid, "email": "not an address"})
     assert err.code == "validation_error"
     assert err.message.startswith("Неверный адрес «not an address»")
+
+
+async def test_a_test_email_the_governor_refuses_keeps_its_throttle_slot(
+    make_service, crm: Crm, sink, redis_client, settings
+) -> None:
+    # The hour's budget is used up: the governor refuses every test email. Those
+    # refusals sent nothing, so they must not use up the manager's 5 an hour.
+    clock = FakeClock(NOW)
+    await make_service(clock=clock, rate_per_hour=1)
+    cid = await crm.campaign([])
+    await crm.call("campaign.test", {"campaign_id": cid, "email": "a@example.org"})
+    for i in range(6):
+        err = await crm.fails("campaign.test", {"campaign_id": cid, "email": f"r{i}@example.org"})
+        assert err.code == "rate_per_hour", err
+    key = f"{settings.redis_key_prefix}throttle:test_email:manager-1"
+    assert await redis_client.zcard(key) == 1  # only the one that was sent
+    # The next hour: the governor grants again, and the slot count goes on from 1.
+    clock.set(datetime(2026, 11, 23, 11, 0, 1, tzinfo=UTC))
+    await crm.call("campaign.test", {"campaign_id": cid, "email": "n@example.org"})
+    assert await redis_client.zcard(key) == 2

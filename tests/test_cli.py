@@ -45,7 +45,13 @@ class Mailer:
         result = await asyncio.to_thread(
             CliRunner().invoke, root, argv, input=input, env=_env(self.settings)
         )
-        assert result.exit_code == code, (argv, result.exit_code, result.output, result.exception)
+        if code >= 0:  # -1: the caller looks at the exit code itself
+            assert result.exit_code == code, (
+                argv,
+                result.exit_code,
+                result.output,
+                result.exception,
+            )
         return result
 
     async def json(self, *args: str, **kw: Any) -> Any:
@@ -157,7 +163,15 @@ async def test_every_command_end_to_end(make_service, mailer: Mailer, sink, tmp_
     assert "приостановлена" in (await mailer("campaign", "pause", str(other))).output
     await mailer("campaign", "resume", str(other))
     assert (await mailer.json("campaign", "cancel", str(other)))["status"] == "cancelled"
-    assert f"Кампания {other} удалена." in (await mailer("campaign", "delete", str(other))).output
+    # Its actor may still be letting go of the lease: campaign_busy (exit 5) says
+    # "retry in a moment", and a script does exactly that.
+    for _ in range(100):
+        deleted = await mailer("campaign", "delete", str(other), code=-1)
+        if deleted.exit_code != 5:
+            break
+        await asyncio.sleep(0.1)
+    assert deleted.exit_code == 0, deleted.output
+    assert f"Кампания {other} удалена." in deleted.output
 
     # Errors: the API's message, a documented exit code.
     third = (await mailer.json("campaign", "create", "--name", "C", "--subject", "S",

@@ -350,3 +350,35 @@ def test_promtool_check_rules() -> None:
 @needs_promtool
 def test_promtool_test_rules() -> None:
     _promtool("test", "rules", str(ALERTS_TEST))
+
+
+def _resolve_block(to: str) -> str:
+    """The playbook's resolve-in-doubt block that sets recipients to ``to``."""
+    (block,) = [b for b in playbook_sql_blocks() if f"SET status = '{to}'" in b and "resolved" in b]
+    return "\n".join(
+        ln for ln in block.splitlines() if ln.strip().upper() not in {"BEGIN;", "COMMIT;"}
+    )
+
+
+@pytest.mark.parametrize("to", ["sent", "pending"])
+async def test_playbook_resolve_audits_only_what_it_changed(
+    db: asyncpg.Connection, to: str
+) -> None:
+    await _seed(db)
+    sql = _resolve_block(to)
+
+    async def audits() -> list[Any]:
+        return list(
+            await db.fetch(
+                "SELECT details FROM audit_log WHERE action = 'recipients.resolve_in_doubt'"
+            )
+        )
+
+    await db.execute(sql)
+    first = await audits()
+    assert len(first) == 1
+    details = json.loads(first[0]["details"])
+    assert details["recipient_ids"] == ([1001, 1002] if to == "sent" else [1003])
+    # Run again: nothing is in doubt any more among those ids, so nothing is audited.
+    await db.execute(sql)
+    assert len(await audits()) == 1

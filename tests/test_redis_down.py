@@ -122,6 +122,7 @@ async def test_sending_goes_on_and_throttles_refuse_when_redis_stops(
         assert await resp.json() == {
             "nats": True,
             "postgres": True,
+            "started": True,
             "reported": {"redis": False, "smtp": True},
         }
     # And the dependency gauge, read at scrape time, says the same.

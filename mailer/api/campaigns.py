@@ -172,11 +172,12 @@ async def start(ctx: ApiContext, caller: Caller, req: CampaignRef) -> StartReply
     now = ctx.clock.now()
     # Counted only once the request is known to be startable: a refused start
     # (empty, too large, wrong state) does not use up the manager's hour.
-    await ctx.start_throttle.check(caller.user, now)
+    slot = await ctx.start_throttle.check(caller.user, now)
     row = await ctx.store.start(
         req.campaign_id, actor_id=caller.user, now=now, allowed_from=["draft"]
     )
     if row is None:  # lost a race with another start, a cancel or a delete
+        await ctx.start_throttle.give_back(caller.user, slot)
         current = await ctx.store.view(req.campaign_id)
         if current is None:
             raise NotFound(campaign_id=req.campaign_id)

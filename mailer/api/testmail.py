@@ -13,7 +13,8 @@ the real one. The unsubscribe link is real and signed for the test address:
 clicking it unsubscribes that address. The Message-ID names recipient 0.
 
 Order of checks: address, rights, renderable message (nothing counted yet),
-then the hourly test-email throttle, then the governor's token. A token holds
+then the hourly test-email throttle, then the governor's token; a test email
+the governor refuses (or cannot answer) gives its throttle slot back. A token holds
 until its window ends (``valid_until``): a test email that waited for the
 sender past it is not sent under it, but asks the governor once more (the
 first token stays spent).
@@ -87,13 +88,19 @@ async def send_test(ctx: ApiContext, caller: Caller, req: TestEmail) -> TestEmai
     except ValueError as exc:
         raise ValidationFailed(detail=str(exc)) from None
 
-    await ctx.test_throttle.check(caller.user, now)
+    slot = await ctx.test_throttle.check(caller.user, now)
     # A grant is good until its window ends (the hour, the day): a test email
     # whose turn at SMTP comes later is not sent under it. It asks once more,
     # in the new window; the first token stays spent.
-    for _ in range(_GRANTS):
+    for attempt in range(_GRANTS):
         asked_at = ctx.clock.now()
-        grant = await _grant(ctx, caller, campaign.id, campaign.owner_id, asked_at)
+        try:
+            grant = await _grant(ctx, caller, campaign.id, campaign.owner_id, asked_at)
+        except (Refused, Unavailable):
+            if attempt == 0:
+                # Nothing was sent nor spent: the manager's hour keeps its slot.
+                await ctx.test_throttle.give_back(caller.user, slot)
+            raise
         result = await _send(ctx, Mail(req.email, data), not_after=grant.usable_until(asked_at))
         if not result.expired:
             break
