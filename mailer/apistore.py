@@ -124,10 +124,14 @@ class Locked:
         )
         return len(inserted)
 
-    async def add_imported(self, now: datetime) -> int:
+    async def add_imported(self, now: datetime, *, timeout: float) -> int:
         """Inserts the rows of this transaction's ``import_rows`` table (recipients.import),
         the first line of each address; returns how many were new."""
-        return int(await self._conn.fetchval(Q["recipients-insert-imported"], self._id(), now))
+        return int(
+            await self._conn.fetchval(
+                Q["recipients-insert-imported"], self._id(), now, timeout=timeout
+            )
+        )
 
     async def recipients_count(self) -> int:
         return int(await self._conn.fetchval(Q["api-recipients-count"], self._id()))

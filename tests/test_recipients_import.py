@@ -147,3 +147,25 @@ async def test_a_sending_campaign_takes_no_import(
     with pytest.raises(InvalidState):
         await client.import_recipients(cid, path)
     assert await _rows(db, cid) == []
+
+
+async def test_an_import_may_outlast_the_send_paths_statement_timeout(
+    make_service, client: MailerClient, db, tmp_path
+) -> None:
+    # MAILER_DATABASE_STATEMENT_TIMEOUT_SECONDS is made for the send path's small
+    # statements; an import's INSERT of a large list takes longer and has its own bound.
+    await make_service(database_statement_timeout_seconds=1)
+    cid = await _campaign(client)
+    await db.execute(
+        """
+        CREATE FUNCTION slow_insert() RETURNS trigger AS $$
+        BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$ LANGUAGE plpgsql;
+        CREATE TRIGGER slow_insert AFTER INSERT ON recipient
+        FOR EACH STATEMENT EXECUTE FUNCTION slow_insert();
+        """
+    )
+    path = tmp_path / "list.csv"
+    path.write_text("email\na@example.org\nb@example.org\n")
+    result = await client.import_recipients(cid, path)
+    assert result.added == 2
+    assert len(await _rows(db, cid)) == 2
