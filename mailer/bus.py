@@ -37,6 +37,7 @@ __all__ = [
     "decode",
     "encode",
     "reconnect_delay",
+    "servers_of",
 ]
 
 log = logging.getLogger("mailer.bus")
@@ -80,6 +81,11 @@ def _next_server(servers: list[Server], info: dict[str, Any]) -> tuple[Server | 
         extra={"attempt": server.reconnects + 1, "wait_seconds": round(wait, 2)},
     )
     return server, wait
+
+
+def servers_of(url: str) -> list[str]:
+    """The server URLs of ``MAILER_NATS_URL``: one URL, or several comma-separated."""
+    return [u.strip() for u in url.split(",") if u.strip()]
 
 
 def encode(msg: Any) -> bytes:
@@ -181,7 +187,9 @@ class Bus:
 
         connecting = asyncio.ensure_future(
             nc.connect(
-                self.url,
+                # A cluster is given as its URLs, comma-separated: nats-py takes a list and
+                # reconnects to any of them (plus those the servers announce).
+                servers_of(self.url),
                 name=self.name,
                 # Reconnect forever: the orchestrator, not this loop, decides when
                 # a pod is dead. nats-py waits a constant time between tries;

@@ -111,6 +111,10 @@ async def _run(settings: Settings) -> int:
         # or starting) cancels the start-up instead of being ignored.
         with _cancel_on_signals():
             await service.start(migrate_first=True)
+            if settings.fault_injection:
+                from mailer.faults import install
+
+                await install(service.bus, service.supervisor, settings.effective_instance_id)
     except asyncio.CancelledError:
         await service.stop()
         return 0

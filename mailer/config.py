@@ -56,7 +56,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # --- connections ---------------------------------------------------------
     nats_url: Annotated[
         str,
-        Meta(description="NATS server URL; empty under `mailer dev` starts an embedded one."),
+        Meta(
+            description="NATS server URL, or a cluster's URLs comma-separated; empty under "
+            "`mailer dev` starts an embedded one."
+        ),
     ] = ""
     database_url: Annotated[
         str,
@@ -318,6 +321,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     var_dir: Annotated[
         str, Meta(description="Where `mailer dev` keeps the embedded stack and the outbox.")
     ] = "var"
+
+    fault_injection: Annotated[
+        bool,
+        Meta(
+            description="Development only: lets the chaos suite crash an actor on request "
+            "(`mailer/faults.py`); refused in production."
+        ),
+    ] = False
 
     # --- logs ----------------------------------------------------------------------
     log_level: Annotated[
@@ -593,6 +604,8 @@ def _check_production(s: Settings) -> None:
         raise ConfigError(
             f"{env_name('unsubscribe_old_secrets')}: every retired secret has 16+ characters"
         )
+    if s.fault_injection:
+        raise ConfigError(f"{env_name('fault_injection')} is not allowed in production")
     for field in ("nats_url", "database_url", "redis_url", "smtp_host"):
         if not getattr(s, field):
             raise ConfigError(f"{env_name(field)} is required in production")

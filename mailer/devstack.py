@@ -27,6 +27,7 @@ import atexit
 import contextlib
 import ctypes
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -353,7 +354,7 @@ def _signal_quiet(pid: int, sig: int, *, group: bool = False) -> None:
 
 @dataclass
 class _Child:
-    name: Component
+    name: str  # a component, or "nats-<i>" for a node of a NATS cluster
     proc: subprocess.Popen[bytes]
     log_path: Path
     stop_signal: int
@@ -440,7 +441,7 @@ class _Child:
 
 
 def _spawn(
-    name: Component,
+    name: str,
     argv: list[str],
     log_path: Path,
     *,
@@ -511,6 +512,36 @@ async def _tcp_exchange(port: int, send: bytes | None, within: float = 1.0) -> b
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+def _nats_probe(port: int) -> ReadyProbe:
+    async def ready() -> bool:
+        # The server greets with INFO {json} once its client listener is up, which
+        # comes after JetStream is enabled; check it is on.
+        line = await _tcp_exchange(port, None)
+        if not line.startswith(b"INFO "):
+            return False
+        try:
+            info = json.loads(line[5:])
+        except ValueError:
+            return False
+        return bool(info.get("jetstream"))
+
+    return ready
+
+
+def _distinct_free_ports(n: int) -> list[int]:
+    """``n`` different ports free now (held open together so the kernel gives distinct ones)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind((LOOPBACK, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def _port_in_use(log_path: Path) -> bool:
@@ -592,6 +623,14 @@ class EmbeddedStack:
 
     ``async with EmbeddedStack("var") as stack: stack.endpoints.database_url ...``
 
+    ``nats_nodes=3`` starts a NATS JetStream cluster of three servers on loopback instead of
+    one (the chaos suite restarts its nodes one at a time or all at once); ``nats_url`` then
+    lists the three client URLs, comma-separated.
+
+    ``stop_server``/``start_server``/``restart_server`` stop a server and start it again on
+    the same port with the same data (Redis keeps nothing on disk: it comes back empty), so
+    clients reconnect to where they were; fault injection uses them.
+
     ``fresh=True`` wipes ``<var_dir>/stack`` and the outbox first (new database, empty
     JetStream); by default an initialised PostgreSQL data dir, the JetStream store and the
     outbox are kept between runs. ``write_outbox=False`` keeps sunk messages in memory only
@@ -609,7 +648,10 @@ class EmbeddedStack:
         start_timeout: float = 30.0,
         stop_timeout: float = 10.0,
         postgres_settings: Mapping[str, str] | None = None,
+        nats_nodes: int = 1,
     ) -> None:
+        if nats_nodes < 1:
+            raise ValueError("nats_nodes must be >= 1")
         self.postgres_settings = dict(postgres_settings or {})
         self.var_dir = Path(var_dir).resolve()
         self.stack_dir = self.var_dir / "stack"
@@ -620,9 +662,13 @@ class EmbeddedStack:
         self.write_outbox = write_outbox
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        #: 1: one NATS server; 3: a JetStream cluster on loopback (``nats_url`` lists them all).
+        self.nats_nodes = nats_nodes
         #: Seconds each component took to start, and "total".
         self.timings: dict[str, float] = {}
-        self._children: dict[Component, _Child] = {}
+        self._children: dict[str, _Child] = {}
+        # How to start a stopped server again on its port, with its data: restart_server().
+        self._relaunch: dict[str, tuple[Callable[[], _Child], ReadyProbe, Path]] = {}
         self._sink: SmtpSink | None = None
         self._urls: dict[Component, str] = {}
         self._endpoints: StackEndpoints | None = None
@@ -642,8 +688,9 @@ class EmbeddedStack:
         """The embedded SMTP sink (None when SMTP is external)."""
         return self._sink
 
-    def pids(self) -> dict[Component, int]:
-        """PIDs of the server processes started (the sink runs in this process)."""
+    def pids(self) -> dict[str, int]:
+        """PIDs of the server processes started (the sink runs in this process); the nodes
+        of a NATS cluster are ``nats-0``, ``nats-1``, ..."""
         return {name: child.pid for name, child in self._children.items()}
 
     async def __aenter__(self) -> EmbeddedStack:
@@ -705,9 +752,8 @@ class EmbeddedStack:
                     if sink is not None:
                         await sink.stop()
                     continue
-                child = self._children.pop(name, None)
-                if child is not None:
-                    await child.stop(self.stop_timeout)
+                for key in [k for k in self._children if k.split("-")[0] == name]:
+                    await self._children.pop(key).stop(self.stop_timeout)
         finally:
             self.kill_now()  # anything a cancelled stop skipped
             self._endpoints = None
@@ -764,7 +810,7 @@ class EmbeddedStack:
         lock.flush()
         self._lock_file = lock
         if self.fresh:
-            for name in ("nats", "pg", "redis"):
+            for name in ("nats", "pg", "redis", *(f"nats-{i}" for i in range(self.nats_nodes))):
                 self._reap_orphan(self.stack_dir / name)
                 shutil.rmtree(self.stack_dir / name, ignore_errors=True)
 
@@ -828,12 +874,16 @@ class EmbeddedStack:
                     await self._children.pop(name).stop(self.stop_timeout)
                     continue
                 raise
+            self._relaunch[name] = (functools.partial(launch, port), probe(port), folder)
             return port
         raise AssertionError("unreachable")
 
     # --- NATS -----------------------------------------------------------------------------
 
     async def _start_nats(self) -> None:
+        if self.nats_nodes > 1:
+            await self._start_nats_cluster()
+            return
         binary = _find_binary("nats-server")
         folder = self.stack_dir / "nats"
         folder.mkdir(parents=True, exist_ok=True)
@@ -855,23 +905,115 @@ class EmbeddedStack:
                 cwd=folder,
             )
 
-        def probe(port: int) -> ReadyProbe:
-            async def ready() -> bool:
-                # The server greets with INFO {json} once its client listener is up, which
-                # comes after JetStream is enabled; check it is on.
-                line = await _tcp_exchange(port, None)
-                if not line.startswith(b"INFO "):
-                    return False
-                try:
-                    info = json.loads(line[5:])
-                except ValueError:
-                    return False
-                return bool(info.get("jetstream"))
-
-            return ready
-
-        port = await self._start_with_retries("nats", folder, launch, probe)
+        port = await self._start_with_retries("nats", folder, launch, _nats_probe)
         self._urls["nats"] = f"nats://{LOOPBACK}:{port}"
+
+    async def _start_nats_cluster(self) -> None:
+        """``nats_nodes`` JetStream servers routed to each other on loopback.
+
+        Each node has its own store dir and server name; JetStream clustering needs the
+        cluster's name and every route. All ports are picked before the first node starts
+        (each node's routes name every cluster port). Ready once JetStream answers: the
+        meta group elects its leader a few seconds after the nodes are up, and a stream
+        created before that would fail.
+        """
+        binary = _find_binary("nats-server")
+        n = self.nats_nodes
+        clients = _distinct_free_ports(2 * n)
+        clients, routes = clients[:n], clients[n:]
+        route_urls = ",".join(f"nats://{LOOPBACK}:{p}" for p in routes)
+        for i in range(n):
+            name = f"nats-{i}"
+            folder = self.stack_dir / name
+            folder.mkdir(parents=True, exist_ok=True)
+            self._reap_orphan(folder)
+            config = folder / "nats.conf"
+            config.write_text("max_payload: 16MB\n", encoding="utf-8")
+            argv = [str(binary), "-c", str(config), "-a", LOOPBACK, "-p", str(clients[i])]
+            argv += ["-n", f"mailer-dev-{i}", "-js", "-sd", str(folder / "store")]
+            argv += ["--cluster_name", "mailer-dev", "--cluster", f"nats://{LOOPBACK}:{routes[i]}"]
+            argv += ["--routes", route_urls]
+            launch = functools.partial(
+                _spawn,
+                name,
+                argv,
+                folder / "nats.log",
+                stop_signal=signal.SIGTERM,
+                death_signal=signal.SIGTERM,
+                cwd=folder,
+            )
+            self._relaunch[name] = (launch, _nats_probe(clients[i]), folder)
+        await asyncio.gather(*(self._launch(f"nats-{i}") for i in range(n)))
+        self._urls["nats"] = ",".join(f"nats://{LOOPBACK}:{p}" for p in clients)
+        await self._wait_jetstream()
+
+    async def _launch(self, key: str) -> None:
+        """Starts server ``key`` from its recorded command (same port, same data)."""
+        launch, probe, folder = self._relaunch[key]
+        child = launch()
+        self._track(child, folder)
+        await _wait_ready(child, probe, self.start_timeout)
+
+    async def _wait_jetstream(self) -> None:
+        import nats  # the service's own client: JetStream answers when the cluster is ready
+
+        urls = self._urls["nats"].split(",")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_timeout
+
+        async def quiet(exc: Exception) -> None:  # refused while nodes come up: expected
+            pass
+
+        nc = await nats.connect(urls, connect_timeout=2, max_reconnect_attempts=-1, error_cb=quiet)
+        try:
+            while True:
+                try:
+                    await nc.jetstream(timeout=2).account_info()
+                    return
+                except Exception as exc:
+                    if loop.time() > deadline:
+                        raise StackError(f"NATS cluster: JetStream not ready: {exc!r}") from None
+                    await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+
+    # --- faults: a server down and back ----------------------------------------------------
+
+    def servers(self) -> list[str]:
+        """Names ``stop_server`` and friends take: ``postgres``, ``redis``, ``nats`` (every
+        node), and with a cluster ``nats-0`` ... ``nats-<n-1>``."""
+        names: list[str] = [k for k in ("nats", "postgres", "redis") if k in self.components]
+        if self.nats_nodes > 1 and "nats" in self.components:
+            names += [f"nats-{i}" for i in range(self.nats_nodes)]
+        return names
+
+    def _keys(self, name: str) -> list[str]:
+        if name not in self.servers():
+            raise ValueError(f"no embedded server {name!r}; one of {self.servers()}")
+        if name == "nats" and self.nats_nodes > 1:
+            return [f"nats-{i}" for i in range(self.nats_nodes)]
+        return [name]
+
+    async def stop_server(self, name: str) -> None:
+        """Stops server ``name`` gracefully (its stop signal, then a kill after the timeout)."""
+        for key in self._keys(name):
+            child = self._children.pop(key, None)
+            if child is not None:
+                await child.stop(self.stop_timeout)
+
+    async def start_server(self, name: str) -> None:
+        """Starts server ``name`` again on its port with its data; no-op if it runs."""
+        keys = [k for k in self._keys(name) if k not in self._children]
+        await asyncio.gather(*(self._launch(k) for k in keys))
+        if keys and self.nats_nodes > 1 and keys[0].startswith("nats"):
+            await self._wait_jetstream()
+
+    async def restart_server(self, name: str, down: float = 0.0) -> None:
+        """Stops server ``name``, waits ``down`` seconds, starts it again."""
+        await self.stop_server(name)
+        if down > 0:
+            await asyncio.sleep(down)
+        await self.start_server(name)
 
     # --- Redis ----------------------------------------------------------------------------
 

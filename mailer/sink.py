@@ -11,7 +11,10 @@ blocks the loop also blocks the sink, which a test would notice at once anyway.
 
 Tests can program failures per recipient (see :meth:`SmtpSink.fail`), e.g. ``550 5.1.1`` at
 RCPT time for a bounced address or ``451 4.3.0`` at DATA time a given number of times to
-exercise retries.
+exercise retries; :class:`ByLocalPart` decides by the address itself (``reject…@`` bounces,
+``temp…@`` answers 4xx), for drivers that only choose addresses. Whole-server faults, for
+the chaos suite: :meth:`SmtpSink.outage` answers ``421`` to every message or black-holes
+every session (no answer at all) until :meth:`SmtpSink.heal`; ``data_delay`` makes it slow.
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ from typing import Any, Literal
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 __all__ = [
+    "OUTAGE_REPLY",
     "PERMANENT_FAILURE",
     "TRANSIENT_FAILURE",
+    "ByLocalPart",
+    "Outage",
     "ReceivedMessage",
     "Rejection",
     "ReplyHook",
@@ -42,6 +48,12 @@ log = logging.getLogger(__name__)
 
 PERMANENT_FAILURE = "550 5.1.1 No such user"
 TRANSIENT_FAILURE = "451 4.3.0 Try again later"
+OUTAGE_REPLY = "421 4.3.2 Service not available"
+
+#: ``"421"``: every message is refused with :data:`OUTAGE_REPLY`; ``"blackhole"``: the
+#: sink reads commands but never answers them (a hung provider: only the client's
+#: timeout ends the wait) and never accepts what it was sent.
+Outage = Literal["421", "blackhole"]
 
 Stage = Literal["rcpt", "data"]
 #: ``hook(stage, address)`` returns an SMTP reply line to refuse ``address`` or ``None``.
@@ -79,6 +91,31 @@ class _Rule:
 class _Waiter:
     count: int
     future: asyncio.Future[None] = field(repr=False)
+
+
+class ByLocalPart:
+    """A :data:`ReplyHook` deciding by the address: ``reject…@`` is refused ``550`` at RCPT;
+    ``temp…@`` gets ``451`` at RCPT for ever, ``temp<N>…@`` (``temp2-x@``) only its first
+    N times. Every other address is accepted. Counts are per address, in this instance.
+    """
+
+    def __init__(self) -> None:
+        self.attempts: dict[str, int] = {}
+
+    def __call__(self, stage: Stage, address: str) -> str | None:
+        local = address.partition("@")[0].lower()
+        if stage != "rcpt":
+            return None
+        if local.startswith("reject"):
+            return PERMANENT_FAILURE
+        if not local.startswith("temp"):
+            return None
+        digits = local[4:].partition("-")[0]
+        seen = self.attempts.get(address.lower(), 0) + 1
+        self.attempts[address.lower()] = seen
+        if digits.isdigit() and seen > int(digits):
+            return None
+        return TRANSIENT_FAILURE
 
 
 def _check_reply(reply: str) -> str:
@@ -137,6 +174,9 @@ class SmtpSink:
         self._released = asyncio.Event()
         self._hung = 0
         self._hung_waiters: list[_Waiter] = []
+        self._outage: Outage | None = None
+        self._healed = asyncio.Event()
+        self._healed.set()
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -309,6 +349,23 @@ class SmtpSink:
                 waiter.future.set_result(None)
         await self._released.wait()
 
+    def outage(self, kind: Outage) -> None:
+        """Every session from now on fails as ``kind`` says, until :meth:`heal`."""
+        if kind not in ("421", "blackhole"):
+            raise ValueError(f"unknown outage {kind!r}")
+        self._outage = kind
+        self._healed.clear()
+
+    def heal(self) -> None:
+        """Ends an outage. Sessions held by a black hole are closed without an answer:
+        nothing they sent is accepted."""
+        self._outage = None
+        self._healed.set()
+
+    @property
+    def outage_kind(self) -> Outage | None:
+        return self._outage
+
     def clear_rules(self) -> None:
         self._rules.clear()
         self.hook = None
@@ -322,6 +379,7 @@ class SmtpSink:
         self.data_gate = None
         self.release()
         self._hung = 0
+        self.heal()
         self.clear_rules()
 
     # --- internals used by the handler ---------------------------------------------------
@@ -410,7 +468,35 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self._sink = sink
 
+    async def _outage_reply(self, server: SMTP) -> str | None:
+        """None when the sink works; else the reply an outage gives (after a black hole
+        ends, the session is closed: the client never gets an answer)."""
+        kind = self._sink._outage
+        if kind is None:
+            return None
+        if kind == "421":
+            return OUTAGE_REPLY
+        await self._sink._healed.wait()
+        if server.transport is not None:
+            server.transport.close()
+        return OUTAGE_REPLY
+
     # The handle_* names are the ones aiosmtpd looks up on its handler.
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        outage = await self._outage_reply(server)
+        if outage is not None:
+            return outage
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
     async def handle_RCPT(
         self,
         server: SMTP,
@@ -420,6 +506,9 @@ class _Handler:
         rcpt_options: list[str],
     ) -> str:
         await self._sink._maybe_hang("rcpt")
+        outage = await self._outage_reply(server)
+        if outage is not None:
+            return outage
         reply = self._sink._reply_for("rcpt", address)
         if reply is not None:
             return self._sink._refuse("rcpt", address, reply)
@@ -428,6 +517,9 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        outage = await self._outage_reply(server)
+        if outage is not None:
+            return outage
         rcpt_tos = tuple(envelope.rcpt_tos)
         for address in rcpt_tos:
             reply = self._sink._reply_for("data", address)

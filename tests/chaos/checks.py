@@ -1,0 +1,290 @@
+"""The invariants a round must hold, judged from the sink, the database and the stream.
+
+Each check returns violations named after the invariant, so a report says which promise
+broke and with what evidence; ``figures`` are the counts the long run prints.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from tests.chaos.driver import FINAL, LONG_REASONS, SMTP_CONNECTIONS, Outcome
+
+SETTLED_RECIPIENT = ("sent", "failed", "unsubscribed", "in_doubt")
+FINAL_EVENTS = ("sent", "completed_with_errors")
+DAY_ZONE = ZoneInfo("Europe/Moscow")  # the service's default zone: days of daily limits
+QUOTA_SYNC_SECONDS = 3600.0  # the default MAILER_QUOTA_SYNC_INTERVAL_SECONDS
+
+
+@dataclass(frozen=True)
+class Violation:
+    invariant: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.invariant}: {self.detail}"
+
+
+def check(o: Outcome) -> list[Violation]:
+    v: list[Violation] = []
+    v += _at_most_once(o)
+    v += _nothing_lost_or_stuck(o)
+    v += _in_doubt_bounded(o)
+    v += _limits(o)
+    v += _honest_status(o)
+    v += _send_log_agrees(o)
+    v += _events(o)
+    return v
+
+
+def figures(o: Outcome) -> dict[str, Any]:
+    received = Counter(a for a, _, _ in o.deliveries)
+    by_status = Counter(r["status"] for r in o.recipients)
+    return {
+        "messages": len(o.deliveries),
+        "duplicates": sum(n - 1 for n in received.values() if n > 1),
+        "in_doubt": by_status.get("in_doubt", 0),
+        "sent": by_status.get("sent", 0),
+        "failed": by_status.get("failed", 0),
+        "pending": by_status.get("pending", 0),
+        "sending": by_status.get("sending", 0),
+        "faults": Counter(a.fault.kind for a in o.applied if a.resolved),
+        "skipped_faults": sum(1 for a in o.applied if not a.resolved),
+        "failovers": list(o.failovers),
+        "unexpected_exits": list(o.unexpected_exits),
+        "late_exits": list(o.late_exits),
+        "resumes": o.resumes,
+        "settle_seconds": round(o.settle_seconds, 1),
+    }
+
+
+def _campaign_of(o: Outcome) -> dict[str, int]:
+    return {r["email"].lower(): r["campaign_id"] for r in o.recipients}
+
+
+def _at_most_once(o: Outcome) -> list[Violation]:
+    received = Counter(a.lower() for a, _, _ in o.deliveries)
+    senders: dict[str, list[str]] = defaultdict(list)
+    for a, _, who in o.deliveries:
+        senders[a.lower()].append(who)
+    return [
+        Violation("duplicate_delivery", f"{a} received {n} times (sent by {senders[a]})")
+        for a, n in sorted(received.items())
+        if n > 1
+    ]
+
+
+def _nothing_lost_or_stuck(o: Outcome) -> list[Violation]:
+    v: list[Violation] = []
+    received = {a.lower() for a, _, _ in o.deliveries}
+    status = {c["id"]: c for c in o.campaigns}
+    for r in o.recipients:
+        email, st = r["email"].lower(), r["status"]
+        final = status[r["campaign_id"]]["status"] in FINAL
+        if st == "sending":
+            v.append(Violation("stuck_sending", f"{email} still 'sending' after the round"))
+        elif st == "pending" and final and status[r["campaign_id"]]["status"] != "cancelled":
+            v.append(Violation("lost", f"{email} 'pending' in a finished campaign"))
+        if st == "sent" and email not in received:
+            v.append(Violation("lost", f"{email} recorded 'sent' but never received"))
+        if email in received and st not in ("sent", "in_doubt"):
+            v.append(Violation("unrecorded_delivery", f"{email} received but recorded {st!r}"))
+    horizon = o.finished_at
+    for c in o.campaigns:
+        if c["status"] in FINAL:
+            continue
+        waits = (
+            c["status"] in ("ready", "sending")
+            and c["defer_reason"] in LONG_REASONS
+            and c["deferred_until"] is not None
+            and c["deferred_until"] > horizon
+        )
+        if waits and (why := _untrue_wait(o, c)):
+            v.append(Violation("untrue_wait", f"campaign {c['id']}: {why}"))
+        if not waits:
+            v.append(
+                Violation(
+                    "stuck_campaign",
+                    f"campaign {c['id']} {c['status']} reason={c['defer_reason']} "
+                    f"until={c['deferred_until']}",
+                )
+            )
+    if not o.settled:
+        v.append(Violation("stuck_campaign", "the round did not settle in time"))
+    return v
+
+
+def _untrue_wait(o: Outcome, c: dict[str, Any]) -> str:
+    """Why a campaign's wait at the end is not the one its reason gives ('' if it is).
+
+    Every process runs open all day (00:00-24:00), only one owner has a daily limit, the
+    quota is synced hourly: each reason has a latest end it may name."""
+    end = o.finished_at
+    reason, until = c["defer_reason"], c["deferred_until"]
+    slack = timedelta(minutes=1)
+    if reason == "outside_hours":
+        return "outside_hours while the hours are 00:00-24:00"
+    if reason == "daily_limit":
+        if c["owner_id"] != o.plan.limits.daily_limited_owner:
+            return f"daily_limit for {c['owner_id']}, who has no daily limit"
+        local = end.astimezone(DAY_ZONE)
+        midnight = datetime.combine(local.date() + timedelta(days=1), time(), DAY_ZONE)
+        latest = midnight
+    elif reason == "rate_per_hour":
+        latest = end.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    else:  # quota_exhausted: a sync restores it; the governor's safety net is 2 intervals
+        latest = end + timedelta(seconds=2 * QUOTA_SYNC_SECONDS)
+    if until > latest + slack:
+        return f"{reason} until {until}, later than {latest}"
+    return ""
+
+
+def _in_doubt_bounded(o: Outcome) -> list[Violation]:
+    """In doubt only for sends in flight at a kill: at most two waves of a process's SMTP
+    connections per kill -9 (the pipelined loop hands the next wave while one is sent; a
+    SIGTERM drains: none), one wave per crash of a campaign actor or the sender, and per
+    process for a black-holed provider (sends that got no answer)."""
+    kills = sum(1 for a in o.applied if a.fault.kind == "kill9" and a.resolved)
+    crashes = sum(
+        1
+        for a in o.applied
+        if a.fault.kind == "actor_crash"
+        and a.resolved
+        and a.resolved.split("/")[1] not in ("None", "")
+        and (a.fault.actor in ("campaign", "smtp-sender"))
+    )
+    holes = sum(1 for a in o.applied if a.fault.kind == "smtp_blackhole")
+    bound = SMTP_CONNECTIONS * (2 * kills + crashes + holes * o.plan.processes)
+    doubt = [r["email"] for r in o.recipients if r["status"] == "in_doubt"]
+    if len(doubt) > bound:
+        return [
+            Violation(
+                "in_doubt_bound",
+                f"{len(doubt)} in doubt > {bound} (= {SMTP_CONNECTIONS} connections x "
+                f"(2 x {kills} kill -9 + {crashes} crashes + {holes} black holes x "
+                f"{o.plan.processes} processes)): {doubt[:10]}",
+            )
+        ]
+    return []
+
+
+def _limits(o: Outcome) -> list[Violation]:
+    v: list[Violation] = []
+    lim = o.plan.limits
+    campaign_of = _campaign_of(o)
+    per_hour = Counter(
+        datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:00Z") for _, at, _ in o.deliveries
+    )
+    for hour, n in sorted(per_hour.items()):
+        if n > lim.rate_per_hour:
+            v.append(Violation("hourly_limit", f"{n} messages in {hour} > {lim.rate_per_hour}"))
+    per_day: Counter[tuple[str, str]] = Counter()
+    for a, at, _ in o.deliveries:
+        cid = campaign_of.get(a.lower())
+        owner = o.owners.get(cid) if cid is not None else None
+        if owner is not None:
+            day = datetime.fromtimestamp(at, DAY_ZONE).date().isoformat()
+            per_day[(owner, day)] += 1
+    for (owner, day), n in sorted(per_day.items()):
+        if owner == lim.daily_limited_owner and n > lim.daily_limit:
+            v.append(
+                Violation("daily_limit", f"{owner} got {n} messages on {day} > {lim.daily_limit}")
+            )
+    if len(o.deliveries) > lim.monthly_quota:
+        v.append(Violation("quota", f"{len(o.deliveries)} messages > quota {lim.monthly_quota}"))
+    return v
+
+
+def _honest_status(o: Outcome) -> list[Violation]:
+    v: list[Violation] = []
+    by_campaign: dict[int, Counter[str]] = defaultdict(Counter)
+    for r in o.recipients:
+        by_campaign[r["campaign_id"]][r["status"]] += 1
+    for c in o.campaigns:
+        counts = by_campaign[c["id"]]
+        bad = counts["failed"] + counts["in_doubt"]
+        open_ = counts["pending"] + counts["sending"]
+        if c["status"] == "sent" and (bad or open_):
+            v.append(
+                Violation("dishonest_status", f"campaign {c['id']} 'sent' with {dict(counts)}")
+            )
+        if c["status"] == "completed_with_errors" and (not bad or open_):
+            v.append(
+                Violation(
+                    "dishonest_status",
+                    f"campaign {c['id']} 'completed_with_errors' with {dict(counts)}",
+                )
+            )
+        if c["status"] in ("sent", "completed_with_errors") and c["completed_at"] is None:
+            v.append(
+                Violation("dishonest_status", f"campaign {c['id']} final, queue not completed")
+            )
+    return v
+
+
+def _send_log_agrees(o: Outcome) -> list[Violation]:
+    v: list[Violation] = []
+    rows: dict[int, list[str]] = defaultdict(list)
+    for s in o.send_log:
+        if not s["is_test"] and s["recipient_id"] is not None:
+            rows[s["recipient_id"]].append(s["status"])
+    for r in o.recipients:
+        log = rows.get(r["id"], [])
+        sent = log.count("sent")
+        if sent > 1:
+            v.append(Violation("send_log_duplicate", f"{r['email']}: {sent} 'sent' rows"))
+        if r["status"] == "sent" and sent != 1:
+            v.append(Violation("send_log_mismatch", f"{r['email']} sent, log {log}"))
+        if r["status"] != "sent" and sent:
+            v.append(Violation("send_log_mismatch", f"{r['email']} {r['status']}, log {log}"))
+        if r["status"] == "failed" and "failed" not in log and "transient" not in log:
+            v.append(Violation("send_log_mismatch", f"{r['email']} failed, log {log}"))
+        if r["status"] == "in_doubt" and "in_doubt" not in log:
+            v.append(Violation("send_log_mismatch", f"{r['email']} in doubt, log {log}"))
+    return v
+
+
+def _events(o: Outcome) -> list[Violation]:
+    v: list[Violation] = []
+    status = {c["id"]: c for c in o.campaigns}
+    campaign_events: dict[int, Counter[str]] = defaultdict(Counter)
+    notices: Counter[tuple[Any, ...]] = Counter()
+    noticed: dict[int, set[str]] = defaultdict(set)
+    for subject, e in o.events:
+        if ".events.campaign." in subject:
+            campaign_events[e["campaign_id"]][e["event"]] += 1
+        elif ".events.notify." in subject:
+            # One notice per episode: its dedup id's fields (a pause has no end: its time).
+            until = e.get("deferred_until") or e.get("at")
+            key = (e["campaign_id"], e["kind"], e["reason_code"], until)
+            notices[key] += 1
+            noticed[e["campaign_id"]].add(e["reason_code"])
+    for cid, c in status.items():
+        seen = campaign_events[cid]
+        if seen["queued"] != 1:
+            v.append(Violation("events", f"campaign {cid}: {seen['queued']} 'queued' events"))
+        finals = {e: seen[e] for e in FINAL_EVENTS if seen[e]}
+        if c["status"] in FINAL_EVENTS:
+            if finals != {c["status"]: 1}:
+                v.append(
+                    Violation("events", f"campaign {cid} {c['status']}: final events {finals}")
+                )
+        elif finals:
+            v.append(Violation("events", f"campaign {cid} {c['status']}: final events {finals}"))
+        if c["notified_reason"] and c["notified_reason"] not in noticed[cid]:
+            v.append(
+                Violation(
+                    "notice_lost",
+                    f"campaign {cid}: notified_reason {c['notified_reason']} never published",
+                )
+            )
+    for key, n in notices.items():
+        if n > 1:
+            v.append(Violation("notice_duplicate", f"{key} published {n} times"))
+    if o.outbox_left:
+        v.append(Violation("events", f"{o.outbox_left} rows left in event_outbox"))
+    return v
