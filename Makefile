@@ -21,7 +21,7 @@ help:
 	@echo "make typecheck  mypy"
 	@echo "make demo       run a demo campaign on the embedded stack (mailer demo)"
 	@echo "make run        the service on the embedded stack (mailer dev; Ctrl-C stops it)"
-	@echo "make bench      benchmark of the send path"
+	@echo "make bench      the benchmark table: real mailer run vs its anchors (3 runs)"
 	@echo "make clean      remove var/ (embedded stack data, outbox) and tool caches"
 	@echo "make distclean  clean, and remove $(VENV)"
 
@@ -57,7 +57,7 @@ run: install
 	$(BIN)/mailer dev
 
 bench: install
-	$(BIN)/python bench/send_path.py
+	$(BIN)/python bench/suite.py
 
 clean:
 	rm -rf var/ .pytest_cache/ .mypy_cache/ .ruff_cache/ .hypothesis/

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,8 @@ def start_sink(port: int) -> tuple[subprocess.Popen[bytes], str]:
     postfix_sink = shutil.which("smtp-sink")
     if postfix_sink:
         cmd = [postfix_sink, "-c", f"127.0.0.1:{port}", "1000"]
+        if os.geteuid() == 0:  # smtp-sink refuses to run as root without -u
+            cmd[1:1] = ["-u", "nobody"]
         name = "postfix smtp-sink"
     else:
         cmd = [

@@ -153,6 +153,15 @@ class Locked:
         )
         return len(inserted)
 
+    async def add_imported(self, now: datetime, *, timeout: float) -> int:
+        """Inserts the rows of this transaction's ``import_rows`` table (recipients.import),
+        the first line of each address; returns how many were new."""
+        return int(
+            await self._conn.fetchval(
+                Q["recipients-insert-imported"], self._id(), now, timeout=timeout
+            )
+        )
+
     async def recipients_count(self) -> int:
         return int(await self._conn.fetchval(Q["api-recipients-count"], self._id()))
 
@@ -195,12 +204,24 @@ class ApiStore:
     # --- state changes under the campaign's lock -----------------------------------------
 
     async def locked(
-        self, campaign_id: int, fn: Callable[[Locked], Awaitable[T]], *, for_delete: bool = False
+        self,
+        campaign_id: int,
+        fn: Callable[[Locked], Awaitable[T]],
+        *,
+        for_delete: bool = False,
+        prepare: Callable[[Any], Awaitable[None]] | None = None,
     ) -> T:
-        """Runs ``fn`` in a transaction holding the campaign's locks; commits if it returns."""
+        """Runs ``fn`` in a transaction holding the campaign's locks; commits if it returns.
+
+        ``prepare`` runs first in the same transaction and connection, before the locks are
+        taken (a bulk import fills its temporary table there, so a start or pause waits only
+        for the final INSERT, not for the file to be read); a deadlock retry runs it again.
+        """
         for attempt in range(_DEADLOCK_RETRIES):
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
+                    if prepare is not None:
+                        await prepare(conn)
                     queue = await conn.fetchrow(Q["api-queue-lock"], campaign_id)
                     lock = "api-campaign-lock-delete" if for_delete else "api-campaign-lock"
                     row = await conn.fetchrow(Q[lock], campaign_id)

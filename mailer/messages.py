@@ -14,6 +14,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 __all__ = [
+    "MAX_INVALID_LISTED",
     "ActiveCampaign",
     "AttachmentAdd",
     "AttachmentList",
@@ -35,7 +36,9 @@ __all__ = [
     "Empty",
     "ErrorBody",
     "ErrorReply",
+    "ImportProgress",
     "InvalidAddress",
+    "InvalidLine",
     "ManagerStatus",
     "NotRemoved",
     "Notice",
@@ -49,6 +52,8 @@ __all__ = [
     "RecipientView",
     "RecipientsAdd",
     "RecipientsAdded",
+    "RecipientsImport",
+    "RecipientsImported",
     "RecipientsRemove",
     "RecipientsRemoved",
     "ResolveInDoubt",
@@ -76,6 +81,7 @@ __all__ = [
     "UnsubscribeRemoved",
     "UnsubscribeView",
     "Wake",
+    "imports_bucket",
 ]
 
 # Header-safe single-line text: CR/LF would allow header injection. \A..\Z,
@@ -181,6 +187,47 @@ class RecipientsAdded(Struct, kw_only=True):
     added: int
     duplicates: int
     invalid: list[InvalidAddress]
+
+
+def imports_bucket(prefix: str) -> str:
+    """The JetStream Object Store bucket ``recipients.import`` reads uploads from."""
+    return "mailer_imports_" + "".join(c if c.isalnum() or c in "_-" else "_" for c in prefix)
+
+
+#: Invalid lines an import's reply lists (all are counted in ``invalid_count``).
+MAX_INVALID_LISTED = 1000
+
+
+class RecipientsImport(_Strict):
+    campaign_id: Id
+    # The uploaded file's name in the imports bucket (imports_bucket(prefix)).
+    object: Annotated[str, Meta(min_length=1, max_length=255)]
+    format: Literal["csv", "jsonl"] = "csv"
+
+
+class InvalidLine(Struct, kw_only=True):
+    line: int
+    email: str
+    reason: str
+
+
+class RecipientsImported(Struct, kw_only=True):
+    lines: int  # recipient lines read (a CSV's header and blank lines not counted)
+    added: int
+    duplicates: int  # of the file's own lines, or of recipients already in the campaign
+    invalid_count: int
+    invalid: list[InvalidLine]  # the first MAX_INVALID_LISTED
+
+
+class ImportProgress(Struct, kw_only=True):
+    """``<prefix>.import.progress.<campaign_id>`` (core NATS, not stored), while an import runs."""
+
+    campaign_id: int
+    object: str
+    stage: Literal["reading", "writing", "done", "failed"]
+    lines: int
+    invalid: int
+    added: int = 0
 
 
 class QueueView(Struct, kw_only=True):

@@ -46,7 +46,7 @@ from mailer.actors import (
     SupervisorClosed,
 )
 from mailer.actors.api import ApiActor
-from mailer.actors.campaign import CampaignActor, CampaignSettings, FaultHook
+from mailer.actors.campaign import CampaignActor, CampaignSettings, FaultHook, StageHook
 from mailer.actors.governor import GovernorActor, NatsTokenSource
 from mailer.actors.leader import LeaderActor
 from mailer.actors.runner import RunnerActor
@@ -120,15 +120,18 @@ class Service:
         *,
         clock: Clock | None = None,
         fault: FaultHook | None = None,
+        stage_fault: StageHook | None = None,
         restart_policy: RestartPolicy | None = None,
         actor_fault: ActorFault | None = None,
     ) -> None:
-        """``fault`` and ``actor_fault`` are test hooks (None in production): the
-        campaign actor's, between a batch's send and its record, and the
-        runtime's, before every message any actor handles (raising crashes it)."""
+        """``fault``, ``stage_fault`` and ``actor_fault`` are test hooks (None in
+        production): the campaign actor's, between a batch's send and its record,
+        and at each stage of a wave, and the runtime's, before every message any
+        actor handles (raising crashes it)."""
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
         self._fault = fault
+        self._stage_fault = stage_fault
         self._actor_fault = actor_fault
         self._policy = restart_policy or RestartPolicy(
             max_restarts=20, window_seconds=60.0, backoff_base=0.1, backoff_max=5.0
@@ -546,6 +549,7 @@ class Service:
                 unsubscribe_url=link,
                 fault=self._fault,
                 bounce_address=verp,
+                stage_fault=self._stage_fault,
             ),
             restart=Restart.TRANSIENT,
             limit=CAMPAIGN_RESTARTS,

@@ -418,57 +418,60 @@ class PgStore:
         """
         if not outcomes:
             return {}
+        args = self._record_args(lease, outcomes, now)
+        sql = Q["recipients-record-and-log"]
+        async with self.pool.acquire() as conn:
+            if transient_errors is None:
+                # One statement: atomic by itself, one round trip per wave.
+                rows = await conn.fetch(sql, *args)
+            else:
+                async with conn.transaction():
+                    await conn.execute(
+                        Q["queue-transient-count"],
+                        lease.campaign_id,
+                        lease.owner,
+                        lease.epoch,
+                        transient_errors,
+                        success,
+                    )
+                    rows = await conn.fetch(sql, *args)
+        return {int(r["id"]): str(r["status"]) for r in rows}
+
+    async def record_and_hand(
+        self, lease: Lease, outcomes: Sequence[Outcome], hand: Sequence[int], now: datetime
+    ) -> tuple[dict[int, str], list[int]]:
+        """``record`` of one wave (no attempt count) and ``hand`` of the next, in one
+        statement: the next wave is marked handed only with the previous one recorded.
+        Returns the status each recorded row got and the ids marked handed."""
+        args = self._record_args(lease, outcomes, now)
+        rows = await self.pool.fetch(
+            Q["recipients-record-and-hand"], *args, list(hand), lease.owner, lease.epoch
+        )
+        written = {int(r["id"]): str(r["status"]) for r in rows if not r["handed"]}
+        return written, [int(r["id"]) for r in rows if r["handed"]]
+
+    def _record_args(
+        self, lease: Lease, outcomes: Sequence[Outcome], now: datetime
+    ) -> tuple[object, ...]:
+        """Parameters $1..$13 of recipients-record-and-log (and -and-hand)."""
         rec = list(outcomes)
-        async with self.pool.acquire() as conn, conn.transaction():
-            if transient_errors is not None:
-                await conn.execute(
-                    Q["queue-transient-count"],
-                    lease.campaign_id,
-                    lease.owner,
-                    lease.epoch,
-                    transient_errors,
-                    success,
-                )
-            rows = await conn.fetch(
-                Q["recipients-record"],
-                [o.recipient_id for o in rec],
-                [o.status for o in rec],
-                [o.message_id for o in rec],
-                # A transient outcome's error is only kept if it fails the
-                # recipient: then the server's last answer says best why.
-                [o.error if o.status != "transient" else (o.answer or o.error) for o in rec],
-                [not o.short_circuited for o in rec],
-                lease.claim_token,
-                now,
-                self._max_transient_attempts,
-            )
-            written = {int(r["id"]): (str(r["status"]), r["error"]) for r in rows}
-            # Rows a takeover had marked in doubt: their placeholder in the send
-            # log gives way to the attempt's real row (one row per attempt).
-            await conn.execute(Q["send-log-drop-doubt-placeholders"], list(written))
-            logged = [o for o in rec if o.recipient_id in written]
-            # The attempt that used up a recipient's transient attempts is the
-            # one that failed it: its row says so, as the recipient does.
-            gave_up = [
-                o.status == "transient" and written[o.recipient_id][0] == "failed" for o in logged
-            ]
-            await conn.execute(
-                Q["send-log-insert"],
-                lease.campaign_id,
-                False,
-                [o.recipient_id for o in logged],
-                [o.email for o in logged],
-                ["failed" if g else o.status for o, g in zip(logged, gave_up, strict=True)],
-                [o.message_id for o in logged],
-                [o.answer for o in logged],
-                [
-                    written[o.recipient_id][1] if g else o.error
-                    for o, g in zip(logged, gave_up, strict=True)
-                ],
-                [o.took_ms for o in logged],
-                now,
-            )
-        return {rid: status for rid, (status, _) in written.items()}
+        return (
+            [o.recipient_id for o in rec],
+            [o.status for o in rec],
+            [o.message_id for o in rec],
+            # A transient outcome's error is only kept if it fails the
+            # recipient: then the server's last answer says best why.
+            [o.error if o.status != "transient" else (o.answer or o.error) for o in rec],
+            [not o.short_circuited for o in rec],
+            lease.claim_token,
+            now,
+            self._max_transient_attempts,
+            [o.email for o in rec],
+            [o.answer for o in rec],
+            [o.error for o in rec],
+            [o.took_ms for o in rec],
+            lease.campaign_id,
+        )
 
     async def defer(
         self,

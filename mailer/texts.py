@@ -330,6 +330,14 @@ TEXTS: dict[str, dict[Lang, str]] = {
         "ru": "Вложения кампании вместе заняли бы {total} байт, максимум {limit}.",
         "en": "The campaign's attachments would total {total} bytes, at most {limit} allowed.",
     },
+    "import_not_found": {
+        "ru": "Файл {object} не найден среди загруженных для импорта: загрузите его снова.",
+        "en": "File {object} is not among the uploads for import: upload it again.",
+    },
+    "import_unreadable": {
+        "ru": "Файл не прочитать: {reason}. Ничего не добавлено.",
+        "en": "The file cannot be read: {reason}. Nothing was added.",
+    },
     "attachment_not_found": {
         "ru": "Вложение {attachment_id} не найдено в кампании {campaign_id}.",
         "en": "Attachment {attachment_id} not found in campaign {campaign_id}.",
@@ -404,6 +412,10 @@ TEXTS.update(
             "en": "Test email sent to {email}: {answer}",
         },
         "cli_import_progress": {"ru": "Импорт получателей", "en": "Importing recipients"},
+        "cli_import_bulk_stdin": {
+            "ru": "--bulk загружает файл: укажите путь, а не '-'.",
+            "en": "--bulk uploads a file: give a path, not '-'.",
+        },
         "cli_import_summary": {
             "ru": "Добавлено: {added}, дубликатов: {duplicates}, с ошибками: {invalid}.",
             "en": "Added: {added}, duplicates: {duplicates}, invalid: {invalid}.",

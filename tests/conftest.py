@@ -119,6 +119,7 @@ async def make_service(settings: Settings) -> AsyncIterator[MakeService]:
         *,
         clock: Any = None,
         fault: Any = None,
+        stage_fault: Any = None,
         actor_fault: Any = None,
         restart_policy: Any = None,
         **overrides: Any,
@@ -131,6 +132,7 @@ async def make_service(settings: Settings) -> AsyncIterator[MakeService]:
             Settings(**fields),
             clock=clock,
             fault=fault,
+            stage_fault=stage_fault,
             actor_fault=actor_fault,
             restart_policy=restart_policy,
         )

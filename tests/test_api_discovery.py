@@ -46,7 +46,7 @@ async def test_discovery_lists_the_service_and_every_endpoint(
     listed = {e["name"]: e["subject"] for e in info["endpoints"]}
     expected = {r.name: f"{prefix}.{r.subject}" for r in routes(settings)}
     assert listed == expected
-    assert len(expected) == 33
+    assert len(expected) == 34
     assert all(e["queue_group"] == "q" for e in info["endpoints"])
 
     await crm.call("quota.get", {})

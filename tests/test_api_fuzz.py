@@ -60,6 +60,7 @@ from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, LANG_HEADER, ROLES_HEADE
 from mailer.clock import FakeClock
 from mailer.config import Settings
 from mailer.errors import CODES
+from mailer.messages import imports_bucket
 from mailer.texts import TEXTS
 from tests.helpers import Crm, people
 
@@ -83,6 +84,9 @@ SLOT_STATUS = {
 # its draft's first attachment) just before sending.
 PLACEHOLDER = {name: 8_765_432_100_000_000 + i for i, name in enumerate(SLOT_STATUS, 1)}
 ATTACHMENT_PLACEHOLDER = 8_765_432_100_000_100
+# The file the tour uploads before its recipients.import (the service deletes it after each
+# import, so the hostile requests naming it find nothing: import_not_found).
+TOUR_IMPORT = "fuzz-tour.csv"
 ANY_SLOT = st.sampled_from(list(PLACEHOLDER.values()))
 P = PLACEHOLDER
 # The ready slot's scheduled start: within a year of the test's clock.
@@ -236,6 +240,13 @@ def _valid() -> dict[str, st.SearchStrategy[dict[str, Any]]]:
                 ),
             }
         ),
+        "recipients.import": fd(
+            {
+                "campaign_id": st.sampled_from([P["draft"], P["ready"], P["paused"], P["sending"]]),
+                "object": st.just(TOUR_IMPORT),
+            },
+            optional={"format": st.sampled_from(["csv", "jsonl"])},
+        ),
         "recipients.list": ref(),
         "recipients.remove": fd(
             {"campaign_id": ANY_SLOT, "emails": st.lists(GOOD_EMAIL, min_size=1, max_size=3)}
@@ -307,6 +318,7 @@ TOUR: list[tuple[str, dict[str, Any]]] = [
     ("manager.status", {}),
     ("campaign.delete", {"campaign_id": P["cancelled"]}),
     ("recipients.add", {"campaign_id": P["paused"], "recipients": [{"email": "n@example.org"}]}),
+    ("recipients.import", {"campaign_id": P["paused"], "object": TOUR_IMPORT}),
     ("recipients.list", {"campaign_id": P["paused"], "limit": 2}),
     ("recipients.remove", {"campaign_id": P["ready"], "emails": ["user0@example.org"]}),
     (
@@ -614,6 +626,11 @@ class State:
         return cid, int(attachment["id"])
 
 
+async def _upload_tour_import(nc: Client, prefix: str) -> None:
+    store = await nc.jetstream().object_store(imports_bucket(prefix))
+    await store.put(TOUR_IMPORT, b"email,name\nfuzz-import@example.org,Tour\n")
+
+
 def test_every_error_code_has_its_texts() -> None:
     for code in CODES:
         keys = [k for k in TEXTS if k == code or k.startswith(f"{code}_")]
@@ -739,6 +756,9 @@ async def test_hostile_requests_get_structured_errors_and_write_nothing(
         nonlocal examples
         if examples % TOUR_EVERY == 0:
             subject, body = TOUR[examples // TOUR_EVERY % len(TOUR)]
+            if subject == "recipients.import":
+                upload = _upload_tour_import(nc, settings.subject_prefix)
+                asyncio.run_coroutine_threadsafe(upload, loop).result(timeout=60)
             tour = probe(subject, msgspec.json.encode(body), TOUR_HEADERS)
             code = asyncio.run_coroutine_threadsafe(tour, loop).result(timeout=60)
             assert code == "ok", (subject, body, code)

@@ -110,3 +110,31 @@ async def test_a_deposed_owner_hands_nothing(store: PgStore, db) -> None:
     t1 = T0 + timedelta(seconds=5)
     assert await store.acquire(cid, "B", until=t1 + timedelta(seconds=30), now=t1, fence=0)
     assert await store.hand(a, [r.id for r in claimed], t1) == []
+
+
+async def test_a_handed_wave_given_back_unsent_is_not_doubted_later(store: PgStore, db) -> None:
+    # A pipelined wave handed while the previous one was with SMTP, then given back
+    # unsent (a stop; or a send cut before its data): pending, and no longer handed
+    # (migration 0005's trigger drops the mark when a row leaves sending).
+    # Claimed again by an owner that dies before its own hand, it goes back to
+    # pending at the takeover -- not in doubt, since it never reached SMTP.
+    cid = await _campaign(db, 2)
+    a = await store.acquire(cid, "A", until=T0 + timedelta(seconds=1), now=T0, fence=0)
+    assert a is not None
+    claimed, _ = await store.claim(a, 2, T0)
+    ids = [r.id for r in claimed]
+    assert await store.hand(a, ids, T0) == ids
+    await store.release_claims(a, ids, T0)
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM recipient WHERE campaign_id = $1 AND handed_at IS NOT NULL", cid
+        )
+        == 0
+    )
+    again, _ = await store.claim(a, 2, T0)  # A claims them again, then dies
+    assert [r.id for r in again] == ids
+    t1 = T0 + timedelta(seconds=5)
+    b = await store.acquire(cid, "B", until=t1 + timedelta(seconds=30), now=t1, fence=0)
+    assert b is not None
+    assert await store.begin_sending(b, t1) == 0
+    assert await _statuses(db, cid) == ["pending", "pending"]

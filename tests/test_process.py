@@ -319,12 +319,13 @@ async def test_kill_9_mid_batch_leaves_in_doubt_only_the_sends_in_flight(
     await first.exit_code(10)
     assert (await _statuses(db, cid)).get("sending", 0) >= 40  # a batch was claimed
 
-    # The next owner settles what the dead one left: only the handed wave is in doubt.
+    # The next owner settles what the dead one left: only the handed waves are in doubt
+    # (the one with SMTP and the next, handed while it was sent: pipelined).
     await start_worker("second", **common)
     done = await events.wait(cid, ("sent", "completed_with_errors"), timeout=60)
     counts = await _statuses(db, cid)
     assert set(counts) <= {"sent", "in_doubt"} and sum(counts.values()) == 100, counts
-    assert counts.get("in_doubt", 0) <= connections, counts
+    assert counts.get("in_doubt", 0) <= 2 * connections, counts
     assert done["event"] == ("sent" if "in_doubt" not in counts else "completed_with_errors")
     received = Counter(r for m in sink.messages for r in m.rcpt_tos)
     assert max(received.values()) == 1, "nobody twice"

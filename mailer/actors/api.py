@@ -39,6 +39,9 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as redis
+from nats.js.api import ObjectStoreConfig
+from nats.js.client import JetStreamContext
+from nats.js.errors import BadRequestError, BucketNotFoundError
 from nats.micro import add_service
 from nats.micro.request import Request, ServiceError
 from nats.micro.service import EndpointConfig, Service
@@ -56,7 +59,7 @@ from mailer.bus import Bus, encode
 from mailer.clock import Clock
 from mailer.config import Settings
 from mailer.errors import ApiError, BadRequest, PayloadTooLarge, Unavailable, ValidationFailed
-from mailer.messages import ErrorBody, ErrorReply
+from mailer.messages import ErrorBody, ErrorReply, imports_bucket
 from mailer.ratelimit import SendLimiter
 from mailer.rules import DailyLimits, WorkingHours
 from mailer.store import PgStore
@@ -136,6 +139,9 @@ class ApiActor(Actor[None]):
         return self._ctx
 
     async def on_start(self) -> None:
+        await open_imports_bucket(
+            self._bus.nc.jetstream(), self._bus.prefix, replicas=self._settings.nats_replicas
+        )
         svc = await add_service(
             self._bus.nc,
             name=SERVICE_NAME,
@@ -195,6 +201,31 @@ class ApiActor(Actor[None]):
             raise _error_reply(request, error, lang_of(headers))
 
         return handler
+
+
+#: An upload recipients.import never read (its client gave up, the process died) goes after
+#: a day; an imported one is deleted as soon as its request is answered.
+IMPORTS_MAX_AGE_SECONDS = 24 * 3600.0
+
+
+async def open_imports_bucket(js: JetStreamContext, prefix: str, *, replicas: int) -> None:
+    """Creates the Object Store bucket recipients.import reads uploads from, if missing."""
+    bucket = imports_bucket(prefix)
+    try:
+        await js.object_store(bucket)
+    except BucketNotFoundError:
+        try:
+            await js.create_object_store(
+                bucket,
+                ObjectStoreConfig(
+                    description="mailer: recipient lists uploaded for recipients.import",
+                    ttl=IMPORTS_MAX_AGE_SECONDS,
+                    replicas=replicas,
+                ),
+            )
+        except BadRequestError:
+            # Another process created it between the two calls (same name, its config).
+            await js.object_store(bucket)
 
 
 class _NoSender:

@@ -5,14 +5,18 @@ a restarted actor starts from the rows. Each turn of the loop is one
 ``Continue`` message, so a Stop queued behind it is handled between batches.
 
 A granted batch goes out in waves of ``window`` recipients (the SMTP
-connections): each wave is marked handed in the database, rendered, sent and
-recorded before the next one starts. So only one wave's messages are rendered
-at a time (the attachments, encoded once per campaign, are shared by all of
-them), and only one wave can be handed and unrecorded when the process dies.
+connections): each wave is rendered, marked handed in the database, sent and
+recorded. The loop is pipelined: while a wave is with SMTP, the previous one
+is recorded and then the next one is rendered and handed, so the connections
+do not wait for the database. So at most two waves' messages are rendered at
+a time (the attachments, encoded once per campaign, are shared by all of
+them), and at most two waves can be handed and unrecorded when the process
+dies (tests/test_pipeline.py).
 
 Stop ("mark, drain, then clean up and record"): once a stop was asked for --
 a shutdown tells every campaign actor at once -- the actor claims nothing,
-asks for no tokens and hands no further wave to SMTP; the wave in flight ends
+asks for no tokens and hands no further wave to SMTP (one already handed but
+not yet sent goes back to ``pending``); the wave in flight ends
 (the service closes the SMTP transport at the same time, which lets a send in
 flight finish for a while, then cuts it) and is recorded. Then:
 - claimed recipients not handed to SMTP go back to ``pending``, and so do
@@ -87,6 +91,7 @@ __all__ = [
     "Mail",
     "Mailer",
     "Outbox",
+    "StageHook",
     "TokenSource",
 ]
 
@@ -121,6 +126,12 @@ class CampaignStore(Protocol):
     async def release_claims(self, lease: Lease, ids: Sequence[int], now: datetime) -> None: ...
     async def hand(self, lease: Lease, ids: Sequence[int], now: datetime) -> list[int]:
         """Marks claimed recipients handed to SMTP; returns those still this lease's."""
+        ...
+
+    async def record_and_hand(
+        self, lease: Lease, outcomes: Sequence[Outcome], hand: Sequence[int], now: datetime
+    ) -> tuple[dict[int, str], list[int]]:
+        """``record`` (no attempt count) then ``hand``, atomically, in one round trip."""
         ...
 
     async def record(
@@ -211,6 +222,12 @@ class CampaignSettings(msgspec.Struct, frozen=True, kw_only=True):
 # A test hook called after a batch was sent and before it is recorded: the
 # exact spot where a crash is most dangerous. None in production.
 FaultHook = Callable[[int, int], Awaitable[None]]
+# A test hook called at each stage of a wave (campaign id, batch number, stage):
+# "handed" (marked, before its send starts), "sending" (its send in flight,
+# before the previous wave's record and the next wave's hand), "prepared" (the
+# next wave handed, this one still in flight), "sent" (the batch's last wave
+# sent, before its record). None in production.
+StageHook = Callable[[int, int, str], Awaitable[None]]
 
 
 # Pause before looking again when recipients are pending but none could be
@@ -238,8 +255,10 @@ class CampaignActor(Actor[Continue]):
         unsubscribe_url: Callable[[int, str], str],
         fault: FaultHook | None = None,
         bounce_address: Callable[[int], str] | None = None,
+        stage_fault: StageHook | None = None,
     ) -> None:
         self.campaign_id = campaign_id
+        self._stage_fault = stage_fault
         self._fence = fence
         self._store = store
         self._tokens = tokens
@@ -261,6 +280,9 @@ class CampaignActor(Actor[Continue]):
         # handed but cut by a shutdown before their data went out.
         self._claimed: list[Claimed] = []
         self._handed: list[Claimed] = []
+        # The next wave, rendered and marked handed while the previous one is with SMTP.
+        self._prepared: list[tuple[Claimed, Mail, str]] = []
+        self._sending: asyncio.Future[list[SendResult]] | None = None
         self._unrecorded: list[Outcome] = []
         self._batch_started = 0.0  # perf_counter() when the batch went to SMTP, for its log line
         self._aborted: list[Claimed] = []
@@ -433,61 +455,132 @@ class CampaignActor(Actor[Continue]):
     async def _send(
         self, lease: Lease, template: MessageTemplate, now: datetime, not_after: datetime | None
     ) -> tuple[list[Outcome], dict[int, str]]:
-        """Sends the granted claims in waves of ``window``: hand, render, send, record.
+        """Sends the granted claims in waves of ``window``, pipelined around SMTP.
 
-        A wave is marked handed in the database before its SMTP transactions
-        start, and recorded once they end, so at any moment at most one wave
-        is handed and unrecorded: all a kill -9 can leave in doubt. Only one
-        wave is rendered at a time (the attachments are shared by all of
-        them), and a stop between waves hands nothing more. ``not_after`` is
-        the grant's end: no message goes to SMTP at or after it (the sender
-        checks each one); the claims left then stay in ``_claimed`` for
-        ``_release_expired``. Returns the batch's outcomes and the status each
-        recorded row got.
+        A wave is rendered and marked handed in the database before its SMTP
+        transactions start, and recorded once they end. While a wave is with
+        SMTP, the previous one is recorded and then the next one is handed and
+        rendered, so the connections do not wait for the database. Hence at
+        any moment at most two waves are handed and unrecorded -- the one with
+        SMTP and the next, handed once the previous was recorded: all a kill -9
+        can leave in doubt -- and at most two are rendered (the attachments are
+        shared by all). Records go in wave order. A stop hands no further wave;
+        one handed but not yet sent then goes back to pending (``on_stop``).
+        ``not_after`` is the grant's end: no message goes to SMTP at or after it
+        (the sender checks each one); the claims left then stay in ``_claimed``
+        for ``_release_expired``. Returns the batch's outcomes and the status
+        each recorded row got.
         """
         self._batch_outcomes = []
         self._batch_written = {}
         self._batches += 1
-        while self._claimed and not self._stopping:
+        lost = False
+        wave = await self._prepare(lease, template, now)
+        while wave is not None and not self._stopping:
+            sendable, taken = wave
+            lost = lost or taken
             self._batch_started = time.perf_counter()
-            # The wave stays in _claimed (released by on_stop if we die) until handed.
-            wave = self._claimed[: self._s.window]
-            # A recipient whose message cannot be built (an address or name the
-            # renderer refuses) fails permanently without reaching SMTP.
-            built: list[tuple[Claimed, Mail, str]] = []
-            for r in wave:
-                mid = make_message_id(self.campaign_id, r.id, self._s.message_id_domain)
-                try:
-                    built.append((r, self._render(template, r, mid, now), mid))
-                except ValueError as exc:
-                    self._unrecorded.append(_unsendable(r, str(exc)))
-            handing = [r.id for r, _, _ in built]
-            marked = set(await self._store.hand(lease, handing, self._clock.now()))
-            self._claimed = self._claimed[len(wave) :]
-            # Rows a takeover settled meanwhile are no longer ours to send.
-            taken = [r for r, _, _ in built if r.id not in marked]
-            sendable = [b for b in built if b[0].id in marked]
-            self._handed = [r for r, _, _ in sendable]
-            results = await self._mailer.send_all([m for _, m, _ in sendable], not_after=not_after)
-            for (r, _, mid), res in zip(sendable, results, strict=True):
-                if res.aborted:
-                    self._aborted.append(r)
-                elif res.expired:
-                    self._expired.append(r)
-                else:
-                    self._unrecorded.append(_outcome(r, mid, res))
-            self._handed = []
-            over = not_after is not None and self._clock.now() >= not_after
-            last = not self._claimed or self._stopping or over or bool(self._expired)
-            if last and self._fault is not None:
-                # After the batch's last wave was sent, before it is recorded.
-                await self._fault(self.campaign_id, self._batches)
-            await self._flush(lease, last=last)
-            if taken:
-                raise LeaseLost(f"recipients of campaign {lease.campaign_id} taken over")
-            if last:
+            await self._hook("handed")
+            self._prepared, self._handed = [], [r for r, _, _ in sendable]
+            # Held on the actor while in flight (the loop keeps no other reference).
+            self._sending = sending = asyncio.ensure_future(
+                self._mailer.send_all([m for _, m, _ in sendable], not_after=not_after)
+            )
+            wave = None
+            try:
+                await self._hook("sending")
+                # With SMTP busy: the previous wave's record, then the next wave's hand
+                # (one statement when there are both).
+                over = not_after is not None and self._clock.now() >= not_after
+                if self._claimed and not self._stopping and not over and not lost:
+                    wave = await self._prepare(lease, template, now, record=True)
+                    await self._hook("prepared")
+                elif self._unrecorded or self._aborted or self._expired:
+                    await self._flush(lease, last=False)
+                results = await sending
+            except BaseException:
+                # The wave with SMTP is not abandoned: its outcomes are kept for
+                # on_stop's record (a cancellation cuts it through the transport).
+                await asyncio.wait([sending])
+                if not sending.cancelled() and sending.exception() is None:
+                    self._collect(sendable, sending.result())
+                raise
+            self._sending = None
+            self._collect(sendable, results)
+            if self._expired:
+                # The grant ended: what is prepared goes back with the rest.
+                wave = None
+            if wave is None:
                 break
+        if self._prepared:
+            # Handed but never given to SMTP (a stop, or the grant ended meanwhile):
+            # not sent, so pending again.
+            ids = [r.id for r, _, _ in self._prepared]
+            await self._store.release_claims(lease, ids, self._clock.now())
+            self._prepared = []
+        if self._fault is not None:
+            # After the batch's last wave was sent, before it is recorded.
+            await self._fault(self.campaign_id, self._batches)
+        await self._hook("sent")
+        await self._flush(lease, last=True)
+        if lost:
+            raise LeaseLost(f"recipients of campaign {lease.campaign_id} taken over")
         return self._batch_outcomes, self._batch_written
+
+    async def _prepare(
+        self, lease: Lease, template: MessageTemplate, now: datetime, *, record: bool = False
+    ) -> tuple[list[tuple[Claimed, Mail, str]], bool] | None:
+        """Renders the next wave of claims and marks it handed; returns the rows still
+        ours (to send) and whether a takeover settled some first. None: no claims left.
+
+        ``record``: the outcomes known so far (the previous wave's) are recorded in the
+        same statement as the hand, before it."""
+        if not self._claimed or self._stopping:
+            return None
+        # The wave stays in _claimed (released by on_stop if we die) until handed.
+        wave = self._claimed[: self._s.window]
+        # A recipient whose message cannot be built (an address or name the
+        # renderer refuses) fails permanently without reaching SMTP.
+        built: list[tuple[Claimed, Mail, str]] = []
+        for r in wave:
+            mid = make_message_id(self.campaign_id, r.id, self._s.message_id_domain)
+            try:
+                built.append((r, self._render(template, r, mid, now), mid))
+            except ValueError as exc:
+                self._unrecorded.append(_unsendable(r, str(exc)))
+        ids = [r.id for r, _, _ in built]
+        if record and self._unrecorded:
+            written, handed = await self._store.record_and_hand(
+                lease, self._unrecorded, ids, self._clock.now()
+            )
+            marked = set(handed)
+            self._claimed = self._claimed[len(wave) :]
+            await self._flush(lease, last=False, written=written)
+        else:
+            marked = set(await self._store.hand(lease, ids, self._clock.now()))
+            self._claimed = self._claimed[len(wave) :]
+            if record and (self._aborted or self._expired):
+                await self._flush(lease, last=False)
+        # Rows a takeover settled meanwhile are no longer ours to send.
+        sendable = [b for b in built if b[0].id in marked]
+        self._prepared = sendable
+        return sendable, len(sendable) < len(built)
+
+    def _collect(
+        self, sendable: Sequence[tuple[Claimed, Mail, str]], results: Sequence[SendResult]
+    ) -> None:
+        for (r, _, mid), res in zip(sendable, results, strict=True):
+            if res.aborted:
+                self._aborted.append(r)
+            elif res.expired:
+                self._expired.append(r)
+            else:
+                self._unrecorded.append(_outcome(r, mid, res))
+        self._handed = []
+
+    async def _hook(self, stage: str) -> None:
+        if self._stage_fault is not None:
+            await self._stage_fault(self.campaign_id, self._batches, stage)
 
     async def _release_expired(self, lease: Lease) -> None:
         """Recipients whose grant ended before SMTP took them go back to pending.
@@ -515,14 +608,17 @@ class CampaignActor(Actor[Continue]):
         mail_from = self._bounce_address(r.id) if self._bounce_address is not None else ""
         return Mail(r.email, data, mail_from)
 
-    async def _flush(self, lease: Lease, *, last: bool) -> dict[int, str]:
+    async def _flush(
+        self, lease: Lease, *, last: bool, written: dict[int, str] | None = None
+    ) -> dict[int, str]:
         """Records the known outcomes and gives back the sends that never went out
         (cut before their end of data by a stop, or past their grant's end).
 
         ``last``: the batch's last record, which writes its attempt count. One
         batch is one attempt: any success resets the count, a failed attempt
         (a transient error, no success) adds one whatever its size. Returns the
-        status each recipient row written got.
+        status each recipient row written got. ``written``: the outcomes were
+        recorded already (with the next wave's hand): only what follows a record.
         """
         outcomes, aborted, expired = self._unrecorded, self._aborted, self._expired
         self._batch_outcomes += outcomes
@@ -535,9 +631,10 @@ class CampaignActor(Actor[Continue]):
             elif any(o.status == "transient" and not o.short_circuited for o in batch):
                 self._transient_errors += 1
             count = self._transient_errors
-        written = await self._store.record(
-            lease, outcomes, self._clock.now(), transient_errors=count, success=success
-        )
+        if written is None:
+            written = await self._store.record(
+                lease, outcomes, self._clock.now(), transient_errors=count, success=success
+            )
         self._unrecorded = []
         self._batch_written.update(written)
         took_ms = (time.perf_counter() - self._batch_started) * 1000
@@ -741,9 +838,12 @@ class CampaignActor(Actor[Continue]):
         try:
             if self._unrecorded or self._aborted or self._expired:
                 await self._flush(lease, last=True)
-            if self._claimed:
-                await self._store.release_claims(lease, [r.id for r in self._claimed], now)
-                self._claimed = []
+            # A wave handed but never given to SMTP (a stop or a crash while the
+            # previous one was sending) was not sent: back to pending with the claims.
+            unsent = [r for r, _, _ in self._prepared] + self._claimed
+            if unsent:
+                await self._store.release_claims(lease, [r.id for r in unsent], now)
+                self._claimed, self._prepared = [], []
             if self._handed:
                 log.error(
                     "campaign actor stopped with sends in flight; they will be in doubt",

@@ -9,7 +9,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
-from mailer.api import admin, campaigns, recipients, retry, status, suppression, testmail
+from mailer.api import (
+    admin,
+    campaigns,
+    imports,
+    recipients,
+    retry,
+    status,
+    suppression,
+    testmail,
+)
 from mailer.api.context import ApiContext, Caller
 from mailer.config import Settings
 from mailer.messages import (
@@ -26,6 +35,7 @@ from mailer.messages import (
     QuotaSet,
     RecipientList,
     RecipientsAdd,
+    RecipientsImport,
     RecipientsRemove,
     ResolveInDoubt,
     RetryFailed,
@@ -89,6 +99,13 @@ def routes(settings: Settings) -> list[Route]:
         ),
         Route("manager-status", "manager.status", StatusRequest, status.status, small),
         Route("recipients-add", "recipients.add", RecipientsAdd, recipients.add, large),
+        Route(
+            "recipients-import",
+            "recipients.import",
+            RecipientsImport,
+            imports.import_recipients,
+            small,
+        ),
         Route(
             "recipients-list",
             "recipients.list",

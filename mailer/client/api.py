@@ -8,14 +8,18 @@ ignores fields it does not know: a newer service may add some.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
 
 import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.errors import BucketNotFoundError
 
 from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER
 from mailer.client.discovery import Instance, ping
@@ -46,6 +50,7 @@ from mailer.messages import (
     EmailRef,
     Empty,
     ErrorReply,
+    ImportProgress,
     LimitsReloaded,
     ManagerStatus,
     QuotaSet,
@@ -55,6 +60,8 @@ from mailer.messages import (
     RecipientPage,
     RecipientsAdd,
     RecipientsAdded,
+    RecipientsImport,
+    RecipientsImported,
     RecipientsRemove,
     RecipientsRemoved,
     RecipientView,
@@ -77,6 +84,7 @@ from mailer.messages import (
     UnsubscribePage,
     UnsubscribeRemoved,
     UnsubscribeView,
+    imports_bucket,
 )
 
 __all__ = ["MAX_RECIPIENTS_PER_CALL", "MailerClient"]
@@ -195,14 +203,17 @@ class MailerClient:
 
     # --- the one request path ---------------------------------------------------------
 
-    async def request(self, subject: str, body: Any, reply_type: type[T]) -> T:
+    async def request(
+        self, subject: str, body: Any, reply_type: type[T], *, timeout: float | None = None
+    ) -> T:
         """``body`` (a Struct, a dict, or bytes sent as they are) to ``<prefix>.<subject>``."""
         data = body if isinstance(body, bytes) else msgspec.json.encode(body)
+        timeout = self.timeout if timeout is None else timeout
         try:
             reply = await self.nc.request(
                 f"{self.prefix}.{subject}",
                 data,
-                timeout=self.timeout,
+                timeout=timeout,
                 headers=self.identity.headers(),
             )
         except nats.errors.NoRespondersError:
@@ -212,7 +223,7 @@ class MailerClient:
             ) from None
         except nats.errors.TimeoutError:
             raise RequestTimeout(
-                f"no reply from {self.prefix}.{subject} in {self.timeout:g} s"
+                f"no reply from {self.prefix}.{subject} in {timeout:g} s"
             ) from None
         headers = reply.headers or {}
         if ERROR_CODE_HEADER in headers:
@@ -375,6 +386,60 @@ class MailerClient:
         ]
         body = RecipientsAdd(campaign_id=campaign_id, recipients=items)
         return await self.request("recipients.add", body, RecipientsAdded)
+
+    async def import_recipients(
+        self,
+        campaign_id: int,
+        path: str | Path,
+        *,
+        format: Literal["csv", "jsonl"] | None = None,
+        on_progress: Callable[[ImportProgress], object] | None = None,
+        timeout: float = 600.0,
+    ) -> RecipientsImported:
+        """Adds every recipient of a file at once (``recipients.import``), whatever its size.
+
+        The file is uploaded to the deployment's JetStream Object Store bucket (no NATS
+        message limit there), then imported by the service: the same checks as
+        ``add_recipients``, all lines or none. ``format`` defaults to ``jsonl`` for a
+        ``.jsonl``/``.ndjson`` file, else ``csv`` (header: ``email``, ``name``, variables).
+        ``on_progress`` gets the service's ``ImportProgress`` events while it reads and
+        writes. ``timeout`` bounds the import's request (the upload is not counted).
+        """
+        file = Path(path)
+        fmt = format or ("jsonl" if file.suffix.lower() in (".jsonl", ".ndjson") else "csv")
+        js = self.nc.jetstream()
+        try:
+            store = await js.object_store(imports_bucket(self.prefix))
+        except BucketNotFoundError:
+            raise NoResponders(
+                f"no imports bucket for {self.prefix}: is a mailer with recipients.import "
+                f"running with MAILER_SUBJECT_PREFIX={self.prefix}?"
+            ) from None
+        name = f"{campaign_id}-{uuid.uuid4().hex}{file.suffix.lower()}"
+        upload = await asyncio.to_thread(file.open, "rb")
+        try:
+            await store.put(name, upload)
+        finally:
+            upload.close()
+        subscription = None
+        if on_progress is not None:
+
+            async def progress(msg: Msg) -> None:
+                event = msgspec.json.decode(msg.data, type=ImportProgress)
+                if event.object == name:
+                    on_progress(event)
+
+            subscription = await self.nc.subscribe(
+                f"{self.prefix}.import.progress.{campaign_id}", cb=progress
+            )
+        try:
+            body = RecipientsImport(campaign_id=campaign_id, object=name, format=fmt)
+            return await self.request(
+                "recipients.import", body, RecipientsImported, timeout=timeout
+            )
+        finally:
+            if subscription is not None:
+                await subscription.unsubscribe()
 
     async def list_recipients(
         self,

@@ -27,6 +27,8 @@ __all__ = [
     "EmptyCampaign",
     "Forbidden",
     "GovernorUnavailable",
+    "ImportNotFound",
+    "ImportUnreadable",
     "InternalError",
     "InvalidState",
     "MailerError",
@@ -104,6 +106,18 @@ class NotFound(MailerError):
 
 class AttachmentNotFound(MailerError):
     code, status = "attachment_not_found", 404
+
+
+class ImportNotFound(MailerError):
+    """recipients.import names no uploaded file (never uploaded, or removed after a day)."""
+
+    code, status = "import_not_found", 404
+
+
+class ImportUnreadable(MailerError):
+    """The uploaded file is not UTF-8, not CSV, or has no email column: nothing was added."""
+
+    code, status = "import_unreadable", 422
 
 
 class InvalidState(MailerError):
@@ -249,6 +263,8 @@ ERRORS: dict[str, type[MailerError]] = {
         Forbidden,
         NotFound,
         AttachmentNotFound,
+        ImportNotFound,
+        ImportUnreadable,
         InvalidState,
         CampaignSending,
         CampaignBusy,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import sys
@@ -15,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from mailer.api.routes import LARGE_PAYLOAD
 from mailer.client import MAX_RECIPIENTS_PER_CALL, MailerClient
 from mailer.commands.common import Cli, client_command
-from mailer.messages import RecipientIn, RecipientStatus
+from mailer.messages import ImportProgress, RecipientIn, RecipientStatus
 
 __all__ = ["Row", "read_csv", "recipients"]
 
@@ -100,11 +101,29 @@ class ImportSummary(msgspec.Struct, kw_only=True):
     invalid: list[dict[str, object]] = msgspec.field(default_factory=list)
 
 
+#: A file larger than this goes through recipients.import (one upload, one transaction);
+#: a smaller one, or stdin, through recipients.add calls of up to 5000.
+BULK_FROM_BYTES = 1024 * 1024
+
+
 @client_command(recipients, "import", help="Add recipients from a CSV file ('-': stdin).")
 @click.argument("campaign_id", type=int)
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
-async def import_(cli: Cli, client: MailerClient, *, campaign_id: int, file: Path) -> None:
+@click.option(
+    "--bulk/--no-bulk",
+    default=None,
+    help="Upload the file and import it at once (recipients.import); "
+    "default: for files over 1 MiB.",
+)
+async def import_(
+    cli: Cli, client: MailerClient, *, campaign_id: int, file: Path, bulk: bool | None
+) -> None:
     """The header row names the columns: email, name, and any variables ({{city}}…)."""
+    if bulk is None:
+        bulk = str(file) != "-" and await asyncio.to_thread(_large, file)
+    if bulk:
+        await _import_bulk(cli, client, campaign_id, file)
+        return
     try:
         if str(file) == "-":
             rows = read_csv(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig"), cli)
@@ -153,6 +172,48 @@ async def import_(cli: Cli, client: MailerClient, *, campaign_id: int, file: Pat
             added=summary.added,
             duplicates=summary.duplicates,
             invalid=len(summary.invalid),
+        )
+    )
+    for line in summary.invalid:
+        cli.say(cli.t("cli_import_invalid", **line))
+
+
+def _large(file: Path) -> bool:
+    return file.is_file() and file.stat().st_size > BULK_FROM_BYTES
+
+
+async def _import_bulk(cli: Cli, client: MailerClient, campaign_id: int, file: Path) -> None:
+    if str(file) == "-":
+        cli.fail(cli.t("cli_import_bulk_stdin"))
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}"),
+        console=cli.err,
+        disable=cli.json,
+        transient=False,
+    ) as progress:
+        task = progress.add_task(cli.t("cli_import_progress"), total=None)
+
+        def on_progress(event: ImportProgress) -> None:
+            progress.update(task, completed=event.lines)
+
+        result = await client.import_recipients(campaign_id, file, on_progress=on_progress)
+    summary = ImportSummary(
+        campaign_id=campaign_id,
+        added=result.added,
+        duplicates=result.duplicates,
+        invalid=[{"line": i.line, "email": i.email, "reason": i.reason} for i in result.invalid],
+    )
+    if cli.json:
+        cli.emit(summary)
+        return
+    cli.say(
+        cli.t(
+            "cli_import_summary",
+            added=summary.added,
+            duplicates=summary.duplicates,
+            invalid=result.invalid_count,
         )
     )
     for line in summary.invalid:

@@ -56,10 +56,13 @@ SELECT c.id AS campaign_id, p.key AS status, p.value::bigint AS n
 FROM campaign c, jsonb_each_text(c.purged_counts) p
 WHERE c.id = ANY($1::bigint[]) AND c.purged_counts IS NOT NULL
 UNION ALL
-SELECT r.campaign_id, r.status, count(*)::bigint AS n
-FROM recipient r JOIN campaign c ON c.id = r.campaign_id
-WHERE r.campaign_id = ANY($1::bigint[]) AND c.purged_counts IS NULL
-GROUP BY r.campaign_id, r.status;
+SELECT c.id AS campaign_id, s.status, s.n
+FROM campaign c JOIN campaign_counts k ON k.campaign_id = c.id,
+     LATERAL (VALUES ('pending', k.pending), ('sending', k.sending), ('sent', k.sent),
+                     ('failed', k.failed), ('unsubscribed', k.unsubscribed),
+                     ('in_doubt', k.in_doubt), ('bounced', k.bounced),
+                     ('complained', k.complained), ('suppressed', k.suppressed)) AS s(status, n)
+WHERE c.id = ANY($1::bigint[]) AND c.purged_counts IS NULL AND s.n <> 0;
 
 -- name: api-queues-of-campaigns
 SELECT campaign_id, priority, queued_at, started_at, completed_at, defer_reason,
@@ -108,7 +111,10 @@ ORDER BY id
 LIMIT $4;
 
 -- name: api-recipients-count
-SELECT count(*)::bigint FROM recipient WHERE campaign_id = $1;
+-- From the counts the triggers keep (one row, not a count over the campaign).
+SELECT COALESCE((SELECT pending + sending + sent + failed + unsubscribed + in_doubt
+                        + bounced + complained + suppressed
+                 FROM campaign_counts WHERE campaign_id = $1), 0)::bigint;
 
 -- name: api-recipients-remove
 -- Only rows not yet handed to sending: anything else is history to keep.

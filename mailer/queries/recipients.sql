@@ -7,6 +7,31 @@ FROM unnest($2::text[], $3::text[], $4::jsonb[]) AS r(email, name, variables)
 ON CONFLICT (campaign_id, lower(email)) DO NOTHING
 RETURNING id;
 
+-- name: recipients-import-table
+-- recipients.import: the validated lines of one file, COPYed here in its
+-- transaction (gone at commit or rollback).
+CREATE TEMPORARY TABLE import_rows (
+    line       integer NOT NULL,
+    email      text    NOT NULL,
+    name       text,
+    -- JSON text: COPY's binary format has no jsonb encoder under the pool's
+    -- text codec; the INSERT casts it.
+    variables  text    NOT NULL
+) ON COMMIT DROP;
+
+-- name: recipients-insert-imported
+-- As recipients-insert for the rows of import_rows, in line order: the first
+-- line of an address (any case) is the one kept, as in recipients.add; one
+-- already in the campaign is skipped. Returns how many rows were added.
+WITH added AS (
+    INSERT INTO recipient (campaign_id, email, name, variables, created_at, updated_at)
+    SELECT $1, i.email, i.name, i.variables::jsonb, $2, $2
+    FROM import_rows i ORDER BY i.line
+    ON CONFLICT (campaign_id, lower(email)) DO NOTHING
+    RETURNING 1
+)
+SELECT count(*)::bigint FROM added;
+
 -- name: recipients-claim
 -- Claims up to $2 pending recipients of a campaign for the claim token $3,
 -- while owner $5 holds the lease at epoch $6: once another process took the
@@ -59,39 +84,131 @@ UPDATE recipient
 SET status = 'pending', claimed_by = NULL, claimed_at = NULL, updated_at = $3
 WHERE id = ANY($1::bigint[]) AND status = 'sending' AND claimed_by = $2;
 
--- name: recipients-record
--- Records SMTP outcomes of one batch; returns each row it changed, with the
--- status and error it got. Only rows this claimer still holds: a record
--- retried after a commit of unknown outcome finds them settled and changes
--- nothing (the caller logs only the rows returned, so nothing twice). A row a
--- takeover marked in doubt takes a late FINAL outcome (sent, failed) -- a
--- known outcome is better than a doubt -- and nothing else: the campaign may
--- be finished by then, and a row put back to pending would never be sent.
--- A transient answer ($5: an attempt was made) counts towards the
--- recipient's attempts: the $8th one fails it with that answer as the error.
-UPDATE recipient r
-SET status = CASE WHEN o.status <> 'transient' THEN o.status
-                  WHEN o.attempted AND r.transient_attempts + 1 >= $8 THEN 'failed'
-                  ELSE 'pending' END,
-    transient_attempts = r.transient_attempts
-        + CASE WHEN o.status = 'transient' AND o.attempted THEN 1 ELSE 0 END,
-    claimed_by = NULL,
-    claimed_at = NULL,
-    sent_at = CASE WHEN o.status = 'sent' THEN $7::timestamptz ELSE r.sent_at END,
-    smtp_message_id = CASE WHEN o.status = 'transient' THEN r.smtp_message_id
-                           ELSE COALESCE(o.message_id, r.smtp_message_id) END,
-    error = CASE WHEN o.status <> 'transient' THEN o.error
-                 WHEN o.attempted AND r.transient_attempts + 1 >= $8
-                     THEN 'gave up after ' || (r.transient_attempts + 1)
-                          || ' transient answers; last: ' || COALESCE(o.error, 'unknown')
-                 ELSE NULL END,
-    updated_at = $7
-FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::boolean[])
-     AS o(id, status, message_id, error, attempted)
-WHERE r.id = o.id
-  AND ((r.status = 'sending' AND r.claimed_by = $6)
-       OR (r.status = 'in_doubt' AND o.status IN ('sent', 'failed')))
-RETURNING r.id, r.status, r.error;
+-- name: recipients-record-and-log
+-- recipients-record, the send log's placeholders dropped and the attempts'
+-- rows written, in ONE statement (one round trip, atomic without a
+-- transaction block: the pipelined loop records a wave while the next one is
+-- with SMTP). $9..$12: each outcome's address, provider answer, raw error and
+-- time; $13 the campaign. Send-log rows only for the rows the update changed,
+-- in the outcomes' order (wave order); the attempt that used up a recipient's
+-- transient attempts is logged as the failure it caused.
+WITH o AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::boolean[],
+                         $9::text[], $10::text[], $11::text[], $12::float8[])
+        WITH ORDINALITY AS o(id, status, message_id, error, attempted, email, answer,
+                             raw_error, took_ms, ord)
+),
+upd AS (
+    UPDATE recipient r
+    SET status = CASE WHEN o.status <> 'transient' THEN o.status
+                      WHEN o.attempted AND r.transient_attempts + 1 >= $8 THEN 'failed'
+                      ELSE 'pending' END,
+        transient_attempts = r.transient_attempts
+            + CASE WHEN o.status = 'transient' AND o.attempted THEN 1 ELSE 0 END,
+        claimed_by = NULL,
+        claimed_at = NULL,
+        sent_at = CASE WHEN o.status = 'sent' THEN $7::timestamptz ELSE r.sent_at END,
+        smtp_message_id = CASE WHEN o.status = 'transient' THEN r.smtp_message_id
+                               ELSE COALESCE(o.message_id, r.smtp_message_id) END,
+        error = CASE WHEN o.status <> 'transient' THEN o.error
+                     WHEN o.attempted AND r.transient_attempts + 1 >= $8
+                         THEN 'gave up after ' || (r.transient_attempts + 1)
+                              || ' transient answers; last: ' || COALESCE(o.error, 'unknown')
+                     ELSE NULL END,
+        updated_at = $7
+    FROM o
+    WHERE r.id = o.id
+      AND ((r.status = 'sending' AND r.claimed_by = $6)
+           OR (r.status = 'in_doubt' AND o.status IN ('sent', 'failed')))
+    RETURNING r.id, r.status, r.error
+),
+dropped AS (
+    DELETE FROM send_log
+    WHERE recipient_id IN (SELECT id FROM upd) AND status = 'in_doubt' AND took_ms IS NULL
+      AND NOT is_test
+),
+logged AS (
+    INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, smtp_message_id,
+                          provider_answer, error, took_ms, created_at)
+    SELECT $13, o.id, o.email, false,
+           CASE WHEN o.status = 'transient' AND u.status = 'failed' THEN 'failed'
+                ELSE o.status END,
+           o.message_id, o.answer,
+           CASE WHEN o.status = 'transient' AND u.status = 'failed' THEN u.error
+                ELSE o.raw_error END,
+           o.took_ms, $7
+    FROM o JOIN upd u ON u.id = o.id
+    ORDER BY o.ord
+)
+SELECT id, status, error FROM upd;
+
+-- name: recipients-record-and-hand
+-- The pipelined loop's step while a wave is with SMTP: the previous wave's
+-- record (as recipients-record-and-log) and the next wave's hand (as
+-- recipients-hand, $14 its ids, $15/$16 the lease's owner and epoch), in one
+-- statement: one round trip, and the next wave is never handed before the
+-- previous one is recorded. Rows: each recorded row (handed false), then each
+-- row marked handed (handed true).
+WITH o AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::boolean[],
+                         $9::text[], $10::text[], $11::text[], $12::float8[])
+        WITH ORDINALITY AS o(id, status, message_id, error, attempted, email, answer,
+                             raw_error, took_ms, ord)
+),
+upd AS (
+    UPDATE recipient r
+    SET status = CASE WHEN o.status <> 'transient' THEN o.status
+                      WHEN o.attempted AND r.transient_attempts + 1 >= $8 THEN 'failed'
+                      ELSE 'pending' END,
+        transient_attempts = r.transient_attempts
+            + CASE WHEN o.status = 'transient' AND o.attempted THEN 1 ELSE 0 END,
+        claimed_by = NULL,
+        claimed_at = NULL,
+        sent_at = CASE WHEN o.status = 'sent' THEN $7::timestamptz ELSE r.sent_at END,
+        smtp_message_id = CASE WHEN o.status = 'transient' THEN r.smtp_message_id
+                               ELSE COALESCE(o.message_id, r.smtp_message_id) END,
+        error = CASE WHEN o.status <> 'transient' THEN o.error
+                     WHEN o.attempted AND r.transient_attempts + 1 >= $8
+                         THEN 'gave up after ' || (r.transient_attempts + 1)
+                              || ' transient answers; last: ' || COALESCE(o.error, 'unknown')
+                     ELSE NULL END,
+        updated_at = $7
+    FROM o
+    WHERE r.id = o.id
+      AND ((r.status = 'sending' AND r.claimed_by = $6)
+           OR (r.status = 'in_doubt' AND o.status IN ('sent', 'failed')))
+    RETURNING r.id, r.status, r.error
+),
+dropped AS (
+    DELETE FROM send_log
+    WHERE recipient_id IN (SELECT id FROM upd) AND status = 'in_doubt' AND took_ms IS NULL
+      AND NOT is_test
+),
+logged AS (
+    INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, smtp_message_id,
+                          provider_answer, error, took_ms, created_at)
+    SELECT $13, o.id, o.email, false,
+           CASE WHEN o.status = 'transient' AND u.status = 'failed' THEN 'failed'
+                ELSE o.status END,
+           o.message_id, o.answer,
+           CASE WHEN o.status = 'transient' AND u.status = 'failed' THEN u.error
+                ELSE o.raw_error END,
+           o.took_ms, $7
+    FROM o JOIN upd u ON u.id = o.id
+    ORDER BY o.ord
+),
+handed AS (
+    UPDATE recipient r
+    SET handed_at = $7, updated_at = $7
+    WHERE r.id = ANY($14::bigint[]) AND r.status = 'sending' AND r.claimed_by = $6
+      AND EXISTS (SELECT 1 FROM queue_entry q
+                  WHERE q.campaign_id = r.campaign_id AND q.lease_owner = $15
+                    AND q.lease_epoch = $16)
+    RETURNING r.id
+)
+SELECT id, status, error, false AS handed FROM upd
+UNION ALL
+SELECT id, NULL, NULL, true FROM handed;
 
 -- name: recipients-hand
 -- Marks claimed recipients as handed to SMTP, just before their SMTP
@@ -171,28 +288,18 @@ UNION ALL
 SELECT campaign_id, 'pending' AS verdict FROM returned;
 
 -- name: recipients-counts
--- The counts by status; for a campaign whose recipients retention removed, the
--- counts it kept (from the first removed row on, never a mix of the two).
+-- The counts by status (kept by recipient's triggers in campaign_counts, so
+-- this reads one row whatever the campaign's size); for a campaign whose
+-- recipients retention removed, the counts it kept (from the first removed row
+-- on, never a mix of the two).
 SELECT key AS status, value::bigint AS n
 FROM campaign, jsonb_each_text(purged_counts)
 WHERE id = $1 AND purged_counts IS NOT NULL
 UNION ALL
-SELECT status, count(*)::bigint AS n FROM recipient
-WHERE campaign_id = $1
-  AND NOT EXISTS (SELECT 1 FROM campaign WHERE id = $1 AND purged_counts IS NOT NULL)
-GROUP BY status;
-
--- name: send-log-drop-doubt-placeholders
--- The in_doubt rows a takeover wrote (no attempt time: they stand for an
--- attempt, they are not one) for recipients whose real outcome is recorded now.
-DELETE FROM send_log
-WHERE recipient_id = ANY($1::bigint[]) AND status = 'in_doubt' AND took_ms IS NULL
-  AND NOT is_test;
-
--- name: send-log-insert
-INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, smtp_message_id,
-                      provider_answer, error, took_ms, created_at)
-SELECT $1, o.recipient_id, o.email, $2, o.status, o.message_id, o.answer, o.error, o.took_ms, $10
-FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-            $9::float8[])
-     AS o(recipient_id, email, status, message_id, answer, error, took_ms);
+SELECT s.status, s.n
+FROM campaign c JOIN campaign_counts k ON k.campaign_id = c.id,
+     LATERAL (VALUES ('pending', k.pending), ('sending', k.sending), ('sent', k.sent),
+                     ('failed', k.failed), ('unsubscribed', k.unsubscribed),
+                     ('in_doubt', k.in_doubt), ('bounced', k.bounced),
+                     ('complained', k.complained), ('suppressed', k.suppressed)) AS s(status, n)
+WHERE c.id = $1 AND c.purged_counts IS NULL AND s.n <> 0;

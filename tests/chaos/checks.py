@@ -144,9 +144,10 @@ def _untrue_wait(o: Outcome, c: dict[str, Any]) -> str:
 
 
 def _in_doubt_bounded(o: Outcome) -> list[Violation]:
-    """In doubt only for sends in flight at a kill: at most a process's SMTP connections
-    per kill -9 (a SIGTERM drains: none), per crash of a campaign actor or the sender, and
-    per process for a black-holed provider (sends that got no answer)."""
+    """In doubt only for sends in flight at a kill: at most two waves of a process's SMTP
+    connections per kill -9 (the pipelined loop hands the next wave while one is sent; a
+    SIGTERM drains: none), one wave per crash of a campaign actor or the sender, and per
+    process for a black-holed provider (sends that got no answer)."""
     kills = sum(1 for a in o.applied if a.fault.kind == "kill9" and a.resolved)
     crashes = sum(
         1
@@ -157,14 +158,14 @@ def _in_doubt_bounded(o: Outcome) -> list[Violation]:
         and (a.fault.actor in ("campaign", "smtp-sender"))
     )
     holes = sum(1 for a in o.applied if a.fault.kind == "smtp_blackhole")
-    bound = SMTP_CONNECTIONS * (kills + crashes + holes * o.plan.processes)
+    bound = SMTP_CONNECTIONS * (2 * kills + crashes + holes * o.plan.processes)
     doubt = [r["email"] for r in o.recipients if r["status"] == "in_doubt"]
     if len(doubt) > bound:
         return [
             Violation(
                 "in_doubt_bound",
                 f"{len(doubt)} in doubt > {bound} (= {SMTP_CONNECTIONS} connections x "
-                f"({kills} kill -9 + {crashes} crashes + {holes} black holes x "
+                f"(2 x {kills} kill -9 + {crashes} crashes + {holes} black holes x "
                 f"{o.plan.processes} processes)): {doubt[:10]}",
             )
         ]

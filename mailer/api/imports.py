@@ -1,0 +1,322 @@
+"""``recipients.import``: a large list, uploaded to a JetStream Object Store, added at once.
+
+The client uploads a CSV (header: ``email``, optional ``name``, any other column a
+variable -- the CLI's format) or JSON-lines file (one ``RecipientIn`` object a line) to the
+bucket ``imports_bucket(prefix)`` -- no 1 MB message limit there -- and names it in the
+request. The service then:
+
+1. copies the object into a temporary file (its digest checked by nats-py), so memory stays
+   bounded whatever the file's size;
+2. reads it in batches in a worker thread (the event loop keeps serving), checks each line
+   exactly as ``recipients.add`` checks an address (``check_address``) and the fields as
+   ``RecipientIn`` does, and COPYs the valid lines into a temporary table, publishing
+   ``ImportProgress`` on ``<prefix>.import.progress.<campaign_id>`` (core NATS, outside
+   the stored events stream) as it goes;
+3. under the campaign's locks (a start or pause waits only for this step), inserts them with
+   ``INSERT ... ON CONFLICT DO NOTHING`` in line order (the first line of an address wins, as
+   in ``recipients.add``), checks ``MAILER_MAX_CAMPAIGN_RECIPIENTS`` on the result and writes
+   one audit entry. All or nothing: any error rolls the whole file back.
+
+The reply counts the lines read, added, duplicates (in the file or already in the campaign)
+and invalid lines, listing the first ``MAX_INVALID_LISTED`` with their line number and
+reason. The uploaded object is deleted once the request is answered, whatever the outcome
+(the bucket's one-day max age removes what a crash leaves).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import logging
+import tempfile
+from typing import Any
+
+import msgspec
+from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+from mailer.api.context import ApiContext, Caller, check_address
+from mailer.api.recipients import _editable
+from mailer.apistore import Locked
+from mailer.db import Q
+from mailer.errors import ApiError, NotFound, ValidationFailed
+from mailer.messages import (
+    MAX_INVALID_LISTED,
+    ImportProgress,
+    InvalidLine,
+    RecipientIn,
+    RecipientsImport,
+    RecipientsImported,
+    imports_bucket,
+)
+
+__all__ = ["BATCH_LINES", "import_recipients"]
+
+log = logging.getLogger("mailer.api")
+
+#: Lines read, checked and COPYed at a time (a progress event after each batch).
+BATCH_LINES = 50_000
+#: An import's statements may take longer than MAILER_DATABASE_STATEMENT_TIMEOUT_SECONDS
+#: (made for the send path's small ones): a million rows' INSERT takes tens of seconds on a
+#: small server. Still bounded, so a stuck import does not hold the campaign's lock forever.
+IMPORT_STATEMENT_TIMEOUT_SECONDS = 600.0
+
+Row = tuple[int, str, str | None, str]  # line, email, name, variables as JSON
+
+
+class Batch(msgspec.Struct):
+    rows: list[Row]
+    invalid: list[InvalidLine]
+    lines: int
+    done: bool
+
+
+class _Lines:
+    """Reads one file in batches; each call runs in a worker thread, one at a time."""
+
+    def __init__(self, path: str, fmt: str) -> None:
+        self._fmt = fmt
+        # Opened here (a deadlock retry reads the file again from its start), closed by close().
+        self._file = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115
+        self._line = 0
+        self._decoder = msgspec.json.Decoder(RecipientIn)
+        if fmt != "csv":
+            return
+        self._csv = csv.reader(self._file)
+        try:
+            header = next(self._csv, None)
+        except (UnicodeDecodeError, csv.Error) as exc:
+            self.close()
+            raise ValidationFailed("import_unreadable", reason=f"header: {exc}") from None
+        names = [h.strip() for h in header or []]
+        lowered = [n.lower() for n in names]
+        if "email" not in lowered:
+            self.close()
+            raise ValidationFailed("import_unreadable", reason="no email column in the header")
+        self._names = names
+        self._at_email = lowered.index("email")
+        self._at_name = lowered.index("name") if "name" in lowered else None
+
+    def close(self) -> None:
+        self._file.close()
+
+    def batch(self, size: int) -> Batch:
+        rows: list[Row] = []
+        invalid: list[InvalidLine] = []
+        lines = 0
+        try:
+            while lines < size:
+                parsed = self._next_csv() if self._fmt == "csv" else self._next_jsonl()
+                if parsed is None:
+                    return Batch(rows, invalid, lines, done=True)
+                line, item, email, problem = parsed
+                if item is None and problem is None:
+                    continue  # a blank line
+                lines += 1
+                if problem is None and item is not None:
+                    problem = check_address(item.email)
+                if problem is not None or item is None:
+                    invalid.append(InvalidLine(line=line, email=email, reason=problem or ""))
+                    continue
+                variables = msgspec.json.encode(item.variables).decode()
+                rows.append((line, item.email, item.name, variables))
+        except UnicodeDecodeError as exc:
+            raise ValidationFailed("import_unreadable", reason=f"not UTF-8: {exc}") from None
+        except csv.Error as exc:
+            raise ValidationFailed(
+                "import_unreadable", reason=f"line {self._line}: {exc}"
+            ) from None
+        return Batch(rows, invalid, lines, done=False)
+
+    def _next_csv(self) -> tuple[int, RecipientIn | None, str, str | None] | None:
+        fields = next(self._csv, None)
+        if fields is None:
+            return None
+        line = self._line = self._csv.line_num
+        if not any(f.strip() for f in fields):
+            return line, None, "", None
+        email = fields[self._at_email].strip() if self._at_email < len(fields) else ""
+        if len(fields) > len(self._names):
+            return line, None, email, "more fields than the header"
+        if not email:
+            return line, None, email, "no address"
+        at_name = self._at_name
+        name = fields[at_name].strip() if at_name is not None and at_name < len(fields) else ""
+        variables = {
+            self._names[i]: value
+            for i, value in enumerate(fields)
+            if i not in (self._at_email, at_name) and value != ""
+        }
+        try:
+            item = msgspec.convert(
+                {"email": email, "name": name or None, "variables": variables}, RecipientIn
+            )
+        except msgspec.ValidationError as exc:
+            return line, None, email, str(exc)
+        return line, item, email, None
+
+    def _next_jsonl(self) -> tuple[int, RecipientIn | None, str, str | None] | None:
+        raw = self._file.readline()
+        if not raw:
+            return None
+        self._line += 1
+        line = self._line
+        if not raw.strip():
+            return line, None, "", None
+        try:
+            item = self._decoder.decode(raw)
+        except msgspec.DecodeError as exc:
+            return line, None, "", str(exc)
+        return line, item, item.email, None
+
+
+async def import_recipients(
+    ctx: ApiContext, caller: Caller, req: RecipientsImport
+) -> RecipientsImported:
+    # Who may: checked before the file is read (and again under the lock, with the status).
+    await ctx.own(caller, req.campaign_id)
+    js = ctx.bus.nc.jetstream()
+    try:
+        store = await js.object_store(imports_bucket(ctx.bus.prefix))
+    except NotFoundError:
+        raise NotFound("import_not_found", object=req.object) from None
+    progress_subject = ctx.bus.subject("import", "progress", str(req.campaign_id))
+    try:
+        with tempfile.NamedTemporaryFile(prefix="mailer-import-") as file:
+            try:
+                await store.get(req.object, writeinto=file)  # type: ignore[arg-type]
+            except (ObjectNotFoundError, NotFoundError):
+                raise NotFound("import_not_found", object=req.object) from None
+            file.flush()
+            result = await _import(ctx, caller, req, file.name, progress_subject)
+    except ApiError:
+        await _publish(ctx, progress_subject, req, "failed", lines=0, invalid=0)
+        raise
+    finally:
+        try:
+            await store.delete(req.object)
+        except Exception:  # gone already, or NATS away: the bucket's max age removes it
+            log.debug("import object not deleted", extra={"campaign_id": req.campaign_id})
+    await _publish(
+        ctx,
+        progress_subject,
+        req,
+        "done",
+        lines=result.lines,
+        invalid=result.invalid_count,
+        added=result.added,
+    )
+    return result
+
+
+async def _import(
+    ctx: ApiContext, caller: Caller, req: RecipientsImport, path: str, subject: str
+) -> RecipientsImported:
+    state: dict[str, Any] = {}
+
+    async def fill(conn: Any) -> None:
+        # Re-runnable (a deadlock retry runs it again): from the file's start each time.
+        lines_of = await asyncio.to_thread(_Lines, path, req.format)
+        reading: asyncio.Future[Batch] | None = None
+        try:
+            # For this transaction only (its last statement, the INSERT, included).
+            await conn.execute(
+                f"SET LOCAL statement_timeout = {int(IMPORT_STATEMENT_TIMEOUT_SECONDS * 1000)}"
+            )
+            # The INSERT sorts the file's lines (first line of an address wins): in memory,
+            # not in a temporary file (64 MB hold about a million lines' sort keys).
+            await conn.execute("SET LOCAL work_mem = '64MB'")
+            await conn.execute(Q["recipients-import-table"])
+            lines = valid = invalid_count = 0
+            invalid: list[InvalidLine] = []
+            next_batch = asyncio.ensure_future(asyncio.to_thread(lines_of.batch, BATCH_LINES))
+            reading = next_batch
+            while True:
+                batch = await next_batch
+                reading = None
+                if not batch.done:
+                    # The next batch is read while this one is COPYed.
+                    next_batch = asyncio.ensure_future(
+                        asyncio.to_thread(lines_of.batch, BATCH_LINES)
+                    )
+                    reading = next_batch
+                if batch.rows:
+                    await conn.copy_records_to_table(
+                        "import_rows",
+                        records=batch.rows,
+                        columns=["line", "email", "name", "variables"],
+                        timeout=IMPORT_STATEMENT_TIMEOUT_SECONDS,
+                    )
+                lines += batch.lines
+                valid += len(batch.rows)
+                invalid_count += len(batch.invalid)
+                invalid.extend(batch.invalid[: MAX_INVALID_LISTED - len(invalid)])
+                await _publish(ctx, subject, req, "reading", lines=lines, invalid=invalid_count)
+                if batch.done:
+                    break
+            state.update(lines=lines, valid=valid, invalid=invalid, invalid_count=invalid_count)
+        finally:
+            if reading is not None:
+                # The worker thread still reads: let it finish before its file is closed.
+                await asyncio.wait([reading])
+            lines_of.close()
+
+    async def change(tx: Locked) -> int:
+        _editable(tx, caller, req.campaign_id)
+        await _publish(
+            ctx, subject, req, "writing", lines=state["lines"], invalid=state["invalid_count"]
+        )
+        now = ctx.clock.now()
+        added = await tx.add_imported(now, timeout=IMPORT_STATEMENT_TIMEOUT_SECONDS)
+        total = await tx.recipients_count() if added else 0
+        if total > ctx.settings.max_campaign_recipients:
+            raise ValidationFailed(
+                "recipients_limit",
+                count=total,
+                added=added,
+                limit=ctx.settings.max_campaign_recipients,
+            )
+        if added:
+            await tx.audit(
+                caller.user,
+                "recipients.import",
+                {
+                    "count": added,
+                    "duplicates": state["valid"] - added,
+                    "invalid": state["invalid_count"],
+                },
+                now,
+            )
+        return added
+
+    added = await ctx.db.locked(req.campaign_id, change, prepare=fill)
+    return RecipientsImported(
+        lines=state["lines"],
+        added=added,
+        duplicates=state["valid"] - added,
+        invalid_count=state["invalid_count"],
+        invalid=state["invalid"],
+    )
+
+
+async def _publish(
+    ctx: ApiContext,
+    subject: str,
+    req: RecipientsImport,
+    stage: str,
+    *,
+    lines: int,
+    invalid: int,
+    added: int = 0,
+) -> None:
+    event = ImportProgress(
+        campaign_id=req.campaign_id,
+        object=req.object,
+        stage=stage,  # type: ignore[arg-type]
+        lines=lines,
+        invalid=invalid,
+        added=added,
+    )
+    try:
+        await ctx.bus.nc.publish(subject, msgspec.json.encode(event))
+    except Exception:  # progress is best effort: the reply carries the outcome
+        log.debug("import progress not published", extra={"campaign_id": req.campaign_id})
