@@ -89,6 +89,7 @@ async def main() -> None:
                 "smtp_port": str(port),
                 "subject_prefix": PREFIX,
                 "http_port": "0",
+                "public_http_port": "0",
                 "working_hours_start": "00:00",
                 "working_hours_end": "24:00",
                 "rate_per_hour": "10000000",

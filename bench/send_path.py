@@ -111,7 +111,8 @@ async def ceiling(port: int, n: int, connections: int) -> float:
 
 async def through_mailer(stack: EmbeddedStack, port: int, n: int, connections: int) -> float:
     settings = with_endpoints(
-        load_settings({}, dotenv=None, http_port=0, log_level="WARNING"), stack.endpoints
+        load_settings({}, dotenv=None, http_port=0, public_http_port=0, log_level="WARNING"),
+        stack.endpoints,
     )
     settings = msgspec.structs.replace(
         settings,

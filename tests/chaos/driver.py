@@ -344,6 +344,7 @@ class Round:
             "instance_id": instance_name(index, gen),
             "message_id_domain": f"p{index}.chaos.test",
             "http_port": "0",
+            "public_http_port": "0",
             "working_hours_start": "00:00",
             "working_hours_end": "24:00",
             "leader_ttl_seconds": str(LEADER_TTL),
