@@ -102,7 +102,7 @@ def _nothing_lost_or_stuck(o: Outcome) -> list[Violation]:
             and c["defer_reason"] in LONG_REASONS
             and c["deferred_until"] is not None
             and c["deferred_until"] > horizon
-        )
+        ) or _waits_for_a_top_up(o, c)
         if waits and (why := _untrue_wait(o, c)):
             v.append(Violation("untrue_wait", f"campaign {c['id']}: {why}"))
         if not waits:
@@ -116,6 +116,15 @@ def _nothing_lost_or_stuck(o: Outcome) -> list[Violation]:
     if not o.settled:
         v.append(Violation("stuck_campaign", "the round did not settle in time"))
     return v
+
+
+def _waits_for_a_top_up(o: Outcome, c: dict[str, Any]) -> bool:
+    """A quota wait names no time (issue 8: nothing can happen until a top-up): it is
+    true when the month's attempts (the local provider's count) used the quota up."""
+    if c["defer_reason"] != "quota_exhausted" or c["deferred_until"] is not None:
+        return False
+    attempts = sum(1 for row in o.send_log if not row.get("is_test"))
+    return attempts >= o.plan.limits.monthly_quota
 
 
 def _untrue_wait(o: Outcome, c: dict[str, Any]) -> str:
