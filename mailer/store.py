@@ -418,8 +418,9 @@ class PgStore:
         """
         if not outcomes:
             return {}
-        args = self._record_args(lease, outcomes, now)
-        sql = Q["recipients-record-and-log"]
+        # The record-and-hand statement with nothing to hand.
+        args = (*self._record_args(lease, outcomes, now), [], lease.owner, lease.epoch)
+        sql = Q["recipients-record-and-hand"]
         async with self.pool.acquire() as conn:
             if transient_errors is None:
                 # One statement: atomic by itself, one round trip per wave.
@@ -435,7 +436,7 @@ class PgStore:
                         success,
                     )
                     rows = await conn.fetch(sql, *args)
-        return {int(r["id"]): str(r["status"]) for r in rows}
+        return {int(r["id"]): str(r["status"]) for r in rows if not r["handed"]}
 
     async def record_and_hand(
         self, lease: Lease, outcomes: Sequence[Outcome], hand: Sequence[int], now: datetime
@@ -453,7 +454,7 @@ class PgStore:
     def _record_args(
         self, lease: Lease, outcomes: Sequence[Outcome], now: datetime
     ) -> tuple[object, ...]:
-        """Parameters $1..$13 of recipients-record-and-log (and -and-hand)."""
+        """Parameters $1..$13 of recipients-record-and-hand (the record part)."""
         rec = list(outcomes)
         return (
             [o.recipient_id for o in rec],

@@ -84,70 +84,16 @@ UPDATE recipient
 SET status = 'pending', claimed_by = NULL, claimed_at = NULL, updated_at = $3
 WHERE id = ANY($1::bigint[]) AND status = 'sending' AND claimed_by = $2;
 
--- name: recipients-record-and-log
--- recipients-record, the send log's placeholders dropped and the attempts'
--- rows written, in ONE statement (one round trip, atomic without a
--- transaction block: the pipelined loop records a wave while the next one is
--- with SMTP). $9..$12: each outcome's address, provider answer, raw error and
--- time; $13 the campaign. Send-log rows only for the rows the update changed,
--- in the outcomes' order (wave order); the attempt that used up a recipient's
--- transient attempts is logged as the failure it caused.
-WITH o AS (
-    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::boolean[],
-                         $9::text[], $10::text[], $11::text[], $12::float8[])
-        WITH ORDINALITY AS o(id, status, message_id, error, attempted, email, answer,
-                             raw_error, took_ms, ord)
-),
-upd AS (
-    UPDATE recipient r
-    SET status = CASE WHEN o.status <> 'transient' THEN o.status
-                      WHEN o.attempted AND r.transient_attempts + 1 >= $8 THEN 'failed'
-                      ELSE 'pending' END,
-        transient_attempts = r.transient_attempts
-            + CASE WHEN o.status = 'transient' AND o.attempted THEN 1 ELSE 0 END,
-        claimed_by = NULL,
-        claimed_at = NULL,
-        sent_at = CASE WHEN o.status = 'sent' THEN $7::timestamptz ELSE r.sent_at END,
-        smtp_message_id = CASE WHEN o.status = 'transient' THEN r.smtp_message_id
-                               ELSE COALESCE(o.message_id, r.smtp_message_id) END,
-        error = CASE WHEN o.status <> 'transient' THEN o.error
-                     WHEN o.attempted AND r.transient_attempts + 1 >= $8
-                         THEN 'gave up after ' || (r.transient_attempts + 1)
-                              || ' transient answers; last: ' || COALESCE(o.error, 'unknown')
-                     ELSE NULL END,
-        updated_at = $7
-    FROM o
-    WHERE r.id = o.id
-      AND ((r.status = 'sending' AND r.claimed_by = $6)
-           OR (r.status = 'in_doubt' AND o.status IN ('sent', 'failed')))
-    RETURNING r.id, r.status, r.error
-),
-dropped AS (
-    DELETE FROM send_log
-    WHERE recipient_id IN (SELECT id FROM upd) AND status = 'in_doubt' AND took_ms IS NULL
-      AND NOT is_test
-),
-logged AS (
-    INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, smtp_message_id,
-                          provider_answer, error, took_ms, created_at)
-    SELECT $13, o.id, o.email, false,
-           CASE WHEN o.status = 'transient' AND u.status = 'failed' THEN 'failed'
-                ELSE o.status END,
-           o.message_id, o.answer,
-           CASE WHEN o.status = 'transient' AND u.status = 'failed' THEN u.error
-                ELSE o.raw_error END,
-           o.took_ms, $7
-    FROM o JOIN upd u ON u.id = o.id
-    ORDER BY o.ord
-)
-SELECT id, status, error FROM upd;
-
 -- name: recipients-record-and-hand
--- The pipelined loop's step while a wave is with SMTP: the previous wave's
--- record (as recipients-record-and-log) and the next wave's hand (as
--- recipients-hand, $14 its ids, $15/$16 the lease's owner and epoch), in one
--- statement: one round trip, and the next wave is never handed before the
--- previous one is recorded. Rows: each recorded row (handed false), then each
+-- A wave's record: recipients-record, the send log's placeholders dropped and
+-- the attempts' rows written, in ONE statement (one round trip, atomic without
+-- a transaction block). $9..$12: each outcome's address, provider answer, raw
+-- error and time; $13 the campaign. Send-log rows only for the rows the update
+-- changed, in the outcomes' order (wave order); the attempt that used up a
+-- recipient's transient attempts is logged as the failure it caused. In the
+-- same statement, the next wave's hand (as recipients-hand, $14 its ids -- empty
+-- for a plain record -- and $15/$16 the lease's owner and epoch): the pipelined
+-- loop never hands a wave before the previous one is recorded. Rows: each recorded row (handed false), then each
 -- row marked handed (handed true).
 WITH o AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::boolean[],
