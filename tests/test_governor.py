@@ -358,6 +358,25 @@ async def test_the_first_to_ask_takes_only_its_share_when_others_are_queued(
         assert (await gov.ask(200, campaign_id=c)).granted == 100
 
 
+async def test_a_grant_released_unsent_does_not_cap_the_campaign_for_the_rest_of_the_hour(
+    settings, redis_client, db
+) -> None:
+    # The chaos suite's rolling restart: a SIGTERM released a granted batch
+    # unsent (its recipients pending again). Its demand (attempts + still to
+    # send) then equalled its share, and its tokens (the waste included) used it
+    # up: its last recipient was refused "capped, retry in 30 s" for the rest of
+    # an hour that stood almost empty.
+    clock = FakeClock(MONDAY_1315_MSK)
+    (a,) = await _queued_campaigns(db, 1, now=clock.now(), pending=10)
+    async with governor(settings, clock, rate_per_hour=100, max_active_campaigns=2) as gov:
+        assert (await gov.ask(10, campaign_id=a)).granted == 10
+        # Released unsent: the ten are still pending, nothing was attempted.
+        again = await gov.ask(10, campaign_id=a)
+        assert (again.granted, again.reason) == (10, None), again
+    # The waste counts in the hour: the limit still bounds every grant.
+    assert await counter(redis_client, hour_key(settings, clock.now())) == 20
+
+
 # --- metrics, logs, the wire ----------------------------------------------------------------
 
 

@@ -399,8 +399,17 @@ class GovernorActor(Actor[TokenRequest]):
         ids = [cid for cid, _ in sharing]
         if msg.campaign_id not in ids:
             return None
-        parts = max_min_shares(self._limiter.hourly_limit, [d for _, d in sharing])
-        return parts[ids.index(msg.campaign_id)]
+        capacity = self._limiter.hourly_limit
+        parts = max_min_shares(capacity, [d for _, d in sharing])
+        # What no campaign's demand claims goes to the asker too. A demand counts
+        # the attempts recorded and the recipients still to send, but its share is
+        # measured against the tokens it was granted: a grant whose claims went
+        # back to ``pending`` unsent (released at a SIGTERM, or by the next owner
+        # after a kill -9) is counted twice, and would cap the campaign below its
+        # last recipients for the rest of the hour — refused "soon" every 30 s
+        # while the hour stands almost empty (a rolling restart did that). The
+        # hour's own counter still bounds every grant, waste included.
+        return parts[ids.index(msg.campaign_id)] + max(0, capacity - sum(parts))
 
     def _refuse(
         self,
