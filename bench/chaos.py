@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.chaos.driver import ChaosStack
+from tests.chaos.driver import LEADER_TTL, ChaosStack
 from tests.chaos.runner import play
 from tests.chaos.schedule import KINDS, plan_round
 
@@ -44,7 +44,11 @@ async def main(args: argparse.Namespace) -> int:
     faults: Counter[str] = Counter()
     broken: Counter[str] = Counter()
     failing: dict[int, list[str]] = {}
+    # Failovers with NATS and PostgreSQL up, and those an election fault overlapped
+    # (a NATS node or cluster, or PostgreSQL restarting meanwhile: see the driver's
+    # _election_faults), reported apart: the targets hold for the first kind.
     failovers: dict[str, list[float]] = {"kill9": [], "sigterm": []}
+    overlapped: dict[str, list[tuple[float, int, tuple[str, ...]]]] = {"kill9": [], "sigterm": []}
     no_failover = 0
     exits: list[str] = []
     began = time.monotonic()
@@ -71,9 +75,11 @@ async def main(args: argparse.Namespace) -> int:
             for key in ("messages", "duplicates", "in_doubt", "sent", "failed", "resumes"):
                 totals[key] += f[key]
             faults.update(f["faults"])
-            for kind, took in f["failovers"]:
+            for kind, took, faults_in_it in f["failovers"]:
                 if took is None:
                     no_failover += 1
+                elif faults_in_it:
+                    overlapped[kind].append((took, seed, faults_in_it))
                 else:
                     failovers[kind].append(took)
             exits += [f"seed {seed}: {e}" for e in f["unexpected_exits"]]
@@ -118,8 +124,17 @@ async def main(args: argparse.Namespace) -> int:
     print(f"limit exceeded       {sum(broken[k] for k in LIMITS)}")
     print(
         f"leader failover      kill -9 max {worst(failovers['kill9'])}; "
-        f"SIGTERM max {worst(failovers['sigterm'])}; none within 30 s: {no_failover}"
+        f"SIGTERM max {worst(failovers['sigterm'])}; none within 30 s: {no_failover} "
+        f"(targets: TTL {LEADER_TTL:g} s + 1 s after kill -9, 1 s after SIGTERM)"
     )
+    for kind in ("kill9", "sigterm"):
+        if overlapped[kind]:
+            worst_one = max(overlapped[kind])
+            print(
+                f"  overlapped {kind:<8} max {worst_one[0]:.2f} s (n={len(overlapped[kind])}, "
+                f"worst at seed {worst_one[1]} with {'+'.join(worst_one[2])}): a NATS or "
+                "PostgreSQL restart during the election, not counted against the target"
+            )
     print(f"unexpected exits     {len(exits)}" + (f" e.g. {exits[:3]}" if exits else ""))
     print(f"violations           {dict(sorted(broken.items())) or 'none'}")
     print(f"failing seeds        {failing or 'none'}")

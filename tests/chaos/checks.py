@@ -134,6 +134,10 @@ def _untrue_wait(o: Outcome, c: dict[str, Any]) -> str:
     quota is synced hourly: each reason has a latest end it may name."""
     end = o.finished_at
     reason, until = c["defer_reason"], c["deferred_until"]
+    if until is None:
+        # A quota wait with no time: _waits_for_a_top_up has judged it (the month's
+        # attempts used the quota up); there is no time to compare.
+        return ""
     slack = timedelta(minutes=1)
     if reason == "outside_hours":
         return "outside_hours while the hours are 00:00-24:00"
