@@ -80,22 +80,29 @@ async def test_a_crash_request_crashes_the_actor_and_it_is_restarted(
 
 
 async def test_without_the_setting_nobody_answers(settings: Settings, nc, tmp_path: Path) -> None:
+    log_path = tmp_path / "plain.log"
     watch = LeaderWatch()
     await watch.start(nc, settings.subject_prefix)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mailer.cli",
-        "run",
-        env=worker_env(settings, "plain"),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mailer.cli",
+            "run",
+            env=worker_env(settings, "plain"),
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+        )
     try:
         assert await watch.wait(timeout=30) == "plain"
         with pytest.raises(nats.errors.NoRespondersError):
             await _crash(nc, settings.subject_prefix, "plain", "runner")
     finally:
         proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), 20)
-        watch.stop()
+        try:
+            await asyncio.wait_for(proc.wait(), 20)
+        except TimeoutError:
+            proc.kill()
+            raise AssertionError(log_path.read_text()[-4000:]) from None
+        finally:
+            watch.stop()
