@@ -71,6 +71,7 @@ SINK_DELAY = 0.25  # a provider's pace: campaigns last through the fault window
 SLOW_DELAY = 1.0  # the "slow" SMTP fault
 MAX_BREAKER_RESUMES = 1
 BREAKER_THRESHOLD = 5  # consecutive transient errors that pause a campaign (default 10)
+MAX_ACTIVE = 2  # campaigns sending at once, cluster-wide
 
 
 class ChaosStack:
@@ -265,6 +266,10 @@ class Applied:
     resolved: str  # the process instance / actor actually hit, or the server
     at: float  # monotonic
     note: str = ""
+    # Wall-clock span of a server outage (time.time(): the sink dates deliveries so):
+    # from just before the server stopped until it answered again. 0.0: not one.
+    down_from: float = 0.0
+    down_until: float = 0.0
 
 
 @dataclass
@@ -355,7 +360,7 @@ class Round:
             "shutdown_timeout_seconds": str(SHUTDOWN_SECONDS),
             "transient_retry_delay_minutes": "0.05",
             "circuit_breaker_threshold": str(BREAKER_THRESHOLD),
-            "max_active_campaigns": "2",
+            "max_active_campaigns": str(MAX_ACTIVE),
             "start_throttle_per_hour": "100",
             "rate_per_hour": str(lim.rate_per_hour),
             "monthly_quota": str(lim.monthly_quota),
@@ -527,8 +532,13 @@ class Round:
             self.applied.append(Applied(f, "nats", now))
             await stack.restart_server("nats", down=f.duration)
         elif f.kind == "redis_outage":
-            self.applied.append(Applied(f, "redis", now))
-            await stack.restart_server("redis", down=f.duration)  # no persistence: empty
+            applied = Applied(f, "redis", now, down_from=time.time())
+            self.applied.append(applied)
+            try:
+                await stack.restart_server("redis", down=f.duration)  # no persistence: empty
+            finally:
+                # A failed restart is retried by _heal_all: the outage lasts until then.
+                applied.down_until = time.time()
         elif f.kind in ("smtp_421", "smtp_blackhole"):
             self.applied.append(Applied(f, "smtp", now))
             sink.outage("421" if f.kind == "smtp_421" else "blackhole")
@@ -630,7 +640,8 @@ class Round:
                 dict(r)
                 for r in await conn.fetch(
                     "SELECT c.id, c.owner_id, c.status, q.defer_reason, q.deferred_until, "
-                    "q.completed_at, q.notified_reason FROM campaign c "
+                    "q.completed_at, q.notified_reason, q.priority, q.queued_at, "
+                    "q.id AS queue_id FROM campaign c "
                     "LEFT JOIN queue_entry q ON q.campaign_id = c.id ORDER BY c.id"
                 )
             ]
