@@ -6,9 +6,16 @@ with a case it must pass and one it must fail.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import pytest
+import redis.asyncio as redis
+
+from mailer.logs import LineFormatter
+from mailer.ratelimit import SendLimiter
 from tests.chaos.checks import (
     DAY_ZONE,
     FAIL_OPEN_MARGIN,
@@ -16,29 +23,31 @@ from tests.chaos.checks import (
     _daily_turn,
     _window_excess,
 )
-from tests.chaos.driver import Outcome
+from tests.chaos.driver import Outcome, fail_open_grants
 from tests.chaos.schedule import CampaignPlan, Limits, RoundPlan
 
 T0 = 1_800_000_000.0
 
 
 def test_no_outage_holds_the_limit() -> None:
-    assert _window_excess([T0 + i for i in range(10)], 10, []) is None
-    assert _window_excess([T0 + i for i in range(11)], 10, []) is not None
+    assert _window_excess([T0 + i for i in range(10)], 10, [], 0) is None
+    assert _window_excess([T0 + i for i in range(11)], 10, [], 0) is not None
 
 
 def test_fail_open_deliveries_are_not_counted_against_the_limit() -> None:
     spans = [(T0 + 100, T0 + 140 + FAIL_OPEN_MARGIN)]
     before = [T0 + i for i in range(6)]
     during = [T0 + 100 + i for i in range(30)]  # Redis down: granted without counting
-    assert _window_excess(before + during, 10, spans) is None
+    assert _window_excess(before + during, 10, spans, 30) is None
+    # The logs say only 20 were granted so: the other 10 were counted, 16 > 10.
+    assert _window_excess(before + during, 10, spans, 20) is not None
 
 
 def test_counted_grants_beyond_the_limit_are_an_excess() -> None:
     spans = [(T0 + 100, T0 + 140 + FAIL_OPEN_MARGIN)]
     before = [T0 + i for i in range(11)]  # granted while Redis counted them
     during = [T0 + 100 + i for i in range(5)]
-    assert _window_excess(before + during, 10, spans) is not None
+    assert _window_excess(before + during, 10, spans, 5) is not None
 
 
 def test_after_the_rebuild_only_what_is_left_of_the_limit() -> None:
@@ -46,10 +55,10 @@ def test_after_the_rebuild_only_what_is_left_of_the_limit() -> None:
     spans = [(T0 + 100, end)]
     sent = [T0 + 100 + i for i in range(12)]  # the outage used the window up
     late_ok = [end + 1 + i for i in range(REBUILD_IN_FLIGHT)]  # the log missed in-flight
-    assert _window_excess(sent + late_ok, 10, spans) is None
+    assert _window_excess(sent + late_ok, 10, spans, 12) is None
     # A counter lost and not rebuilt would hand the window out again.
     late_bad = [end + 1 + i for i in range(REBUILD_IN_FLIGHT + 1)]
-    assert _window_excess(sent + late_bad, 10, spans) is not None
+    assert _window_excess(sent + late_bad, 10, spans, 12) is not None
 
 
 def _outcome(campaigns: list[dict[str, Any]], recipients: list[dict[str, Any]]) -> Outcome:
@@ -110,3 +119,20 @@ def test_a_daily_wait_ends_on_its_own_turn_in_the_owners_queue() -> None:
     assert midnight + timedelta(days=2) <= turn <= midnight + timedelta(days=2, hours=1)
     # The one ahead waits for no one of its owner.
     assert _daily_turn(o, ahead, midnight) == midnight
+
+
+async def test_fail_open_grants_are_read_from_the_process_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The limiter's ERROR line names whose sends went uncounted; the driver reads it."""
+    client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    limiter = SendLimiter(client, key_prefix="t:", account="a", hourly_limit=10)
+    now = datetime.now(UTC)
+    with caplog.at_level(logging.ERROR, logger="mailer.ratelimit"):
+        r = await limiter.reserve(4, now, owner_id="owner-b", day=now.date(), daily_limit=8)
+    await client.aclose()
+    assert r.failed_open and r.granted == 4
+    lines = [LineFormatter().format(rec) for rec in caplog.records]
+    (tmp_path / "p0-g0.log").write_text("\n".join(["noise", *lines, "more noise"]) + "\n")
+    ((at, tokens, owner),) = fail_open_grants(tmp_path)
+    assert (tokens, owner) == (4, "owner-b") and 0 <= at - int(now.timestamp()) < 30

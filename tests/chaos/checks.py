@@ -248,26 +248,33 @@ def _fail_open(at: float, spans: list[tuple[float, float]]) -> bool:
 
 
 def fail_open_messages(o: Outcome) -> int:
+    """Deliveries that may have gone out on a fail-open grant: those within the outages'
+    spans, and no more than the processes logged granting so."""
     spans = fail_open_spans(o)
-    return sum(1 for _, at, _ in o.deliveries if _fail_open(at, spans))
+    within = sum(1 for _, at, _ in o.deliveries if _fail_open(at, spans))
+    return min(within, sum(n for _, n, _ in o.fail_open_grants))
 
 
-def _window_excess(times: list[float], limit: int, spans: list[tuple[float, float]]) -> str | None:
+def _window_excess(
+    times: list[float], limit: int, spans: list[tuple[float, float]], fail_open_tokens: int
+) -> str | None:
     """Why one window's deliveries (wall times) broke its limit, None if they did not.
 
     Without an outage: at most ``limit``. With one, by policy: (1) what was granted
     while Redis was reachable stays within the limit — the deliveries outside the
-    fail-open spans; (2) after the last span, the counter rebuilt from the send log
-    holds everything sent before it, so later deliveries only fill what is left of the
-    limit (less the batches in flight at the rebuild, which the log missed)."""
+    fail-open spans, and no more of those inside than the window's fail-open grants
+    (``fail_open_tokens``, from the processes' logs), are counted; (2) after the last
+    span, the counter rebuilt from the send log holds everything sent before it, so
+    later deliveries only fill what is left of the limit (less the batches in flight at
+    the rebuild, which the log missed)."""
     total = len(times)
     if total <= limit:
         return None
-    fail_open = sum(1 for t in times if _fail_open(t, spans))
     if not spans:
         return f"{total} > {limit}"
+    fail_open = min(sum(1 for t in times if _fail_open(t, spans)), fail_open_tokens)
     if total - fail_open > limit:
-        return f"{total} ({fail_open} maybe fail-open) - {fail_open} > {limit}"
+        return f"{total} - {fail_open} fail-open > {limit}"
     last = max(hi for _, hi in spans)
     after = sum(1 for t in times if t > last)
     room = max(0, limit - (total - after)) + REBUILD_IN_FLIGHT
@@ -279,27 +286,40 @@ def _window_excess(times: list[float], limit: int, spans: list[tuple[float, floa
     return None
 
 
+def _hour(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:00Z")
+
+
+def _day(at: float) -> str:
+    return datetime.fromtimestamp(at, DAY_ZONE).date().isoformat()
+
+
 def _limits(o: Outcome) -> list[Violation]:
     v: list[Violation] = []
     lim = o.plan.limits
     spans = fail_open_spans(o)
     campaign_of = _campaign_of(o)
+    # A grant is used in the window it was granted for (README: grants expire at its end).
+    open_hour: Counter[str] = Counter()
+    open_day: Counter[tuple[str, str]] = Counter()
+    for at, n, owner in o.fail_open_grants:
+        open_hour[_hour(at)] += n
+        open_day[(owner, _day(at))] += n
     per_hour: dict[str, list[float]] = defaultdict(list)
     for _, at, _ in o.deliveries:
-        per_hour[datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:00Z")].append(at)
+        per_hour[_hour(at)].append(at)
     for hour, times in sorted(per_hour.items()):
-        if why := _window_excess(times, lim.rate_per_hour, spans):
+        if why := _window_excess(times, lim.rate_per_hour, spans, open_hour[hour]):
             v.append(Violation("hourly_limit", f"{hour}: {why} messages"))
     per_day: dict[tuple[str, str], list[float]] = defaultdict(list)
     for a, at, _ in o.deliveries:
         cid = campaign_of.get(a.lower())
         owner = o.owners.get(cid) if cid is not None else None
         if owner is not None:
-            day = datetime.fromtimestamp(at, DAY_ZONE).date().isoformat()
-            per_day[(owner, day)].append(at)
+            per_day[(owner, _day(at))].append(at)
     for (owner, day), times in sorted(per_day.items()):
         if owner == lim.daily_limited_owner and (
-            why := _window_excess(times, lim.daily_limit, spans)
+            why := _window_excess(times, lim.daily_limit, spans, open_day[(owner, day)])
         ):
             v.append(Violation("daily_limit", f"{owner} on {day}: {why} messages"))
     # The quota is PostgreSQL's: it holds whatever Redis does.

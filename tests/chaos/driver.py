@@ -294,6 +294,29 @@ class Outcome:
     started_at: datetime
     finished_at: datetime
     problems: list[str] = field(default_factory=list)  # driver-level trouble (not verdicts)
+    # The limiter's fail-open grants, from the processes' ERROR logs: (epoch second, tokens,
+    # owner). Whatever fails open is counted nowhere else.
+    fail_open_grants: list[tuple[float, int, str]] = field(default_factory=list)
+
+
+_FAIL_OPEN = re.compile(
+    r"^(\S+) ERROR mailer\.ratelimit rate limiter cannot reach Redis; sending anyway .*"
+    r"policy=fail_open\b"
+)
+_FIELD = re.compile(r"\b(rate_limit_count|owner_id)=(\S+)")
+
+
+def fail_open_grants(logs: Path) -> list[tuple[float, int, str]]:
+    """Every fail-open grant the round's processes logged (mailer.ratelimit)."""
+    out: list[tuple[float, int, str]] = []
+    for path in sorted(logs.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if (m := _FAIL_OPEN.match(line)) is None:
+                continue
+            at = datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+            fields = dict(_FIELD.findall(line))
+            out.append((at.timestamp(), int(fields["rate_limit_count"]), fields["owner_id"]))
+    return out
 
 
 _SENDER = re.compile(rb"^Message-ID: <[^@>]+@(p\d+)\.chaos\.test>", re.M | re.I)
@@ -440,6 +463,7 @@ class Round:
             started_at=started_at,
             finished_at=finished_at,
             problems=self.problems,
+            fail_open_grants=fail_open_grants(self.logs),
             **rows,
         )
 
