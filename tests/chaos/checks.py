@@ -143,6 +143,8 @@ def _untrue_wait(o: Outcome, c: dict[str, Any]) -> str:
     quota is synced hourly: each reason has a latest end it may name."""
     end = o.finished_at
     reason, until = c["defer_reason"], c["deferred_until"]
+    if until is None:  # a quota wait names no time: _waits_for_a_top_up judged it
+        return ""
     slack = timedelta(minutes=1)
     if reason == "outside_hours":
         return "outside_hours while the hours are 00:00-24:00"
@@ -302,9 +304,9 @@ def _limits(o: Outcome) -> list[Violation]:
     # A grant is used in the window it was granted for (README: grants expire at its end).
     open_hour: Counter[str] = Counter()
     open_day: Counter[tuple[str, str]] = Counter()
-    for at, n, owner in o.fail_open_grants:
+    for at, n, granted_to in o.fail_open_grants:
         open_hour[_hour(at)] += n
-        open_day[(owner, _day(at))] += n
+        open_day[(granted_to, _day(at))] += n
     per_hour: dict[str, list[float]] = defaultdict(list)
     for _, at, _ in o.deliveries:
         per_hour[_hour(at)].append(at)
