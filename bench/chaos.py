@@ -72,7 +72,15 @@ async def main(args: argparse.Namespace) -> int:
                 stack, plan, tag=f"{seed}-b{i}", logs=logs / str(seed), settle=args.settle
             )
             f = verdict.figures
-            for key in ("messages", "duplicates", "in_doubt", "sent", "failed", "resumes"):
+            for key in (
+                "messages",
+                "fail_open_messages",
+                "duplicates",
+                "in_doubt",
+                "sent",
+                "failed",
+                "resumes",
+            ):
                 totals[key] += f[key]
             faults.update(f["faults"])
             for kind, took, faults_in_it in f["failovers"]:
@@ -90,7 +98,8 @@ async def main(args: argparse.Namespace) -> int:
             state = "ok" if not verdict.violations else "FAIL " + ",".join(failing[seed])
             print(
                 f"round {i + 1}/{args.rounds} seed={seed} {time.monotonic() - t0:5.1f}s "
-                f"messages={f['messages']} in_doubt={f['in_doubt']} "
+                f"messages={f['messages']} fail_open={f['fail_open_messages']} "
+                f"in_doubt={f['in_doubt']} "
                 f"faults={dict(f['faults'])} {state}",
                 flush=True,
             )
@@ -110,6 +119,10 @@ async def main(args: argparse.Namespace) -> int:
     if missing:
         print(f"kinds never applied  {missing}")
     print(f"messages             {totals['messages']}")
+    print(
+        f"fail-open messages   {totals['fail_open_messages']} (delivered while Redis was "
+        "down or just after: the limiter fails open by policy)"
+    )
     print(f"duplicates           {totals['duplicates']}")
     print(
         f"lost                 {broken['lost']} (recorded sent but never received, or "

@@ -357,7 +357,15 @@ class SendLimiter:
             metrics.RATE_LIMITER_REDIS_ERRORS.labels(policy=FAIL_OPEN).inc()
             log.error(
                 "rate limiter cannot reach Redis; sending anyway",
-                extra={"policy": FAIL_OPEN, "error": repr(exc), "rate_limit_count": want},
+                # Whose sends went uncounted (ids, no address): what an operator (and
+                # the chaos suite) needs to tell a fail-open overshoot from a defect.
+                extra={
+                    "policy": FAIL_OPEN,
+                    "error": repr(exc),
+                    "rate_limit_count": want,
+                    "owner_id": owner_id,
+                    "campaign_id": campaign_id,
+                },
             )
             return Reservation(
                 granted=want,

@@ -12,7 +12,15 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from tests.chaos.driver import FINAL, LONG_REASONS, SMTP_CONNECTIONS, Outcome
+from tests.chaos.driver import (
+    BATCH_SIZE,
+    FINAL,
+    LONG_REASONS,
+    MAX_ACTIVE,
+    SMTP_CONNECTIONS,
+    SMTP_TIMEOUT,
+    Outcome,
+)
 
 SETTLED_RECIPIENT = ("sent", "failed", "unsubscribed", "in_doubt")
 FINAL_EVENTS = ("sent", "completed_with_errors")
@@ -46,6 +54,7 @@ def figures(o: Outcome) -> dict[str, Any]:
     by_status = Counter(r["status"] for r in o.recipients)
     return {
         "messages": len(o.deliveries),
+        "fail_open_messages": fail_open_messages(o),
         "duplicates": sum(n - 1 for n in received.values() if n > 1),
         "in_doubt": by_status.get("in_doubt", 0),
         "sent": by_status.get("sent", 0),
@@ -146,7 +155,7 @@ def _untrue_wait(o: Outcome, c: dict[str, Any]) -> str:
             return f"daily_limit for {c['owner_id']}, who has no daily limit"
         local = end.astimezone(DAY_ZONE)
         midnight = datetime.combine(local.date() + timedelta(days=1), time(), DAY_ZONE)
-        latest = midnight
+        latest = _daily_turn(o, c, midnight)
     elif reason == "rate_per_hour":
         latest = end.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
     else:  # quota_exhausted: a sync restores it; the governor's safety net is 2 intervals
@@ -156,11 +165,40 @@ def _untrue_wait(o: Outcome, c: dict[str, Any]) -> str:
     return ""
 
 
+def _queue_key(c: dict[str, Any]) -> tuple[int, datetime, int]:
+    # The queue's order (README: priority first, then first come first served).
+    return (-c["priority"], c["queued_at"], c["queue_id"])
+
+
+def _daily_turn(o: Outcome, c: dict[str, Any], midnight: datetime) -> datetime:
+    """The latest true end of a ``daily_limit`` wait: the queue-aware retry time.
+
+    The owner's day is used up; from the next midnight their campaigns ahead in the
+    queue take each reopened day first (the governor names the campaign's own turn, not
+    the day's opening). So the wait ends on the day the owner's limit has covered every
+    recipient still to send of their campaigns queued ahead of it, and within that day
+    once the hour has served the campaigns ahead of it (others' included)."""
+    lim = o.plan.limits
+    left = Counter(r["campaign_id"] for r in o.recipients if r["status"] in ("pending", "sending"))
+    queued = [
+        q for q in o.campaigns if q["status"] in ("ready", "sending") and q["completed_at"] is None
+    ]
+    ahead = [q for q in queued if _queue_key(q) < _queue_key(c)]
+    mine = sum(left[q["id"]] for q in ahead if q["owner_id"] == c["owner_id"])
+    days = mine // lim.daily_limit
+    hours = -(-sum(left[q["id"]] for q in ahead) // lim.rate_per_hour)
+    return midnight + timedelta(days=days, hours=hours)
+
+
 def _in_doubt_bounded(o: Outcome) -> list[Violation]:
-    """In doubt only for sends in flight at a kill: at most two waves of a process's SMTP
-    connections per kill -9 (the pipelined loop hands the next wave while one is sent; a
-    SIGTERM drains: none), one wave per crash of a campaign actor or the sender, and per
-    process for a black-holed provider (sends that got no answer)."""
+    """In doubt only for sends in flight when their owner could not record them (README
+    "Failure policies"): at most two waves of a process's SMTP connections per kill -9
+    (the pipelined loop hands the next wave while one is sent; a SIGTERM drains: none),
+    one wave per crash of a campaign actor or the sender, per process for a black-holed
+    provider (sends that got no answer), and per PostgreSQL restart two waves of every
+    campaign sending then (MAX_ACTIVE at once): an actor whose query fails crashes, its
+    teardown cannot write either, so its handed, unrecorded waves are settled in doubt by
+    the next owner, as after a kill -9 ("whatever could not be recorded is in_doubt")."""
     kills = sum(1 for a in o.applied if a.fault.kind == "kill9" and a.resolved)
     crashes = sum(
         1
@@ -171,7 +209,9 @@ def _in_doubt_bounded(o: Outcome) -> list[Violation]:
         and (a.fault.actor in ("campaign", "smtp-sender"))
     )
     holes = sum(1 for a in o.applied if a.fault.kind == "smtp_blackhole")
-    bound = SMTP_CONNECTIONS * (2 * kills + crashes + holes * o.plan.processes)
+    pg = sum(1 for a in o.applied if a.fault.kind == "pg_restart" and a.resolved)
+    waves = 2 * kills + crashes + holes * o.plan.processes + 2 * pg * MAX_ACTIVE
+    bound = SMTP_CONNECTIONS * waves
     doubt = [r["email"] for r in o.recipients if r["status"] == "in_doubt"]
     if len(doubt) > bound:
         return [
@@ -179,34 +219,114 @@ def _in_doubt_bounded(o: Outcome) -> list[Violation]:
                 "in_doubt_bound",
                 f"{len(doubt)} in doubt > {bound} (= {SMTP_CONNECTIONS} connections x "
                 f"(2 x {kills} kill -9 + {crashes} crashes + {holes} black holes x "
-                f"{o.plan.processes} processes)): {doubt[:10]}",
+                f"{o.plan.processes} processes + 2 x {pg} PostgreSQL restarts x "
+                f"{MAX_ACTIVE} campaigns)): {doubt[:10]}",
             )
         ]
     return []
 
 
+# The Redis outage model (README "Failure policies": Redis down / back empty).
+# While Redis is down the limiter FAILS OPEN: what it grants then is counted nowhere. A
+# grant is used at once (the batch was claimed before asking): its waves are handed to
+# SMTP one after another, each done within the SMTP timeout, so a fail-open grant is
+# delivered at most this long after the outage ends.
+FAIL_OPEN_MARGIN = -(-BATCH_SIZE // SMTP_CONNECTIONS) * (SMTP_TIMEOUT + 1.0)
+# Back empty, a counter is rebuilt from the send log at the first request; the log misses
+# the batches in flight then (documented): at most one batch per campaign sending.
+REBUILD_IN_FLIGHT = MAX_ACTIVE * BATCH_SIZE
+
+
+def fail_open_spans(o: Outcome) -> list[tuple[float, float]]:
+    """Wall-clock spans whose deliveries may have been granted while Redis was down."""
+    end = o.finished_at.timestamp()
+    return [
+        (a.down_from, (a.down_until or end) + FAIL_OPEN_MARGIN)
+        for a in o.applied
+        if a.fault.kind == "redis_outage" and a.resolved and a.down_from
+    ]
+
+
+def _fail_open(at: float, spans: list[tuple[float, float]]) -> bool:
+    return any(lo <= at <= hi for lo, hi in spans)
+
+
+def fail_open_messages(o: Outcome) -> int:
+    """Deliveries that may have gone out on a fail-open grant: those within the outages'
+    spans, and no more than the processes logged granting so."""
+    spans = fail_open_spans(o)
+    within = sum(1 for _, at, _ in o.deliveries if _fail_open(at, spans))
+    return min(within, sum(n for _, n, _ in o.fail_open_grants))
+
+
+def _window_excess(
+    times: list[float], limit: int, spans: list[tuple[float, float]], fail_open_tokens: int
+) -> str | None:
+    """Why one window's deliveries (wall times) broke its limit, None if they did not.
+
+    Without an outage: at most ``limit``. With one, by policy: (1) what was granted
+    while Redis was reachable stays within the limit — the deliveries outside the
+    fail-open spans, and no more of those inside than the window's fail-open grants
+    (``fail_open_tokens``, from the processes' logs), are counted; (2) after the last
+    span, the counter rebuilt from the send log holds everything sent before it, so
+    later deliveries only fill what is left of the limit (less the batches in flight at
+    the rebuild, which the log missed)."""
+    total = len(times)
+    if total <= limit:
+        return None
+    if not spans:
+        return f"{total} > {limit}"
+    fail_open = min(sum(1 for t in times if _fail_open(t, spans)), fail_open_tokens)
+    if total - fail_open > limit:
+        return f"{total} - {fail_open} fail-open > {limit}"
+    last = max(hi for _, hi in spans)
+    after = sum(1 for t in times if t > last)
+    room = max(0, limit - (total - after)) + REBUILD_IN_FLIGHT
+    if after > room:
+        return (
+            f"{total}: {after} after Redis was back and rebuilt > the {room} left "
+            f"(limit {limit}, {REBUILD_IN_FLIGHT} in flight at the rebuild)"
+        )
+    return None
+
+
+def _hour(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:00Z")
+
+
+def _day(at: float) -> str:
+    return datetime.fromtimestamp(at, DAY_ZONE).date().isoformat()
+
+
 def _limits(o: Outcome) -> list[Violation]:
     v: list[Violation] = []
     lim = o.plan.limits
+    spans = fail_open_spans(o)
     campaign_of = _campaign_of(o)
-    per_hour = Counter(
-        datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:00Z") for _, at, _ in o.deliveries
-    )
-    for hour, n in sorted(per_hour.items()):
-        if n > lim.rate_per_hour:
-            v.append(Violation("hourly_limit", f"{n} messages in {hour} > {lim.rate_per_hour}"))
-    per_day: Counter[tuple[str, str]] = Counter()
+    # A grant is used in the window it was granted for (README: grants expire at its end).
+    open_hour: Counter[str] = Counter()
+    open_day: Counter[tuple[str, str]] = Counter()
+    for at, n, granted_to in o.fail_open_grants:
+        open_hour[_hour(at)] += n
+        open_day[(granted_to, _day(at))] += n
+    per_hour: dict[str, list[float]] = defaultdict(list)
+    for _, at, _ in o.deliveries:
+        per_hour[_hour(at)].append(at)
+    for hour, times in sorted(per_hour.items()):
+        if why := _window_excess(times, lim.rate_per_hour, spans, open_hour[hour]):
+            v.append(Violation("hourly_limit", f"{hour}: {why} messages"))
+    per_day: dict[tuple[str, str], list[float]] = defaultdict(list)
     for a, at, _ in o.deliveries:
         cid = campaign_of.get(a.lower())
         owner = o.owners.get(cid) if cid is not None else None
         if owner is not None:
-            day = datetime.fromtimestamp(at, DAY_ZONE).date().isoformat()
-            per_day[(owner, day)] += 1
-    for (owner, day), n in sorted(per_day.items()):
-        if owner == lim.daily_limited_owner and n > lim.daily_limit:
-            v.append(
-                Violation("daily_limit", f"{owner} got {n} messages on {day} > {lim.daily_limit}")
-            )
+            per_day[(owner, _day(at))].append(at)
+    for (owner, day), times in sorted(per_day.items()):
+        if owner == lim.daily_limited_owner and (
+            why := _window_excess(times, lim.daily_limit, spans, open_day[(owner, day)])
+        ):
+            v.append(Violation("daily_limit", f"{owner} on {day}: {why} messages"))
+    # The quota is PostgreSQL's: it holds whatever Redis does.
     if len(o.deliveries) > lim.monthly_quota:
         v.append(Violation("quota", f"{len(o.deliveries)} messages > quota {lim.monthly_quota}"))
     return v

@@ -75,6 +75,7 @@ BREAKER_THRESHOLD = 5  # consecutive transient errors that pause a campaign (def
 # JetStream KV stream (a restarted node may be its stream leader; a restarted cluster
 # re-elects its meta and stream leaders first) and the winner fences in PostgreSQL.
 ELECTION_FAULTS = ("nats_node", "nats_cluster", "pg_restart")
+MAX_ACTIVE = 2  # campaigns sending at once, cluster-wide
 
 
 class ChaosStack:
@@ -270,6 +271,10 @@ class Applied:
     at: float  # monotonic
     note: str = ""
     ended: float | None = None  # monotonic: a server fault's server is back (None: not yet)
+    # Wall-clock span of a server outage (time.time(): the sink dates deliveries so):
+    # from just before the server stopped until it answered again. 0.0: not one.
+    down_from: float = 0.0
+    down_until: float = 0.0
 
 
 @dataclass
@@ -295,6 +300,29 @@ class Outcome:
     started_at: datetime
     finished_at: datetime
     problems: list[str] = field(default_factory=list)  # driver-level trouble (not verdicts)
+    # The limiter's fail-open grants, from the processes' ERROR logs: (epoch second, tokens,
+    # owner). Whatever fails open is counted nowhere else.
+    fail_open_grants: list[tuple[float, int, str]] = field(default_factory=list)
+
+
+_FAIL_OPEN = re.compile(
+    r"^(\S+) ERROR mailer\.ratelimit rate limiter cannot reach Redis; sending anyway .*"
+    r"policy=fail_open\b"
+)
+_FIELD = re.compile(r"\b(rate_limit_count|owner_id)=(\S+)")
+
+
+def fail_open_grants(logs: Path) -> list[tuple[float, int, str]]:
+    """Every fail-open grant the round's processes logged (mailer.ratelimit)."""
+    out: list[tuple[float, int, str]] = []
+    for path in sorted(logs.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if (m := _FAIL_OPEN.match(line)) is None:
+                continue
+            at = datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+            fields = dict(_FIELD.findall(line))
+            out.append((at.timestamp(), int(fields["rate_limit_count"]), fields["owner_id"]))
+    return out
 
 
 _SENDER = re.compile(rb"^Message-ID: <[^@>]+@(p\d+)\.chaos\.test>", re.M | re.I)
@@ -361,7 +389,7 @@ class Round:
             "shutdown_timeout_seconds": str(SHUTDOWN_SECONDS),
             "transient_retry_delay_minutes": "0.05",
             "circuit_breaker_threshold": str(BREAKER_THRESHOLD),
-            "max_active_campaigns": "2",
+            "max_active_campaigns": str(MAX_ACTIVE),
             "start_throttle_per_hour": "100",
             "rate_per_hour": str(lim.rate_per_hour),
             "monthly_quota": str(lim.monthly_quota),
@@ -441,6 +469,7 @@ class Round:
             started_at=started_at,
             finished_at=finished_at,
             problems=self.problems,
+            fail_open_grants=fail_open_grants(self.logs),
             **rows,
         )
 
@@ -530,8 +559,13 @@ class Round:
             await stack.restart_server(server, down=f.duration)
             applied.ended = time.monotonic()
         elif f.kind == "redis_outage":
-            self.applied.append(Applied(f, "redis", now))
-            await stack.restart_server("redis", down=f.duration)  # no persistence: empty
+            applied = Applied(f, "redis", now, down_from=time.time())
+            self.applied.append(applied)
+            try:
+                await stack.restart_server("redis", down=f.duration)  # no persistence: empty
+            finally:
+                # A failed restart is retried by _heal_all: the outage lasts until then.
+                applied.down_until = time.time()
         elif f.kind in ("smtp_421", "smtp_blackhole"):
             self.applied.append(Applied(f, "smtp", now))
             sink.outage("421" if f.kind == "smtp_421" else "blackhole")
@@ -650,7 +684,8 @@ class Round:
                 dict(r)
                 for r in await conn.fetch(
                     "SELECT c.id, c.owner_id, c.status, q.defer_reason, q.deferred_until, "
-                    "q.completed_at, q.notified_reason FROM campaign c "
+                    "q.completed_at, q.notified_reason, q.priority, q.queued_at, "
+                    "q.id AS queue_id FROM campaign c "
                     "LEFT JOIN queue_entry q ON q.campaign_id = c.id ORDER BY c.id"
                 )
             ]
