@@ -53,6 +53,9 @@ class OwnerQueueRow(msgspec.Struct, frozen=True, kw_only=True):
     started_at: datetime | None
     defer_reason: str | None
     deferred_until: datetime | None
+    # Whose limit or breaker the wait is for, and the campaign's own account.
+    defer_account: str | None = None
+    smtp_account: str | None = None
 
 
 class Locked:
@@ -85,10 +88,21 @@ class Locked:
         body_html: str | None,
         priority: int,
         now: datetime,
+        account: str | None = None,
+        backup_account: str | None = None,
     ) -> None:
         cid = self._id()
         await self._conn.execute(
-            Q["api-campaign-update"], cid, name, subject, body_text, body_html, priority, now
+            Q["api-campaign-update"],
+            cid,
+            name,
+            subject,
+            body_text,
+            body_html,
+            priority,
+            now,
+            account,
+            backup_account,
         )
         await self._conn.execute(Q["api-queue-set-priority"], cid, priority)
 

@@ -67,9 +67,11 @@ WHERE campaign_id = $1 AND lease_owner = $2 AND lease_epoch = $3;
 -- The one way a campaign waits: the reason and until when, under our lease.
 -- Returns what the owner was last notified of in this episode (reason and
 -- promised time); the row stays locked, so the caller's decision to notify
--- (queue-notified) is made in the same transaction.
+-- (queue-notified) is made in the same transaction. $6: the SMTP account whose
+-- limit or breaker it waits for (NULL: none named).
 UPDATE queue_entry q
-SET defer_reason = $4, deferred_until = $5, lease_owner = NULL, lease_until = NULL
+SET defer_reason = $4, deferred_until = $5, defer_account = $6, lease_owner = NULL,
+    lease_until = NULL
 FROM (SELECT id, notified_reason, notified_until FROM queue_entry
       WHERE campaign_id = $1 FOR UPDATE) old
 WHERE q.id = old.id AND q.campaign_id = $1 AND q.lease_owner = $2 AND q.lease_epoch = $3
@@ -141,7 +143,7 @@ RETURNING id;
 
 -- name: queue-get
 SELECT id, campaign_id, priority, queued_at, started_at, completed_at, defer_reason,
-       deferred_until, consecutive_transient_errors, lease_owner, lease_until, lease_epoch
+       deferred_until, consecutive_transient_errors, defer_account, lease_owner, lease_until, lease_epoch
 FROM queue_entry WHERE campaign_id = $1;
 
 -- name: queue-active
