@@ -37,6 +37,7 @@ __all__ = [
     "account_env_names",
     "accounts_of",
     "check_accounts",
+    "checked_names",
 ]
 
 # MAILER_SMTP_<NAME>_<SUFFIX> -> the Settings field it sets for that account.
@@ -147,6 +148,21 @@ def _names(raw: str) -> list[str]:
     return [n.strip().lower() for n in raw.split(",") if n.strip()]
 
 
+def checked_names(raw: str) -> list[str]:
+    """The names MAILER_SMTP_ACCOUNTS gives, each usable in a variable's name, once."""
+    names = _names(raw)
+    var = env_name("smtp_accounts")
+    for n in names:
+        if not _NAME.fullmatch(n):
+            raise ConfigError(
+                f"{var}={raw!r} is not allowed: account name {n!r} must be a "
+                "letter then letters or digits (at most 32)"
+            )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{var}={raw!r} is not allowed: a name is repeated")
+    return names
+
+
 @functools.lru_cache(maxsize=32)
 def accounts_of(s: Settings) -> Accounts:
     """The configured accounts (checked by ``load_settings``; raises ConfigError)."""
@@ -160,16 +176,8 @@ def check_accounts(s: Settings) -> Accounts:
             raise ConfigError(f"{first} needs MAILER_SMTP_ACCOUNTS to name its account")
         only = Account(name=s.smtp_account, default=True, settings=s)
         return Accounts(accounts=(only,), several=False)
-    names = _names(s.smtp_accounts)
+    names = checked_names(s.smtp_accounts)
     var = env_name("smtp_accounts")
-    for n in names:
-        if not _NAME.fullmatch(n):
-            raise ConfigError(
-                f"{var}={s.smtp_accounts!r} is not allowed: account name {n!r} must be a "
-                "letter then letters or digits (at most 32)"
-            )
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{var}={s.smtp_accounts!r} is not allowed: a name is repeated")
     default = s.smtp_default_account.strip().lower() or names[0]
     if default not in names:
         raise ConfigError(

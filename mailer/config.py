@@ -685,8 +685,9 @@ _NOT_ENV = frozenset({"smtp_account_vars"})
 
 def _account_vars(source: Mapping[str, str], accounts: object) -> tuple[tuple[str, str], ...]:
     """The MAILER_SMTP_<NAME>_* variables of the accounts MAILER_SMTP_ACCOUNTS names."""
-    from mailer.accounts import account_env_names
+    from mailer.accounts import account_env_names, checked_names
 
+    checked_names(str(accounts))  # before its variables are looked for
     probe = Settings(smtp_accounts=str(accounts))
     allowed = account_env_names(probe)
     return tuple(sorted((k, v) for k, v in source.items() if k in allowed))

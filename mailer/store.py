@@ -151,9 +151,12 @@ def campaign_view(
     )
 
 
-async def forecast_queue(pool: Any, limit: int) -> list[Entry]:
-    """The queue in order, as the forecast replays it (its first ``limit`` entries)."""
-    rows = await pool.fetch(Q["api-forecast-queue"], limit)
+async def forecast_queue(
+    pool: Any, limit: int, *, account: str | None = None, default: bool = True
+) -> list[Entry]:
+    """The queue in order, as the forecast replays it (its first ``limit`` entries);
+    ``account``: only the campaigns of that SMTP account (``default``: the default)."""
+    rows = await pool.fetch(Q["api-forecast-queue"], limit, account, default)
     return [
         Entry(
             campaign_id=int(r["campaign_id"]),
@@ -668,8 +671,10 @@ class PgStore:
         rows = await self.pool.fetch(Q["queue-active"], now)
         return {int(r["campaign_id"]): str(r["lease_owner"]) for r in rows}
 
-    async def forecast_queue(self, limit: int) -> list[Entry]:
-        return await forecast_queue(self.pool, limit)
+    async def forecast_queue(
+        self, limit: int, *, account: str | None = None, default: bool = True
+    ) -> list[Entry]:
+        return await forecast_queue(self.pool, limit, account=account, default=default)
 
     async def reevaluate(self, now: datetime) -> list[int]:
         """Ends every limit's deferral now, to be decided again against the limits
@@ -681,10 +686,20 @@ class PgStore:
         return int(await self.pool.fetchval(Q["queue-competing"], now))
 
     async def competitors(
-        self, now: datetime, limit: int, asker: int, hour: tuple[datetime, datetime]
+        self,
+        now: datetime,
+        limit: int,
+        asker: int,
+        hour: tuple[datetime, datetime],
+        *,
+        account: str = "",
+        default: bool = True,
     ) -> list[tuple[int, int]]:
-        """(campaign id, demand of the hour) of the campaigns sharing it, in queue order."""
-        rows = await self.pool.fetch(Q["queue-competitors"], now, limit, asker, *hour)
+        """(campaign id, demand of the hour) of the campaigns sharing it, in queue order:
+        those of SMTP account ``account`` (``default``: the default account)."""
+        rows = await self.pool.fetch(
+            Q["queue-competitors"], now, limit, asker, *hour, account, default
+        )
         return [(int(r["campaign_id"]), int(r["demand"])) for r in rows]
 
     async def queue_depth(self, now: datetime) -> int:

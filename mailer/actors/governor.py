@@ -103,12 +103,22 @@ class Competition(Protocol):
         """How many campaigns run or are ready to run now (the queue's count)."""
         ...
 
-    async def forecast_queue(self, limit: int) -> list[Entry]:
-        """The queue in order with what each campaign still has to send."""
+    async def forecast_queue(
+        self, limit: int, *, account: str | None = None, default: bool = True
+    ) -> list[Entry]:
+        """The queue in order with what each campaign still has to send (``account``:
+        only that SMTP account's campaigns; ``default``: it is the default account)."""
         ...
 
     async def competitors(
-        self, now: datetime, limit: int, asker: int, hour: tuple[datetime, datetime]
+        self,
+        now: datetime,
+        limit: int,
+        asker: int,
+        hour: tuple[datetime, datetime],
+        *,
+        account: str = "",
+        default: bool = True,
     ) -> list[tuple[int, int]]:
         """(campaign id, demand of ``hour``) of the first ``limit`` of them in
         queue order, and of ``asker``: attempts recorded in the hour plus the
@@ -311,7 +321,10 @@ class GovernorActor(Actor[TokenRequest]):
         if self._competition is None or msg.kind != "campaign":
             return None
         try:
-            queue = await self._competition.forecast_queue(_TURN_QUEUE_LIMIT)
+            # The campaigns of this account: they, not others, take its reopened hour.
+            queue = await self._competition.forecast_queue(
+                _TURN_QUEUE_LIMIT, account=self._account_name, default=not self._account
+            )
             if len(queue) < 2 or all(e.campaign_id != msg.campaign_id for e in queue):
                 return None
             day = self._hours.local_date(now)
@@ -417,7 +430,13 @@ class GovernorActor(Actor[TokenRequest]):
             return None
         start = hour_start(utc(now))
         sharing = await self._competition.competitors(
-            now, self._max_active, msg.campaign_id, (start, start + timedelta(hours=1))
+            now,
+            self._max_active,
+            msg.campaign_id,
+            (start, start + timedelta(hours=1)),
+            # Only this account's campaigns share its hour.
+            account=self._account_name,
+            default=not self._account,
         )
         ids = [cid for cid, _ in sharing]
         if msg.campaign_id not in ids:

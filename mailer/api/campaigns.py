@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 
 import msgspec
 
-from mailer.accounts import accounts_of
+from mailer.accounts import Account, accounts_of
 from mailer.api.context import EDITABLE, ApiContext, Caller, check_message, require_owner
 from mailer.api.outlook import queue_outlook, reevaluate_deferrals, with_estimate
 from mailer.apistore import Locked
@@ -363,6 +363,14 @@ async def _check_renderable(ctx: ApiContext, campaign_id: int) -> None:
     )
 
 
+async def _account_of(ctx: ApiContext, campaign_id: int) -> Account:
+    """The SMTP account a campaign goes through (checked at start: configured)."""
+    row = await ctx.store.get_campaign(campaign_id)
+    accounts = accounts_of(ctx.settings)
+    found = accounts.find(row.smtp_account if row is not None else None)
+    return found if found is not None else accounts.default
+
+
 async def _wake(ctx: ApiContext, campaign_id: int) -> None:
     # Every process's scheduler listens; the leader picks the campaign up now
     # instead of at its next timer.
@@ -375,9 +383,10 @@ async def _large_campaign_message(ctx: ApiContext, campaign_id: int, total: int,
     """How long a large campaign takes, from the forecast: working hours, days
     and every other limit counted (the issue: "about 100 h" for 10 000 at
     100/h, when 9 working hours a day make it more than 11 working days)."""
-    s, now = ctx.settings, ctx.clock.now()
+    now = ctx.clock.now()
     outlook = (await queue_outlook(ctx)).get(campaign_id)
-    base: dict[str, object] = {"count": total, "rate": s.rate_per_hour}
+    account = await _account_of(ctx, campaign_id)
+    base: dict[str, object] = {"count": total, "rate": account.rate_per_hour}
     if outlook is None or outlook.completes_at is None:
         return text("warning_large_campaign_unknown", lang, **base)
     done = outlook.completes_at
@@ -400,7 +409,8 @@ async def _start_warnings(
     scheduled start, at ``send_at``)."""
     s, now, lang = ctx.settings, ctx.clock.now(), caller.lang
     warnings: list[StartWarning] = []
-    quota = await ctx.db.quota()
+    # The quota of the account it goes through.
+    quota = await ctx.db.quota((await _account_of(ctx, campaign_id)).key)
     if quota is not None and quota.emails_available == 0:
         warnings.append(
             StartWarning(code="quota_exhausted", message=text("warning_quota_exhausted", lang))

@@ -164,8 +164,8 @@ ORDER BY email
 LIMIT $2;
 
 -- name: api-quota-get
--- The default account's row.
-SELECT emails_available, monthly_limit, last_synced_at, sync_error FROM quota WHERE account = '';
+-- $1: the account's row ('' the default's).
+SELECT emails_available, monthly_limit, last_synced_at, sync_error FROM quota WHERE account = $1;
 
 -- name: api-send-log-test
 -- A test email's attempt: no recipient row, is_test marks it.
@@ -194,13 +194,16 @@ WHERE c.owner_id = $1 AND q.completed_at IS NULL;
 
 -- name: api-forecast-queue
 -- The whole queue the forecast replays, in queue order (not paused, not
--- finished), with what each campaign still has to send.
+-- finished), with what each campaign still has to send. $2: only the campaigns
+-- of this SMTP account (its name; $3: it is the default, whose campaigns may
+-- name none); NULL: all of them.
 SELECT q.campaign_id, c.owner_id, q.defer_reason, q.deferred_until, q.started_at,
        (SELECT count(*) FROM recipient r
         WHERE r.campaign_id = q.campaign_id AND r.status IN ('pending', 'sending'))::bigint
            AS remaining
 FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
 WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
+  AND ($2::text IS NULL OR c.smtp_account = $2 OR (c.smtp_account IS NULL AND $3))
 ORDER BY q.priority DESC, q.queued_at, q.id
 LIMIT $1;
 

@@ -174,6 +174,9 @@ WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
 -- (pending, or claimed: a batch in flight or about to ask for its tokens).
 -- And those that used part of this hour but run no more (finished, deferred,
 -- paused): their demand is what they used, so the rest goes to the others.
+-- Only the asker's SMTP account's ($6, the name; $7: it is the default, whose
+-- campaigns name none and whose send-log rows have none): each account's hour
+-- is shared by its own campaigns.
 WITH top AS (
     SELECT q.campaign_id
     FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
@@ -183,11 +186,14 @@ WITH top AS (
     ORDER BY q.priority DESC, q.queued_at, q.id
     LIMIT $2
 ), runs AS (
-    SELECT campaign_id FROM top UNION SELECT $3::bigint
+    SELECT t.campaign_id FROM top t JOIN campaign c ON c.id = t.campaign_id
+    WHERE c.smtp_account = $6 OR (c.smtp_account IS NULL AND $7)
+    UNION SELECT $3::bigint
 ), used AS (
     SELECT l.campaign_id, count(*) AS n FROM send_log l
     WHERE NOT l.is_test AND l.campaign_id IS NOT NULL
       AND l.created_at >= $4 AND l.created_at < $5
+      AND (l.account = $6 OR (l.account IS NULL AND $7))
     GROUP BY l.campaign_id
 ), sharing AS (
     SELECT campaign_id, true AS running FROM runs
