@@ -13,6 +13,7 @@ embedded stack with two SMTP sinks; only the clock is fake.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from mailer.accounts import accounts_of
+from mailer.accounts import ACCOUNT_SUFFIXES, accounts_of
 from mailer.clock import FakeClock
 from mailer.config import ConfigError, load_settings
 from mailer.sink import SmtpSink
@@ -385,3 +386,9 @@ def test_the_process_exits_2_on_a_bad_account(tmp_path: Path) -> None:
     assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
     assert "MAILER_SMTP_BACKUP_HOST is required" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_readme_lists_every_per_account_variable() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    listed = re.findall(r"^\| `MAILER_SMTP_<NAME>_([A-Z_]+)` \|", readme, re.MULTILINE)
+    assert listed == list(ACCOUNT_SUFFIXES)
