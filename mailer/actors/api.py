@@ -140,7 +140,12 @@ class ApiActor(Actor[None]):
             mailer=_NoSender()
             if sender is None
             # One message: its SMTP steps, plus a wait for a free pooled connection.
-            else ActorMailer(sender, mail_from=s.from_email, timeout=s.smtp_timeout_seconds * 5),
+            else ActorMailer(
+                sender,
+                # The sender is the default account's.
+                mail_from=accounts_of(s).default.settings.from_email,
+                timeout=s.smtp_timeout_seconds * 5,
+            ),
             events=events,
         )
 
