@@ -684,6 +684,10 @@ class QueuedCampaign(Struct, kw_only=True):
     estimated_start_at: datetime | None = None
     estimated_completion_at: datetime | None = None
     estimate_reason: str | None = None
+    # With several SMTP accounts: the account it goes through (its own, or the
+    # default's name) and the one whose limit or breaker its wait is for.
+    account: str | None = None
+    defer_account: str | None = None
 
 
 class ManagerStatus(Struct, kw_only=True):

@@ -116,6 +116,8 @@ async def test_two_accounts_with_their_own_hourly_limits_send_at_once_each_exact
             assert manager["reason"] == (
                 "Достигнут лимит 3 писем/час SMTP-аккаунта «main». Продолжим в 14:00."
             )
+            [queued] = manager["queue"]
+            assert (queued["account"], queued["defer_account"]) == ("main", "main")
             other = await crm.call("manager.status", {}, user="manager-2", lang="en")
             assert other["reason"] == (
                 "The limit of 5 emails/hour of SMTP account “bulk” is reached."
@@ -180,6 +182,7 @@ async def test_a_campaign_fails_over_to_its_backup_while_its_breaker_is_open_and
     assert manager["reason"] == (
         "Временная ошибка отправки через SMTP-аккаунт «main». Повторим попытку через 5 минут."
     )
+    assert manager["queue"][0]["defer_account"] == "main"
 
     # The breaker's cooldown ends: the campaign's probe goes through main, which
     # answers again, and the rest goes there.
@@ -307,6 +310,24 @@ def test_accounts_from_the_environment() -> None:
     assert (backup.rate_per_hour, backup.smtp_username) == (70, "")
     assert backup.from_email == "news@backup.example"
     assert accounts.get("main").key == "main" and accounts.get("backup").key == ""
+
+
+def test_a_backup_added_to_the_flat_account() -> None:
+    """Naming MAILER_SMTP_ACCOUNT (``default``) in the list keeps the MAILER_SMTP_* account."""
+    s = load_settings(
+        {
+            "MAILER_SMTP_ACCOUNTS": "default,backup",
+            "MAILER_SMTP_HOST": "relay.example",
+            "MAILER_SMTP_USERNAME": "crm",
+            "MAILER_RATE_PER_HOUR": "300",
+            **BACKUP,
+        },
+        dotenv=None,
+    )
+    flat, backup = accounts_of(s).get(None), accounts_of(s).get("backup")
+    assert (flat.name, flat.key, flat.settings.smtp_host) == ("default", "", "relay.example")
+    assert (flat.settings.smtp_username, flat.rate_per_hour) == ("crm", 300)
+    assert (backup.settings.smtp_host, backup.settings.smtp_username) == ("smtp.backup.example", "")
 
 
 def test_one_account_is_the_flat_settings() -> None:

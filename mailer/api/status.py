@@ -59,8 +59,11 @@ async def status(ctx: ApiContext, caller: Caller, req: StatusRequest) -> Manager
     rows, queued, paused = await ctx.db.owner_queue(owner, STATUS_QUEUE_LIMIT)
     outlooks = await queue_outlook(ctx) if rows else {}
     estimates = {r.id: estimate_of(r.id, r.status, outlooks) for r in rows}
+    accounts = accounts_of(ctx.settings)
     queue = [
         QueuedCampaign(
+            account=(r.smtp_account or accounts.default.name) if accounts.several else None,
+            defer_account=_waits_for(ctx, r.defer_reason or "", r) or None,
             id=r.id,
             name=r.name,
             status=r.status,
