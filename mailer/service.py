@@ -338,6 +338,9 @@ class Service:
             )
 
         every = self.accounts.accounts
+        for own in every:  # every series from the start, at 0 (README: Logs and metrics)
+            for to in every:
+                metrics.ACCOUNT_FAILOVERS.labels(account=own.name, to=to.name)
         children: list[ChildSpec[Any]] = [
             *(sender(a) for a in every),
             *(governor(a) for a in every),
@@ -627,6 +630,7 @@ class Service:
         batch_timeout = s.smtp_timeout_seconds * 4 * (s.batch_size / s.smtp_connections + 1)
         return Route(
             account=a.name if self.accounts.several else "",
+            name=a.name,
             key=a.key,
             tokens=NatsTokenSource(
                 self.bus, timeout=s.token_request_timeout_seconds, account=a.key

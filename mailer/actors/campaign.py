@@ -236,6 +236,8 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
 
     # The account's name, said in reason texts ('' with one account: not named).
     account: str
+    # Its name always (logs, metrics).
+    name: str
     # Its key in PostgreSQL (quota row, send log): '' for the default account.
     key: str
     tokens: TokenSource
@@ -399,6 +401,7 @@ class CampaignActor(Actor[Continue]):
             return self._route_for(account)
         return Route(
             account="",
+            name="default",
             key="",
             tokens=self._tokens,
             mailer=self._mailer,
@@ -590,13 +593,11 @@ class CampaignActor(Actor[Continue]):
             else "campaign back on its own SMTP account",
             extra={
                 "campaign_id": self.campaign_id,
-                "account": route.account or route.key,
-                "own_account": primary.account or primary.key,
+                "account": route.name,
+                "own_account": primary.name,
             },
         )
-        metrics.ACCOUNT_FAILOVERS.labels(
-            account=primary.account or "default", to=route.account or "default"
-        ).inc()
+        metrics.ACCOUNT_FAILOVERS.labels(account=primary.name, to=route.name).inc()
 
     async def _send(
         self, lease: Lease, template: MessageTemplate, now: datetime, not_after: datetime | None
