@@ -77,6 +77,8 @@ _OWN: dict[str, object] = {
     "quota_http_token": "",
     "message_id_domain": "",
 }
+# An account's port when it names none: submission with STARTTLS, implicit TLS, plain SMTP.
+_PORTS = {"starttls": 587, "tls": 465, "none": 25}
 _NAME = re.compile(r"[a-z][a-z0-9]{0,31}")
 _DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z0-9\-]{2,}")
 
@@ -236,6 +238,10 @@ def _account(s: Settings, name: str, given: Mapping[str, str], *, default: bool)
             raise ConfigError(f"{prefix}FROM_EMAIL and {prefix}FROM_DOMAIN: give one of them")
         local = s.from_email.rpartition("@")[0] or "crm"
         values["from_email"] = f"{local}@{given['FROM_DOMAIN'].strip()}"
+    if not inherits and "PORT" not in given:
+        # The standard port of its security (the flat account's 0 means the dev sink's).
+        security = values.get("smtp_security", s.smtp_security)
+        values["smtp_port"] = _PORTS[str(security)]
     view = msgspec.structs.replace(s, **values)
     if not view.smtp_host and not inherits:
         raise ConfigError(f"{prefix}HOST is required (the SMTP server of account {name!r})")

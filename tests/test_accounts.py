@@ -307,7 +307,7 @@ def test_accounts_from_the_environment() -> None:
     assert (main.smtp_username, main.smtp_password) == ("crm", "secret")
     assert (main.rate_per_hour, main.monthly_quota, main.smtp_connections) == (50, 1000, 2)
     # Limits are inherited from the flat settings; credentials never are.
-    assert (backup.rate_per_hour, backup.smtp_username) == (70, "")
+    assert (backup.rate_per_hour, backup.smtp_username, backup.smtp_port) == (70, "", 25)
     assert backup.from_email == "news@backup.example"
     assert accounts.get("main").key == "main" and accounts.get("backup").key == ""
 
