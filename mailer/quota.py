@@ -112,10 +112,12 @@ def _state(row: asyncpg.Record) -> QuotaState:
 class PgQuota:
     """The quota row in PostgreSQL: what the governor takes from and a sync writes."""
 
-    def __init__(self, pool: asyncpg.Pool, account: str = "") -> None:
+    def __init__(self, pool: asyncpg.Pool, account: str = "", *, name: str | None = None) -> None:
         self._pool = pool
-        # The account's row ('' the default's: mailer.accounts.Account.key).
+        # The account's row ('' the default's: mailer.accounts.Account.key), and
+        # with several accounts its name: a sync subtracts its campaigns' claims only.
         self._account = account
+        self._name = name
 
     async def ensure(self, monthly: int) -> None:
         """Creates the account's row (with ``monthly``) if it has none yet."""
@@ -174,6 +176,8 @@ class PgQuota:
                 end,
                 reading.local,
                 self._account,
+                self._name,
+                not self._account,
             )
         assert row is not None, "the quota row is created by the schema migration"
         return int(previous), _state(row)
@@ -371,11 +375,13 @@ class QuotaSyncActor(Actor[SyncNow | _Tick]):
         on_restored: Callable[[], Awaitable[None]],
         bus: Bus | None = None,
         account: str = "",
+        name: str | None = None,
     ) -> QuotaSyncActor:
-        """``settings``: the account's view (mailer.accounts); ``account``: its key."""
+        """``settings``: the account's view (mailer.accounts); ``account``: its key;
+        ``name``: its name with several accounts (None: one account)."""
         return cls(
             bus=bus,
-            ledger=PgQuota(pool, account),
+            ledger=PgQuota(pool, account, name=name),
             provider=provider_from_settings(settings),
             clock=clock,
             interval_seconds=settings.quota_sync_interval_seconds,

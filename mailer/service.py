@@ -334,6 +334,7 @@ class Service:
                     # quota.sync (the API) syncs the default account's quota.
                     bus=bus if a.default else None,
                     account=a.key,
+                    name=a.name if self.accounts.several else None,
                 ),
             )
 

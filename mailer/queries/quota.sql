@@ -35,13 +35,18 @@ SELECT emails_available FROM quota WHERE account = $1 FOR UPDATE;
 -- $2: the monthly limit the provider reports (NULL: it does not say). $6: a
 -- local reading — then an operator's quota.set (monthly_override) stands for
 -- both the reading and the limit. $7: the account ('' the default's): its own
--- sends only (NULL in the log: the default's). The claims are everybody's: a
--- claim does not say which account will send it, so every account's sync
--- subtracts them all (under-sending until the next sync, never over).
+-- sends only (NULL in the log: the default's). The claims: those of the
+-- campaigns that may send through the account — its own or naming it as their
+-- backup ($8 its name, $9 whether it is the default, whose campaigns may name
+-- none); $8 NULL (one account): every claim. A failing-over campaign's claims
+-- count for both of its accounts: under-sending until the next sync, never over.
 UPDATE quota q
 SET emails_available = GREATEST(0,
         (CASE WHEN $6 AND q.monthly_override IS NOT NULL THEN q.monthly_override ELSE $1 END)
-        - (SELECT count(*) FROM recipient WHERE status = 'sending')
+        - (SELECT count(*) FROM recipient r JOIN campaign c ON c.id = r.campaign_id
+           WHERE r.status = 'sending'
+             AND ($8::text IS NULL OR c.smtp_account = $8 OR c.backup_account = $8
+                  OR (c.smtp_account IS NULL AND $9)))
         - CASE WHEN $4::timestamptz IS NULL THEN 0 ELSE (
               SELECT count(*) FROM send_log
               WHERE status IN ('sent', 'in_doubt') AND created_at >= $4
