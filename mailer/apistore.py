@@ -53,6 +53,9 @@ class OwnerQueueRow(msgspec.Struct, frozen=True, kw_only=True):
     started_at: datetime | None
     defer_reason: str | None
     deferred_until: datetime | None
+    # Whose limit or breaker the wait is for, and the campaign's own account.
+    defer_account: str | None = None
+    smtp_account: str | None = None
 
 
 class Locked:
@@ -85,10 +88,21 @@ class Locked:
         body_html: str | None,
         priority: int,
         now: datetime,
+        account: str | None = None,
+        backup_account: str | None = None,
     ) -> None:
         cid = self._id()
         await self._conn.execute(
-            Q["api-campaign-update"], cid, name, subject, body_text, body_html, priority, now
+            Q["api-campaign-update"],
+            cid,
+            name,
+            subject,
+            body_text,
+            body_html,
+            priority,
+            now,
+            account,
+            backup_account,
         )
         await self._conn.execute(Q["api-queue-set-priority"], cid, priority)
 
@@ -314,8 +328,9 @@ class ApiStore:
 
     # --- quota, audit, send log ------------------------------------------------------------
 
-    async def quota(self) -> QuotaView | None:
-        row = await self.pool.fetchrow(Q["api-quota-get"])
+    async def quota(self, account: str = "") -> QuotaView | None:
+        """An SMTP account's quota (its key: '' the default's)."""
+        row = await self.pool.fetchrow(Q["api-quota-get"], account)
         return None if row is None else QuotaView(**dict(row))
 
     async def audit(
@@ -374,9 +389,11 @@ class ApiStore:
 
     # --- the manager's view -------------------------------------------------------------------
 
-    async def forecast_queue(self, limit: int) -> list[Entry]:
+    async def forecast_queue(
+        self, limit: int, *, account: str | None = None, default: bool = True
+    ) -> list[Entry]:
         """The queue in order, as the forecast replays it (first ``limit`` entries)."""
-        return await forecast_queue(self.pool, limit)
+        return await forecast_queue(self.pool, limit, account=account, default=default)
 
     async def owner_queue(self, owner_id: str, limit: int) -> tuple[list[OwnerQueueRow], int, int]:
         """The owner's unfinished campaigns (first ``limit``), and how many queued / paused."""

@@ -126,6 +126,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         str,
         Meta(description="Name of the SMTP account; the hourly rate is counted per account."),
     ] = "default"
+    smtp_accounts: Annotated[
+        str,
+        Meta(
+            description="Several SMTP accounts by name, comma-separated (`main,backup`), each"
+            " set by `MAILER_SMTP_<NAME>_*` (see below); empty: one account, these"
+            " MAILER_SMTP_* settings."
+        ),
+    ] = ""
+    smtp_default_account: Annotated[
+        str,
+        Meta(
+            description="The account of a campaign that names none (default: the first of"
+            " MAILER_SMTP_ACCOUNTS)."
+        ),
+    ] = ""
+    # The MAILER_SMTP_<NAME>_* variables, as given: read by mailer.accounts, not a
+    # variable of its own (left out of the README's table and of the environment).
+    smtp_account_vars: tuple[tuple[str, str], ...] = ()
     from_email: Annotated[
         str, Meta(description="Envelope sender and From address of every message.")
     ] = "crm@example.com"
@@ -528,6 +546,8 @@ def load_settings(
     values: dict[str, Any] = {}
     for field in info.fields:
         name = env_name(field.name)
+        if field.name in _NOT_ENV and field.name not in overrides:
+            continue
         if field.name in overrides:
             values[field.name] = overrides[field.name]
         elif name in source:
@@ -541,10 +561,15 @@ def load_settings(
             raise ConfigError(
                 f"{name}={shown!r} is not allowed: expected {_allowed(field)} ({exc})"
             ) from None
+    if "smtp_account_vars" not in overrides:
+        values["smtp_account_vars"] = _account_vars(source, values.get("smtp_accounts", ""))
     unknown = sorted(
         k
         for k, v in source.items()
-        if k.startswith(ENV_PREFIX) and k not in _known_env() and not is_service_link(k, v)
+        if k.startswith(ENV_PREFIX)
+        and k not in _known_env()
+        and k not in dict(values["smtp_account_vars"])
+        and not is_service_link(k, v)
     )
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; see the README's table")
@@ -553,6 +578,7 @@ def load_settings(
     _check_nats_auth(settings)
     _check_dkim(settings)
     _check_bounces(settings)
+    _check_accounts(settings)
     if settings.env == "production":
         _check_production(settings)
     return settings
@@ -653,6 +679,40 @@ def _check_dkim(s: Settings) -> None:
 _DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z0-9\-]{2,}")
 
 
+# Fields that are not environment variables of their own.
+_NOT_ENV = frozenset({"smtp_account_vars"})
+
+
+def _account_vars(source: Mapping[str, str], accounts: object) -> tuple[tuple[str, str], ...]:
+    """The MAILER_SMTP_<NAME>_* variables of the accounts MAILER_SMTP_ACCOUNTS names."""
+    from mailer.accounts import account_env_names, checked_names
+
+    checked_names(str(accounts))  # before its variables are looked for
+    probe = Settings(smtp_accounts=str(accounts))
+    allowed = account_env_names(probe)
+    return tuple(sorted((k, v) for k, v in source.items() if k in allowed))
+
+
+def _check_accounts(s: Settings) -> None:
+    """Every account complete and valid, its DKIM key able to sign (exit 2 if not)."""
+    from mailer.accounts import check_accounts
+
+    accounts = check_accounts(s)
+    if not accounts.several:
+        return
+    for account in accounts.accounts:
+        try:
+            _check_dkim(account.settings)
+        except ConfigError as exc:
+            raise ConfigError(f"MAILER_SMTP_{account.name.upper()}_DKIM_KEY_FILE: {exc}") from None
+
+
+def _field(name: str) -> msgspec.inspect.Field:
+    info = msgspec.inspect.type_info(Settings)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return next(f for f in info.fields if f.name == name)
+
+
 def _check_bounces(s: Settings) -> None:
     if s.bounce_domain and not _DOMAIN.fullmatch(s.bounce_domain):
         raise ConfigError(
@@ -679,19 +739,13 @@ def _check_production(s: Settings) -> None:
         )
     if s.fault_injection:
         raise ConfigError(f"{env_name('fault_injection')} is not allowed in production")
-    for field in ("nats_url", "database_url", "redis_url", "smtp_host"):
+    for field in ("nats_url", "database_url", "redis_url"):
         if not getattr(s, field):
             raise ConfigError(f"{env_name(field)} is required in production")
-    credentials = bool(s.smtp_username or s.smtp_password)
-    if s.smtp_security == "none" and credentials and not _is_loopback(s.smtp_host):
-        # A password in clear text over the network: anyone on the path can read
-        # it and send as the company. A relay on the pod's own loopback (a
-        # sidecar) is the one place plaintext AUTH is acceptable.
-        raise ConfigError(
-            f"{env_name('smtp_security')}='none' with SMTP credentials to "
-            f"{s.smtp_host!r} is not allowed in production: use 'starttls' or 'tls', "
-            "or a relay on loopback"
-        )
+    from mailer.accounts import check_accounts
+
+    for account in check_accounts(s).accounts:
+        _check_production_smtp(account.settings, several=bool(s.smtp_accounts.strip()))
     url = urlsplit(s.public_url)
     if url.scheme != "https" or not url.hostname:
         # Unsubscribe links go into List-Unsubscribe, which RFC 8058 one-click
@@ -699,6 +753,26 @@ def _check_production(s: Settings) -> None:
         raise ConfigError(
             f"{env_name('public_url')}={s.public_url!r} is not allowed in production: "
             "expected an https:// URL (List-Unsubscribe links must be HTTPS, RFC 8058)"
+        )
+
+
+def _check_production_smtp(a: Settings, *, several: bool) -> None:
+    """One account's SMTP settings in production (``a``: the account's view)."""
+
+    def var(suffix: str, field: str) -> str:
+        return f"MAILER_SMTP_{a.smtp_account.upper()}_{suffix}" if several else env_name(field)
+
+    if not a.smtp_host:
+        raise ConfigError(f"{var('HOST', 'smtp_host')} is required in production")
+    credentials = bool(a.smtp_username or a.smtp_password)
+    if a.smtp_security == "none" and credentials and not _is_loopback(a.smtp_host):
+        # A password in clear text over the network: anyone on the path can read
+        # it and send as the company. A relay on the pod's own loopback (a
+        # sidecar) is the one place plaintext AUTH is acceptable.
+        raise ConfigError(
+            f"{var('SECURITY', 'smtp_security')}='none' with SMTP credentials to "
+            f"{a.smtp_host!r} is not allowed in production: use 'starttls' or 'tls', "
+            "or a relay on loopback"
         )
 
 
@@ -777,7 +851,7 @@ def is_service_link(name: str, value: str) -> bool:
 
 
 def _known_env() -> set[str]:
-    return {env_name(f) for f in Settings.__struct_fields__}
+    return {env_name(f) for f in Settings.__struct_fields__ if f not in _NOT_ENV}
 
 
 def _description(field_name: str) -> str:
@@ -793,6 +867,8 @@ def settings_table() -> list[tuple[str, str, str]]:
     assert isinstance(info, msgspec.inspect.StructType)
     rows: list[tuple[str, str, str]] = []
     for field in info.fields:
+        if field.name in _NOT_ENV:
+            continue
         default = field.default
         if default is None or default is msgspec.NODEFAULT:
             shown = ""

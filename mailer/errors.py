@@ -54,6 +54,8 @@ CODES: Final[Mapping[str, int]] = {
     "recipients_limit": 422,
     "import_unreadable": 422,
     "empty_campaign": 422,
+    # A campaign names an SMTP account that is not configured (MAILER_SMTP_ACCOUNTS).
+    "unknown_account": 422,
     "attachment_too_large": 422,
     "attachments_total_too_large": 422,
     "throttled": 429,

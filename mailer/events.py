@@ -145,7 +145,11 @@ def notification_for(
         return None
     s = settings or Settings()
     until = event.deferred_until
-    fill: dict[str, object] = reason_values(s, until=until, now=event.at, lang="ru")
+    # The SMTP account the wait is for: the campaign names it with several accounts.
+    account = (event.details or {}).get("account", "")
+    fill: dict[str, object] = reason_values(
+        s, until=until, now=event.at, lang="ru", account=account
+    )
     fill["campaign_id"] = event.campaign_id
     if until is not None:
         tz = ZoneInfo(s.timezone)
@@ -157,7 +161,7 @@ def notification_for(
         fill["sent"] = counts.get("sent", 0)
         fill["failed"] = counts.get("failed", 0) + counts.get("in_doubt", 0)
     else:
-        code = reason_key(reason, until=until, now=event.at)
+        code = reason_key(reason, until=until, now=event.at, account=account)
     fill.update(event.details or {})
     fill.update(values)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Final, Protocol
 
@@ -58,7 +58,10 @@ class ScrapeGauges:
         clock: Clock,
         min_interval: float = DEFAULT_MIN_INTERVAL,
         timeout: float = DEFAULT_TIMEOUT,
+        more_accounts: Sequence[tuple[str, Callable[[datetime], str], int]] = (),
     ) -> None:
+        """``more_accounts``: (name, hour key, hourly limit) of every SMTP account
+        besides ``account``, each with its own ``account`` label."""
         self._pool = pool
         self._redis = redis_client
         self._nats_connected = nats_connected
@@ -69,8 +72,10 @@ class ScrapeGauges:
         self._timeout = timeout
         self._lock = asyncio.Lock()
         self._last: float | None = None
-        metrics.RATE_HOUR_LIMIT.labels(account=account).set(hourly_limit)
-        metrics.RATE_HOUR_USED.labels(account=account)
+        self._accounts = [(account, hour_key, hourly_limit), *more_accounts]
+        for name, _, limit in self._accounts:
+            metrics.RATE_HOUR_LIMIT.labels(account=name).set(limit)
+            metrics.RATE_HOUR_USED.labels(account=name)
 
     async def refresh(self) -> None:
         """Reads everything once, unless a reading younger than ``min_interval`` exists."""
@@ -104,10 +109,11 @@ class ScrapeGauges:
     async def _read_redis(self, now: datetime) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                used = await self._redis.get(self._hour_key(now))
+                used = [await self._redis.get(key(now)) for _, key, _ in self._accounts]
         except (RedisError, OSError, TimeoutError) as exc:
             metrics.DEPENDENCY_UP.labels(dependency="redis").set(0)
             log.debug("gauges: Redis not read", extra={"error": repr(exc)})
             return
         metrics.DEPENDENCY_UP.labels(dependency="redis").set(1)
-        metrics.RATE_HOUR_USED.labels(account=self._account).set(int(used or 0))
+        for (name, _, _), n in zip(self._accounts, used, strict=True):
+            metrics.RATE_HOUR_USED.labels(account=name).set(int(n or 0))

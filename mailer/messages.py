@@ -95,6 +95,8 @@ Body = Annotated[str, Meta(max_length=1_000_000)]
 Id = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 CampaignName = Annotated[str, Meta(min_length=1, max_length=200, pattern=_ONE_LINE)]
 Priority = Annotated[int, Meta(ge=-100, le=100)]
+# An SMTP account's name (MAILER_SMTP_ACCOUNTS); whether it is configured is the API's check.
+AccountName = Annotated[str, Meta(min_length=1, max_length=64)]
 Email = Annotated[str, Meta(min_length=1, max_length=320)]
 PageLimit = Annotated[int, Meta(ge=1, le=500)]
 UserId = Annotated[str, Meta(min_length=1, max_length=200, pattern=_ONE_LINE)]
@@ -124,6 +126,10 @@ class CampaignCreate(_Strict):
     body_text: Body | None = None
     body_html: Body | None = None
     priority: Priority = 0
+    # The SMTP account it goes through (null: the default) and the one used
+    # while that account's circuit breaker is open (null: none).
+    account: AccountName | None = None
+    backup_account: AccountName | None = None
 
 
 class CampaignRef(_Strict):
@@ -238,6 +244,8 @@ class QueueView(Struct, kw_only=True):
     defer_reason: str | None
     deferred_until: datetime | None
     consecutive_transient_errors: int
+    # The SMTP account whose limit or breaker the wait is for (null: none named).
+    defer_account: str | None = None
 
 
 class CampaignView(Struct, kw_only=True):
@@ -252,6 +260,9 @@ class CampaignView(Struct, kw_only=True):
     finished_at: datetime | None
     counts: dict[str, int]
     queue: QueueView | None = None
+    # The SMTP account (null: the default) and the backup (null: none).
+    account: str | None = None
+    backup_account: str | None = None
     # The forecast (mailer.forecast): its first message, for a campaign that
     # has not sent yet; its last; and why the last cannot be known when null
     # (quota_exhausted, paused, draft, unknown). Null on finished campaigns.
@@ -289,10 +300,14 @@ class TokenRequest(_Strict):
     owner_id: str
     want: Annotated[int, Meta(ge=1, le=10_000)]
     kind: Literal["campaign", "test"] = "campaign"
+    # The SMTP account whose limits apply (its key: '' the default's; mailer.accounts).
+    account: str = ""
 
 
 class TokenReply(Struct, kw_only=True):
     granted: int
+    # The name of the SMTP account whose limits decided (the reason texts say it).
+    account: str = ""
     reason: str | None = None
     retry_at: datetime | None = None
     used: int = 0
@@ -384,6 +399,8 @@ class CampaignUpdate(_Strict):
     body_text: Body | msgspec.UnsetType | None = msgspec.UNSET
     body_html: Body | msgspec.UnsetType | None = msgspec.UNSET
     priority: Priority | msgspec.UnsetType = msgspec.UNSET
+    account: AccountName | msgspec.UnsetType | None = msgspec.UNSET
+    backup_account: AccountName | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class CampaignList(_Strict):
@@ -667,6 +684,10 @@ class QueuedCampaign(Struct, kw_only=True):
     estimated_start_at: datetime | None = None
     estimated_completion_at: datetime | None = None
     estimate_reason: str | None = None
+    # With several SMTP accounts: the account it goes through (its own, or the
+    # default's name) and the one whose limit or breaker its wait is for.
+    account: str | None = None
+    defer_account: str | None = None
 
 
 class ManagerStatus(Struct, kw_only=True):

@@ -224,6 +224,12 @@ CIRCUIT_BREAKER_STATE: Final = Gauge(
     "Circuit breaker of an SMTP account: 0 closed, 1 half-open, 2 open.",
     ["account"],
 )
+ACCOUNT_FAILOVERS: Final = Counter(
+    "mailer_account_failovers_total",
+    "Campaigns switching SMTP account: to their backup while their own account's breaker "
+    "is open (to = the backup), and back (to = their own).",
+    ["account", "to"],
+)
 PROCESSING_SECONDS: Final = Histogram(
     "mailer_processing_seconds",
     "Processing duration of a campaign, from start of sending to completion.",

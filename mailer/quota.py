@@ -112,14 +112,22 @@ def _state(row: asyncpg.Record) -> QuotaState:
 class PgQuota:
     """The quota row in PostgreSQL: what the governor takes from and a sync writes."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, account: str = "", *, name: str | None = None) -> None:
         self._pool = pool
+        # The account's row ('' the default's: mailer.accounts.Account.key), and
+        # with several accounts its name: a sync subtracts its campaigns' claims only.
+        self._account = account
+        self._name = name
+
+    async def ensure(self, monthly: int) -> None:
+        """Creates the account's row (with ``monthly``) if it has none yet."""
+        await self._pool.execute(Q["quota-ensure"], self._account, monthly)
 
     async def take(self, n: int) -> int:
         """Takes up to ``n`` emails atomically; returns how many (0: exhausted)."""
         if n <= 0:
             return 0
-        row = await self._pool.fetchrow(Q["quota-take"], n)
+        row = await self._pool.fetchrow(Q["quota-take"], n, self._account)
         return 0 if row is None else int(row["taken"])
 
     async def available(self) -> int:
@@ -127,7 +135,7 @@ class PgQuota:
         return (await self.state()).emails_available
 
     async def state(self) -> QuotaState:
-        row = await self._pool.fetchrow(Q["quota-get"])
+        row = await self._pool.fetchrow(Q["quota-get"], self._account)
         assert row is not None, "the quota row is created by the schema migration"
         return _state(row)
 
@@ -156,9 +164,9 @@ class PgQuota:
             # The lock first, the counts after: under READ COMMITTED each
             # statement sees what was committed when it began, so the counts
             # include every take that finished before the lock was granted.
-            previous = await conn.fetchval(Q["quota-lock"])
+            previous = await conn.fetchval(Q["quota-lock"], self._account)
             if override is not None:
-                await conn.execute(Q["quota-set-override"], override)
+                await conn.execute(Q["quota-set-override"], override, self._account)
             row = await conn.fetchrow(
                 Q["quota-record-sync"],
                 max(0, reading.emails_available),
@@ -167,12 +175,15 @@ class PgQuota:
                 start,
                 end,
                 reading.local,
+                self._account,
+                self._name,
+                not self._account,
             )
         assert row is not None, "the quota row is created by the schema migration"
         return int(previous), _state(row)
 
     async def record_sync_error(self, error: str) -> QuotaState:
-        row = await self._pool.fetchrow(Q["quota-record-sync-error"], error)
+        row = await self._pool.fetchrow(Q["quota-record-sync-error"], error, self._account)
         assert row is not None, "the quota row is created by the schema migration"
         return _state(row)
 
@@ -363,10 +374,14 @@ class QuotaSyncActor(Actor[SyncNow | _Tick]):
         clock: Clock,
         on_restored: Callable[[], Awaitable[None]],
         bus: Bus | None = None,
+        account: str = "",
+        name: str | None = None,
     ) -> QuotaSyncActor:
+        """``settings``: the account's view (mailer.accounts); ``account``: its key;
+        ``name``: its name with several accounts (None: one account)."""
         return cls(
             bus=bus,
-            ledger=PgQuota(pool),
+            ledger=PgQuota(pool, account, name=name),
             provider=provider_from_settings(settings),
             clock=clock,
             interval_seconds=settings.quota_sync_interval_seconds,

@@ -230,12 +230,13 @@ class PgSpentTokens:
     may be short by those, never long.
     """
 
-    def __init__(self, pool: asyncpg.Pool, tz: tzinfo) -> None:
+    def __init__(self, pool: asyncpg.Pool, tz: tzinfo, account: str = "") -> None:
         self._pool = pool
         self._tz = tz
+        self._account = account  # the hour is the account's ('' the default's)
 
     async def hour_spent(self, start: datetime, end: datetime) -> int:
-        return int(await self._pool.fetchval(Q["spent-tokens-hour"], start, end))
+        return int(await self._pool.fetchval(Q["spent-tokens-hour"], start, end, self._account))
 
     async def day_spent(self, owner_id: str, day: date) -> int:
         start = datetime.combine(day, time(), self._tz)

@@ -33,6 +33,7 @@ from typing import Any
 import redis.asyncio as redis
 
 from mailer import __version__, metrics
+from mailer.accounts import Account, accounts_of
 from mailer.actors import (
     ActorDead,
     ActorFault,
@@ -46,7 +47,13 @@ from mailer.actors import (
     SupervisorClosed,
 )
 from mailer.actors.api import ApiActor
-from mailer.actors.campaign import CampaignActor, CampaignSettings, FaultHook, StageHook
+from mailer.actors.campaign import (
+    CampaignActor,
+    CampaignSettings,
+    FaultHook,
+    Route,
+    StageHook,
+)
 from mailer.actors.governor import GovernorActor, NatsTokenSource
 from mailer.actors.leader import LeaderActor
 from mailer.actors.runner import RunnerActor
@@ -64,7 +71,7 @@ from mailer.gauges import ScrapeGauges
 from mailer.http import HttpServer
 from mailer.messages import Wake
 from mailer.outbox import OutboxRelay
-from mailer.quota import QuotaSyncActor, lift_deferrals
+from mailer.quota import PgQuota, QuotaSyncActor, lift_deferrals
 from mailer.ratelimit import SendLimiter
 from mailer.redisconn import connect_redis, redis_up
 from mailer.retention import Retention, RetentionPolicy
@@ -148,11 +155,16 @@ class Service:
         self._started = False
         self._events: JetStreamEvents | None = None
         self._outbox: OutboxRelay | None = None
-        # Outlives restarts of the sender, like the breaker: seen across its transports.
-        self._smtp_health = SmtpHealth(
-            settings.smtp_host, settings.smtp_port, account=settings.smtp_account, clock=self.clock
-        )
-        self._transport: SmtpTransport | None = None
+        self.accounts = accounts_of(settings)
+        # Per SMTP account; outlive restarts of its sender, like its breaker: seen
+        # across its transports.
+        self._smtp_health = {
+            a.name: SmtpHealth(
+                a.settings.smtp_host, a.settings.smtp_port, account=a.name, clock=self.clock
+            )
+            for a in self.accounts.accounts
+        }
+        self._transports: dict[str, SmtpTransport] = {}
         self._stopped = False
         self._background: set[asyncio.Task[None]] = set()
         self._delayed: set[asyncio.TimerHandle] = set()
@@ -258,18 +270,29 @@ class Service:
 
         bus, store, clock = self._bus, self._store, self.clock
         redis_client, events, outbox = self._redis, self._events, self._outbox
-        limiter = SendLimiter(
-            self._redis,
-            key_prefix=s.redis_key_prefix,
-            account=s.smtp_account,
-            hourly_limit=s.rate_per_hour,
-        )
-        # The account's breaker outlives sender restarts: a crash is no cure for a dead server.
-        breaker = CircuitBreaker(
-            s.smtp_account,
-            threshold=s.circuit_breaker_threshold,
-            cooldown=timedelta(minutes=s.transient_retry_delay_minutes),
-        )
+        # Every account has its own row from the start (the default's is the migration's).
+        for account in self.accounts.accounts:
+            if not account.default:
+                await PgQuota(self._pool, account.key).ensure(account.settings.monthly_quota)
+        limiters = {
+            a.name: SendLimiter(
+                self._redis,
+                key_prefix=s.redis_key_prefix,
+                account=a.name,
+                hourly_limit=a.settings.rate_per_hour,
+            )
+            for a in self.accounts.accounts
+        }
+        limiter = limiters[self.accounts.default.name]
+        # An account's breaker outlives sender restarts: a crash is no cure for a dead server.
+        breakers = {
+            a.name: CircuitBreaker(
+                a.name,
+                threshold=s.circuit_breaker_threshold,
+                cooldown=timedelta(minutes=s.transient_retry_delay_minutes),
+            )
+            for a in self.accounts.accounts
+        }
         retention = Retention(
             self._pool,
             RetentionPolicy(
@@ -280,27 +303,49 @@ class Service:
                 batch=s.retention_batch_size,
             ),
         )
-        children: list[ChildSpec[Any]] = [
-            ChildSpec(
-                "smtp-sender",
-                lambda: SenderActor(self._new_transport(), breaker=breaker, clock=clock),
-            ),
-            ChildSpec(
-                "rate-governor",
+
+        def sender(a: Account) -> ChildSpec[Any]:
+            return ChildSpec(
+                _child("smtp-sender", a),
+                lambda: SenderActor(self._new_transport(a), breaker=breakers[a.name], clock=clock),
+            )
+
+        def governor(a: Account) -> ChildSpec[Any]:
+            return ChildSpec(
+                _child("rate-governor", a),
                 lambda: GovernorActor.from_settings(
-                    bus=bus, limiter=limiter, pool=self._pool, settings=s, clock=clock
+                    bus=bus,
+                    limiter=limiters[a.name],
+                    pool=self._pool,
+                    settings=a.settings,
+                    clock=clock,
+                    account=a.key,
                 ),
-            ),
-            ChildSpec(
-                "quota-sync",
+            )
+
+        def quota_sync(a: Account) -> ChildSpec[Any]:
+            return ChildSpec(
+                _child("quota-sync", a),
                 lambda: QuotaSyncActor.from_settings(
                     pool=self._pool,
-                    settings=s,
+                    settings=a.settings,
                     clock=clock,
                     on_restored=self._quota_restored,
-                    bus=bus,
+                    # quota.sync (the API) syncs the default account's quota.
+                    bus=bus if a.default else None,
+                    account=a.key,
+                    name=a.name if self.accounts.several else None,
                 ),
-            ),
+            )
+
+        every = self.accounts.accounts
+        for own in every:  # every series from the start, at 0 (README: Logs and metrics)
+            for to in every:
+                metrics.ACCOUNT_FAILOVERS.labels(account=own.name, to=to.name)
+        children: list[ChildSpec[Any]] = [
+            *(sender(a) for a in every),
+            *(governor(a) for a in every),
+            *(quota_sync(a) for a in every),
             ChildSpec(
                 "api",
                 lambda: ApiActor(
@@ -369,9 +414,12 @@ class Service:
             redis_client=self._redis,
             nats_connected=lambda: bus.connected,
             hour_key=limiter.hour_key,
-            account=s.smtp_account,
-            hourly_limit=s.rate_per_hour,
+            account=self.accounts.default.name,
+            hourly_limit=self.accounts.default.rate_per_hour,
             clock=clock,
+            more_accounts=[
+                (a.name, limiters[a.name].hour_key, a.rate_per_hour) for a in every if not a.default
+            ],
         )
         self._public_http = HttpServer(
             s.public_http_host, s.public_http_port, readiness=None, name="public"
@@ -449,10 +497,10 @@ class Service:
                 extra={"policy": "fail_open"},
             )
 
-    def _new_transport(self) -> SmtpTransport:
-        s = self.settings
+    def _new_transport(self, account: Account) -> SmtpTransport:
+        s = account.settings
         # Kept so that stop() can close it while the campaign actors drain (see stop).
-        self._transport = SmtpTransport(
+        transport = SmtpTransport(
             s.smtp_host,
             s.smtp_port,
             security=s.smtp_security,
@@ -460,9 +508,10 @@ class Service:
             password=s.smtp_password or None,
             timeout=s.smtp_timeout_seconds,
             connections=s.smtp_connections,
-            health=self._smtp_health,
+            health=self._smtp_health[account.name],
         )
-        return self._transport
+        self._transports[account.name] = transport
+        return transport
 
     async def wait_leading(self, above: int = 0) -> int:
         """Waits until this process leads with an epoch above ``above``; returns it."""
@@ -504,14 +553,16 @@ class Service:
 
     async def _spawn_campaign(self, campaign_id: int, fence: int) -> bool:
         s = self.settings
-        sup, bus, store = self.supervisor, self.bus, self.store
+        sup, store = self.supervisor, self.store
         sender = sup.get("smtp-sender")
         if sender is None:
             return False
-        # A batch waits for at most every message's SMTP steps over the pool.
-        batch_timeout = s.smtp_timeout_seconds * 4 * (s.batch_size / s.smtp_connections + 1)
-        mailer = ActorMailer(sender, mail_from=s.from_email, timeout=batch_timeout)
-        tokens = NatsTokenSource(bus, timeout=s.token_request_timeout_seconds)
+        routes = {a.name: self._route(a) for a in self.accounts.accounts}
+        if any(r is None for r in routes.values()):
+            return False
+        default_route = routes[self.accounts.default.name]
+        assert default_route is not None
+        mailer, tokens = default_route.mailer, default_route.tokens
         events, outbox = self._events, self._outbox
         assert events is not None and outbox is not None, "service not started"
         settings = CampaignSettings(
@@ -530,6 +581,11 @@ class Service:
         )
 
         verp = envelope_sender(s)
+
+        def route_for(name: str | None) -> Route:
+            route = routes[self.accounts.get(name).name]  # UnknownAccount: a LookupError
+            assert route is not None
+            return route
 
         def link(cid: int, email: str) -> str:
             return unsubscribe_url(s.public_url, s.unsubscribe_secret, cid, email)
@@ -550,6 +606,7 @@ class Service:
                 fault=self._fault,
                 bounce_address=verp,
                 stage_fault=self._stage_fault,
+                route_for=route_for,
             ),
             restart=Restart.TRANSIENT,
             limit=CAMPAIGN_RESTARTS,
@@ -563,6 +620,29 @@ class Service:
             return False
         # An actor that could not take the lease has already asked to stop.
         return ref.alive
+
+    def _route(self, a: Account) -> Route | None:
+        """How a campaign sends through account ``a`` (None: its sender is not up)."""
+        s = a.settings
+        sender = self.supervisor.get(_child("smtp-sender", a))
+        if sender is None:
+            return None
+        # A batch waits for at most every message's SMTP steps over the pool.
+        batch_timeout = s.smtp_timeout_seconds * 4 * (s.batch_size / s.smtp_connections + 1)
+        return Route(
+            account=a.name if self.accounts.several else "",
+            name=a.name,
+            key=a.key,
+            tokens=NatsTokenSource(
+                self.bus, timeout=s.token_request_timeout_seconds, account=a.key
+            ),
+            mailer=ActorMailer(sender, mail_from=s.from_email, timeout=batch_timeout),
+            from_email=s.from_email,
+            from_name=s.from_name,
+            message_id_domain=s.effective_message_id_domain,
+            dkim=dkim_signer(s),
+            window=s.smtp_connections,
+        )
 
     def _on_child_exit(self, name: str, error: BaseException | None) -> None:
         # Wherever the leader runs, it must learn that a slot is free, also while
@@ -641,7 +721,7 @@ class Service:
         """Redis (a PING now) and SMTP (the last session attempt): shown, not deciding."""
         up = self._redis is not None and await redis_up(self._redis)
         metrics.DEPENDENCY_UP.labels(dependency="redis").set(int(up))
-        return {"redis": up, "smtp": self._smtp_health.up}
+        return {"redis": up, "smtp": all(h.up for h in self._smtp_health.values())}
 
     async def wait(self) -> None:
         """Returns when the supervisor shut down; raises SupervisorEscalation if it gave up."""
@@ -672,15 +752,14 @@ class Service:
         if self._supervisor is not None:
             deadline = self.settings.shutdown_timeout_seconds
             self._supervisor.begin_shutdown(deadline)
-            transport = self._transport
-            closing = None
-            if transport is not None:
-                # Directly, not through the sender's mailbox: the sender is busy
-                # with the very sends this cuts short.
-                closing = asyncio.create_task(transport.close(deadline * SHUTDOWN_SEND_SHARE))
+            # Directly, not through the senders' mailboxes: the senders are busy
+            # with the very sends this cuts short.
+            closing = [
+                asyncio.create_task(t.close(deadline * SHUTDOWN_SEND_SHARE))
+                for t in self._transports.values()
+            ]
             await self._supervisor.shutdown()
-            if closing is not None:
-                await asyncio.gather(closing, return_exceptions=True)
+            await asyncio.gather(*closing, return_exceptions=True)
         for handle in self._delayed:
             handle.cancel()
         self._delayed.clear()
@@ -697,6 +776,11 @@ class Service:
             except (TimeoutError, Exception):
                 self._pool.terminate()
         log.info("mailer stopped")
+
+
+def _child(kind: str, account: Account) -> str:
+    """An account's actor: ``smtp-sender`` for the default, ``smtp-sender-backup``..."""
+    return kind if account.default else f"{kind}-{account.name}"
 
 
 async def _listen(server: HttpServer) -> None:

@@ -45,6 +45,9 @@ class CampaignRow(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    # The SMTP account (None: the default) and its backup (None: none).
+    smtp_account: str | None = None
+    backup_account: str | None = None
 
 
 class Attachment(msgspec.Struct, frozen=True):
@@ -129,6 +132,7 @@ def campaign_view(
             defer_reason=queue["defer_reason"],
             deferred_until=queue["deferred_until"],
             consecutive_transient_errors=queue["consecutive_transient_errors"],
+            defer_account=queue.get("defer_account"),
         )
     return CampaignView(
         id=int(row["id"]),
@@ -142,12 +146,17 @@ def campaign_view(
         finished_at=row["finished_at"],
         counts=counts,
         queue=q,
+        account=row.get("smtp_account"),
+        backup_account=row.get("backup_account"),
     )
 
 
-async def forecast_queue(pool: Any, limit: int) -> list[Entry]:
-    """The queue in order, as the forecast replays it (its first ``limit`` entries)."""
-    rows = await pool.fetch(Q["api-forecast-queue"], limit)
+async def forecast_queue(
+    pool: Any, limit: int, *, account: str | None = None, default: bool = True
+) -> list[Entry]:
+    """The queue in order, as the forecast replays it (its first ``limit`` entries);
+    ``account``: only the campaigns of that SMTP account (``default``: the default)."""
+    rows = await pool.fetch(Q["api-forecast-queue"], limit, account, default)
     return [
         Entry(
             campaign_id=int(r["campaign_id"]),
@@ -215,10 +224,21 @@ class PgStore:
         body_html: str | None,
         priority: int,
         now: datetime,
+        account: str | None = None,
+        backup_account: str | None = None,
     ) -> CampaignRow:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                Q["campaign-insert"], owner_id, name, subject, body_text, body_html, priority, now
+                Q["campaign-insert"],
+                owner_id,
+                name,
+                subject,
+                body_text,
+                body_html,
+                priority,
+                now,
+                account,
+                backup_account,
             )
             assert row is not None
             await conn.execute(
@@ -404,6 +424,7 @@ class PgStore:
         *,
         transient_errors: int | None = None,
         success: bool = False,
+        account: str = "",
     ) -> dict[int, str]:
         """Writes recipient outcomes, their send-log rows and the campaign's
         consecutive-transient-error count in one transaction.
@@ -419,7 +440,7 @@ class PgStore:
         if not outcomes:
             return {}
         # The record-and-hand statement with nothing to hand.
-        args = (*self._record_args(lease, outcomes, now), [], lease.owner, lease.epoch)
+        args = (*self._record_args(lease, outcomes, now), [], lease.owner, lease.epoch, account)
         sql = Q["recipients-record-and-hand"]
         async with self.pool.acquire() as conn:
             if transient_errors is None:
@@ -439,14 +460,21 @@ class PgStore:
         return {int(r["id"]): str(r["status"]) for r in rows if not r["handed"]}
 
     async def record_and_hand(
-        self, lease: Lease, outcomes: Sequence[Outcome], hand: Sequence[int], now: datetime
+        self,
+        lease: Lease,
+        outcomes: Sequence[Outcome],
+        hand: Sequence[int],
+        now: datetime,
+        *,
+        account: str = "",
     ) -> tuple[dict[int, str], list[int]]:
         """``record`` of one wave (no attempt count) and ``hand`` of the next, in one
         statement: the next wave is marked handed only with the previous one recorded.
-        Returns the status each recorded row got and the ids marked handed."""
+        Returns the status each recorded row got and the ids marked handed.
+        ``account``: the key of the SMTP account that sent them (the send log's)."""
         args = self._record_args(lease, outcomes, now)
         rows = await self.pool.fetch(
-            Q["recipients-record-and-hand"], *args, list(hand), lease.owner, lease.epoch
+            Q["recipients-record-and-hand"], *args, list(hand), lease.owner, lease.epoch, account
         )
         written = {int(r["id"]): str(r["status"]) for r in rows if not r["handed"]}
         return written, [int(r["id"]) for r in rows if r["handed"]]
@@ -482,8 +510,14 @@ class PgStore:
         now: datetime,
         *,
         notice: Notice | None = None,
+        account: str | None = None,
+        quota_key: str = "",
     ) -> tuple[bool, bool]:
         """The one way a campaign waits: reason and time on the queue entry, audited.
+
+        ``account``: the name of the SMTP account whose limit or breaker it waits
+        for (the manager's view says it); ``quota_key``: that account's quota row
+        ('' the default's), read for a ``quota_exhausted`` wait.
 
         ``until`` None only for ``quota_exhausted``: no time can be named, the
         campaign waits for the sync (or ``quota.set``) that restores the quota.
@@ -498,7 +532,12 @@ class PgStore:
             if until is None:
                 raise ValueError(f"a {reason} deferral needs a time")
             return await self._wait(
-                lease, Q["queue-defer"], reason=reason, now=now, args=(reason, until), notice=notice
+                lease,
+                Q["queue-defer"],
+                reason=reason,
+                now=now,
+                args=(reason, until, account),
+                notice=notice,
             )
         async with self.pool.acquire() as conn, conn.transaction():
             # The governor saw no quota; a sync may have restored it since, and
@@ -506,14 +545,14 @@ class PgStore:
             # Checked under the quota's lock (see quota-share): then the wait
             # ends now instead of at the safety net. The notice stays: it also
             # marks the reason notified, which a later real wait relies on.
-            if await conn.fetchval(Q["quota-share"]) > 0:
+            if await conn.fetchval(Q["quota-share"], quota_key) > 0:
                 until = now
             return await self._wait(
                 lease,
                 Q["queue-defer"],
                 reason=reason,
                 now=now,
-                args=(reason, until),
+                args=(reason, until, account),
                 notice=notice,
                 conn=conn,
             )
@@ -632,8 +671,10 @@ class PgStore:
         rows = await self.pool.fetch(Q["queue-active"], now)
         return {int(r["campaign_id"]): str(r["lease_owner"]) for r in rows}
 
-    async def forecast_queue(self, limit: int) -> list[Entry]:
-        return await forecast_queue(self.pool, limit)
+    async def forecast_queue(
+        self, limit: int, *, account: str | None = None, default: bool = True
+    ) -> list[Entry]:
+        return await forecast_queue(self.pool, limit, account=account, default=default)
 
     async def reevaluate(self, now: datetime) -> list[int]:
         """Ends every limit's deferral now, to be decided again against the limits
@@ -645,10 +686,20 @@ class PgStore:
         return int(await self.pool.fetchval(Q["queue-competing"], now))
 
     async def competitors(
-        self, now: datetime, limit: int, asker: int, hour: tuple[datetime, datetime]
+        self,
+        now: datetime,
+        limit: int,
+        asker: int,
+        hour: tuple[datetime, datetime],
+        *,
+        account: str = "",
+        default: bool = True,
     ) -> list[tuple[int, int]]:
-        """(campaign id, demand of the hour) of the campaigns sharing it, in queue order."""
-        rows = await self.pool.fetch(Q["queue-competitors"], now, limit, asker, *hour)
+        """(campaign id, demand of the hour) of the campaigns sharing it, in queue order:
+        those of SMTP account ``account`` (``default``: the default account)."""
+        rows = await self.pool.fetch(
+            Q["queue-competitors"], now, limit, asker, *hour, account, default
+        )
         return [(int(r["campaign_id"]), int(r["demand"])) for r in rows]
 
     async def queue_depth(self, now: datetime) -> int:

@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 from mailer.config import Settings
 
 __all__ = [
+    "ACCOUNT_REASONS",
     "DEFAULT_LANG",
     "TEXTS",
     "Lang",
@@ -75,6 +76,35 @@ TEXTS: dict[str, dict[Lang, str]] = {
     "transient_error_later": {
         "ru": "Временная ошибка отправки. Повторим попытку {until}.",
         "en": "Temporary sending error. We retry {until}.",
+    },
+    # The same reasons with several SMTP accounts (MAILER_SMTP_ACCOUNTS): each
+    # names the account whose limit, quota or server the campaign waits for
+    # (``reason_key`` with ``account``).
+    "rate_per_hour_account": {
+        "ru": "Достигнут лимит {limit} писем/час SMTP-аккаунта «{account}». Продолжим {at}.",
+        "en": "The limit of {limit} emails/hour of SMTP account “{account}” is reached. "
+        "We continue {at}.",
+    },
+    "quota_exhausted_account": {
+        "ru": "Квота SMTP-аккаунта «{account}» исчерпана. Администратор пополнит квоту, "
+        "после чего рассылка продолжится автоматически.",
+        "en": "The quota of SMTP account “{account}” is exhausted. Sending resumes by itself "
+        "once an administrator tops it up.",
+    },
+    "transient_error_account": {
+        "ru": "Временная ошибка отправки через SMTP-аккаунт «{account}». "
+        "Повторим попытку через {retry_in}.",
+        "en": "Temporary sending error on SMTP account “{account}”. We retry in {retry_in}.",
+    },
+    "transient_error_later_account": {
+        "ru": "Временная ошибка отправки через SMTP-аккаунт «{account}». Повторим попытку {until}.",
+        "en": "Temporary sending error on SMTP account “{account}”. We retry {until}.",
+    },
+    "circuit_breaker_account": {
+        "ru": "Рассылка приостановлена после {threshold} временных ошибок отправки подряд через "
+        "SMTP-аккаунт «{account}». Проверьте SMTP-сервер и возобновите рассылку.",
+        "en": "Sending paused after {threshold} temporary sending errors in a row on SMTP "
+        "account “{account}”. Check the SMTP server and resume the campaign.",
     },
     # A start with send_at: the campaign waits for its time.
     "scheduled": {
@@ -305,6 +335,14 @@ TEXTS: dict[str, dict[Lang, str]] = {
     "campaign_busy": {
         "ru": "Кампания ещё останавливается. Повторите через минуту.",
         "en": "The campaign is still stopping. Try again in a minute.",
+    },
+    "unknown_account": {
+        "ru": "SMTP-аккаунт «{account}» не настроен ({field}). Настроены: {accounts}.",
+        "en": "SMTP account “{account}” is not configured ({field}). Configured: {accounts}.",
+    },
+    "backup_is_account": {
+        "ru": "Резервный SMTP-аккаунт «{account}» совпадает с основным: укажите другой.",
+        "en": "The backup SMTP account “{account}” is the campaign's own account: name another.",
     },
     "nothing_to_update": {
         "ru": "Не указано ни одного поля для изменения.",
@@ -704,10 +742,18 @@ def at_phrase(at: datetime, *, now: datetime, tz: tzinfo, lang: str | None = Non
 _LATER_SECONDS = 3600
 
 
-def reason_key(code: str, *, until: datetime | None, now: datetime) -> str:
-    """Which text words ``code`` for a wait until ``until``."""
+# The reasons that belong to one SMTP account (its hour, quota or server).
+ACCOUNT_REASONS = frozenset(
+    {"rate_per_hour", "quota_exhausted", "transient_error", "circuit_breaker"}
+)
+
+
+def reason_key(code: str, *, until: datetime | None, now: datetime, account: str = "") -> str:
+    """Which text words ``code`` for a wait until ``until``; ``account``: the SMTP
+    account it waits for, named with several accounts ('': one account, not named)."""
     later = until is not None and (until - now).total_seconds() > _LATER_SECONDS
-    return "transient_error_later" if code == "transient_error" and later else code
+    key = "transient_error_later" if code == "transient_error" and later else code
+    return f"{key}_account" if account and code in ACCOUNT_REASONS else key
 
 
 def _plural(n: int, forms: tuple[str, ...], lang: Lang) -> str:
@@ -737,7 +783,12 @@ def duration_phrase(minutes: float, lang: str | None = None) -> str:
 
 
 def reason_values(
-    s: Settings, *, until: datetime | None, now: datetime, lang: str | None = None
+    s: Settings,
+    *,
+    until: datetime | None,
+    now: datetime,
+    lang: str | None = None,
+    account: str = "",
 ) -> dict[str, object]:
     """The placeholders of the reason texts, from settings and when the wait ends.
 
@@ -755,8 +806,15 @@ def reason_values(
         if left > 0
         else s.transient_retry_delay_minutes
     )
+    limit = s.rate_per_hour
+    if account:  # that account's own hourly limit (mailer.accounts)
+        from mailer.accounts import accounts_of
+
+        found = accounts_of(s).find(account)
+        limit = found.rate_per_hour if found is not None else limit
     return {
-        "limit": s.rate_per_hour,
+        "account": account,
+        "limit": limit,
         "time": end.astimezone(tz).strftime("%H:%M"),
         "at": at_phrase(end, now=now, tz=tz, lang=lang),
         "until": resume_phrase(end, now=now, tz=tz, lang=lang),

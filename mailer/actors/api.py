@@ -47,6 +47,7 @@ from nats.micro.request import Request, ServiceError
 from nats.micro.service import EndpointConfig, Service
 
 from mailer import metrics
+from mailer.accounts import accounts_of
 from mailer.actors.campaign import Mail
 from mailer.actors.governor import NatsTokenSource
 from mailer.actors.runtime import Actor, ActorRef
@@ -117,6 +118,15 @@ class ApiActor(Actor[None]):
                 account=s.smtp_account,
                 hourly_limit=s.rate_per_hour,
             ),
+            hour_counters={
+                a.name: SendLimiter(
+                    redis_client,
+                    key_prefix=key_prefix,
+                    account=a.name,
+                    hourly_limit=a.rate_per_hour,
+                )
+                for a in accounts_of(s).accounts
+            },
             start_throttle=Throttle(
                 redis_client, key_prefix=key_prefix, action="start", limit=s.start_throttle_per_hour
             ),
@@ -130,7 +140,12 @@ class ApiActor(Actor[None]):
             mailer=_NoSender()
             if sender is None
             # One message: its SMTP steps, plus a wait for a free pooled connection.
-            else ActorMailer(sender, mail_from=s.from_email, timeout=s.smtp_timeout_seconds * 5),
+            else ActorMailer(
+                sender,
+                # The sender is the default account's.
+                mail_from=accounts_of(s).default.settings.from_email,
+                timeout=s.smtp_timeout_seconds * 5,
+            ),
             events=events,
         )
 

@@ -91,6 +91,8 @@ __all__ = [
     "Mail",
     "Mailer",
     "Outbox",
+    "Route",
+    "RouteFor",
     "StageHook",
     "TokenSource",
 ]
@@ -129,7 +131,13 @@ class CampaignStore(Protocol):
         ...
 
     async def record_and_hand(
-        self, lease: Lease, outcomes: Sequence[Outcome], hand: Sequence[int], now: datetime
+        self,
+        lease: Lease,
+        outcomes: Sequence[Outcome],
+        hand: Sequence[int],
+        now: datetime,
+        *,
+        account: str = "",
     ) -> tuple[dict[int, str], list[int]]:
         """``record`` (no attempt count) then ``hand``, atomically, in one round trip."""
         ...
@@ -142,6 +150,7 @@ class CampaignStore(Protocol):
         *,
         transient_errors: int | None = None,
         success: bool = False,
+        account: str = "",
     ) -> dict[int, str]: ...
     async def defer(
         self,
@@ -151,6 +160,8 @@ class CampaignStore(Protocol):
         now: datetime,
         *,
         notice: Notice | None = None,
+        account: str | None = None,
+        quota_key: str = "",
     ) -> tuple[bool, bool]: ...
     async def pause(
         self, lease: Lease, reason: str, now: datetime, *, notice: Notice | None = None
@@ -219,6 +230,30 @@ class CampaignSettings(msgspec.Struct, frozen=True, kw_only=True):
     dkim: DkimSigner | None = None
 
 
+class Route(msgspec.Struct, frozen=True, kw_only=True):
+    """One SMTP account as a campaign sends through it: its governor, its sender
+    (pool and breaker) and how its messages are signed and addressed."""
+
+    # The account's name, said in reason texts ('' with one account: not named).
+    account: str
+    # Its name always (logs, metrics).
+    name: str
+    # Its key in PostgreSQL (quota row, send log): '' for the default account.
+    key: str
+    tokens: TokenSource
+    mailer: Mailer
+    from_email: str
+    from_name: str
+    message_id_domain: str
+    dkim: DkimSigner | None = None
+    window: int = 8
+
+
+# The route of a campaign's account by name (None: the default); raises
+# LookupError for an account that is not configured.
+RouteFor = Callable[[str | None], Route]
+
+
 # A test hook called after a batch was sent and before it is recorded: the
 # exact spot where a crash is most dangerous. None in production.
 FaultHook = Callable[[int, int], Awaitable[None]]
@@ -256,8 +291,12 @@ class CampaignActor(Actor[Continue]):
         fault: FaultHook | None = None,
         bounce_address: Callable[[int], str] | None = None,
         stage_fault: StageHook | None = None,
+        route_for: RouteFor | None = None,
     ) -> None:
+        """``route_for``: the campaign's SMTP account (and backup) by name; None:
+        one account, ``tokens``/``mailer``/``settings``'s."""
         self.campaign_id = campaign_id
+        self._route_for = route_for
         self._stage_fault = stage_fault
         self._fence = fence
         self._store = store
@@ -274,6 +313,13 @@ class CampaignActor(Actor[Continue]):
         self._lease: Lease | None = None
         self._campaign: CampaignRow | None = None
         self._template: MessageTemplate | None = None
+        # The campaign's own account, its backup (used while the own account's
+        # breaker is open), the one of the batch in progress, and each one's message.
+        self._primary: Route | None = None
+        self._backup: Route | None = None
+        self._route: Route | None = None
+        self._templates: dict[str, MessageTemplate] = {}
+        self._attachments: list[Attachment] = []
         self._batches = 0
         self._transient_errors = 0
         # Batch state, for teardown: claimed-not-handed, handed, known outcomes,
@@ -326,18 +372,18 @@ class CampaignActor(Actor[Continue]):
         campaign = await self._store.get_campaign(self.campaign_id)
         assert campaign is not None
         self._campaign = campaign
-        attachments = await self._store.attachments(self.campaign_id)
+        self._attachments = await self._store.attachments(self.campaign_id)
         try:
-            self._template = MessageTemplate(
-                from_email=self._s.from_email,
-                from_name=self._s.from_name,
-                subject=campaign.subject,
-                text=campaign.body_text,
-                html=campaign.body_html,
-                message_id_domain=self._s.message_id_domain,
-                attachments=[(a.filename, a.content_type, a.content) for a in attachments],
-                dkim=self._s.dkim,
-            )
+            self._primary = self._route_of(campaign.smtp_account)
+            if campaign.backup_account is not None:
+                self._backup = self._route_of(campaign.backup_account)
+        except LookupError as exc:
+            # Named at create or update, no longer configured: nothing is sent
+            # through another account instead; the owner fixes the campaign.
+            await self._pause(lease, "render_error", {}, error=str(exc))
+            return
+        try:
+            self._template = self._template_of(self._primary)
         except Exception as exc:
             # Pure computation on the campaign's own content: whatever it raises,
             # this campaign cannot be sent as it is, and retrying will not help.
@@ -349,6 +395,61 @@ class CampaignActor(Actor[Continue]):
         # "started" event): a campaign that waits before sending says so.
         self._status = "sending" if campaign.status == "sending" else "ready"
         self._again()
+
+    def _route_of(self, account: str | None) -> Route:
+        if self._route_for is not None:
+            return self._route_for(account)
+        return Route(
+            account="",
+            name="default",
+            key="",
+            tokens=self._tokens,
+            mailer=self._mailer,
+            from_email=self._s.from_email,
+            from_name=self._s.from_name,
+            message_id_domain=self._s.message_id_domain,
+            dkim=self._s.dkim,
+            window=self._s.window,
+        )
+
+    def _template_of(self, route: Route) -> MessageTemplate:
+        """The campaign's message as ``route``'s account sends it (From, DKIM), built once."""
+        template = self._templates.get(route.key)
+        if template is None:
+            campaign = self._campaign
+            assert campaign is not None
+            template = MessageTemplate(
+                from_email=route.from_email,
+                from_name=route.from_name,
+                subject=campaign.subject,
+                text=campaign.body_text,
+                html=campaign.body_html,
+                message_id_domain=route.message_id_domain,
+                attachments=[(a.filename, a.content_type, a.content) for a in self._attachments],
+                dkim=route.dkim,
+            )
+            self._templates[route.key] = template
+        return template
+
+    async def _choose_route(self) -> tuple[Route, datetime | None]:
+        """The account this batch goes through, and until when the own account's
+        breaker holds it back (None: it does not).
+
+        The campaign's own account whenever its breaker lets mail out — a
+        half-open breaker's probe included, so a failover ends as soon as the
+        server answers again. Its backup only while that breaker is open, and
+        only if the backup's own breaker lets mail out. The breaker is the one
+        reason to switch: a refusal for the hour, the day or the quota never
+        is (the campaign waits for its own account's limit).
+        """
+        primary = self._primary
+        assert primary is not None
+        blocked = await primary.mailer.blocked_until()
+        if blocked is None or self._backup is None:
+            return primary, blocked
+        if await self._backup.mailer.blocked_until() is not None:
+            return primary, blocked
+        return self._backup, blocked
 
     def _start_heartbeat(self, lease: Lease, *, renew_first: bool = False) -> None:
         self._heartbeat_task = self.spawn_task(
@@ -402,11 +503,19 @@ class CampaignActor(Actor[Continue]):
         if self._stopping:
             # The Continue was queued before the stop: no claim, no tokens now.
             return
-        blocked = await self._mailer.blocked_until()
-        if blocked is not None:
+        route, blocked = await self._choose_route()
+        if route is not self._route:
+            self._log_route(route)
+        self._route = route
+        if blocked is not None and route is self._primary:
             # The account's breaker is open: reserving tokens now would spend the
             # hour and the quota on sends that cannot go out. Wait for its probe.
-            await self._defer(lease, "transient_error", blocked, {})
+            await self._defer(lease, "transient_error", blocked, {}, route=route)
+            return
+        try:
+            template = self._template_of(route)
+        except Exception as exc:  # the backup's From or DKIM cannot build it
+            await self._pause(lease, "render_error", {}, error=repr(exc))
             return
         now = self._clock.now()
         self._claimed, unsubscribed = await self._store.claim(lease, self._s.batch_size, now)
@@ -419,7 +528,7 @@ class CampaignActor(Actor[Continue]):
         if self._stopping:
             return  # on_stop gives the claims back; no token is spent on them
 
-        reply = await self._tokens.request_tokens(
+        reply = await route.tokens.request_tokens(
             self.campaign_id, campaign.owner_id, len(self._claimed)
         )
         granted, refused = self._claimed[: reply.granted], self._claimed[reply.granted :]
@@ -427,7 +536,15 @@ class CampaignActor(Actor[Continue]):
         self._claimed = granted
         if not granted:
             reason = reply.reason or "rate_per_hour"
-            await self._defer(lease, reason, reply.retry_at, _reply_details(reply))
+            retry_at = reply.retry_at
+            if blocked is not None and (retry_at is None or blocked < retry_at):
+                # The backup's own limit holds it; its own account may be back
+                # first: it looks again then (a probe), under its own limits.
+                primary = self._primary
+                assert primary is not None
+                await self._defer(lease, "transient_error", blocked, {}, route=primary)
+                return
+            await self._defer(lease, reason, retry_at, _reply_details(reply), route=route)
             return
 
         if self._status == "ready" and await self._store.mark_sending(lease, now):
@@ -445,12 +562,42 @@ class CampaignActor(Actor[Continue]):
         elif any(
             o.status == "transient" and written.get(o.recipient_id) == "pending" for o in outcomes
         ):
+            if await self._may_fail_over(route):
+                # Its account's breaker opened on this batch and the backup is
+                # open for mail: the next batch goes there now, not in minutes.
+                self._again()
+                return
             retry_at = self._clock.now() + self._s.transient_retry
-            await self._defer(lease, "transient_error", retry_at, {})
+            await self._defer(lease, "transient_error", retry_at, {}, route=route)
         else:
             # Fewer tokens than wanted: the next ask is refused with the time
             # the window reopens, which defers the campaign there.
             self._again()
+
+    async def _may_fail_over(self, route: Route) -> bool:
+        """After a transient error on the own account: whether its breaker is now
+        open and the backup's lets mail out (the next batch then goes there)."""
+        if route is not self._primary or self._backup is None:
+            return False
+        nxt, blocked = await self._choose_route()
+        return blocked is not None and nxt is self._backup
+
+    def _log_route(self, route: Route) -> None:
+        if self._route is None and route is self._primary:
+            return  # the first batch, on its own account: nothing to say
+        primary = self._primary
+        assert primary is not None
+        log.warning(
+            "campaign fails over to its backup SMTP account"
+            if route is not primary
+            else "campaign back on its own SMTP account",
+            extra={
+                "campaign_id": self.campaign_id,
+                "account": route.name,
+                "own_account": primary.name,
+            },
+        )
+        metrics.ACCOUNT_FAILOVERS.labels(account=primary.name, to=route.name).inc()
 
     async def _send(
         self, lease: Lease, template: MessageTemplate, now: datetime, not_after: datetime | None
@@ -484,7 +631,7 @@ class CampaignActor(Actor[Continue]):
             self._prepared, self._handed = [], [r for r, _, _ in sendable]
             # Held on the actor while in flight (the loop keeps no other reference).
             self._sending = sending = asyncio.ensure_future(
-                self._mailer.send_all([m for _, m, _ in sendable], not_after=not_after)
+                self._current.mailer.send_all([m for _, m, _ in sendable], not_after=not_after)
             )
             wave = None
             try:
@@ -538,12 +685,12 @@ class CampaignActor(Actor[Continue]):
         if not self._claimed or self._stopping:
             return None
         # The wave stays in _claimed (released by on_stop if we die) until handed.
-        wave = self._claimed[: self._s.window]
+        wave = self._claimed[: self._current.window]
         # A recipient whose message cannot be built (an address or name the
         # renderer refuses) fails permanently without reaching SMTP.
         built: list[tuple[Claimed, Mail, str]] = []
         for r in wave:
-            mid = make_message_id(self.campaign_id, r.id, self._s.message_id_domain)
+            mid = make_message_id(self.campaign_id, r.id, self._current.message_id_domain)
             try:
                 built.append((r, self._render(template, r, mid, now), mid))
             except ValueError as exc:
@@ -551,7 +698,7 @@ class CampaignActor(Actor[Continue]):
         ids = [r.id for r, _, _ in built]
         if record and self._unrecorded:
             written, handed = await self._store.record_and_hand(
-                lease, self._unrecorded, ids, self._clock.now()
+                lease, self._unrecorded, ids, self._clock.now(), account=self._current.key
             )
             marked = set(handed)
             self._claimed = self._claimed[len(wave) :]
@@ -633,7 +780,12 @@ class CampaignActor(Actor[Continue]):
             count = self._transient_errors
         if written is None:
             written = await self._store.record(
-                lease, outcomes, self._clock.now(), transient_errors=count, success=success
+                lease,
+                outcomes,
+                self._clock.now(),
+                transient_errors=count,
+                success=success,
+                account=self._current.key,
             )
         self._unrecorded = []
         self._batch_written.update(written)
@@ -740,9 +892,26 @@ class CampaignActor(Actor[Continue]):
         ns = next_send(now, Limits(hours=hours, hourly_limit=1, breaker_until=until))
         return ns.at or until
 
+    @property
+    def _current(self) -> Route:
+        """The route of the batch in progress (its account sends and records it)."""
+        route = self._route or self._primary
+        assert route is not None
+        return route
+
     async def _defer(
-        self, lease: Lease, reason: str, until: datetime | None, details: dict[str, str]
+        self,
+        lease: Lease,
+        reason: str,
+        until: datetime | None,
+        details: dict[str, str],
+        *,
+        route: Route | None = None,
     ) -> None:
+        """``route``: the account whose limit or breaker the campaign waits for."""
+        route = route or self._current
+        if route.account:  # several accounts: the texts name it
+            details = {**details, "account": route.account}
         if reason == "transient_error" and until is not None:
             until = self._breaker_wait(until)
         elif until is None and reason != "quota_exhausted":
@@ -752,7 +921,13 @@ class CampaignActor(Actor[Continue]):
         await self._stop_heartbeat()
         event = self._event("deferred", defer_reason=reason, deferred_until=until, details=details)
         deferred, noticed = await self._store.defer(
-            lease, reason, until, self._clock.now(), notice=self._events.notice(event)
+            lease,
+            reason,
+            until,
+            self._clock.now(),
+            notice=self._events.notice(event),
+            account=route.account or None,
+            quota_key=route.key,
         )
         self._ended = True
         self.request_stop()
@@ -772,7 +947,10 @@ class CampaignActor(Actor[Continue]):
             await self._outbox.flush()
 
     async def _pause_by_breaker(self, lease: Lease) -> None:
-        await self._pause(lease, "circuit_breaker", {"errors": str(self._transient_errors)})
+        details = {"errors": str(self._transient_errors)}
+        if self._primary is not None and self._primary.account:
+            details["account"] = self._primary.account
+        await self._pause(lease, "circuit_breaker", details)
 
     async def _pause(
         self, lease: Lease, reason: str, details: dict[str, str], *, error: str | None = None

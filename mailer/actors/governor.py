@@ -90,8 +90,12 @@ _TURN_QUEUE_LIMIT = 500
 _ASK_TIMEOUT_SECONDS = 10.0
 
 
-def governor_subject(bus: Bus) -> str:
-    return bus.subject("internal", "governor", "tokens")
+def governor_subject(bus: Bus, account: str = "") -> str:
+    """Where an account's governor listens ('': the default account's, the one subject
+    of the single-account service): each account's limits are decided by its own."""
+    if not account:
+        return bus.subject("internal", "governor", "tokens")
+    return bus.subject("internal", "governor", "tokens", account)
 
 
 class Competition(Protocol):
@@ -99,12 +103,22 @@ class Competition(Protocol):
         """How many campaigns run or are ready to run now (the queue's count)."""
         ...
 
-    async def forecast_queue(self, limit: int) -> list[Entry]:
-        """The queue in order with what each campaign still has to send."""
+    async def forecast_queue(
+        self, limit: int, *, account: str | None = None, default: bool = True
+    ) -> list[Entry]:
+        """The queue in order with what each campaign still has to send (``account``:
+        only that SMTP account's campaigns; ``default``: it is the default account)."""
         ...
 
     async def competitors(
-        self, now: datetime, limit: int, asker: int, hour: tuple[datetime, datetime]
+        self,
+        now: datetime,
+        limit: int,
+        asker: int,
+        hour: tuple[datetime, datetime],
+        *,
+        account: str = "",
+        default: bool = True,
     ) -> list[tuple[int, int]]:
         """(campaign id, demand of ``hour``) of the first ``limit`` of them in
         queue order, and of ``asker``: attempts recorded in the hour plus the
@@ -135,7 +149,14 @@ class GovernorActor(Actor[TokenRequest]):
         max_active: int = 1,
         competition: Competition | None = None,
         spent: SpentTokens | None = None,
+        account: str = "",
+        name: str = "",
     ) -> None:
+        """``account``: the key of the SMTP account whose limits this governor
+        decides ('' the default's; mailer.accounts); ``name``: its name, said in
+        every reply so the campaign can tell which account's limit it waits for."""
+        self._account = account
+        self._account_name = name
         self._bus = bus
         self._max_active = max_active
         self._competition = competition
@@ -156,22 +177,28 @@ class GovernorActor(Actor[TokenRequest]):
         pool: asyncpg.Pool,
         settings: Settings,
         clock: Clock,
+        account: str = "",
     ) -> GovernorActor:
+        """``settings``: the account's view (mailer.accounts); ``account``: its key."""
         return cls(
             bus=bus,
             limiter=limiter,
-            quota=PgQuota(pool),
+            quota=PgQuota(pool, account),
             hours=WorkingHours.from_settings(settings),
             daily=DailyLimits.from_settings(settings),
             clock=clock,
             max_active=settings.max_active_campaigns,
             competition=PgStore(pool),
-            spent=PgSpentTokens(pool, ZoneInfo(settings.timezone)),
+            spent=PgSpentTokens(pool, ZoneInfo(settings.timezone), account),
+            account=account,
+            name=settings.smtp_account,
         )
 
     async def on_start(self) -> None:
         self._sub = await self._bus.nc.subscribe(
-            governor_subject(self._bus), queue=GOVERNOR_QUEUE, cb=self._on_request
+            governor_subject(self._bus, self._account),
+            queue=GOVERNOR_QUEUE,
+            cb=self._on_request,
         )
         # Ready means the server knows the subscription: a request right after start works.
         await self._bus.nc.flush()
@@ -182,6 +209,11 @@ class GovernorActor(Actor[TokenRequest]):
             request = decode(msg.data, TokenRequest)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self._respond_error(msg, 400, "bad_request", str(exc))
+            return
+        if request.account != self._account:  # asked on another account's subject
+            await self._respond_error(
+                msg, 400, "bad_request", f"this governor decides account {self._account!r}"
+            )
             return
         try:
             reply = await self.ref.ask(request, timeout=_ASK_TIMEOUT_SECONDS)
@@ -266,6 +298,7 @@ class GovernorActor(Actor[TokenRequest]):
         metrics.TOKENS_GRANTED.inc(taken)
         return TokenReply(
             granted=taken,
+            account=self._account_name,
             used=r.hour_used,
             limit=r.hour_limit,
             daily_sent=r.day_used,
@@ -288,7 +321,10 @@ class GovernorActor(Actor[TokenRequest]):
         if self._competition is None or msg.kind != "campaign":
             return None
         try:
-            queue = await self._competition.forecast_queue(_TURN_QUEUE_LIMIT)
+            # The campaigns of this account: they, not others, take its reopened hour.
+            queue = await self._competition.forecast_queue(
+                _TURN_QUEUE_LIMIT, account=self._account_name, default=not self._account
+            )
             if len(queue) < 2 or all(e.campaign_id != msg.campaign_id for e in queue):
                 return None
             day = self._hours.local_date(now)
@@ -394,7 +430,13 @@ class GovernorActor(Actor[TokenRequest]):
             return None
         start = hour_start(utc(now))
         sharing = await self._competition.competitors(
-            now, self._max_active, msg.campaign_id, (start, start + timedelta(hours=1))
+            now,
+            self._max_active,
+            msg.campaign_id,
+            (start, start + timedelta(hours=1)),
+            # Only this account's campaigns share its hour.
+            account=self._account_name,
+            default=not self._account,
         )
         ids = [cid for cid, _ in sharing]
         if msg.campaign_id not in ids:
@@ -437,6 +479,7 @@ class GovernorActor(Actor[TokenRequest]):
         )
         return TokenReply(
             granted=0,
+            account=self._account_name,
             reason=reason,
             retry_at=retry_at,
             used=r.hour_used if r else 0,
@@ -456,9 +499,10 @@ class GovernorActor(Actor[TokenRequest]):
 class NatsTokenSource:
     """What a campaign actor holds to ask the governor (over NATS, any process)."""
 
-    def __init__(self, bus: Bus, *, timeout: float) -> None:
+    def __init__(self, bus: Bus, *, timeout: float, account: str = "") -> None:
         self._bus = bus
         self._timeout = timeout
+        self._account = account  # the governor asked: this account's ('' the default's)
 
     async def request_tokens(
         self,
@@ -469,8 +513,14 @@ class NatsTokenSource:
         kind: Literal["campaign", "test"] = "campaign",
     ) -> TokenReply:
         return await self._bus.request(
-            governor_subject(self._bus),
-            TokenRequest(campaign_id=campaign_id, owner_id=owner_id, want=want, kind=kind),
+            governor_subject(self._bus, self._account),
+            TokenRequest(
+                campaign_id=campaign_id,
+                owner_id=owner_id,
+                want=want,
+                kind=kind,
+                account=self._account,
+            ),
             TokenReply,
             timeout=self._timeout,
         )

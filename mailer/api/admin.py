@@ -17,6 +17,7 @@ import msgspec
 import nats.errors
 
 from mailer import addresses
+from mailer.accounts import accounts_of
 from mailer.api.context import ApiContext, Caller, check_address, require_admin
 from mailer.api.outlook import reevaluate_deferrals
 from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, encode
@@ -148,10 +149,14 @@ async def quota_set(ctx: ApiContext, caller: Caller, req: QuotaSet) -> QuotaView
     decided again.
     """
     require_admin(caller)
-    if ctx.settings.quota_provider != "local":
+    # The default SMTP account's quota (quota.* act on it).
+    accounts = accounts_of(ctx.settings)
+    default = accounts.default
+    if default.settings.quota_provider != "local":
         raise Conflict("quota_not_local", text_key="quota_not_local")
     now = ctx.clock.now()
-    previous, state = await PgQuota(ctx.db.pool).set_local(req.monthly_limit, now, ctx.hours.tz)
+    ledger = PgQuota(ctx.db.pool, default.key, name=default.name if accounts.several else None)
+    previous, state = await ledger.set_local(req.monthly_limit, now, ctx.hours.tz)
     await ctx.db.audit(
         None,
         caller.user,

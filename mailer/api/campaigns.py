@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 
 import msgspec
 
+from mailer.accounts import Account, accounts_of
 from mailer.api.context import EDITABLE, ApiContext, Caller, check_message, require_owner
 from mailer.api.outlook import queue_outlook, reevaluate_deferrals, with_estimate
 from mailer.apistore import Locked
@@ -70,10 +71,25 @@ CANCELLABLE = ("draft", "ready", "sending", "paused")
 DELETABLE = ("draft", "paused", "sent", "completed_with_errors", "cancelled")
 
 
+def check_accounts(ctx: ApiContext, account: str | None, backup: str | None) -> None:
+    """The accounts a campaign names are configured, and its backup is another one."""
+    accounts = accounts_of(ctx.settings)
+    for field, name in (("account", account), ("backup_account", backup)):
+        if name is not None and accounts.find(name) is None:
+            raise ValidationFailed(
+                "unknown_account", field=field, account=name, accounts=", ".join(accounts.names)
+            )
+    if backup is not None and accounts.get(backup) == accounts.get(account):
+        raise ValidationFailed(
+            "validation_error", text_key="backup_is_account", field="backup_account", account=backup
+        )
+
+
 async def create(ctx: ApiContext, caller: Caller, req: CampaignCreate) -> CampaignView:
     check_message(
         ctx.settings, subject=req.subject, body_text=req.body_text, body_html=req.body_html
     )
+    check_accounts(ctx, req.account, req.backup_account)
     row = await ctx.store.create_campaign(
         owner_id=caller.user,
         name=req.name,
@@ -82,6 +98,8 @@ async def create(ctx: ApiContext, caller: Caller, req: CampaignCreate) -> Campai
         body_html=req.body_html,
         priority=req.priority,
         now=ctx.clock.now(),
+        account=req.account,
+        backup_account=req.backup_account,
     )
     return await _view(ctx, row.id)
 
@@ -91,7 +109,7 @@ async def get(ctx: ApiContext, caller: Caller, req: CampaignRef) -> CampaignView
 
 
 async def update(ctx: ApiContext, caller: Caller, req: CampaignUpdate) -> CampaignView:
-    fields = ("name", "subject", "body_text", "body_html", "priority")
+    fields = ("name", "subject", "body_text", "body_html", "priority", "account", "backup_account")
     changes = sorted(f for f in fields if getattr(req, f) is not msgspec.UNSET)
     if not changes:
         raise ValidationFailed("validation_error", text_key="nothing_to_update")
@@ -106,7 +124,17 @@ async def update(ctx: ApiContext, caller: Caller, req: CampaignUpdate) -> Campai
         body_text = c.body_text if isinstance(req.body_text, msgspec.UnsetType) else req.body_text
         body_html = c.body_html if isinstance(req.body_html, msgspec.UnsetType) else req.body_html
         priority = c.priority if isinstance(req.priority, msgspec.UnsetType) else req.priority
+        account = c.smtp_account if isinstance(req.account, msgspec.UnsetType) else req.account
+        backup = (
+            c.backup_account
+            if isinstance(req.backup_account, msgspec.UnsetType)
+            else req.backup_account
+        )
         check_message(ctx.settings, subject=subject, body_text=body_text, body_html=body_html)
+        if account != c.smtp_account or backup != c.backup_account:
+            # Checked when they change: a campaign kept as it was is not refused for
+            # an account the configuration dropped since (its actor pauses it).
+            check_accounts(ctx, account, backup)
         await tx.update(
             name=name,
             subject=subject,
@@ -114,6 +142,8 @@ async def update(ctx: ApiContext, caller: Caller, req: CampaignUpdate) -> Campai
             body_html=body_html,
             priority=priority,
             now=now,
+            account=account,
+            backup_account=backup,
         )
         await tx.audit(caller.user, "campaign.update", {"fields": changes}, now)
 
@@ -321,6 +351,8 @@ async def _check_renderable(ctx: ApiContext, campaign_id: int) -> None:
     row = await ctx.store.get_campaign(campaign_id)
     if row is None:
         raise NotFound(campaign_id=campaign_id)
+    # Its accounts too: one the configuration dropped since would pause it at once.
+    check_accounts(ctx, row.smtp_account, row.backup_account)
     attachments = await ctx.store.attachments(campaign_id)
     check_message(
         ctx.settings,
@@ -329,6 +361,14 @@ async def _check_renderable(ctx: ApiContext, campaign_id: int) -> None:
         body_html=row.body_html,
         attachments=[(a.filename, a.content_type, a.content) for a in attachments],
     )
+
+
+async def _account_of(ctx: ApiContext, campaign_id: int) -> Account:
+    """The SMTP account a campaign goes through (checked at start: configured)."""
+    row = await ctx.store.get_campaign(campaign_id)
+    accounts = accounts_of(ctx.settings)
+    found = accounts.find(row.smtp_account if row is not None else None)
+    return found if found is not None else accounts.default
 
 
 async def _wake(ctx: ApiContext, campaign_id: int) -> None:
@@ -343,9 +383,10 @@ async def _large_campaign_message(ctx: ApiContext, campaign_id: int, total: int,
     """How long a large campaign takes, from the forecast: working hours, days
     and every other limit counted (the issue: "about 100 h" for 10 000 at
     100/h, when 9 working hours a day make it more than 11 working days)."""
-    s, now = ctx.settings, ctx.clock.now()
+    now = ctx.clock.now()
     outlook = (await queue_outlook(ctx)).get(campaign_id)
-    base: dict[str, object] = {"count": total, "rate": s.rate_per_hour}
+    account = await _account_of(ctx, campaign_id)
+    base: dict[str, object] = {"count": total, "rate": account.rate_per_hour}
     if outlook is None or outlook.completes_at is None:
         return text("warning_large_campaign_unknown", lang, **base)
     done = outlook.completes_at
@@ -368,7 +409,8 @@ async def _start_warnings(
     scheduled start, at ``send_at``)."""
     s, now, lang = ctx.settings, ctx.clock.now(), caller.lang
     warnings: list[StartWarning] = []
-    quota = await ctx.db.quota()
+    # The quota of the account it goes through.
+    quota = await ctx.db.quota((await _account_of(ctx, campaign_id)).key)
     if quota is not None and quota.emails_available == 0:
         warnings.append(
             StartWarning(code="quota_exhausted", message=text("warning_quota_exhausted", lang))

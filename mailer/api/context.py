@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Literal, Protocol
 
@@ -208,6 +208,8 @@ class ApiContext:
     tokens: TestTokens
     mailer: TestMailer
     events: EventSink
+    # Each SMTP account's hour counter by name, with several accounts (the forecast).
+    hour_counters: Mapping[str, DailyCounter] = field(default_factory=dict)
 
     async def own(self, caller: Caller, campaign_id: int) -> CampaignView:
         """The campaign, if the caller owns it (or is an admin)."""

@@ -19,6 +19,7 @@ from datetime import datetime
 
 import msgspec
 
+from mailer.accounts import Account, accounts_of
 from mailer.api.context import ApiContext
 from mailer.forecast import Outlook, forecast
 from mailer.messages import CampaignView, Wake
@@ -42,19 +43,37 @@ Estimate = tuple[datetime | None, datetime | None, str | None]
 
 
 async def queue_outlook(ctx: ApiContext) -> dict[int, Outlook]:
+    """Every campaign's outlook; with several SMTP accounts, each account's queue
+    replayed under its own hour and quota (the owners' days are theirs in each)."""
+    accounts = accounts_of(ctx.settings)
+    if not accounts.several:
+        return await _outlook(ctx, None)
+    outlooks: dict[int, Outlook] = {}
+    for account in accounts.accounts:
+        outlooks.update(await _outlook(ctx, account))
+    return outlooks
+
+
+async def _outlook(ctx: ApiContext, account: Account | None) -> dict[int, Outlook]:
     now = ctx.clock.now()
-    s = ctx.settings
-    queue = await ctx.db.forecast_queue(FORECAST_QUEUE_LIMIT)
+    s = ctx.settings if account is None else account.settings
+    if account is None:
+        queue = await ctx.db.forecast_queue(FORECAST_QUEUE_LIMIT)
+    else:
+        queue = await ctx.db.forecast_queue(
+            FORECAST_QUEUE_LIMIT, account=account.name, default=account.default
+        )
     if not queue:
         return {}
-    quota = await ctx.db.quota()
+    quota = await ctx.db.quota("" if account is None else account.key)
+    counter = ctx.daily_counter if account is None else ctx.hour_counters.get(account.name)
     hour_used, day_used = 0, {}
-    if ctx.daily_counter is not None:
+    if counter is not None:
         try:
-            hour_used = await ctx.daily_counter.hour_used(now)
+            hour_used = await counter.hour_used(now)
             today = ctx.hours.local_date(now)
             for owner in {e.owner_id for e in queue}:
-                day_used[owner] = await ctx.daily_counter.day_used(owner, today)
+                day_used[owner] = await counter.day_used(owner, today)
         except Exception as exc:  # best effort: a forecast must not fail because Redis does
             log.warning("rate counters unavailable for the forecast", extra={"error": repr(exc)})
     return forecast(

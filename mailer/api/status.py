@@ -36,12 +36,13 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
+from mailer.accounts import accounts_of
 from mailer.api.context import ApiContext, Caller
 from mailer.api.outlook import estimate_of, queue_outlook
 from mailer.apistore import OwnerQueueRow
 from mailer.errors import Forbidden
 from mailer.messages import ActiveCampaign, ManagerStatus, QueuedCampaign, StatusRequest
-from mailer.texts import Lang, reason_key, reason_values, text
+from mailer.texts import ACCOUNT_REASONS, Lang, reason_key, reason_values, text
 
 __all__ = ["STATUS_QUEUE_LIMIT", "reason_text", "status"]
 
@@ -58,8 +59,11 @@ async def status(ctx: ApiContext, caller: Caller, req: StatusRequest) -> Manager
     rows, queued, paused = await ctx.db.owner_queue(owner, STATUS_QUEUE_LIMIT)
     outlooks = await queue_outlook(ctx) if rows else {}
     estimates = {r.id: estimate_of(r.id, r.status, outlooks) for r in rows}
+    accounts = accounts_of(ctx.settings)
     queue = [
         QueuedCampaign(
+            account=(r.smtp_account or accounts.default.name) if accounts.several else None,
+            defer_account=_waits_for(ctx, r.defer_reason or "", r) or None,
             id=r.id,
             name=r.name,
             status=r.status,
@@ -131,11 +135,27 @@ async def reason_text(
     ctx: ApiContext, code: str, owner_id: str, row: OwnerQueueRow, lang: Lang
 ) -> str:
     now = ctx.clock.now()
-    values = reason_values(ctx.settings, until=row.deferred_until, now=now, lang=lang)
+    account = _waits_for(ctx, code, row)
+    values = reason_values(
+        ctx.settings, until=row.deferred_until, now=now, lang=lang, account=account
+    )
     if code == "daily_limit":
         limit = ctx.daily_limits.limit_for(owner_id)
         values.update(limit=limit, sent=await _sent_today(ctx, owner_id, limit))
-    return text(reason_key(code, until=row.deferred_until, now=now), lang, **values)
+    key = reason_key(code, until=row.deferred_until, now=now, account=account)
+    return text(key, lang, **values)
+
+
+def _waits_for(ctx: ApiContext, code: str, row: OwnerQueueRow) -> str:
+    """The SMTP account a wait is for, named only with several accounts: the one
+    the deferral recorded (a backup's hour during a failover), else the campaign's."""
+    accounts = accounts_of(ctx.settings)
+    if not accounts.several or code not in ACCOUNT_REASONS:
+        return ""
+    own = row.smtp_account or accounts.default.name
+    if code == "circuit_breaker":  # its own count of failed attempts, on its own account
+        return own
+    return row.defer_account or own
 
 
 async def _sent_today(ctx: ApiContext, owner_id: str, limit: int) -> int:

@@ -29,6 +29,7 @@ from typing import Any
 import nats.errors
 
 from mailer import metrics, sendlog
+from mailer.accounts import accounts_of
 from mailer.actors.campaign import Mail
 from mailer.actors.runtime import ActorDead, AskTimeout, MailboxFull
 from mailer.api.context import ApiContext, Caller, check_address, require_owner
@@ -54,7 +55,8 @@ _GRANTS = 2
 
 
 async def send_test(ctx: ApiContext, caller: Caller, req: TestEmail) -> TestEmailSent:
-    s = ctx.settings
+    # A test email goes through the default SMTP account: its From, Message-ID and DKIM.
+    s = accounts_of(ctx.settings).default.settings
     reason = check_address(req.email)
     if reason is not None:
         raise ValidationFailed(

@@ -259,9 +259,19 @@ class MailerClient:
         body_text: str | None = None,
         body_html: str | None = None,
         priority: int = 0,
+        account: str | None = None,
+        backup_account: str | None = None,
     ) -> CampaignView:
+        """``account``: the SMTP account it goes through (None: the default);
+        ``backup_account``: the one used while that account's breaker is open."""
         body = CampaignCreate(
-            name=name, subject=subject, body_text=body_text, body_html=body_html, priority=priority
+            name=name,
+            subject=subject,
+            body_text=body_text,
+            body_html=body_html,
+            priority=priority,
+            account=account,
+            backup_account=backup_account,
         )
         return await self.request("campaign.create", body, CampaignView)
 
@@ -274,8 +284,11 @@ class MailerClient:
         body_text: str | Unset | None = UNSET,
         body_html: str | Unset | None = UNSET,
         priority: int | Unset = UNSET,
+        account: str | Unset | None = UNSET,
+        backup_account: str | Unset | None = UNSET,
     ) -> CampaignView:
-        """Changes the given fields; ``None`` clears a body (one must remain)."""
+        """Changes the given fields; ``None`` clears a body (one must remain), and
+        puts the campaign back on the default account / leaves it without a backup."""
         body = CampaignUpdate(
             campaign_id=campaign_id,
             name=name,
@@ -283,6 +296,8 @@ class MailerClient:
             body_text=body_text,
             body_html=body_html,
             priority=priority,
+            account=account,
+            backup_account=backup_account,
         )
         return await self.request("campaign.update", body, CampaignView)
 

@@ -51,6 +51,7 @@ __all__ = [
     "TooManyInOneCall",
     "TooManyRecipients",
     "Unauthenticated",
+    "UnknownAccount",
     "ValidationError",
     "error_for",
 ]
@@ -176,6 +177,13 @@ class EmptyCampaign(MailerError):
     code, status = "empty_campaign", 422
 
 
+class UnknownAccount(MailerError):
+    """The campaign names an SMTP account that is not configured (details: ``field``,
+    ``account``, ``accounts``)."""
+
+    code, status = "unknown_account", 422
+
+
 class AttachmentTooLarge(MailerError):
     code, status = "attachment_too_large", 422
 
@@ -275,6 +283,7 @@ ERRORS: dict[str, type[MailerError]] = {
         TooManyRecipients,
         RecipientsLimit,
         EmptyCampaign,
+        UnknownAccount,
         AttachmentTooLarge,
         AttachmentsTotalTooLarge,
         Throttled,

@@ -53,6 +53,8 @@ def _show(cli: Cli, view: CampaignView) -> None:
     help="A file to attach (repeat for several).",
 )
 @click.option("--priority", type=int, default=0, show_default=True, help="-100…100, higher first.")
+@click.option("--account", help="The SMTP account it goes through (default: the default one).")
+@click.option("--backup-account", help="The SMTP account used while its own breaker is open.")
 async def create(
     cli: Cli,
     client: MailerClient,
@@ -63,9 +65,17 @@ async def create(
     html_file: Path | None,
     attach: tuple[Path, ...],
     priority: int,
+    account: str | None,
+    backup_account: str | None,
 ) -> None:
     view = await client.create_campaign(
-        name, subject, body_text=_read(text_file), body_html=_read(html_file), priority=priority
+        name,
+        subject,
+        body_text=_read(text_file),
+        body_html=_read(html_file),
+        priority=priority,
+        account=account,
+        backup_account=backup_account,
     )
     for path in attach:
         kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -88,6 +98,8 @@ async def create(
 @click.option("--no-text", is_flag=True, help="Remove the text body (the HTML one must remain).")
 @click.option("--no-html", is_flag=True, help="Remove the HTML body (the text one must remain).")
 @click.option("--priority", type=int, help="A new priority, -100…100.")
+@click.option("--account", help="Another SMTP account ('' for the default one).")
+@click.option("--backup-account", help="Another backup SMTP account ('' for none).")
 async def update(
     cli: Cli,
     client: MailerClient,
@@ -100,6 +112,8 @@ async def update(
     no_text: bool,
     no_html: bool,
     priority: int | None,
+    account: str | None,
+    backup_account: str | None,
 ) -> None:
     unset = msgspec.UNSET
     view = await client.update_campaign(
@@ -109,6 +123,8 @@ async def update(
         body_text=None if no_text else (unset if text_file is None else _read(text_file)),
         body_html=None if no_html else (unset if html_file is None else _read(html_file)),
         priority=unset if priority is None else priority,
+        account=unset if account is None else (account or None),
+        backup_account=unset if backup_account is None else (backup_account or None),
     )
     _show(cli, view)
 

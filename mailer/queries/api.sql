@@ -16,12 +16,12 @@ WHERE campaign_id = $1 FOR NO KEY UPDATE;
 
 -- name: api-campaign-lock
 SELECT id, owner_id, name, subject, body_text, body_html, priority, status,
-       created_at, updated_at, finished_at
+       created_at, updated_at, finished_at, smtp_account, backup_account
 FROM campaign WHERE id = $1 FOR NO KEY UPDATE;
 
 -- name: api-campaign-lock-delete
 SELECT id, owner_id, name, subject, body_text, body_html, priority, status,
-       created_at, updated_at, finished_at
+       created_at, updated_at, finished_at, smtp_account, backup_account
 FROM campaign WHERE id = $1 FOR UPDATE;
 
 -- name: api-campaign-set-status
@@ -33,7 +33,8 @@ WHERE id = $1;
 
 -- name: api-campaign-update
 UPDATE campaign
-SET name = $2, subject = $3, body_text = $4, body_html = $5, priority = $6, updated_at = $7
+SET name = $2, subject = $3, body_text = $4, body_html = $5, priority = $6, updated_at = $7,
+    smtp_account = $8, backup_account = $9
 WHERE id = $1;
 
 -- name: api-campaign-delete
@@ -42,7 +43,8 @@ DELETE FROM campaign WHERE id = $1;
 -- name: api-campaign-list
 -- Keyset pagination, newest first: a page never repeats or skips a row when
 -- campaigns are created meanwhile (OFFSET would).
-SELECT id, owner_id, name, subject, priority, status, created_at, updated_at, finished_at
+SELECT id, owner_id, name, subject, priority, status, created_at, updated_at, finished_at,
+       smtp_account, backup_account
 FROM campaign
 WHERE ($1::text IS NULL OR owner_id = $1)
   AND (cardinality($2::text[]) = 0 OR status = ANY($2::text[]))
@@ -66,7 +68,7 @@ WHERE c.id = ANY($1::bigint[]) AND c.purged_counts IS NULL AND s.n <> 0;
 
 -- name: api-queues-of-campaigns
 SELECT campaign_id, priority, queued_at, started_at, completed_at, defer_reason,
-       deferred_until, consecutive_transient_errors
+       deferred_until, consecutive_transient_errors, defer_account
 FROM queue_entry WHERE campaign_id = ANY($1::bigint[]);
 
 -- name: api-queue-set-priority
@@ -162,7 +164,8 @@ ORDER BY email
 LIMIT $2;
 
 -- name: api-quota-get
-SELECT emails_available, monthly_limit, last_synced_at, sync_error FROM quota;
+-- $1: the account's row ('' the default's).
+SELECT emails_available, monthly_limit, last_synced_at, sync_error FROM quota WHERE account = $1;
 
 -- name: api-send-log-test
 -- A test email's attempt: no recipient row, is_test marks it.
@@ -175,7 +178,7 @@ RETURNING id;
 -- The owner's unfinished campaigns in the order the manager reads them: the
 -- one sending first, then the queue (priority, then queued_at), paused last.
 SELECT c.id, c.name, c.status, q.priority, q.queued_at, q.started_at,
-       q.defer_reason, q.deferred_until
+       q.defer_reason, q.deferred_until, q.defer_account, c.smtp_account
 FROM campaign c JOIN queue_entry q ON q.campaign_id = c.id
 WHERE c.owner_id = $1 AND q.completed_at IS NULL
   AND c.status IN ('ready', 'sending', 'paused')
@@ -191,13 +194,16 @@ WHERE c.owner_id = $1 AND q.completed_at IS NULL;
 
 -- name: api-forecast-queue
 -- The whole queue the forecast replays, in queue order (not paused, not
--- finished), with what each campaign still has to send.
+-- finished), with what each campaign still has to send. $2: only the campaigns
+-- of this SMTP account (its name; $3: it is the default, whose campaigns may
+-- name none); NULL: all of them.
 SELECT q.campaign_id, c.owner_id, q.defer_reason, q.deferred_until, q.started_at,
        (SELECT count(*) FROM recipient r
         WHERE r.campaign_id = q.campaign_id AND r.status IN ('pending', 'sending'))::bigint
            AS remaining
 FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
 WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
+  AND ($2::text IS NULL OR c.smtp_account = $2 OR (c.smtp_account IS NULL AND $3))
 ORDER BY q.priority DESC, q.queued_at, q.id
 LIMIT $1;
 

@@ -1,13 +1,14 @@
 -- name: campaign-insert
+-- $8/$9: the SMTP account and its backup (NULL: the default; none).
 INSERT INTO campaign (owner_id, name, subject, body_text, body_html, priority, status,
-                      created_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, 'draft', $7, $7)
+                      created_at, updated_at, smtp_account, backup_account)
+VALUES ($1, $2, $3, $4, $5, $6, 'draft', $7, $7, $8, $9)
 RETURNING id, owner_id, name, subject, body_text, body_html, priority, status,
-          created_at, updated_at, finished_at;
+          created_at, updated_at, finished_at, smtp_account, backup_account;
 
 -- name: campaign-get
 SELECT id, owner_id, name, subject, body_text, body_html, priority, status,
-       created_at, updated_at, finished_at
+       created_at, updated_at, finished_at, smtp_account, backup_account
 FROM campaign WHERE id = $1;
 
 -- name: campaign-set-status

@@ -17,7 +17,7 @@ SELECT coalesce(sum(p.n), 0)::bigint AS pending,
              AND NOT (q.deferred_until IS NULL
                       AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted')
        ), 0)::bigint AS sendable,
-       (SELECT emails_available FROM quota) AS quota_available
+       (SELECT emails_available FROM quota WHERE account = '') AS quota_available
 FROM queue_entry q
 JOIN campaign c ON c.id = q.campaign_id
 CROSS JOIN LATERAL (

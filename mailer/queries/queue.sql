@@ -67,9 +67,11 @@ WHERE campaign_id = $1 AND lease_owner = $2 AND lease_epoch = $3;
 -- The one way a campaign waits: the reason and until when, under our lease.
 -- Returns what the owner was last notified of in this episode (reason and
 -- promised time); the row stays locked, so the caller's decision to notify
--- (queue-notified) is made in the same transaction.
+-- (queue-notified) is made in the same transaction. $6: the SMTP account whose
+-- limit or breaker it waits for (NULL: none named).
 UPDATE queue_entry q
-SET defer_reason = $4, deferred_until = $5, lease_owner = NULL, lease_until = NULL
+SET defer_reason = $4, deferred_until = $5, defer_account = $6, lease_owner = NULL,
+    lease_until = NULL
 FROM (SELECT id, notified_reason, notified_until FROM queue_entry
       WHERE campaign_id = $1 FOR UPDATE) old
 WHERE q.id = old.id AND q.campaign_id = $1 AND q.lease_owner = $2 AND q.lease_epoch = $3
@@ -141,7 +143,7 @@ RETURNING id;
 
 -- name: queue-get
 SELECT id, campaign_id, priority, queued_at, started_at, completed_at, defer_reason,
-       deferred_until, consecutive_transient_errors, lease_owner, lease_until, lease_epoch
+       deferred_until, consecutive_transient_errors, defer_account, lease_owner, lease_until, lease_epoch
 FROM queue_entry WHERE campaign_id = $1;
 
 -- name: queue-active
@@ -172,6 +174,9 @@ WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
 -- (pending, or claimed: a batch in flight or about to ask for its tokens).
 -- And those that used part of this hour but run no more (finished, deferred,
 -- paused): their demand is what they used, so the rest goes to the others.
+-- Only the asker's SMTP account's ($6, the name; $7: it is the default, whose
+-- campaigns name none and whose send-log rows have none): each account's hour
+-- is shared by its own campaigns.
 WITH top AS (
     SELECT q.campaign_id
     FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
@@ -181,11 +186,14 @@ WITH top AS (
     ORDER BY q.priority DESC, q.queued_at, q.id
     LIMIT $2
 ), runs AS (
-    SELECT campaign_id FROM top UNION SELECT $3::bigint
+    SELECT t.campaign_id FROM top t JOIN campaign c ON c.id = t.campaign_id
+    WHERE c.smtp_account = $6 OR (c.smtp_account IS NULL AND $7)
+    UNION SELECT $3::bigint
 ), used AS (
     SELECT l.campaign_id, count(*) AS n FROM send_log l
     WHERE NOT l.is_test AND l.campaign_id IS NOT NULL
       AND l.created_at >= $4 AND l.created_at < $5
+      AND (l.account = $6 OR (l.account IS NULL AND $7))
     GROUP BY l.campaign_id
 ), sharing AS (
     SELECT campaign_id, true AS running FROM runs

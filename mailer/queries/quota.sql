@@ -1,5 +1,12 @@
 -- name: quota-get
-SELECT emails_available, monthly_limit, last_synced_at, sync_error FROM quota;
+-- $1: the account ('' the default's).
+SELECT emails_available, monthly_limit, last_synced_at, sync_error FROM quota WHERE account = $1;
+
+-- name: quota-ensure
+-- An account's row, created at start with its monthly allowance ($2) until the
+-- first sync writes the real number.
+INSERT INTO quota (account, emails_available, monthly_limit) VALUES ($1, $2, $2)
+ON CONFLICT (account) DO NOTHING;
 
 -- name: quota-take
 -- Takes up to $1 emails from the monthly allowance; returns how many it took.
@@ -7,16 +14,18 @@ SELECT emails_available, monthly_limit, last_synced_at, sync_error FROM quota;
 -- there, so the old one is read in the same statement. FOR UPDATE makes that
 -- read wait for a concurrent taker and then see its result (READ COMMITTED
 -- re-reads a locked row), so two governors never both take the last emails.
-WITH before AS (SELECT emails_available FROM quota FOR UPDATE)
+-- $2: the account ('' the default's): each account's row is its own.
+WITH before AS (SELECT account, emails_available FROM quota WHERE account = $2 FOR UPDATE)
 UPDATE quota q
 SET emails_available = q.emails_available - LEAST(q.emails_available, $1)
 FROM before
+WHERE q.account = before.account
 RETURNING before.emails_available - q.emails_available AS taken,
           q.emails_available AS available;
 
 -- name: quota-lock
 -- Holds the quota row for a sync: no governor takes until it commits.
-SELECT emails_available FROM quota FOR UPDATE;
+SELECT emails_available FROM quota WHERE account = $1 FOR UPDATE;
 
 -- name: quota-record-sync
 -- A successful sync, under quota-lock: the reading ($1) less the recipients
@@ -25,30 +34,40 @@ SELECT emails_available FROM quota FOR UPDATE;
 -- recorded in it (local: the month's; http: since the provider was asked).
 -- $2: the monthly limit the provider reports (NULL: it does not say). $6: a
 -- local reading — then an operator's quota.set (monthly_override) stands for
--- both the reading and the limit.
+-- both the reading and the limit. $7: the account ('' the default's): its own
+-- sends only (NULL in the log: the default's). The claims: those of the
+-- campaigns that may send through the account — its own or naming it as their
+-- backup ($8 its name, $9 whether it is the default, whose campaigns may name
+-- none); $8 NULL (one account): every claim. A failing-over campaign's claims
+-- count for both of its accounts: under-sending until the next sync, never over.
 UPDATE quota q
 SET emails_available = GREATEST(0,
         (CASE WHEN $6 AND q.monthly_override IS NOT NULL THEN q.monthly_override ELSE $1 END)
-        - (SELECT count(*) FROM recipient WHERE status = 'sending')
+        - (SELECT count(*) FROM recipient r JOIN campaign c ON c.id = r.campaign_id
+           WHERE r.status = 'sending'
+             AND ($8::text IS NULL OR c.smtp_account = $8 OR c.backup_account = $8
+                  OR (c.smtp_account IS NULL AND $9)))
         - CASE WHEN $4::timestamptz IS NULL THEN 0 ELSE (
               SELECT count(*) FROM send_log
               WHERE status IN ('sent', 'in_doubt') AND created_at >= $4
                 AND ($5::timestamptz IS NULL OR created_at < $5)
+                AND COALESCE(account, '') = $7
           ) END),
     monthly_limit = CASE WHEN $6 AND q.monthly_override IS NOT NULL THEN q.monthly_override
                          ELSE $2 END,
     last_synced_at = $3, sync_error = NULL
+WHERE q.account = $7
 RETURNING q.emails_available, q.monthly_limit, q.last_synced_at, q.sync_error;
 
 -- name: quota-set-override
 -- quota.set: the local monthly allowance from now on (under quota-lock; the
 -- caller then records a local reading, which applies it).
-UPDATE quota SET monthly_override = $1;
+UPDATE quota SET monthly_override = $1 WHERE account = $2;
 
 -- name: quota-record-sync-error
 -- A failed sync keeps the last known numbers and last_synced_at (the time
 -- they are from) and says why it failed.
-UPDATE quota SET sync_error = $1
+UPDATE quota SET sync_error = $1 WHERE account = $2
 RETURNING emails_available, monthly_limit, last_synced_at, sync_error;
 
 -- name: queue-lift-reason
@@ -65,4 +84,4 @@ RETURNING campaign_id;
 -- own transaction: a sync that restores the quota (quota-lock, FOR UPDATE)
 -- either committed before — this sees its number — or waits until the
 -- deferral is committed, and its lift then finds it. No third order exists.
-SELECT emails_available FROM quota FOR SHARE;
+SELECT emails_available FROM quota WHERE account = $1 FOR SHARE;

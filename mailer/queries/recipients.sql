@@ -93,8 +93,9 @@ WHERE id = ANY($1::bigint[]) AND status = 'sending' AND claimed_by = $2;
 -- recipient's transient attempts is logged as the failure it caused. In the
 -- same statement, the next wave's hand (as recipients-hand, $14 its ids -- empty
 -- for a plain record -- and $15/$16 the lease's owner and epoch): the pipelined
--- loop never hands a wave before the previous one is recorded. Rows: each recorded row (handed false), then each
--- row marked handed (handed true).
+-- loop never hands a wave before the previous one is recorded. $17: the SMTP
+-- account that sent the wave ('' the default: NULL in the log). Rows: each
+-- recorded row (handed false), then each row marked handed (handed true).
 WITH o AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::boolean[],
                          $9::text[], $10::text[], $11::text[], $12::float8[])
@@ -132,14 +133,14 @@ dropped AS (
 ),
 logged AS (
     INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, smtp_message_id,
-                          provider_answer, error, took_ms, created_at)
+                          provider_answer, error, took_ms, created_at, account)
     SELECT $13, o.id, o.email, false,
            CASE WHEN o.status = 'transient' AND u.status = 'failed' THEN 'failed'
                 ELSE o.status END,
            o.message_id, o.answer,
            CASE WHEN o.status = 'transient' AND u.status = 'failed' THEN u.error
                 ELSE o.raw_error END,
-           o.took_ms, $7
+           o.took_ms, $7, NULLIF($17::text, '')
     FROM o JOIN upd u ON u.id = o.id
     ORDER BY o.ord
 ),
