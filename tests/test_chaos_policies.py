@@ -136,3 +136,25 @@ async def test_fail_open_grants_are_read_from_the_process_logs(
     (tmp_path / "p0-g0.log").write_text("\n".join(["noise", *lines, "more noise"]) + "\n")
     ((at, tokens, owner),) = fail_open_grants(tmp_path)
     assert (tokens, owner) == (4, "owner-b") and 0 <= at - int(now.timestamp()) < 30
+
+
+def test_a_kill_may_leave_two_waves_in_doubt_for_each_campaign_it_was_sending() -> None:
+    # Seed 4026 of the long run: a kill -9 of a process sending two campaigns left 4 + 1
+    # in doubt; the bound counted two waves for the process, not for each campaign.
+    from tests.chaos.checks import _in_doubt_bounded
+    from tests.chaos.driver import MAX_ACTIVE, SMTP_CONNECTIONS, Applied
+    from tests.chaos.schedule import Fault
+
+    bound = 2 * SMTP_CONNECTIONS * MAX_ACTIVE
+
+    def round_with(doubt: int) -> Outcome:
+        o = _outcome(
+            [], [{"id": i, "email": f"u-{i}@x", "status": "in_doubt"} for i in range(doubt)]
+        )
+        o.applied = [Applied(Fault(3.0, "kill9", "p1", 2.0), "p1-g0", at=0.0)]
+        return o
+
+    assert _in_doubt_bounded(round_with(bound)) == []
+    (too_many,) = _in_doubt_bounded(round_with(bound + 1))
+    assert too_many.invariant == "in_doubt_bound"
+    assert _in_doubt_bounded(_outcome([], [{"id": 1, "email": "a@x", "status": "in_doubt"}])) != []

@@ -192,8 +192,9 @@ def _daily_turn(o: Outcome, c: dict[str, Any], midnight: datetime) -> datetime:
 
 def _in_doubt_bounded(o: Outcome) -> list[Violation]:
     """In doubt only for sends in flight when their owner could not record them (README
-    "Failure policies"): at most two waves of a process's SMTP connections per kill -9
-    (the pipelined loop hands the next wave while one is sent; a SIGTERM drains: none),
+    "Failure policies"): at most two waves of a process's SMTP connections per kill -9 and
+    campaign it was sending (the pipelined loop hands the next wave while one is sent,
+    each campaign its own; MAX_ACTIVE at once; a SIGTERM drains: none),
     one wave per crash of a campaign actor or the sender, per process for a black-holed
     provider (sends that got no answer), and per PostgreSQL restart two waves of every
     campaign sending then (MAX_ACTIVE at once): an actor whose query fails crashes, its
@@ -210,7 +211,7 @@ def _in_doubt_bounded(o: Outcome) -> list[Violation]:
     )
     holes = sum(1 for a in o.applied if a.fault.kind == "smtp_blackhole")
     pg = sum(1 for a in o.applied if a.fault.kind == "pg_restart" and a.resolved)
-    waves = 2 * kills + crashes + holes * o.plan.processes + 2 * pg * MAX_ACTIVE
+    waves = 2 * kills * MAX_ACTIVE + crashes + holes * o.plan.processes + 2 * pg * MAX_ACTIVE
     bound = SMTP_CONNECTIONS * waves
     doubt = [r["email"] for r in o.recipients if r["status"] == "in_doubt"]
     if len(doubt) > bound:
@@ -218,7 +219,8 @@ def _in_doubt_bounded(o: Outcome) -> list[Violation]:
             Violation(
                 "in_doubt_bound",
                 f"{len(doubt)} in doubt > {bound} (= {SMTP_CONNECTIONS} connections x "
-                f"(2 x {kills} kill -9 + {crashes} crashes + {holes} black holes x "
+                f"(2 x {kills} kill -9 x {MAX_ACTIVE} campaigns + {crashes} crashes + "
+                f"{holes} black holes x "
                 f"{o.plan.processes} processes + 2 x {pg} PostgreSQL restarts x "
                 f"{MAX_ACTIVE} campaigns)): {doubt[:10]}",
             )
