@@ -288,7 +288,13 @@ class Service:
             ChildSpec(
                 "rate-governor",
                 lambda: GovernorActor.from_settings(
-                    bus=bus, limiter=limiter, pool=self._pool, settings=s, clock=clock
+                    bus=bus,
+                    limiter=limiter,
+                    pool=self._pool,
+                    settings=s,
+                    clock=clock,
+                    # A quota block given back to an empty allowance restores it.
+                    on_quota_restored=self._quota_restored,
                 ),
             ),
             ChildSpec(
