@@ -221,8 +221,9 @@ class QuotaBlocks:
     times ``QUOTA_BLOCK_LOOKAHEAD_SECONDS``, at least what the request needs, at
     most ``QUOTA_BLOCK_MAX``, once requests come ``QUOTA_BLOCK_BUSY_REQUESTS`` a
     second or faster — so a quiet governor (a campaign asks once a batch) takes
-    exactly what it grants and holds nothing, and a busy one asks PostgreSQL a few times a second, the
-    next block taken in the background before the current one runs out.
+    exactly what it grants and holds nothing, and a busy one asks PostgreSQL a
+    few times a second, the next block taken in the background before the
+    current one runs out.
 
     Exact across processes: every token granted comes from a block, every block
     was subtracted from the one quota row under its lock, so the grants of all
