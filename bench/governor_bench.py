@@ -182,6 +182,11 @@ async def measure(
         if (await asyncio.to_thread(anchor.stdout.readline)).strip() != b"ready":
             raise RuntimeError("the anchor responder did not start")
         gov_subject = f"{m.prefix}.internal.governor.tokens"
+        # What the process spends with no request at all (its other actors, timers).
+        idle_from = proc_cpu_seconds(m.proc.pid)
+        await asyncio.sleep(3)
+        idle = (proc_cpu_seconds(m.proc.pid) - idle_from) / 3 * 100
+        print(f"mailer run idle: {idle:.1f} % of a core (load {os.getloadavg()[0]:.2f})")
         for run in range(1, runs + 1):
             for n in requesters:
                 for label, subject, points, pid in (
@@ -213,6 +218,7 @@ async def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--requesters", default="1,8,32")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (the mailer log)")
     args = p.parse_args()
     requesters = [int(x) for x in args.requesters.split(",")]
     work = Path(tempfile.mkdtemp(prefix="mailer-govbench-"))
@@ -229,7 +235,10 @@ async def main() -> None:
             )
     finally:
         sink.stop()
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep:
+        print(f"work dir kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     print()
     print(
         f"single-token requests, {args.runs} runs of {args.seconds:.0f} s; "
