@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import logging
+import re
 import tempfile
 from typing import Any
 
@@ -70,8 +71,57 @@ class Batch(msgspec.Struct):
     done: bool
 
 
+# An address that ``check_address`` surely accepts: a dot-atom local part of at most 64
+# characters (no character _LOCAL refuses, no leading, trailing or double dot) and an ASCII
+# domain of two or more labels of 1-63 letters, digits and inner hyphens, the last one not
+# all digits. A subset: whatever it does not match goes through the full check.
+_SURELY_VALID = re.compile(
+    r"(?=[^@]{1,64}@)"
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+    r"(?=[A-Za-z0-9-]*[A-Za-z-])[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+)
+# RecipientIn's limits, for the fast path: longer lines take the full check.
+_NAME_MAX = 200
+_VARIABLE_NAME_MAX = 64
+_FAST_LINE_MAX = 2000
+
+
+class _Source:
+    """The file's physical lines, counted (the csv module's line numbers); the csv reader
+    reads from it too, so one line can be handed back for it to parse."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self._back: str | None = None
+        self.line = 0
+
+    def __iter__(self) -> _Source:
+        return self
+
+    def __next__(self) -> str:
+        raw = self._back
+        if raw is None:
+            raw = next(self._file)
+        else:
+            self._back = None
+        self.line += 1
+        return raw
+
+    def push_back(self, raw: str) -> None:
+        self._back = raw
+        self.line -= 1
+
+
 class _Lines:
-    """Reads one file in batches; each call runs in a worker thread, one at a time."""
+    """Reads one file in batches; each call runs in a worker thread, one at a time.
+
+    A CSV line with no quote and no NUL is split on commas (what the csv module would do
+    with it), and one whose fields are surely valid (``_SURELY_VALID``, short fields) is
+    taken with no more checks; every other line gets the full checks of ``_check``, the
+    quoted ones parsed by the csv module. The same result either way, several times faster
+    on the lists CRMs export.
+    """
 
     def __init__(self, path: str, fmt: str) -> None:
         self._fmt = fmt
@@ -81,7 +131,8 @@ class _Lines:
         self._decoder = msgspec.json.Decoder(RecipientIn)
         if fmt != "csv":
             return
-        self._csv = csv.reader(self._file)
+        self._src = _Source(self._file)
+        self._csv = csv.reader(self._src)
         try:
             header = next(self._csv, None)
         except (UnicodeDecodeError, csv.Error) as exc:
@@ -95,6 +146,10 @@ class _Lines:
         self._names = names
         self._at_email = lowered.index("email")
         self._at_name = lowered.index("name") if "name" in lowered else None
+        self._variables_at = [
+            i for i in range(len(names)) if i not in (self._at_email, self._at_name)
+        ]
+        self._fast = all(len(names[i]) <= _VARIABLE_NAME_MAX for i in self._variables_at)
 
     def close(self) -> None:
         self._file.close()
@@ -105,7 +160,14 @@ class _Lines:
         lines = 0
         try:
             while lines < size:
-                parsed = self._next_csv() if self._fmt == "csv" else self._next_jsonl()
+                if self._fmt == "csv":
+                    row, parsed = self._next_csv()
+                    if row is not None:
+                        lines += 1
+                        rows.append(row)
+                        continue
+                else:
+                    parsed = self._next_jsonl()
                 if parsed is None:
                     return Batch(rows, invalid, lines, done=True)
                 line, item, email, problem = parsed
@@ -127,11 +189,39 @@ class _Lines:
             ) from None
         return Batch(rows, invalid, lines, done=False)
 
-    def _next_csv(self) -> tuple[int, RecipientIn | None, str, str | None] | None:
-        fields = next(self._csv, None)
-        if fields is None:
-            return None
-        line = self._line = self._csv.line_num
+    def _next_csv(
+        self,
+    ) -> tuple[Row | None, tuple[int, RecipientIn | None, str, str | None] | None]:
+        """The next record: a valid row at once (fast path), else what ``_check`` says."""
+        src = self._src
+        raw = next(src, None)
+        if raw is None:
+            return None, None
+        if self._fast and '"' not in raw and "\x00" not in raw and len(raw) <= _FAST_LINE_MAX:
+            self._line = src.line
+            fields = raw.rstrip("\r\n").split(",")
+            if len(fields) == len(self._names):
+                email = fields[self._at_email].strip()
+                name = fields[self._at_name].strip() if self._at_name is not None else ""
+                if len(name) <= _NAME_MAX and len(email) <= 254 and _SURELY_VALID.fullmatch(email):
+                    variables = {
+                        self._names[i]: fields[i] for i in self._variables_at if fields[i] != ""
+                    }
+                    row = (src.line, email, name or None, msgspec.json.encode(variables).decode())
+                    return row, None
+            return None, self._check(src.line, fields)
+        src.push_back(raw)  # quoted (maybe over several lines): the csv module parses it
+        try:
+            fields = next(self._csv)
+        except StopIteration:
+            return None, None
+        self._line = src.line
+        return None, self._check(src.line, fields)
+
+    def _check(
+        self, line: int, fields: list[str]
+    ) -> tuple[int, RecipientIn | None, str, str | None]:
+        """One record's full checks: (line, the recipient or None, its address, the problem)."""
         if not any(f.strip() for f in fields):
             return line, None, "", None
         email = fields[self._at_email].strip() if self._at_email < len(fields) else ""
