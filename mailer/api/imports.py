@@ -69,6 +69,8 @@ class Batch(msgspec.Struct):
     invalid: list[InvalidLine]
     lines: int
     done: bool
+    # Valid lines not COPYed: a repeat of an earlier line's address in this file.
+    repeats: int = 0
 
 
 # An address that ``check_address`` surely accepts: a dot-atom local part of at most 64
@@ -85,6 +87,8 @@ _SURELY_VALID = re.compile(
 _NAME_MAX = 200
 _VARIABLE_NAME_MAX = 64
 _FAST_LINE_MAX = 2000
+# Past this many addresses the file's repeats are left to PostgreSQL (memory stays bounded).
+_SEEN_MAX = 2_000_000
 
 
 class _Source:
@@ -129,6 +133,10 @@ class _Lines:
         self._file = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115
         self._line = 0
         self._decoder = msgspec.json.Decoder(RecipientIn)
+        # The lowercased addresses so far, while they are all ASCII: then Python's lower()
+        # is PostgreSQL's, a repeat is dropped here, and the rows left have no repeat
+        # (``unique``): the INSERT needs neither the line order nor ON CONFLICT.
+        self._seen: set[str] | None = set()
         if fmt != "csv":
             return
         self._src = _Source(self._file)
@@ -154,22 +162,44 @@ class _Lines:
     def close(self) -> None:
         self._file.close()
 
+    @property
+    def unique(self) -> bool:
+        """No two rows COPYed so far share an address (any case)."""
+        return self._seen is not None
+
+    def _repeat(self, email: str) -> bool:
+        """Whether an earlier line of the file had this address (when that is known)."""
+        seen = self._seen
+        if seen is None:
+            return False
+        if not email.isascii() or len(seen) >= _SEEN_MAX:
+            self._seen = None
+            return False
+        key = email.lower()
+        if key in seen:
+            return True
+        seen.add(key)
+        return False
+
     def batch(self, size: int) -> Batch:
         rows: list[Row] = []
         invalid: list[InvalidLine] = []
-        lines = 0
+        lines = repeats = 0
         try:
             while lines < size:
                 if self._fmt == "csv":
                     row, parsed = self._next_csv()
                     if row is not None:
                         lines += 1
-                        rows.append(row)
+                        if self._repeat(row[1]):
+                            repeats += 1
+                        else:
+                            rows.append(row)
                         continue
                 else:
                     parsed = self._next_jsonl()
                 if parsed is None:
-                    return Batch(rows, invalid, lines, done=True)
+                    return Batch(rows, invalid, lines, done=True, repeats=repeats)
                 line, item, email, problem = parsed
                 if item is None and problem is None:
                     continue  # a blank line
@@ -179,6 +209,9 @@ class _Lines:
                 if problem is not None or item is None:
                     invalid.append(InvalidLine(line=line, email=email, reason=problem or ""))
                     continue
+                if self._repeat(item.email):
+                    repeats += 1
+                    continue
                 variables = msgspec.json.encode(item.variables).decode()
                 rows.append((line, item.email, item.name, variables))
         except UnicodeDecodeError as exc:
@@ -187,7 +220,7 @@ class _Lines:
             raise ValidationFailed(
                 "import_unreadable", reason=f"line {self._line}: {exc}"
             ) from None
-        return Batch(rows, invalid, lines, done=False)
+        return Batch(rows, invalid, lines, done=False, repeats=repeats)
 
     def _next_csv(
         self,
@@ -337,13 +370,19 @@ async def _import(
                         timeout=IMPORT_STATEMENT_TIMEOUT_SECONDS,
                     )
                 lines += batch.lines
-                valid += len(batch.rows)
+                valid += len(batch.rows) + batch.repeats
                 invalid_count += len(batch.invalid)
                 invalid.extend(batch.invalid[: MAX_INVALID_LISTED - len(invalid)])
                 await _publish(ctx, subject, req, "reading", lines=lines, invalid=invalid_count)
                 if batch.done:
                     break
-            state.update(lines=lines, valid=valid, invalid=invalid, invalid_count=invalid_count)
+            state.update(
+                lines=lines,
+                valid=valid,
+                invalid=invalid,
+                invalid_count=invalid_count,
+                unique=lines_of.unique,
+            )
         finally:
             if reading is not None:
                 # The worker thread still reads: let it finish before its file is closed.
@@ -356,7 +395,9 @@ async def _import(
             ctx, subject, req, "writing", lines=state["lines"], invalid=state["invalid_count"]
         )
         now = ctx.clock.now()
-        added = await tx.add_imported(now, timeout=IMPORT_STATEMENT_TIMEOUT_SECONDS)
+        added = await tx.add_imported(
+            now, unique=state["unique"], timeout=IMPORT_STATEMENT_TIMEOUT_SECONDS
+        )
         total = await tx.recipients_count() if added else 0
         if total > ctx.settings.max_campaign_recipients:
             raise ValidationFailed(

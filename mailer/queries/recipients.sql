@@ -32,6 +32,22 @@ WITH added AS (
 )
 SELECT count(*)::bigint FROM added;
 
+-- name: recipients-insert-imported-unique
+-- recipients-insert-imported when no two rows of import_rows share an address (the
+-- reader dropped a file's repeats): no line order to keep, and no ON CONFLICT (its
+-- speculative insertion costs every row): those already in the campaign are left out
+-- by an anti-join. Runs under the campaign's lock, which every insert of its
+-- recipients takes; the unique index still stands behind it (an error, all rolled back).
+WITH added AS (
+    INSERT INTO recipient (campaign_id, email, name, variables, created_at, updated_at)
+    SELECT $1, i.email, i.name, i.variables::jsonb, $2, $2
+    FROM import_rows i
+    WHERE NOT EXISTS (SELECT 1 FROM recipient r
+                      WHERE r.campaign_id = $1 AND lower(r.email) = lower(i.email))
+    RETURNING 1
+)
+SELECT count(*)::bigint FROM added;
+
 -- name: recipients-claim
 -- Claims up to $2 pending recipients of a campaign for the claim token $3,
 -- while owner $5 holds the lease at epoch $6: once another process took the
