@@ -196,7 +196,8 @@ async def start_mailer(
         "MAILER_MAX_CAMPAIGN_RECIPIENTS": "10000000",
         "MAILER_WORKING_HOURS_START": "00:00",
         "MAILER_WORKING_HOURS_END": "24:00",
-        "MAILER_LOG_LEVEL": "WARNING",
+        # A bench that reads the service's own log lines raises it (import_bench: INFO).
+        "MAILER_LOG_LEVEL": os.environ.get("BENCH_MAILER_LOG_LEVEL", "WARNING"),
         "MAILER_VAR_DIR": str(work / f"var-{prefix}"),
     }
     log = work / f"{prefix}.log"

@@ -30,6 +30,7 @@ import csv
 import logging
 import re
 import tempfile
+import time
 from typing import Any
 
 import msgspec
@@ -303,6 +304,8 @@ async def import_recipients(
     except NotFoundError:
         raise NotFound("import_not_found", object=req.object) from None
     progress_subject = ctx.bus.subject("import", "progress", str(req.campaign_id))
+    timings: dict[str, float] = {}
+    began = time.perf_counter()
     try:
         with tempfile.NamedTemporaryFile(prefix="mailer-import-") as file:
             try:
@@ -310,7 +313,8 @@ async def import_recipients(
             except (ObjectNotFoundError, NotFoundError):
                 raise NotFound("import_not_found", object=req.object) from None
             file.flush()
-            result = await _import(ctx, caller, req, file.name, progress_subject)
+            timings["download"] = time.perf_counter() - began
+            result = await _import(ctx, caller, req, file.name, progress_subject, timings=timings)
     except ApiError:
         await _publish(ctx, progress_subject, req, "failed", lines=0, invalid=0)
         raise
@@ -319,6 +323,15 @@ async def import_recipients(
             await store.delete(req.object)
         except Exception:  # gone already, or NATS away: the bucket's max age removes it
             log.debug("import object not deleted", extra={"campaign_id": req.campaign_id})
+    timings["total"] = time.perf_counter() - began
+    log.info(
+        "recipients imported",
+        extra={
+            "campaign_id": req.campaign_id,
+            "count": result.added,
+            **{f"{k}_seconds": round(v, 3) for k, v in timings.items()},
+        },
+    )
     await _publish(
         ctx,
         progress_subject,
@@ -332,12 +345,19 @@ async def import_recipients(
 
 
 async def _import(
-    ctx: ApiContext, caller: Caller, req: RecipientsImport, path: str, subject: str
+    ctx: ApiContext,
+    caller: Caller,
+    req: RecipientsImport,
+    path: str,
+    subject: str,
+    *,
+    timings: dict[str, float],
 ) -> RecipientsImported:
     state: dict[str, Any] = {}
 
     async def fill(conn: Any) -> None:
         # Re-runnable (a deadlock retry runs it again): from the file's start each time.
+        began = time.perf_counter()
         lines_of = await asyncio.to_thread(_Lines, path, req.format)
         reading: asyncio.Future[Batch] | None = None
         try:
@@ -383,6 +403,7 @@ async def _import(
                 invalid_count=invalid_count,
                 unique=lines_of.unique,
             )
+            timings["read_and_copy"] = time.perf_counter() - began
         finally:
             if reading is not None:
                 # The worker thread still reads: let it finish before its file is closed.
@@ -395,9 +416,11 @@ async def _import(
             ctx, subject, req, "writing", lines=state["lines"], invalid=state["invalid_count"]
         )
         now = ctx.clock.now()
+        began = time.perf_counter()
         added = await tx.add_imported(
             now, unique=state["unique"], timeout=IMPORT_STATEMENT_TIMEOUT_SECONDS
         )
+        timings["insert"] = time.perf_counter() - began
         total = await tx.recipients_count() if added else 0
         if total > ctx.settings.max_campaign_recipients:
             raise ValidationFailed(
