@@ -232,13 +232,14 @@ def test_the_fast_path_reads_what_the_full_checks_read(tmp_path) -> None:
         out: list[object] = []
         while True:
             batch = reader.batch(3)
-            out.append((batch.rows, batch.invalid, batch.lines, batch.repeats))
+            out.append((batch.data, batch.rows, batch.invalid, batch.lines, batch.repeats))
             if batch.done:
                 reader.close()
                 return out
 
     fast, full = read(True), read(False)
     assert fast == full
-    rows = [r for b in fast for r in b[0]]  # type: ignore[index]
-    assert rows[0] == (2, "plain@example.org", "Anna", '{"city":"Kazan"}')
-    assert rows[-1] == (22, "last@example.org", "Last", '{"city":"Tver"}')
+    rows = b"".join(b[0] for b in fast).decode().splitlines()  # type: ignore[index]
+    assert rows[0] == '2\tplain@example.org\tAnna\t{"city":"Kazan"}'
+    assert rows[1] == '3\tspaced@example.org\tBob\t{"city":"x"}'
+    assert rows[-1] == '22\tlast@example.org\tLast\t{"city":"Tver"}'
