@@ -157,8 +157,16 @@ class Locked:
         """Inserts the rows of this transaction's ``import_rows`` table (recipients.import),
         the first line of each address; returns how many were new. ``unique``: no two rows
         share an address (the reader dropped the repeats), so line order does not matter."""
-        query = "recipients-insert-imported-unique" if unique else "recipients-insert-imported"
-        return int(await self._conn.fetchval(Q[query], self._id(), now, timeout=timeout))
+        if not unique:
+            return int(
+                await self._conn.fetchval(
+                    Q["recipients-insert-imported"], self._id(), now, timeout=timeout
+                )
+            )
+        status = await self._conn.execute(
+            Q["recipients-insert-imported-unique"], self._id(), now, timeout=timeout
+        )
+        return int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
 
     async def recipients_count(self) -> int:
         return int(await self._conn.fetchval(Q["api-recipients-count"], self._id()))

@@ -11,13 +11,14 @@ ALTER TABLE recipient DROP CONSTRAINT recipient_campaign_id_fkey;
 
 CREATE FUNCTION recipient_campaign_exists() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
+    ids bigint[];
     missing bigint;
 BEGIN
-    PERFORM 1 FROM campaign WHERE id IN (SELECT DISTINCT campaign_id FROM new_rows)
-        ORDER BY id FOR KEY SHARE;
+    SELECT array_agg(DISTINCT campaign_id) INTO ids FROM new_rows;
+    PERFORM 1 FROM campaign WHERE id = ANY(ids) ORDER BY id FOR KEY SHARE;
     -- A new statement: under READ COMMITTED it sees a delete that committed meanwhile.
-    SELECT n.campaign_id INTO missing FROM (SELECT DISTINCT campaign_id FROM new_rows) n
-    WHERE NOT EXISTS (SELECT 1 FROM campaign c WHERE c.id = n.campaign_id)
+    SELECT n INTO missing FROM unnest(ids) n
+    WHERE NOT EXISTS (SELECT 1 FROM campaign c WHERE c.id = n)
     LIMIT 1;
     IF FOUND THEN
         RAISE foreign_key_violation USING
