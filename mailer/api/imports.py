@@ -9,13 +9,17 @@ request. The service then:
    bounded whatever the file's size;
 2. reads it in batches in a worker thread (the event loop keeps serving), checks each line
    exactly as ``recipients.add`` checks an address (``check_address``) and the fields as
-   ``RecipientIn`` does, and COPYs the valid lines into a temporary table, publishing
-   ``ImportProgress`` on ``<prefix>.import.progress.<campaign_id>`` (core NATS, outside
-   the stored events stream) as it goes;
-3. under the campaign's locks (a start or pause waits only for this step), inserts them with
-   ``INSERT ... ON CONFLICT DO NOTHING`` in line order (the first line of an address wins, as
-   in ``recipients.add``), checks ``MAILER_MAX_CAMPAIGN_RECIPIENTS`` on the result and writes
-   one audit entry. All or nothing: any error rolls the whole file back.
+   ``RecipientIn`` does -- a plain CSV line whose address surely passes takes a fast path
+   with the same result (``_Lines``) --, drops a repeat of an address already read (while
+   every address is ASCII, where Python's lower() is PostgreSQL's), and COPYs the valid
+   lines, in COPY's text format, into a temporary table while the next batch is read,
+   publishing ``ImportProgress`` on ``<prefix>.import.progress.<campaign_id>`` (core NATS,
+   outside the stored events stream) as it goes;
+3. under the campaign's locks (a start or pause waits only for this step), inserts them:
+   the first line of an address wins, as in ``recipients.add`` (with the repeats dropped, one
+   INSERT with an anti-join on the campaign's addresses; else ``INSERT ... ON CONFLICT DO
+   NOTHING`` in line order), checks ``MAILER_MAX_CAMPAIGN_RECIPIENTS`` on the result and
+   writes one audit entry. All or nothing: any error rolls the whole file back.
 
 The reply counts the lines read, added, duplicates (in the file or already in the campaign)
 and invalid lines, listing the first ``MAX_INVALID_LISTED`` with their line number and
