@@ -1,7 +1,8 @@
 """The provider's monthly allowance: where it is kept, taken, and synced from.
 
-PostgreSQL's one ``quota`` row is the number the rate governor takes from
-(``PgQuota.take``, one token per granted send). A ``QuotaSyncActor`` replaces
+PostgreSQL's one ``quota`` row is the number the rate governor takes from: in
+blocks under load, each a row of the ``quota_block`` ledger (``QuotaBlocks``),
+one token per granted send. A ``QuotaSyncActor`` replaces
 it with the provider's own count on start, every
 ``quota_sync_interval_seconds`` and on ``SyncNow``. Providers are pluggable:
 
@@ -19,7 +20,8 @@ recipients claimed for sending right now (granted or about to be), and minus
 the sends recorded since the count was taken: for ``local`` the month's, for
 ``http`` those since the provider was asked (a batch recorded while the
 provider answered is in neither its count nor the claimed rows). A batch is
-counted either as claimed or as sent, never as neither. This errs on the safe
+counted either as claimed or as sent, never as neither. The unused part of
+the governors' live blocks is subtracted too: it is quota they hold. This errs on the safe
 side: a claimed batch the governor has not yet served is subtracted before
 its tokens are taken, and a send the provider had already counted may be
 subtracted again (under-sending until the next sync). Not covered: a test
