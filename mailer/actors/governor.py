@@ -212,6 +212,14 @@ class GovernorActor(Actor[TokenRequest]):
 
     async def _serve(self, msg: Msg, request: TokenRequest) -> None:
         try:
+            await self.fault_point(request)
+        except Exception as exc:
+            # An injected crash (tests): the asker hears it, then the actor crashes and is
+            # restarted, as when it handled its requests from the mailbox.
+            self._in_flight -= 1
+            await self._respond_error(msg, 503, "governor_unavailable", repr(exc))
+            raise
+        try:
             reply = await self.handle(request)
         except Exception as exc:  # the asker gets an error now instead of its timeout
             log.exception("token request failed", extra={"campaign_id": request.campaign_id})
