@@ -44,6 +44,7 @@ async def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--with-add", action="store_true")
     args = p.parse_args()
+    os.environ["BENCH_MAILER_LOG_LEVEL"] = "INFO"  # the service's "recipients imported" line
     n = args.recipients
     work = Path(tempfile.mkdtemp(prefix="mailer-import-"))
     csv_path = work / "list.csv"
@@ -92,6 +93,10 @@ async def main() -> None:
                             print(f"  recipients.add x5000: {added_took[-1]:.1f} s", flush=True)
                 finally:
                     stop_mailer(m)
+                # The service's own breakdown (download, read and COPY, INSERT, total).
+                for line in m.log.read_text().splitlines():
+                    if "recipients imported" in line:
+                        print(f"  {line}", flush=True)
     finally:
         sink.stop()
     shutil.rmtree(work, ignore_errors=True)

@@ -167,14 +167,20 @@ class Locked:
         )
         return len(inserted)
 
-    async def add_imported(self, now: datetime, *, timeout: float) -> int:
+    async def add_imported(self, now: datetime, *, unique: bool, timeout: float) -> int:
         """Inserts the rows of this transaction's ``import_rows`` table (recipients.import),
-        the first line of each address; returns how many were new."""
-        return int(
-            await self._conn.fetchval(
-                Q["recipients-insert-imported"], self._id(), now, timeout=timeout
+        the first line of each address; returns how many were new. ``unique``: no two rows
+        share an address (the reader dropped the repeats), so line order does not matter."""
+        if not unique:
+            return int(
+                await self._conn.fetchval(
+                    Q["recipients-insert-imported"], self._id(), now, timeout=timeout
+                )
             )
+        status = await self._conn.execute(
+            Q["recipients-insert-imported-unique"], self._id(), now, timeout=timeout
         )
+        return int(status.rsplit(" ", 1)[1])  # "INSERT 0 <rows>"
 
     async def recipients_count(self) -> int:
         return int(await self._conn.fetchval(Q["api-recipients-count"], self._id()))

@@ -30,6 +30,7 @@ slot: give ``MAILER_REDIS_KEY_PREFIX`` a hash tag (``{mailer}:``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import date, datetime, time, timedelta, tzinfo
@@ -102,7 +103,11 @@ _DAY_TTL_SECONDS = 2 * 86400
 # within the window, or more if the queue says so.
 # ``capped`` = 1 when only its share refused while the hour still has room
 # (the share grows as others finish).
-_RESERVE = """
+# The body runs as a Lua function of its own KEYS and ARGV (shadowing the
+# globals), so one reservation and a batch of them share the very same code.
+_RESERVE_FN = (
+    "local function reserve(KEYS, ARGV)\n"
+    + """
 local want = tonumber(ARGV[1])
 local hour_limit = tonumber(ARGV[2])
 local hour_seed = tonumber(ARGV[10])
@@ -162,6 +167,38 @@ redis.call('HINCRBY', KEYS[4], ARGV[6], grant)
 redis.call('EXPIRE', KEYS[4], tonumber(ARGV[3]))
 return {grant, hour_used, day_used, 0, seeded}
 """
+    + "end\n"
+)
+_RESERVE = _RESERVE_FN + "return reserve(KEYS, ARGV)\n"
+# Many reservations in one call (``SendLimiter`` batches the concurrent ones).
+# KEYS: every key the batch touches, once; ARGV: one string a reservation,
+# "<key numbers>;<args>" (comma-separated: the 6 keys' indexes into KEYS, then
+# the 12 args) — a few strings to encode instead of 18 values a request,
+# and every key still declared (Redis Cluster). They run one after the other,
+# exactly as that many calls in a row would, in one round trip; the result is
+# one string, the 5 numbers of each in turn, comma-separated.
+_RESERVE_BATCH = (
+    _RESERVE_FN
+    + """
+local out = {}
+for i = 1, #ARGV do
+  local spec = ARGV[i]
+  local sep = string.find(spec, ';', 1, true)
+  local k, a = {}, {}
+  for x in string.gmatch(string.sub(spec, 1, sep - 1), '[^,]+') do
+    k[#k + 1] = KEYS[tonumber(x)]
+  end
+  for x in string.gmatch(string.sub(spec, sep + 1), '[^,]+') do
+    a[#a + 1] = x
+  end
+  local r = reserve(k, a)
+  for j = 1, 5 do out[#out + 1] = r[j] end
+end
+return table.concat(out, ',')
+"""
+)
+# At most this many reservations in one script call (its run blocks Redis).
+_BATCH_MAX = 256
 
 # KEYS: the hour and day counters, then the shares hash; ARGV: tokens to give
 # back, campaign id. A missing key is left alone (DECRBY would create it
@@ -284,6 +321,10 @@ class SendLimiter:
         self._askers_key = f"{key_prefix}askers:{account}"
         self.hourly_limit = hourly_limit
         self._reserve = client.register_script(_RESERVE)
+        self._reserve_batch = client.register_script(_RESERVE_BATCH)
+        # Reservations waiting for the next batch, and the task sending them.
+        self._pending: list[tuple[list[str], list[int | float], asyncio.Future[list[int]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._give_back = client.register_script(_GIVE_BACK)
 
     def hour_key(self, now: datetime) -> str:
@@ -319,8 +360,8 @@ class SendLimiter:
         hour_seed = day_seed = -1 if spent is not None else 0
 
         async def run() -> list[int]:
-            result = await self._reserve(
-                keys=[
+            return await self._batched(
+                [
                     hour_key,
                     day_key,
                     self._askers_key,
@@ -328,7 +369,7 @@ class SendLimiter:
                     self.hour_key(now - timedelta(hours=1)),
                     self.day_key(owner_id, day - timedelta(days=1)),
                 ],
-                args=[
+                [
                     want,
                     self.hourly_limit,
                     _HOUR_TTL_SECONDS,
@@ -343,7 +384,6 @@ class SendLimiter:
                     -1 if fair_share is None else fair_share,
                 ],
             )
-            return [int(v) for v in result]
 
         try:
             granted, hour_used, day_used, capped, seeded = await run()
@@ -396,6 +436,44 @@ class SendLimiter:
             campaign_id=campaign_id,
             capped=bool(capped),
         )
+
+    async def _batched(self, keys: list[str], args: list[int | float]) -> list[int]:
+        """One reservation, sent with whatever others are waiting (one script call).
+
+        While a call is with Redis, the reservations that arrive queue up and
+        go together in the next one: one round trip for many requests, each
+        still atomic and in arrival order (the script runs them one by one).
+        """
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._pending.append((keys, args, future))
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:_BATCH_MAX], self._pending[_BATCH_MAX:]
+                numbers: dict[str, str] = {}
+                specs: list[str] = []
+                for keys, args, _ in batch:
+                    at = [numbers.setdefault(k, str(len(numbers) + 1)) for k in keys]
+                    specs.append(",".join(at) + ";" + ",".join(map(str, args)))
+                try:
+                    raw = await self._reserve_batch(keys=list(numbers), args=specs)
+                    flat = (raw.decode() if isinstance(raw, bytes) else str(raw)).split(",")
+                except BaseException as exc:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for n, (_, _, future) in enumerate(batch):
+                    if not future.done():
+                        future.set_result([int(v) for v in flat[n * 5 : n * 5 + 5]])
+        finally:
+            self._flusher = None
 
     @staticmethod
     def _rebuilt(window: str, key: str, seed: int) -> None:

@@ -320,6 +320,8 @@ class Service:
                     settings=a.settings,
                     clock=clock,
                     account=a.key,
+                    # A quota block given back to an empty allowance restores it.
+                    on_quota_restored=self._quota_restored,
                 ),
             )
 

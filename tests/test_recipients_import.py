@@ -169,3 +169,77 @@ async def test_an_import_may_outlast_the_send_paths_statement_timeout(
     result = await client.import_recipients(cid, path)
     assert result.added == 2
     assert len(await _rows(db, cid)) == 2
+
+
+async def test_an_ascii_file_drops_its_repeats_while_reading_and_keeps_the_first_line(
+    make_service, client: MailerClient, db, tmp_path
+) -> None:
+    # All ASCII: the reader drops the repeats, and the INSERT needs no line order.
+    await make_service()
+    cid = await _campaign(client)
+    await client.add_recipients(cid, [{"email": "Old@Example.org", "name": "Old"}])
+    path = tmp_path / "list.csv"
+    path.write_text(
+        "email,name\n"
+        "b@example.org,First\n"
+        "a@example.org,A\n"
+        "B@EXAMPLE.ORG,Second\n"  # a repeat of line 2
+        "old@example.org,New\n"  # already in the campaign
+        '"b@example.org","Third"\n',  # quoted: the csv module's path, a repeat too
+        encoding="utf-8",
+    )
+    result = await client.import_recipients(cid, path)
+    assert (result.lines, result.added, result.duplicates, result.invalid_count) == (5, 2, 3, 0)
+    assert await _rows(db, cid) == [
+        ("Old@Example.org", "Old", {}),
+        ("b@example.org", "First", {}),
+        ("a@example.org", "A", {}),
+    ]
+
+
+def test_the_fast_path_reads_what_the_full_checks_read(tmp_path) -> None:
+    # Every kind of line: plain and valid (the fast path), and all that must fall back.
+    lines = [
+        "email,name,city,city",
+        "plain@example.org,Anna,Kazan,",
+        "  spaced@example.org  , Bob ,,x",
+        "UPPER@EXAMPLE.ORG,,,",
+        "dots.in.local@sub.example.co.uk,,,",
+        ".lead@example.org,,,",
+        "a..b@example.org,,,",
+        "num@example.123,,,",
+        "hy@-bad.org,,,",
+        "long" + "x" * 70 + "@example.org,,,",
+        "ü@example.org,,,",
+        "two@@example.org,,,",
+        "short@example.org,,",
+        "extra@example.org,,,,",
+        '"quoted@example.org","Multi',
+        'line",,',
+        "nul\x00@example.org,,,",
+        "name@example.org," + "n" * 201 + ",,",
+        "var@example.org,,," + "v" * 2001,
+        "",
+        " , , , ",
+        "last@example.org,Last,Omsk,Tver",
+    ]
+    path = tmp_path / "mixed.csv"
+    path.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+
+    def read(fast: bool) -> list[object]:
+        reader = imports._Lines(str(path), "csv")
+        reader._fast = fast
+        out: list[object] = []
+        while True:
+            batch = reader.batch(3)
+            out.append((batch.data, batch.rows, batch.invalid, batch.lines, batch.repeats))
+            if batch.done:
+                reader.close()
+                return out
+
+    fast, full = read(True), read(False)
+    assert fast == full
+    rows = b"".join(b[0] for b in fast).decode().splitlines()  # type: ignore[index]
+    assert rows[0] == '2\tplain@example.org\tAnna\t{"city":"Kazan"}'
+    assert rows[1] == '3\tspaced@example.org\tBob\t{"city":"x"}'
+    assert rows[-1] == '22\tlast@example.org\tLast\t{"city":"Tver"}'

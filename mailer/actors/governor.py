@@ -41,7 +41,12 @@ pod's system clock: pods need NTP (see the README's failure policies).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
 from zoneinfo import ZoneInfo
@@ -59,7 +64,7 @@ from mailer.config import Settings
 from mailer.forecast import Entry, forecast
 from mailer.messages import ErrorBody, ErrorReply, TokenReply, TokenRequest
 from mailer.nextsend import Limits, NextSend, next_send
-from mailer.quota import PgQuota
+from mailer.quota import QuotaBlocks
 from mailer.ratelimit import (
     FAIR_SHARE_WINDOW_SECONDS,
     PgSpentTokens,
@@ -85,9 +90,8 @@ log = logging.getLogger("mailer.governor")
 GOVERNOR_QUEUE = "governor"
 # A refusal's retry time replays at most this much of the queue (mailer.forecast).
 _TURN_QUEUE_LIMIT = 500
-# How long the NATS callback waits for the governor's mailbox; a campaign's own
-# request timeout (token_request_timeout_seconds) is usually shorter.
-_ASK_TIMEOUT_SECONDS = 10.0
+# Requests served at once; one more is refused at once (503), as a full mailbox was.
+_MAX_IN_FLIGHT = 1000
 
 
 def governor_subject(bus: Bus, account: str = "") -> str:
@@ -135,6 +139,10 @@ class QuotaTaker(Protocol):
         """What is left of the monthly allowance (a read, nothing taken)."""
         ...
 
+    async def release(self) -> None:
+        """Gives back what is held and not granted (on stop)."""
+        ...
+
 
 class GovernorActor(Actor[TokenRequest]):
     def __init__(
@@ -167,6 +175,7 @@ class GovernorActor(Actor[TokenRequest]):
         self._clock = clock
         self._spent = spent
         self._sub: Subscription | None = None
+        self._in_flight = 0
 
     @classmethod
     def from_settings(
@@ -178,12 +187,15 @@ class GovernorActor(Actor[TokenRequest]):
         settings: Settings,
         clock: Clock,
         account: str = "",
+        on_quota_restored: Callable[[], Awaitable[None]] | None = None,
     ) -> GovernorActor:
         """``settings``: the account's view (mailer.accounts); ``account``: its key."""
+        # The ledger names the holder of a block: which pod and incarnation.
+        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         return cls(
             bus=bus,
             limiter=limiter,
-            quota=PgQuota(pool, account),
+            quota=QuotaBlocks(pool, holder=holder, account=account, on_restored=on_quota_restored),
             hours=WorkingHours.from_settings(settings),
             daily=DailyLimits.from_settings(settings),
             clock=clock,
@@ -204,7 +216,12 @@ class GovernorActor(Actor[TokenRequest]):
         await self._bus.nc.flush()
 
     async def _on_request(self, msg: Msg) -> None:
-        # Runs in the NATS client's task: decode, hand to the mailbox, reply.
+        # Runs in the NATS client's task, which delivers the next request only
+        # when this returns: so each request is served in a task of its own and
+        # they are decided concurrently. The limits stay exact: every step that
+        # counts is atomic where it is kept (one Lua script in Redis, batched
+        # over the requests waiting for it; the quota block taken under the
+        # quota row's lock, granted from in memory with no await in between).
         try:
             request = decode(msg.data, TokenRequest)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -215,13 +232,37 @@ class GovernorActor(Actor[TokenRequest]):
                 msg, 400, "bad_request", f"this governor decides account {self._account!r}"
             )
             return
+        if self._in_flight >= _MAX_IN_FLIGHT:
+            await self._respond_error(msg, 503, "governor_unavailable", "governor busy")
+            return
+        self._in_flight += 1
         try:
-            reply = await self.ref.ask(request, timeout=_ASK_TIMEOUT_SECONDS)
+            self.spawn_task(self._serve(msg, request), name="token-request")
+        except Exception:  # stopping: the asker retries elsewhere or later
+            self._in_flight -= 1
+            raise
+
+    async def _serve(self, msg: Msg, request: TokenRequest) -> None:
+        try:
+            await self.fault_point(request)
+        except Exception as exc:
+            # An injected crash (tests): the asker hears it, then the actor crashes and is
+            # restarted, as when it handled its requests from the mailbox.
+            self._in_flight -= 1
+            await self._respond_error(msg, 503, "governor_unavailable", repr(exc))
+            raise
+        try:
+            reply = await self.handle(request)
         except Exception as exc:  # the asker gets an error now instead of its timeout
             log.exception("token request failed", extra={"campaign_id": request.campaign_id})
             await self._respond_error(msg, 503, "governor_unavailable", repr(exc))
             return
-        await msg.respond(encode(reply))
+        finally:
+            self._in_flight -= 1
+        try:
+            await msg.respond(encode(reply))
+        except Exception:  # the connection is gone: the asker times out and asks again
+            log.debug("token reply not sent", exc_info=True)
 
     async def _respond_error(self, msg: Msg, status: int, code: str, message: str) -> None:
         """An error reply the way ``Bus.request`` reads it (micro error headers)."""
@@ -494,6 +535,10 @@ class GovernorActor(Actor[TokenRequest]):
                 await self._sub.unsubscribe()
             except Exception:  # the connection is already gone
                 log.debug("governor unsubscribe failed", exc_info=True)
+        try:
+            await asyncio.wait_for(self._quota.release(), timeout=5.0)
+        except Exception:  # its blocks expire; a sync recounts them
+            log.warning("quota blocks not given back", exc_info=True)
 
 
 class NatsTokenSource:

@@ -206,6 +206,12 @@ class Actor(ABC, Generic[M]):
         """
         return self._require_cell().spawn_task(coro, name=name)
 
+    async def fault_point(self, message: object) -> None:
+        """Runs the test fault hook (``ActorFault``) for work done outside the mailbox, as
+        the mailbox runs it before ``handle``: what it raises, the caller lets crash the
+        actor. Nothing happens in production (no hook is set)."""
+        await self._require_cell().fault_point(message)
+
     def request_stop(self) -> None:
         """Stops this incarnation after the messages already queued (callable from handle).
 
@@ -350,6 +356,10 @@ class ActorCell(Generic[M]):
         self._mailbox.put_nowait(_Envelope(message, reply_to))
 
     # -- owned tasks ---------------------------------------------------------------------
+
+    async def fault_point(self, message: object) -> None:
+        if self._fault is not None:
+            await self._fault(self.name, message)
 
     def spawn_task(self, coro: Coroutine[Any, Any, T], *, name: str | None) -> asyncio.Task[T]:
         if self._phase not in (_Phase.SETUP, _Phase.RUNNING):

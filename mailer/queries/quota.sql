@@ -23,6 +23,48 @@ WHERE q.account = before.account
 RETURNING before.emails_available - q.emails_available AS taken,
           q.emails_available AS available;
 
+-- name: quota-block-take
+-- A governor's block: up to $1 emails taken from the allowance (as quota-take)
+-- and a ledger row for them, held by $2, live for $3 seconds, in one statement.
+-- Returns what was taken (0: exhausted, no row) and the block's id. Also trims
+-- a few ledger rows older than a day. $4: the account ('' the default's).
+WITH before AS (SELECT account, emails_available FROM quota WHERE account = $4 FOR UPDATE),
+took AS (
+    UPDATE quota q
+    SET emails_available = q.emails_available - LEAST(q.emails_available, $1)
+    FROM before
+    WHERE q.account = before.account
+    RETURNING before.emails_available - q.emails_available AS taken
+),
+block AS (
+    INSERT INTO quota_block (account, holder, size, expires_at)
+    SELECT $4, $2, taken, now() + make_interval(secs => $3) FROM took WHERE taken > 0
+    RETURNING id
+),
+trimmed AS (
+    DELETE FROM quota_block WHERE id IN (
+        SELECT id FROM quota_block WHERE taken_at < now() - interval '1 day'
+        ORDER BY taken_at LIMIT 10)
+)
+SELECT (SELECT taken FROM took) AS taken, (SELECT id FROM block) AS block_id;
+
+-- name: quota-block-close
+-- Closes block $1, of which $2 were granted: its unused rest goes back to the
+-- allowance, only while the block is live (an expired one was already left out
+-- of every later sync's count, so returning it would count it twice). Returns
+-- the allowance before and what was returned; no row: expired or closed already.
+-- $3: the block's account, whose row it goes back to.
+WITH before AS (SELECT account, emails_available FROM quota WHERE account = $3 FOR UPDATE),
+closed AS (
+    UPDATE quota_block SET closed_at = now(), granted = $2
+    WHERE id = $1 AND account = $3 AND closed_at IS NULL AND expires_at > now()
+    RETURNING size - $2 AS unused
+)
+UPDATE quota q SET emails_available = q.emails_available + closed.unused
+FROM closed, before
+WHERE q.account = before.account
+RETURNING before.emails_available AS previous, closed.unused AS returned;
+
 -- name: quota-lock
 -- Holds the quota row for a sync: no governor takes until it commits.
 SELECT emails_available FROM quota WHERE account = $1 FOR UPDATE;
@@ -47,6 +89,11 @@ SET emails_available = GREATEST(0,
            WHERE r.status = 'sending'
              AND ($8::text IS NULL OR c.smtp_account = $8 OR c.backup_account = $8
                   OR (c.smtp_account IS NULL AND $9)))
+        -- Quota held by governors in live blocks, not granted yet (as far as the
+        -- ledger knows: a block's grants are written when it closes, so this
+        -- errs towards under-sending by at most the live blocks until they close).
+        - (SELECT COALESCE(sum(size - granted), 0) FROM quota_block
+           WHERE closed_at IS NULL AND expires_at > now() AND account = $7)
         - CASE WHEN $4::timestamptz IS NULL THEN 0 ELSE (
               SELECT count(*) FROM send_log
               WHERE status IN ('sent', 'in_doubt') AND created_at >= $4

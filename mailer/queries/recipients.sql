@@ -14,9 +14,8 @@ CREATE TEMPORARY TABLE import_rows (
     line       integer NOT NULL,
     email      text    NOT NULL,
     name       text,
-    -- JSON text: COPY's binary format has no jsonb encoder under the pool's
-    -- text codec; the INSERT casts it.
-    variables  text    NOT NULL
+    -- Parsed by the COPY (text format), while the next lines are read.
+    variables  jsonb   NOT NULL
 ) ON COMMIT DROP;
 
 -- name: recipients-insert-imported
@@ -25,12 +24,25 @@ CREATE TEMPORARY TABLE import_rows (
 -- already in the campaign is skipped. Returns how many rows were added.
 WITH added AS (
     INSERT INTO recipient (campaign_id, email, name, variables, created_at, updated_at)
-    SELECT $1, i.email, i.name, i.variables::jsonb, $2, $2
+    SELECT $1, i.email, i.name, i.variables, $2, $2
     FROM import_rows i ORDER BY i.line
     ON CONFLICT (campaign_id, lower(email)) DO NOTHING
     RETURNING 1
 )
 SELECT count(*)::bigint FROM added;
+
+-- name: recipients-insert-imported-unique
+-- recipients-insert-imported when no two rows of import_rows share an address (the
+-- reader dropped a file's repeats): no line order to keep, and no ON CONFLICT (its
+-- speculative insertion costs every row): those already in the campaign are left out
+-- by an anti-join. Runs under the campaign's lock, which every insert of its
+-- recipients takes; the unique index still stands behind it (an error, all rolled back).
+-- The count is the command's status (no RETURNING to collect).
+INSERT INTO recipient (campaign_id, email, name, variables, created_at, updated_at)
+SELECT $1, i.email, i.name, i.variables, $2, $2
+FROM import_rows i
+WHERE NOT EXISTS (SELECT 1 FROM recipient r
+                  WHERE r.campaign_id = $1 AND lower(r.email) = lower(i.email));
 
 -- name: recipients-claim
 -- Claims up to $2 pending recipients of a campaign for the claim token $3,
