@@ -1,7 +1,8 @@
 """Gauges read from the source of truth when Prometheus scrapes ``/metrics``.
 
 The backlog (``mailer_recipients_pending``, ``mailer_recipients_sendable``), why campaigns
-wait (``mailer_campaigns_waiting{reason}``), the quota left, the hour's budget used
+wait (``mailer_campaigns_waiting{reason}``), each account's quota left
+(``mailer_quota_emails_available{account}``), the hour's budget used
 (``mailer_rate_hour_used{account}`` and its limit) and whether the dependencies answer
 (``mailer_dependency_up``) are facts of PostgreSQL and Redis, not of one process: every
 process reads them on its own scrape, so there is no leader-only gauge that goes stale on a
@@ -73,6 +74,8 @@ class ScrapeGauges:
         self._lock = asyncio.Lock()
         self._last: float | None = None
         self._accounts = [(account, hour_key, hourly_limit), *more_accounts]
+        # The quota row's key -> the account's name: '' is the default's (mailer.accounts).
+        self._quota_keys = {"": account, **{name: name for name, _, _ in more_accounts}}
         for name, _, limit in self._accounts:
             metrics.RATE_HOUR_LIMIT.labels(account=name).set(limit)
             metrics.RATE_HOUR_USED.labels(account=name)
@@ -92,6 +95,7 @@ class ScrapeGauges:
             async with asyncio.timeout(self._timeout):
                 backlog = await self._pool.fetchrow(Q["gauges-backlog"], now)
                 waiting = await self._pool.fetch(Q["gauges-waiting"], now)
+                quotas = await self._pool.fetch(Q["gauges-quota"])
         except Exception as exc:  # asyncpg's errors, OSError, a timeout: all mean "down"
             metrics.DEPENDENCY_UP.labels(dependency="postgres").set(0)
             log.debug("gauges: PostgreSQL not read", extra={"error": repr(exc)})
@@ -99,8 +103,12 @@ class ScrapeGauges:
         metrics.DEPENDENCY_UP.labels(dependency="postgres").set(1)
         metrics.RECIPIENTS_PENDING.set(backlog["pending"])
         metrics.RECIPIENTS_SENDABLE.set(backlog["sendable"])
-        if backlog["quota_available"] is not None:
-            metrics.QUOTA_AVAILABLE.set(backlog["quota_available"])
+        for row in quotas:
+            # A row of an account the configuration dropped (or no longer the default's
+            # own) since is not this process's to show.
+            name = self._quota_keys.get(row["account"])
+            if name is not None:
+                metrics.QUOTA_AVAILABLE.labels(account=name).set(row["emails_available"])
         counts = dict.fromkeys(metrics.WAITING_REASONS, 0)
         counts.update({row["reason"]: row["campaigns"] for row in waiting})
         for reason, n in counts.items():

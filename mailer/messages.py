@@ -602,6 +602,12 @@ class Empty(_Strict):
     """A request without fields: ``{}``."""
 
 
+class QuotaRef(_Strict):
+    """``quota.get`` / ``quota.sync``: an SMTP account's quota (null: the default's)."""
+
+    account: AccountName | None = None
+
+
 class QuotaView(Struct, kw_only=True):
     emails_available: int
     # What the provider reports (the local one: MAILER_MONTHLY_QUOTA or the
@@ -609,12 +615,16 @@ class QuotaView(Struct, kw_only=True):
     monthly_limit: int | None
     last_synced_at: datetime | None
     sync_error: str | None
+    # The SMTP account whose quota this is (its name; mailer.accounts).
+    account: str = ""
 
 
 class QuotaSet(_Strict):
     """Sets the local provider's monthly allowance (admin); applied at once."""
 
     monthly_limit: Annotated[int, Meta(ge=0, le=1_000_000_000)]
+    # The SMTP account whose quota is set (null: the default's).
+    account: AccountName | None = None
 
 
 class LimitsReloaded(Struct, kw_only=True):

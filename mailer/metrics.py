@@ -272,7 +272,8 @@ CAMPAIGNS_WAITING: Final = Gauge(
 )
 QUOTA_AVAILABLE: Final = Gauge(
     "mailer_quota_emails_available",
-    "Emails left of the provider's monthly allowance (the quota table).",
+    "Emails left of the SMTP account's monthly allowance from its provider (the quota table).",
+    ["account"],
 )
 RATE_HOUR_USED: Final = Gauge(
     "mailer_rate_hour_used",

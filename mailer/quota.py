@@ -553,8 +553,16 @@ def provider_from_settings(s: Settings) -> QuotaProvider:
 # ---------------------------------------------------------------------------------------
 
 
-def sync_subject(bus: Bus) -> str:
-    return bus.subject("internal", "quota", "sync")
+def sync_subject(bus: Bus, account: str = "") -> str:
+    """Where an account's syncer takes "sync now" (``account``: its key, '' the default's).
+
+    The default account keeps the single-account subject (a process of the previous
+    version still asks there during a rolling update); another account's is
+    ``<prefix>.internal.quota.sync.<name>``.
+    """
+    if not account:
+        return bus.subject("internal", "quota", "sync")
+    return bus.subject("internal", "quota", "sync", account)
 
 
 class SyncNow(msgspec.Struct, frozen=True):
@@ -599,8 +607,10 @@ class QuotaSyncActor(Actor[SyncNow | _Tick]):
         interval_seconds: float,
         on_restored: Callable[[], Awaitable[None]],
         bus: Bus | None = None,
+        account: str = "",
     ) -> None:
         self._bus = bus
+        self._account = account
         self._ledger = ledger
         self._provider = provider
         self._clock = clock
@@ -626,6 +636,7 @@ class QuotaSyncActor(Actor[SyncNow | _Tick]):
         ``name``: its name with several accounts (None: one account)."""
         return cls(
             bus=bus,
+            account=account,
             ledger=PgQuota(pool, account, name=name),
             provider=provider_from_settings(settings),
             clock=clock,
@@ -640,7 +651,7 @@ class QuotaSyncActor(Actor[SyncNow | _Tick]):
         if self._bus is not None:
             # "Sync now" from the API (any process answers: queue group "quota").
             await self._bus.nc.subscribe(
-                sync_subject(self._bus), queue="quota", cb=self._on_sync_request
+                sync_subject(self._bus, self._account), queue="quota", cb=self._on_sync_request
             )
             await self._bus.nc.flush()
 

@@ -333,8 +333,8 @@ class Service:
                     settings=a.settings,
                     clock=clock,
                     on_restored=self._quota_restored,
-                    # quota.sync (the API) syncs the default account's quota.
-                    bus=bus if a.default else None,
+                    # quota.sync (the API) reaches each account's syncer on its subject.
+                    bus=bus,
                     account=a.key,
                     name=a.name if self.accounts.several else None,
                 ),

@@ -562,6 +562,16 @@ TEXTS.update(
             "ru": "Квота: доступно {available} из {limit} в месяц; синхронизирована {synced}.",
             "en": "Quota: {available} of {limit} a month left; synced {synced}.",
         },
+        "cli_quota_account": {
+            "ru": (
+                "Квота SMTP-аккаунта «{account}»: доступно {available} из {limit} в месяц; "
+                "синхронизирована {synced}."
+            ),
+            "en": (
+                "Quota of SMTP account “{account}”: {available} of {limit} a month left; "
+                "synced {synced}."
+            ),
+        },
         "cli_limits_reloaded": {
             "ru": "Отложенных кампаний пересмотрено: {count}.",
             "en": "Deferrals decided again: {count}.",

@@ -13,6 +13,7 @@ embedded stack with two SMTP sinks; only the clock is fake.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -263,6 +264,78 @@ async def test_a_campaign_naming_an_unknown_account_is_refused_and_nothing_chang
         "campaign.update", {"campaign_id": cid, "account": None, "backup_account": "backup"}
     )
     assert (view["account"], view["backup_account"]) == (None, "backup")
+
+
+async def test_quota_endpoints_and_gauge_act_on_the_named_account(
+    make_service, crm: Crm, db, sink: SmtpSink, second_sink: SmtpSink
+) -> None:
+    """quota.get/sync/set name an account (absent: the default); the sync reaches that
+    account's own syncer; an unknown one changes nothing; the gauge is per account."""
+    clock = FakeClock(MONDAY_1015_UTC)
+    service = await make_service(
+        clock=clock,
+        **account_vars(
+            main={"host": "127.0.0.1", "port": sink.port, "monthly_quota": 100},
+            bulk={"host": "127.0.0.1", "port": second_sink.port, "monthly_quota": 50},
+        ),
+    )
+    admin = {"user": "boss", "roles": "admin"}
+    for _ in range(500):
+        if await db.fetchval("SELECT count(*) FROM quota WHERE last_synced_at IS NULL") == 0:
+            break
+        await asyncio.sleep(0.02)
+    main = await crm.call("quota.get", {})
+    assert (main["account"], main["emails_available"], main["monthly_limit"]) == ("main", 100, 100)
+    bulk = await crm.call("quota.get", {"account": "bulk"})
+    assert (bulk["account"], bulk["emails_available"], bulk["monthly_limit"]) == ("bulk", 50, 50)
+
+    # set: only bulk's row, audited with its name.
+    bulk = await crm.call("quota.set", {"monthly_limit": 40, "account": "bulk"}, **admin)
+    assert (bulk["account"], bulk["emails_available"], bulk["monthly_limit"]) == ("bulk", 40, 40)
+    assert await crm.call("quota.get", {}) == main
+    audit = await db.fetchval("SELECT details FROM audit_log WHERE action = 'quota.set'")
+    assert json.loads(audit) == {"monthly_limit": 40, "from": 50, "to": 40, "account": "bulk"}
+
+    # sync: bulk's syncer recounts bulk's month (one send through bulk, one through
+    # main), and main's row is not touched (its stale value stays as it was).
+    await db.execute(
+        "INSERT INTO send_log (email, status, created_at, account) VALUES "
+        "('a@example.org', 'sent', $1, 'bulk'), ('b@example.org', 'sent', $1, NULL)",
+        clock.now(),
+    )
+    await db.execute("UPDATE quota SET emails_available = 77 WHERE account = ''")
+    await db.execute("UPDATE quota SET emails_available = 1 WHERE account = 'bulk'")
+    bulk = await crm.call("quota.sync", {"account": "bulk"}, **admin)
+    assert (bulk["account"], bulk["emails_available"]) == ("bulk", 39)
+    assert await db.fetchval("SELECT emails_available FROM quota WHERE account = ''") == 77
+    main = await crm.call("quota.sync", {}, **admin)
+    assert (main["account"], main["emails_available"]) == ("main", 99)
+    assert (await crm.call("quota.get", {"account": "bulk"}))["emails_available"] == 39
+
+    # An account that is not configured: the structured error, nothing asked or changed.
+    before = await db.fetch("SELECT * FROM quota ORDER BY account")
+    audits = await db.fetchval("SELECT count(*) FROM audit_log")
+    for subject, body, who in (
+        ("quota.get", {"account": "spare"}, {}),
+        ("quota.sync", {"account": "spare"}, admin),
+        ("quota.set", {"monthly_limit": 5, "account": "spare"}, admin),
+    ):
+        err = await crm.fails(subject, body, **who)
+        assert err.status == 422, subject
+        assert err.body["error"]["code"] == "unknown_account"
+        assert err.body["error"]["details"] == {
+            "field": "account",
+            "account": "spare",
+            "accounts": "main, bulk",
+        }
+    assert await db.fetch("SELECT * FROM quota ORDER BY account") == before
+    assert await db.fetchval("SELECT count(*) FROM audit_log") == audits
+
+    # The gauge: one series per account, the default's from the '' row.
+    await service._refresh_gauges()
+    for name, left in (("main", 99), ("bulk", 39)):
+        value = REGISTRY.get_sample_value("mailer_quota_emails_available", {"account": name})
+        assert value == left, name
 
 
 async def test_with_one_account_nothing_names_it(make_service, crm: Crm, sink: SmtpSink) -> None:

@@ -16,7 +16,7 @@ from mailer.api.context import Caller
 from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus
 from mailer.clock import FakeClock
 from mailer.errors import ApiError
-from mailer.messages import CampaignEvent, Empty, ErrorBody, ErrorReply, QuotaView
+from mailer.messages import CampaignEvent, ErrorBody, ErrorReply, QuotaRef, QuotaView
 from tests.helpers import Crm, Events, people
 
 ADMIN = {"user": "root", "roles": "admin"}
@@ -68,7 +68,14 @@ async def test_unsubscribes(make_service, crm: Crm, db) -> None:
 async def test_quota_get_and_sync(make_service, crm: Crm, db, settings, redis_client) -> None:
     service = await make_service()
     quota = await crm.call("quota.get", {})
-    assert set(quota) == {"emails_available", "monthly_limit", "last_synced_at", "sync_error"}
+    assert set(quota) == {
+        "emails_available",
+        "monthly_limit",
+        "last_synced_at",
+        "sync_error",
+        "account",
+    }
+    assert quota["account"] == "default"  # MAILER_SMTP_ACCOUNT: the one account's name
     assert (await crm.fails("quota.sync", {})).code == "forbidden"
     assert (await crm.fails("quota.get", {"x": 1})).code == "validation_error"
 
@@ -89,7 +96,7 @@ async def test_quota_get_and_sync(make_service, crm: Crm, db, settings, redis_cl
         ).context
         caller = _admin()
         with pytest.raises(ApiError) as caught:
-            await admin.quota_sync(ctx, caller, Empty())
+            await admin.quota_sync(ctx, caller, QuotaRef())
         assert caught.value.code == "quota_sync_unavailable" and caught.value.status == 503
 
         async def syncer(msg) -> None:
@@ -109,10 +116,10 @@ async def test_quota_get_and_sync(make_service, crm: Crm, db, settings, redis_cl
 
         await lonely.nc.subscribe(lonely.subject("internal", "quota", "sync"), cb=syncer)
         await lonely.nc.flush()
-        fresh = await admin.quota_sync(ctx, caller, Empty())
+        fresh = await admin.quota_sync(ctx, caller, QuotaRef())
         assert fresh.emails_available == 1234 and fresh.last_synced_at is not None
         with pytest.raises(ApiError) as caught:
-            await admin.quota_sync(ctx, msgspec.structs.replace(caller, user="fail"), Empty())
+            await admin.quota_sync(ctx, msgspec.structs.replace(caller, user="fail"), QuotaRef())
         assert caught.value.code == "quota_sync_failed"
         assert caught.value.values["detail"] == "provider said 401"
     finally:
@@ -167,6 +174,7 @@ async def test_quota_sync_over_nats_by_the_running_syncer(make_service, crm: Crm
         "monthly_limit": 500,
         "last_synced_at": "2026-11-23T10:20:00Z",
         "sync_error": None,
+        "account": "default",
     }
     row = await db.fetchrow("SELECT * FROM quota")
     assert row["emails_available"] == 497 and row["sync_error"] is None

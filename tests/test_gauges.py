@@ -102,7 +102,7 @@ async def test_gauges_read_the_database_and_redis(
         "paused": 1,
         "scheduled": 0,
     }
-    assert _value("mailer_quota_emails_available") == 1234
+    assert _value("mailer_quota_emails_available", account="smtp.test") == 1234
     assert _value("mailer_rate_hour_used", account="smtp.test") == 7
     assert _value("mailer_rate_hour_limit", account="smtp.test") == 100
     for dependency in ("postgres", "redis", "nats"):

@@ -17,7 +17,7 @@ import msgspec
 import nats.errors
 
 from mailer import addresses
-from mailer.accounts import accounts_of
+from mailer.accounts import Account, accounts_of
 from mailer.api.context import ApiContext, Caller, check_address, require_admin
 from mailer.api.outlook import reevaluate_deferrals
 from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, encode
@@ -29,6 +29,7 @@ from mailer.messages import (
     Empty,
     ErrorReply,
     LimitsReloaded,
+    QuotaRef,
     QuotaSet,
     QuotaSyncRequest,
     QuotaView,
@@ -38,7 +39,7 @@ from mailer.messages import (
     UnsubscribeRemoved,
     UnsubscribeView,
 )
-from mailer.quota import PgQuota
+from mailer.quota import PgQuota, sync_subject
 
 __all__ = [
     "QUOTA_SYNC_TIMEOUT_SECONDS",
@@ -97,16 +98,33 @@ async def unsubscribe_list(
     return UnsubscribePage(items=items, next_cursor=items[-1].email if more else None)
 
 
-async def quota_get(ctx: ApiContext, caller: Caller, req: Empty) -> QuotaView:
-    quota = await ctx.db.quota()
-    assert quota is not None, "the migration inserts the quota row"
+def _account(ctx: ApiContext, name: str | None) -> Account:
+    """The SMTP account a quota request names (None: the default); else ``unknown_account``."""
+    accounts = accounts_of(ctx.settings)
+    found = accounts.find(name)
+    if found is None:
+        raise ValidationFailed(
+            "unknown_account", field="account", account=name, accounts=", ".join(accounts.names)
+        )
+    return found
+
+
+async def _view(ctx: ApiContext, account: Account) -> QuotaView:
+    quota = await ctx.db.quota(account.key)
+    assert quota is not None, "the migration / the account's start inserts the quota row"
+    quota.account = account.name
     return quota
 
 
-async def quota_sync(ctx: ApiContext, caller: Caller, req: Empty) -> QuotaView:
-    """Asks the quota syncer (``<prefix>.internal.quota.sync``) and returns the fresh row."""
+async def quota_get(ctx: ApiContext, caller: Caller, req: QuotaRef) -> QuotaView:
+    return await _view(ctx, _account(ctx, req.account))
+
+
+async def quota_sync(ctx: ApiContext, caller: Caller, req: QuotaRef) -> QuotaView:
+    """Asks the account's quota syncer (``mailer.quota.sync_subject``) and returns the fresh row."""
     require_admin(caller)
-    subject = ctx.bus.subject("internal", "quota", "sync")
+    account = _account(ctx, req.account)
+    subject = sync_subject(ctx.bus, account.key)
     try:
         reply = await ctx.bus.nc.request(
             subject,
@@ -130,16 +148,17 @@ async def quota_sync(ctx: ApiContext, caller: Caller, req: Empty) -> QuotaView:
         error = msgspec.json.decode(reply.data, type=QuotaView).sync_error
     except (msgspec.DecodeError, msgspec.ValidationError):
         error = "the quota syncer answered something unreadable"
-    await ctx.db.audit(
-        None, caller.user, "quota.sync", {} if error is None else {"error": error}, ctx.clock.now()
-    )
+    details: dict[str, object] = {} if error is None else {"error": error}
+    if accounts_of(ctx.settings).several:
+        details["account"] = account.name
+    await ctx.db.audit(None, caller.user, "quota.sync", details, ctx.clock.now())
     if error is not None:
         raise QuotaSyncFailed(detail=error[:500])
-    return await quota_get(ctx, caller, req)
+    return await _view(ctx, account)
 
 
 async def quota_set(ctx: ApiContext, caller: Caller, req: QuotaSet) -> QuotaView:
-    """Sets the local quota's monthly allowance without a restart; applied at once.
+    """Sets an account's local quota's monthly allowance without a restart; applied at once.
 
     Only with the ``local`` provider (``quota_not_local`` otherwise: the http
     provider's numbers are the provider's, the next sync would undo any set).
@@ -149,23 +168,23 @@ async def quota_set(ctx: ApiContext, caller: Caller, req: QuotaSet) -> QuotaView
     decided again.
     """
     require_admin(caller)
-    # The default SMTP account's quota (quota.* act on it).
-    accounts = accounts_of(ctx.settings)
-    default = accounts.default
-    if default.settings.quota_provider != "local":
+    account = _account(ctx, req.account)
+    if account.settings.quota_provider != "local":
         raise Conflict("quota_not_local", text_key="quota_not_local")
     now = ctx.clock.now()
-    ledger = PgQuota(ctx.db.pool, default.key, name=default.name if accounts.several else None)
+    several = accounts_of(ctx.settings).several
+    ledger = PgQuota(ctx.db.pool, account.key, name=account.name if several else None)
     previous, state = await ledger.set_local(req.monthly_limit, now, ctx.hours.tz)
-    await ctx.db.audit(
-        None,
-        caller.user,
-        "quota.set",
-        {"monthly_limit": req.monthly_limit, "from": previous, "to": state.emails_available},
-        now,
-    )
+    details: dict[str, object] = {
+        "monthly_limit": req.monthly_limit,
+        "from": previous,
+        "to": state.emails_available,
+    }
+    if several:
+        details["account"] = account.name
+    await ctx.db.audit(None, caller.user, "quota.set", details, now)
     await reevaluate_deferrals(ctx)
-    return await quota_get(ctx, caller, Empty())
+    return await _view(ctx, account)
 
 
 async def limits_reload(ctx: ApiContext, caller: Caller, req: Empty) -> LimitsReloaded:

@@ -53,6 +53,7 @@ from mailer.messages import (
     ImportProgress,
     LimitsReloaded,
     ManagerStatus,
+    QuotaRef,
     QuotaSet,
     QuotaView,
     RecipientIn,
@@ -567,16 +568,18 @@ class MailerClient:
         ref = EmailRef(email=email)
         return await self.request("suppression.remove", ref, SuppressionRemoved)
 
-    async def quota(self) -> QuotaView:
-        return await self.request("quota.get", Empty(), QuotaView)
+    async def quota(self, account: str | None = None) -> QuotaView:
+        """An SMTP account's quota (None: the default account's)."""
+        return await self.request("quota.get", QuotaRef(account=account), QuotaView)
 
-    async def sync_quota(self) -> QuotaView:
-        """Admin only: asks the provider now."""
-        return await self.request("quota.sync", Empty(), QuotaView)
+    async def sync_quota(self, account: str | None = None) -> QuotaView:
+        """Admin only: asks the account's provider now (None: the default account's)."""
+        return await self.request("quota.sync", QuotaRef(account=account), QuotaView)
 
-    async def set_quota(self, monthly_limit: int) -> QuotaView:
-        """Admin only, local quota only: the monthly allowance from now on."""
-        return await self.request("quota.set", QuotaSet(monthly_limit=monthly_limit), QuotaView)
+    async def set_quota(self, monthly_limit: int, account: str | None = None) -> QuotaView:
+        """Admin only, local quota only: the account's monthly allowance from now on."""
+        body = QuotaSet(monthly_limit=monthly_limit, account=account)
+        return await self.request("quota.set", body, QuotaView)
 
     async def reload_limits(self) -> LimitsReloaded:
         """Admin only: every limit's deferral decided again under the limits in force."""

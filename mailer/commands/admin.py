@@ -24,18 +24,34 @@ __all__ = ["audit", "events", "limits", "ping", "quota", "unsubscribe"]
     default=None,
     help="Set the local monthly allowance now (admin only, local quota only).",
 )
-async def quota(cli: Cli, client: MailerClient, *, sync: bool, set_to: int | None) -> None:
+@click.option(
+    "--account",
+    default=None,
+    help="The SMTP account whose quota (MAILER_SMTP_ACCOUNTS; default: the default account).",
+)
+async def quota(
+    cli: Cli, client: MailerClient, *, sync: bool, set_to: int | None, account: str | None
+) -> None:
     if set_to is not None:
-        view = await client.set_quota(set_to)
+        view = await client.set_quota(set_to, account=account)
     else:
-        view = await (client.sync_quota() if sync else client.quota())
+        view = await (client.sync_quota(account) if sync else client.quota(account))
     if cli.json:
         cli.emit(view)
         return
     synced = cli.when(view.last_synced_at)
     # The http provider may not say its monthly limit: then none is shown.
     limit = "-" if view.monthly_limit is None else view.monthly_limit
-    cli.say(cli.t("cli_quota", available=view.emails_available, limit=limit, synced=synced))
+    key = "cli_quota" if account is None else "cli_quota_account"
+    cli.say(
+        cli.t(
+            key,
+            available=view.emails_available,
+            limit=limit,
+            synced=synced,
+            account=view.account,
+        )
+    )
     if view.sync_error:
         cli.say(cli.t("cli_quota_error", error=view.sync_error))
 

@@ -6,7 +6,7 @@
 -- name: gauges-backlog
 -- Pending recipients of started, unfinished campaigns; of those, the ones that may be sent
 -- now: ready or sending, the deferral (if any) over, not paused by a manager, the breaker or
--- a message that cannot be rendered (the conditions of queue-acquire). And the quota left.
+-- a message that cannot be rendered (the conditions of queue-acquire).
 SELECT coalesce(sum(p.n), 0)::bigint AS pending,
        coalesce(sum(p.n) FILTER (
            WHERE c.status IN ('ready', 'sending')
@@ -16,8 +16,7 @@ SELECT coalesce(sum(p.n), 0)::bigint AS pending,
              -- Waiting for a quota top-up (no time: only a sync or quota.set ends it).
              AND NOT (q.deferred_until IS NULL
                       AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted')
-       ), 0)::bigint AS sendable,
-       (SELECT emails_available FROM quota WHERE account = '') AS quota_available
+       ), 0)::bigint AS sendable
 FROM queue_entry q
 JOIN campaign c ON c.id = q.campaign_id
 CROSS JOIN LATERAL (
@@ -25,6 +24,10 @@ CROSS JOIN LATERAL (
     WHERE r.campaign_id = q.campaign_id AND r.status = 'pending'
 ) p
 WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending', 'paused');
+
+-- name: gauges-quota
+-- Each SMTP account's quota left (account: '' the default's; one row per account).
+SELECT account, emails_available FROM quota;
 
 -- name: gauges-waiting
 -- Unfinished campaigns that no process is sending now (no live lease), by why they wait:
