@@ -407,12 +407,22 @@ class PgStore:
         if ids:
             await self.pool.execute(Q["recipients-release"], list(ids), lease.claim_token, now)
 
-    async def hand(self, lease: Lease, ids: Sequence[int], now: datetime) -> list[int]:
-        """Marks claimed recipients handed to SMTP; returns those this lease still holds."""
+    async def hand(
+        self, lease: Lease, ids: Sequence[int], now: datetime, *, account: str = ""
+    ) -> list[int]:
+        """Marks claimed recipients handed to SMTP; returns those this lease still holds.
+        ``account``: the key of the SMTP account the wave goes through (a takeover's
+        in-doubt send-log rows name it)."""
         if not ids:
             return []
         rows = await self.pool.fetch(
-            Q["recipients-hand"], list(ids), lease.claim_token, now, lease.owner, lease.epoch
+            Q["recipients-hand"],
+            list(ids),
+            lease.claim_token,
+            now,
+            lease.owner,
+            lease.epoch,
+            account,
         )
         return [int(r["id"]) for r in rows]
 
@@ -471,7 +481,8 @@ class PgStore:
         """``record`` of one wave (no attempt count) and ``hand`` of the next, in one
         statement: the next wave is marked handed only with the previous one recorded.
         Returns the status each recorded row got and the ids marked handed.
-        ``account``: the key of the SMTP account that sent them (the send log's)."""
+        ``account``: the key of the SMTP account that sent them (the send log's), which
+        the next wave of the same batch goes through too (its hand's account)."""
         args = self._record_args(lease, outcomes, now)
         rows = await self.pool.fetch(
             Q["recipients-record-and-hand"], *args, list(hand), lease.owner, lease.epoch, account

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from mailer.db import connect_pool
+from mailer.db import Q, connect_pool
 from mailer.store import Outcome, PgStore
 
 T0 = datetime(2026, 11, 23, 10, 15, tzinfo=UTC)
@@ -138,3 +138,87 @@ async def test_a_handed_wave_given_back_unsent_is_not_doubted_later(store: PgSto
     assert b is not None
     assert await store.begin_sending(b, t1) == 0
     assert await _statuses(db, cid) == ["pending", "pending"]
+
+
+async def _spent(db, account: str, since: datetime) -> int:
+    """What the account's hour rebuild and local quota count (mailer/queries)."""
+    until = since + timedelta(hours=1)
+    return int(await db.fetchval(Q["spent-tokens-hour"], since, until, account))
+
+
+async def test_a_takeovers_doubts_count_for_the_account_their_wave_went_through(
+    store: PgStore, db
+) -> None:
+    """Several SMTP accounts: an in-doubt row is an attempt of the account that may have
+    sent it (the hand records it), not of the default's."""
+    cid = await _campaign(db, 4)
+    await db.execute("UPDATE campaign SET smtp_account = 'bulk' WHERE id = $1", cid)
+    a = await store.acquire(cid, "A", until=T0 + timedelta(seconds=1), now=T0, fence=0)
+    assert a is not None
+    r, _ = await store.claim(a, 4, T0)
+    # A wave of two handed through bulk (a plain hand); the first recorded sent
+    # with the next wave's hand (one statement, same batch, same account); then A dies.
+    assert await store.hand(a, [r[0].id, r[1].id], T0, account="bulk") == [r[0].id, r[1].id]
+    sent = Outcome(
+        recipient_id=r[0].id,
+        email=r[0].email,
+        status="sent",
+        message_id="<m0>",
+        answer="250 ok",
+        error=None,
+        took_ms=1.0,
+    )
+    _, handed = await store.record_and_hand(a, [sent], [r[2].id], T0, account="bulk")
+    assert handed == [r[2].id]
+    t1 = T0 + timedelta(seconds=5)
+    b = await store.acquire(cid, "B", until=t1 + timedelta(seconds=30), now=t1, fence=0)
+    assert b is not None
+    assert await store.begin_sending(b, t1) == 2
+    assert await _statuses(db, cid) == ["sent", "in_doubt", "in_doubt", "pending"]
+    logged = await db.fetch(
+        "SELECT recipient_id, status, account FROM send_log WHERE campaign_id = $1", cid
+    )
+    assert sorted((x["recipient_id"], x["status"], x["account"]) for x in logged) == [
+        (r[0].id, "sent", "bulk"),
+        (r[1].id, "in_doubt", "bulk"),
+        (r[2].id, "in_doubt", "bulk"),
+    ]
+    hour = T0.replace(minute=0)
+    assert await _spent(db, "bulk", hour) == 3
+    assert await _spent(db, "", hour) == 0
+    # The mark's account goes with the mark (migration 0018's trigger).
+    left = await db.fetchval(
+        "SELECT count(*) FROM recipient WHERE campaign_id = $1 AND handed_account IS NOT NULL",
+        cid,
+    )
+    assert left == 0
+
+
+async def test_a_reconciles_doubt_counts_for_the_account_and_the_default_stays_null(
+    store: PgStore, db
+) -> None:
+    """The leader's reconcile (a claim that outlived its lease) logs the same way; a
+    wave through the default account keeps NULL, as every default's row."""
+    cid = await _campaign(db, 3)
+    a = await store.acquire(cid, "A", until=T0 + timedelta(seconds=1), now=T0, fence=0)
+    assert a is not None
+    r, _ = await store.claim(a, 3, T0)
+    assert await store.hand(a, [r[0].id], T0, account="bulk") == [r[0].id]
+    # B takes the lease over but has not settled A's rows: the reconcile does.
+    t1 = T0 + timedelta(seconds=5)
+    assert await store.acquire(cid, "B", until=t1 + timedelta(seconds=30), now=t1, fence=0)
+    fence = await db.fetchval("SELECT epoch FROM leader_fence")
+    assert await store.settle_stale_claims(t1, fence) == {cid: {"in_doubt": 1, "pending": 2}}
+    row = await db.fetchrow("SELECT status, account FROM send_log WHERE campaign_id = $1", cid)
+    assert (row["status"], row["account"]) == ("in_doubt", "bulk")
+
+    other = await _campaign(db, 1)
+    c = await store.acquire(other, "C", until=T0 + timedelta(seconds=1), now=T0, fence=0)
+    assert c is not None
+    (only,), _ = await store.claim(c, 1, T0)
+    assert await store.hand(c, [only.id], T0) == [only.id]
+    d = await store.acquire(other, "D", until=t1 + timedelta(seconds=30), now=t1, fence=0)
+    assert d is not None
+    assert await store.begin_sending(d, t1) == 1
+    row = await db.fetchrow("SELECT status, account FROM send_log WHERE campaign_id = $1", other)
+    assert (row["status"], row["account"]) == ("in_doubt", None)

@@ -126,7 +126,9 @@ class CampaignStore(Protocol):
     async def attachments(self, campaign_id: int) -> list[Attachment]: ...
     async def claim(self, lease: Lease, n: int, now: datetime) -> tuple[list[Claimed], int]: ...
     async def release_claims(self, lease: Lease, ids: Sequence[int], now: datetime) -> None: ...
-    async def hand(self, lease: Lease, ids: Sequence[int], now: datetime) -> list[int]:
+    async def hand(
+        self, lease: Lease, ids: Sequence[int], now: datetime, *, account: str = ""
+    ) -> list[int]:
         """Marks claimed recipients handed to SMTP; returns those still this lease's."""
         ...
 
@@ -704,7 +706,9 @@ class CampaignActor(Actor[Continue]):
             self._claimed = self._claimed[len(wave) :]
             await self._flush(lease, last=False, written=written)
         else:
-            marked = set(await self._store.hand(lease, ids, self._clock.now()))
+            marked = set(
+                await self._store.hand(lease, ids, self._clock.now(), account=self._current.key)
+            )
             self._claimed = self._claimed[len(wave) :]
             if record and (self._aborted or self._expired):
                 await self._flush(lease, last=False)

@@ -106,7 +106,8 @@ WHERE id = ANY($1::bigint[]) AND status = 'sending' AND claimed_by = $2;
 -- same statement, the next wave's hand (as recipients-hand, $14 its ids -- empty
 -- for a plain record -- and $15/$16 the lease's owner and epoch): the pipelined
 -- loop never hands a wave before the previous one is recorded. $17: the SMTP
--- account that sent the wave ('' the default: NULL in the log). Rows: each
+-- account that sent the wave ('' the default: NULL in the log), the same batch's
+-- account the next wave goes through (recipient.handed_account). Rows: each
 -- recorded row (handed false), then each row marked handed (handed true).
 WITH o AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::boolean[],
@@ -158,7 +159,7 @@ logged AS (
 ),
 handed AS (
     UPDATE recipient r
-    SET handed_at = $7, updated_at = $7
+    SET handed_at = $7, handed_account = NULLIF($17::text, ''), updated_at = $7
     WHERE r.id = ANY($14::bigint[]) AND r.status = 'sending' AND r.claimed_by = $6
       AND EXISTS (SELECT 1 FROM queue_entry q
                   WHERE q.campaign_id = r.campaign_id AND q.lease_owner = $15
@@ -173,9 +174,10 @@ SELECT id, NULL, NULL, true FROM handed;
 -- Marks claimed recipients as handed to SMTP, just before their SMTP
 -- transactions start, while this claimer still holds them and owner $4 holds
 -- the lease at epoch $5. Returns the rows marked: only those may be sent (a
--- takeover that settled a row first leaves it unmarked, and unsent).
+-- takeover that settled a row first leaves it unmarked, and unsent). $6: the
+-- SMTP account the wave goes through ('' the default: NULL), for a takeover's log.
 UPDATE recipient r
-SET handed_at = $3, updated_at = $3
+SET handed_at = $3, handed_account = NULLIF($6::text, ''), updated_at = $3
 WHERE r.id = ANY($1::bigint[]) AND r.status = 'sending' AND r.claimed_by = $2
   AND EXISTS (SELECT 1 FROM queue_entry q
               WHERE q.campaign_id = r.campaign_id AND q.lease_owner = $4
@@ -186,17 +188,21 @@ RETURNING r.id;
 -- Rows of this campaign left 'sending' by an owner that is gone (crash,
 -- kill -9, lost lease). Those marked handed may have been accepted by the
 -- SMTP server, so they become visibly 'in_doubt' instead of being sent again;
--- the send log gets the same verdict, so the two agree and the local quota
--- counts them. Those never handed did not leave the old owner's process: they
--- go back to 'pending' (a late hand of the old owner then matches nothing).
+-- the send log gets the same verdict, with the account the wave went through
+-- (handed_account), so the two agree and that account's local quota counts
+-- them. Those never handed did not leave the old owner's process: they go back
+-- to 'pending' (a late hand of the old owner then matches nothing).
 WITH doubted AS (
-    UPDATE recipient
+    UPDATE recipient r
     SET status = 'in_doubt', claimed_by = NULL, claimed_at = NULL,
         error = 'owner died between handing to SMTP and record; delivery unknown',
         updated_at = $3
-    WHERE campaign_id = $1 AND status = 'sending' AND claimed_by <> $2
-      AND handed_at IS NOT NULL
-    RETURNING id, email, error
+    -- old: the row as it was (the trigger clears the mark's account with the mark).
+    FROM recipient old
+    WHERE old.id = r.id
+      AND r.campaign_id = $1 AND r.status = 'sending' AND r.claimed_by <> $2
+      AND r.handed_at IS NOT NULL
+    RETURNING r.id, r.email, r.error, old.handed_account AS account
 ), returned AS (
     UPDATE recipient
     SET status = 'pending', claimed_by = NULL, claimed_at = NULL, updated_at = $3
@@ -204,8 +210,9 @@ WITH doubted AS (
       AND handed_at IS NULL
     RETURNING id
 )
-INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, error, created_at)
-SELECT $1, d.id, d.email, false, 'in_doubt', d.error, $3 FROM doubted d
+INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, error, created_at,
+                      account)
+SELECT $1, d.id, d.email, false, 'in_doubt', d.error, $3, d.account FROM doubted d
 RETURNING recipient_id AS id;
 
 -- name: recipients-stale-claims-to-doubt
@@ -213,11 +220,11 @@ RETURNING recipient_id AS id;
 -- lease's (a claim that raced a takeover, an owner gone without settling)
 -- would keep the live owner from ever finishing. Like a takeover: those
 -- marked handed become 'in_doubt' (they may have reached SMTP), with a
--- send-log row each; those never handed go back to 'pending' (a late hand of
+-- send-log row each (the account their wave went through); those never handed go back to 'pending' (a late hand of
 -- their old owner matches nothing, so they are sent once, by the live owner).
 -- Only on the current leader's authority ($2 = its epoch).
 WITH stale AS (
-    SELECT r.id, r.handed_at IS NOT NULL AS handed
+    SELECT r.id, r.handed_at IS NOT NULL AS handed, r.handed_account
     FROM recipient r JOIN queue_entry q ON q.campaign_id = r.campaign_id
     WHERE r.status = 'sending' AND q.lease_until > $1
       AND r.claimed_by <> q.lease_owner || '#' || q.lease_epoch
@@ -229,7 +236,7 @@ doubted AS (
     SET status = 'in_doubt', claimed_by = NULL, claimed_at = NULL,
         error = 'claim outlived its lease; delivery unknown', updated_at = $1
     FROM stale s WHERE r.id = s.id AND s.handed
-    RETURNING r.id, r.campaign_id, r.email, r.error
+    RETURNING r.id, r.campaign_id, r.email, r.error, s.handed_account
 ),
 returned AS (
     UPDATE recipient r
@@ -238,8 +245,10 @@ returned AS (
     RETURNING r.campaign_id
 ),
 logged AS (
-    INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, error, created_at)
-    SELECT d.campaign_id, d.id, d.email, false, 'in_doubt', d.error, $1 FROM doubted d
+    INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, error, created_at,
+                          account)
+    SELECT d.campaign_id, d.id, d.email, false, 'in_doubt', d.error, $1, d.handed_account
+    FROM doubted d
     RETURNING campaign_id
 )
 SELECT campaign_id, 'in_doubt' AS verdict FROM logged
