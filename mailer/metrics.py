@@ -67,13 +67,16 @@ __all__ = [
     "SMTP_ERROR_CAUSES",
     "TOKENS_DENIED",
     "TOKENS_GRANTED",
+    "TOKEN_DENIAL_REASONS",
     "WAITING_REASONS",
     "actor_kind",
+    "governor_series",
     "precreate_actor_series",
     "precreate_api_series",
     "register_mailbox",
     "render_latest",
     "set_build_info",
+    "smtp_error_series",
     "unregister_mailbox",
 ]
 
@@ -157,13 +160,15 @@ SEND_DURATION: Final = Histogram(
 
 TOKENS_GRANTED: Final = Counter(
     "mailer_tokens_granted_total",
-    "Send tokens granted by the rate governor (each one may become one SMTP send).",
+    "Send tokens granted by the SMTP account's rate governor (each one may become one SMTP send).",
+    ["account"],
 )
 TOKENS_DENIED: Final = Counter(
     "mailer_tokens_denied_total",
-    "Send tokens refused by the rate governor, by reason (e.g. rate_per_hour).",
-    ["reason"],
+    "Send tokens refused by the SMTP account's rate governor, by reason (e.g. rate_per_hour).",
+    ["account", "reason"],
 )
+TOKEN_DENIAL_REASONS: Final = ("rate_per_hour", "daily_limit", "quota_exhausted", "outside_hours")
 RATE_LIMITER_REDIS_ERRORS: Final = Counter(
     "mailer_rate_limiter_redis_errors_total",
     "Redis errors in the send-rate limiter; policy=fail_open means sending went on "
@@ -294,9 +299,9 @@ DEPENDENCY_UP: Final = Gauge(
 )
 SMTP_CONNECTION_ERRORS: Final = Counter(
     "mailer_smtp_connection_errors_total",
-    "SMTP sessions that could not be opened or were lost without a reply, by cause "
-    "(connect, tls, auth, timeout, protocol).",
-    ["cause"],
+    "SMTP sessions of the SMTP account that could not be opened or were lost without a "
+    "reply, by cause (connect, tls, auth, timeout, protocol).",
+    ["account", "cause"],
 )
 
 # ---------------------------------------------------------------------------------------
@@ -346,10 +351,6 @@ for _window in ("hour", "day"):
     RATE_COUNTER_REBUILDS.labels(window=_window)
 for _action in ("start", "test_email"):
     API_THROTTLE_REDIS_ERRORS.labels(policy="fail_closed", action=_action)
-for _reason in ("rate_per_hour", "daily_limit", "quota_exhausted", "outside_hours"):
-    TOKENS_DENIED.labels(reason=_reason)
-for _cause in SMTP_ERROR_CAUSES:
-    SMTP_CONNECTION_ERRORS.labels(cause=_cause)
 for _reason in WAITING_REASONS:
     CAMPAIGNS_WAITING.labels(reason=_reason)
 # smtp: no failure seen yet; the others are set by their first check (at start, each scrape).
@@ -506,3 +507,16 @@ def render_latest(accept: str | None = None) -> tuple[bytes, str]:
         return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
     encoder, content_type = choose_encoder(accept)
     return encoder(REGISTRY), content_type
+
+
+def governor_series(account: str) -> None:
+    """An SMTP account's governor counters, at 0 from its start (``account``: its name)."""
+    TOKENS_GRANTED.labels(account=account)
+    for reason in TOKEN_DENIAL_REASONS:
+        TOKENS_DENIED.labels(account=account, reason=reason)
+
+
+def smtp_error_series(account: str) -> None:
+    """An SMTP account's connection-error counters, at 0 from its start."""
+    for cause in SMTP_ERROR_CAUSES:
+        SMTP_CONNECTION_ERRORS.labels(account=account, cause=cause)

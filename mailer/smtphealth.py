@@ -4,7 +4,7 @@ The transport reports every SMTP session it could not open (connect, TLS, EHLO, 
 every transaction that lost its connection without a reply (a timeout, a disconnect). Each
 report
 
-* counts in ``mailer_smtp_connection_errors_total{cause}``, cause one of
+* counts in ``mailer_smtp_connection_errors_total{account,cause}``, cause one of
   connect / tls / auth / timeout / protocol (``connection_error_cause``);
 * logs a WARNING with the server, the cause and the error, at most one line per cause
   every 30 s (a dead server is retried by every batch); the next line says how many were
@@ -88,6 +88,7 @@ class SmtpHealth:
         self.host = host
         self.port = port
         self.account = account
+        metrics.smtp_error_series(account)
         self._log = LogLimiter(log, every=LOG_EVERY_SECONDS, clock=clock)
         self._up = True
 
@@ -99,7 +100,7 @@ class SmtpHealth:
     def failed(self, exc: BaseException, *, stage: str) -> Cause:
         """A session could not be opened (``stage`` "connect") or was lost at ``stage``."""
         cause = connection_error_cause(exc)
-        metrics.SMTP_CONNECTION_ERRORS.labels(cause=cause).inc()
+        metrics.SMTP_CONNECTION_ERRORS.labels(account=self.account, cause=cause).inc()
         self._set(False)
         self._log.log(
             logging.WARNING,

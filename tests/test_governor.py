@@ -383,15 +383,18 @@ async def test_a_grant_released_unsent_does_not_cap_the_campaign_for_the_rest_of
 async def test_grants_and_refusals_are_counted_and_refusals_logged(
     settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    granted = sample("mailer_tokens_granted_total")
-    denied = sample("mailer_tokens_denied_total", reason="rate_per_hour")
+    account = settings.smtp_account  # the one account's name labels its series
+    granted = sample("mailer_tokens_granted_total", account=account)
+    denied = sample("mailer_tokens_denied_total", account=account, reason="rate_per_hour")
     caplog.set_level(logging.INFO, logger="mailer.governor")
     async with governor(settings, FakeClock(MONDAY_1315_MSK), rate_per_hour=3) as gov:
         assert (await gov.ask(2)).granted == 2
         assert (await gov.ask(2)).granted == 1
         assert (await gov.ask(4, campaign_id=42)).reason == "rate_per_hour"
-    assert sample("mailer_tokens_granted_total") == granted + 3
-    assert sample("mailer_tokens_denied_total", reason="rate_per_hour") == denied + 4
+    assert sample("mailer_tokens_granted_total", account=account) == granted + 3
+    assert sample("mailer_tokens_denied_total", account=account, reason="rate_per_hour") == (
+        denied + 4
+    )
     (record,) = [r for r in caplog.records if r.getMessage() == "tokens refused"]
     assert record.levelno == logging.INFO
     fields = record.__dict__

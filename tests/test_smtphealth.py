@@ -24,9 +24,11 @@ from tests.helpers import Crm, Events
 Serve = Callable[[Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]], int]
 
 
-def _errors(cause: str) -> float:
-    value = REGISTRY.get_sample_value("mailer_smtp_connection_errors_total", {"cause": cause})
-    assert value is not None, f"no series for cause {cause}"
+def _errors(cause: str, account: str = "default") -> float:
+    value = REGISTRY.get_sample_value(
+        "mailer_smtp_connection_errors_total", {"account": account, "cause": cause}
+    )
+    assert value is not None, f"no series for cause {cause} of account {account}"
     return value
 
 
@@ -96,10 +98,10 @@ async def test_each_cause_is_recognised_and_counted(
         "auth": (sink.port, {"username": "u", "password": "p"}),  # the sink offers no AUTH
     }
     for cause, (port, kw) in cases.items():
-        before = {c: _errors(c) for c in cases}
+        before = {c: _errors(c, "test") for c in cases}
         error = await _send_once(port, health, **kw)
         assert error is not None, cause
-        moved = {c: _errors(c) - before[c] for c in cases}
+        moved = {c: _errors(c, "test") - before[c] for c in cases}
         assert moved == {c: (1 if c == cause else 0) for c in cases}, (cause, error)
         assert not health.up and _smtp_up() == 0
 

@@ -165,6 +165,7 @@ class GovernorActor(Actor[TokenRequest]):
         every reply so the campaign can tell which account's limit it waits for."""
         self._account = account
         self._account_name = name
+        metrics.governor_series(name)
         self._bus = bus
         self._max_active = max_active
         self._competition = competition
@@ -336,7 +337,7 @@ class GovernorActor(Actor[TokenRequest]):
             # No time can be named: the restoring sync (or quota.set) lifts the wait.
             return self._refuse(msg, "quota_exhausted", None, count=0, r=r)
 
-        metrics.TOKENS_GRANTED.inc(taken)
+        metrics.TOKENS_GRANTED.labels(account=self._account_name).inc(taken)
         return TokenReply(
             granted=taken,
             account=self._account_name,
@@ -504,7 +505,7 @@ class GovernorActor(Actor[TokenRequest]):
         r: Reservation | None = None,
     ) -> TokenReply:
         # Counted in tokens, like the grants: the metric's unit.
-        metrics.TOKENS_DENIED.labels(reason=reason).inc(msg.want)
+        metrics.TOKENS_DENIED.labels(account=self._account_name, reason=reason).inc(msg.want)
         log.info(
             "tokens refused",
             extra={
