@@ -336,6 +336,18 @@ async def test_quota_endpoints_and_gauge_act_on_the_named_account(
     for name, left in (("main", 99), ("bulk", 39)):
         value = REGISTRY.get_sample_value("mailer_quota_emails_available", {"account": name})
         assert value == left, name
+        # The governor's and the SMTP session's counters: one series per account too.
+        granted = REGISTRY.get_sample_value("mailer_tokens_granted_total", {"account": name})
+        assert granted is not None, name
+        for labels in ({"reason": "quota_exhausted"}, {"reason": "rate_per_hour"}):
+            sample = REGISTRY.get_sample_value(
+                "mailer_tokens_denied_total", {"account": name, **labels}
+            )
+            assert sample is not None, (name, labels)
+        errors = REGISTRY.get_sample_value(
+            "mailer_smtp_connection_errors_total", {"account": name, "cause": "connect"}
+        )
+        assert errors is not None, name
 
 
 async def test_with_one_account_nothing_names_it(make_service, crm: Crm, sink: SmtpSink) -> None:
