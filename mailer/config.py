@@ -348,6 +348,37 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             " server; empty: no webhook."
         ),
     ] = ""
+    bounce_imap_host: Annotated[
+        str,
+        Meta(
+            description="IMAP server of a bounce mailbox to read reports from (for providers"
+            " that cannot route bounces to the receiver); empty: no IMAP poller."
+        ),
+    ] = ""
+    bounce_imap_port: Annotated[
+        Port,
+        Meta(description="Port of the bounce mailbox's IMAP server (0: 993 with tls, else 143)."),
+    ] = 0
+    bounce_imap_security: Annotated[
+        Literal["tls", "none"],
+        Meta(description="Implicit `tls` or `none` (production: `none` only on loopback)."),
+    ] = "tls"
+    bounce_imap_username: Annotated[str, Meta(description="Login of the bounce mailbox.")] = ""
+    bounce_imap_password: Annotated[str, Meta(description="Password of the bounce mailbox.")] = ""
+    bounce_imap_mailbox: Annotated[
+        str, Meta(description="Folder of the bounce mailbox to read.")
+    ] = "INBOX"
+    bounce_imap_delete: Annotated[
+        bool,
+        Meta(description="Delete handled messages (expunged); false: mark them seen."),
+    ] = False
+    bounce_imap_poll_seconds: Annotated[
+        Seconds,
+        Meta(
+            description="How often to look for new messages when the server has no IDLE"
+            " (with IDLE the server tells; the IDLE is renewed every 25 min)."
+        ),
+    ] = 60.0
     soft_bounce_limit: Annotated[
         PositiveInt,
         Meta(description="Soft bounces within the window that suppress an address."),
@@ -720,6 +751,20 @@ def _check_bounces(s: Settings) -> None:
         )
     if s.bounce_webhook_secret and len(s.bounce_webhook_secret) < 16:
         raise ConfigError(f"{env_name('bounce_webhook_secret')} must have 16+ characters")
+    if s.bounce_imap_host:
+        if not s.bounce_domain:
+            # A report is trusted only through a signed bounce address of that domain.
+            raise ConfigError(
+                f"{env_name('bounce_imap_host')} needs {env_name('bounce_domain')} (reports are"
+                " matched through its signed bounce addresses)"
+            )
+        for field in ("bounce_imap_username", "bounce_imap_password"):
+            if not getattr(s, field):
+                raise ConfigError(
+                    f"{env_name(field)} is required with {env_name('bounce_imap_host')}"
+                )
+        if not s.bounce_imap_mailbox.strip():
+            raise ConfigError(f"{env_name('bounce_imap_mailbox')} must name a folder")
 
 
 def _check_production(s: Settings) -> None:
@@ -742,6 +787,16 @@ def _check_production(s: Settings) -> None:
     for field in ("nats_url", "database_url", "redis_url"):
         if not getattr(s, field):
             raise ConfigError(f"{env_name(field)} is required in production")
+    if (
+        s.bounce_imap_host
+        and s.bounce_imap_security == "none"
+        and not _is_loopback(s.bounce_imap_host)
+    ):
+        # The mailbox's password in clear text over the network.
+        raise ConfigError(
+            f"{env_name('bounce_imap_security')}=none is not allowed in production with "
+            f"{env_name('bounce_imap_host')}={s.bounce_imap_host!r}: use tls"
+        )
     from mailer.accounts import check_accounts
 
     for account in check_accounts(s).accounts:

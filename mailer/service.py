@@ -59,6 +59,7 @@ from mailer.actors.leader import LeaderActor
 from mailer.actors.runner import RunnerActor
 from mailer.actors.scheduler import Leadership, SchedulerActor, wake_subject
 from mailer.actors.sender import ActorMailer, SenderActor
+from mailer.bounces.imap import BounceMailbox
 from mailer.bounces.setup import Bounces, envelope_sender
 from mailer.breaker import CircuitBreaker
 from mailer.bus import Bus, NatsAuthError
@@ -199,6 +200,11 @@ class Service:
     def bounce_smtp_port(self) -> int | None:
         """The bounce receiver's port (None: not configured or not started)."""
         return self._bounces.smtp_port if self._bounces is not None else None
+
+    @property
+    def bounce_mailbox(self) -> BounceMailbox | None:
+        """The IMAP poller of the bounce mailbox (None: not configured)."""
+        return self._bounces.mailbox if self._bounces is not None else None
 
     @property
     def suppressions(self) -> PgSuppressions | None:
@@ -437,6 +443,8 @@ class Service:
         self._bounces = Bounces(
             s, pool=self._pool, events=self._events, outbox=self._outbox, clock=self.clock
         )
+        # The leader may be chosen before the bounces exist: they hear it now.
+        self._bounces.lead(self.leader_epoch is not None)
         try:
             await self._bounces.start(self._public_http)
         except OSError as exc:
@@ -529,6 +537,8 @@ class Service:
             self.leadership.set()
         changed, self._leader_changed = self._leader_changed, asyncio.Event()
         changed.set()
+        if self._bounces is not None:
+            self._bounces.lead(epoch is not None)
         self._announce_leadership()
 
     def _announce_leadership(self) -> None:

@@ -61,7 +61,7 @@ SUPPRESSIONS: Final = Counter(
     ["reason"],
 )
 for _kind in ("hard", "soft", "complaint", "ignored", "unverified", "unknown"):
-    for _source in ("smtp", "webhook"):
+    for _source in ("smtp", "imap", "webhook"):
         BOUNCE_REPORTS.labels(kind=_kind, source=_source)
 for _reason in ("hard_bounce", "complaint", "soft_bounce", "manual"):
     SUPPRESSIONS.labels(reason=_reason)

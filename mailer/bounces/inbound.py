@@ -49,23 +49,38 @@ class BounceProcessor:
         ids = {rid for a in addresses if (rid := recipient_of(self._secrets, self._domain, a))}
         return ids.pop() if len(ids) == 1 else None
 
-    async def message(self, rcpt_tos: Sequence[str], data: bytes) -> Applied | None:
-        """One message the SMTP receiver accepted. Raises only when the database
-        fails (the receiver then answers 451 and the sender retries)."""
+    async def message(
+        self, rcpt_tos: Sequence[str], data: bytes, *, channel: str = "smtp"
+    ) -> Applied | None:
+        """One message the SMTP receiver accepted (``channel`` "smtp") or the IMAP poller
+        read from the bounce mailbox ("imap"; ``rcpt_tos``: the envelope recipients its
+        delivery headers name). Raises only when the database fails (the receiver then
+        answers 451 and the sender retries; the poller leaves the message unseen)."""
         report = parse_report(data)
         if report.kind is None:
-            BOUNCE_REPORTS.labels(kind="ignored", source="smtp").inc()
+            BOUNCE_REPORTS.labels(kind="ignored", source=channel).inc()
             log.info("inbound message is no bounce or complaint", extra={"format": report.format})
             return None
         rid = self.recipient(rcpt_tos)
         if rid is None:
             rid = self.recipient(report.verp)
-        return await self.apply(rid, report.kind, source=report.format, detail=report.detail)
+        return await self.apply(
+            rid, report.kind, source=report.format, detail=report.detail, channel=channel
+        )
 
     async def apply(
-        self, recipient_id: int | None, kind: Kind, *, source: str, detail: str
+        self,
+        recipient_id: int | None,
+        kind: Kind,
+        *,
+        source: str,
+        detail: str,
+        channel: str | None = None,
     ) -> Applied | None:
-        channel = "webhook" if source == "webhook" else "smtp"
+        """``channel``: how the report came (the metric's ``source``): smtp, imap,
+        webhook; None: the webhook's reports ("webhook" source), else smtp."""
+        if channel is None:
+            channel = "webhook" if source == "webhook" else "smtp"
         if recipient_id is None:
             BOUNCE_REPORTS.labels(kind="unverified", source=channel).inc()
             log.warning(

@@ -3,7 +3,9 @@
 - ``MAILER_BOUNCE_DOMAIN`` set: campaigns send with per-recipient envelope
   senders, and the SMTP receiver listens on ``MAILER_BOUNCE_SMTP_PORT``;
 - ``MAILER_BOUNCE_WEBHOOK_SECRET`` set (with a bounce domain): the webhook
-  route is mounted on the public server.
+  route is mounted on the public server;
+- ``MAILER_BOUNCE_IMAP_HOST`` set (with a bounce domain): the bounce mailbox is
+  read over IMAP while this process leads (``lead``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from mailer.bounces.imap import BounceMailbox
 from mailer.bounces.inbound import BounceProcessor, OutboxFlush
 from mailer.bounces.receiver import BounceReceiver
 from mailer.bounces.verp import bounce_address
@@ -63,6 +66,11 @@ class Bounces:
             outbox=outbox,
         )
         self.receiver: BounceReceiver | None = None
+        self.mailbox: BounceMailbox | None = None
+        if s.bounce_domain and s.bounce_imap_host:
+            self.mailbox = BounceMailbox(s, processor=self.processor, clock=clock)
+        self._started = False
+        self._leading = False
 
     @property
     def smtp_port(self) -> int | None:
@@ -84,7 +92,23 @@ class Bounces:
             max_bytes=s.bounce_max_message_bytes,
         )
         await self.receiver.start()
+        self._started = True
+        self.lead(self._leading)
+
+    def lead(self, leading: bool) -> None:
+        """Only the leader reads the bounce mailbox (two readers of one unseen message
+        would count it twice)."""
+        self._leading = leading
+        if self.mailbox is None or not self._started:
+            return
+        if leading:
+            self.mailbox.start()
+        else:
+            self.mailbox.halt()
 
     async def stop(self) -> None:
+        self._started = False
+        if self.mailbox is not None:
+            await self.mailbox.stop()
         if self.receiver is not None:
             await self.receiver.stop()
