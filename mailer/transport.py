@@ -205,6 +205,8 @@ def _describe(stage: str, exc: BaseException) -> str:
 # this much beyond what the kernel took (flow control waits for the rest), so
 # a large message is never copied whole into a write buffer.
 _WRITE_SLICE = 256 * 1024
+# Chunks smaller than this are joined with their neighbours into one write.
+_JOIN_BELOW = 16 * 1024
 
 
 @dataclass(slots=True, eq=False)
@@ -509,13 +511,33 @@ class SmtpTransport:
         # unsolicited, while the slices are written (aiosmtplib's own
         # execute_data_command sets the same flag).
         protocol._response_pending = True
+        # Small chunks (the per-recipient parts, the template's static ones) go out
+        # joined in one write: each write is a send() system call, and a message of
+        # a dozen small chunks would otherwise cost a dozen. A large chunk (a shared
+        # attachment) is written in slices from its own bytes, never copied.
+        small: list[bytes] = []
+        held = 0
         for chunk in payload.chunks:
-            view = memoryview(chunk)
-            for at in range(0, len(view), _WRITE_SLICE):
-                protocol.write(view[at : at + _WRITE_SLICE])  # type: ignore[arg-type]
-                # Waits only while the transport is above its high-water mark.
-                await protocol._drain_helper()
-        protocol.write(b".\r\n")
+            if len(chunk) < _JOIN_BELOW:
+                small.append(chunk)
+                held += len(chunk)
+                if held < _WRITE_SLICE:
+                    continue
+            else:
+                if small:
+                    protocol.write(b"".join(small))
+                    small, held = [], 0
+                view = memoryview(chunk)
+                for at in range(0, len(view), _WRITE_SLICE):
+                    protocol.write(view[at : at + _WRITE_SLICE])  # type: ignore[arg-type]
+                    # Waits only while the transport is above its high-water mark.
+                    await protocol._drain_helper()
+                continue
+            protocol.write(b"".join(small))
+            small, held = [], 0
+            await protocol._drain_helper()
+        small.append(b".\r\n")
+        protocol.write(b"".join(small))
         try:
             reply = await protocol.read_response(timeout=self._timeout)
         except asyncio.CancelledError:

@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -282,7 +283,6 @@ class CampaignActor(Actor[Continue]):
         self._handed: list[Claimed] = []
         # The next wave, rendered and marked handed while the previous one is with SMTP.
         self._prepared: list[tuple[Claimed, Mail, str]] = []
-        self._sending: asyncio.Future[list[SendResult]] | None = None
         self._unrecorded: list[Outcome] = []
         self._batch_started = 0.0  # perf_counter() when the batch went to SMTP, for its log line
         self._aborted: list[Claimed] = []
@@ -475,43 +475,70 @@ class CampaignActor(Actor[Continue]):
         self._batch_written = {}
         self._batches += 1
         lost = False
+        expired = False
+        # The waves with SMTP, oldest first: at most two (the bound above).
+        flying: deque[tuple[list[tuple[Claimed, Mail, str]], asyncio.Future[list[SendResult]]]]
+        flying = deque()
         wave = await self._prepare(lease, template, now)
-        while wave is not None and not self._stopping:
-            sendable, taken = wave
-            lost = lost or taken
-            self._batch_started = time.perf_counter()
-            await self._hook("handed")
-            self._prepared, self._handed = [], [r for r, _, _ in sendable]
-            # Held on the actor while in flight (the loop keeps no other reference).
-            self._sending = sending = asyncio.ensure_future(
-                self._mailer.send_all([m for _, m, _ in sendable], not_after=not_after)
-            )
-            wave = None
-            try:
-                await self._hook("sending")
-                # With SMTP busy: the previous wave's record, then the next wave's hand
-                # (one statement when there are both).
+        try:
+            while True:
+                if wave is not None and not self._stopping:
+                    sendable, taken = wave
+                    lost = lost or taken
+                    if not flying:
+                        self._batch_started = time.perf_counter()
+                    await self._hook("handed")
+                    # Given to the sender as soon as it is handed: its messages take
+                    # the connections the wave before frees, one by one, instead of
+                    # waiting for that wave's slowest message.
+                    self._prepared = []
+                    self._handed += [r for r, _, _ in sendable]
+                    flying.append(
+                        (
+                            sendable,
+                            asyncio.ensure_future(
+                                self._mailer.send_all(
+                                    [m for _, m, _ in sendable], not_after=not_after
+                                )
+                            ),
+                        )
+                    )
+                wave = None
+                if not flying:
+                    break
                 over = not_after is not None and self._clock.now() >= not_after
-                if self._claimed and not self._stopping and not over and not lost:
+                if (
+                    len(flying) < 2
+                    and self._claimed
+                    and not self._stopping
+                    and not over
+                    and not lost
+                    and not expired
+                ):
+                    # With one wave at SMTP: the waves done are recorded and the next
+                    # one handed (one statement when there are both), so at most two
+                    # are ever handed and unrecorded.
+                    await self._hook("sending")
                     wave = await self._prepare(lease, template, now, record=True)
-                    await self._hook("prepared")
-                elif self._unrecorded or self._aborted or self._expired:
+                    if wave is not None:
+                        await self._hook("prepared")
+                    continue
+                if len(flying) < 2 and (self._unrecorded or self._aborted or self._expired):
                     await self._flush(lease, last=False)
+                sendable, sending = flying[0]
                 results = await sending
-            except BaseException:
-                # The wave with SMTP is not abandoned: its outcomes are kept for
-                # on_stop's record (a cancellation cuts it through the transport).
+                flying.popleft()
+                self._collect(sendable, results)
+                # The grant ended: what is not yet handed goes back with the rest.
+                expired = expired or bool(self._expired)
+        except BaseException:
+            # The waves with SMTP are not abandoned: their outcomes are kept for
+            # on_stop's record (a cancellation cuts them through the transport).
+            for sendable, sending in flying:
                 await asyncio.wait([sending])
                 if not sending.cancelled() and sending.exception() is None:
                     self._collect(sendable, sending.result())
-                raise
-            self._sending = None
-            self._collect(sendable, results)
-            if self._expired:
-                # The grant ended: what is prepared goes back with the rest.
-                wave = None
-            if wave is None:
-                break
+            raise
         if self._prepared:
             # Handed but never given to SMTP (a stop, or the grant ended meanwhile):
             # not sent, so pending again.
@@ -576,7 +603,8 @@ class CampaignActor(Actor[Continue]):
                 self._expired.append(r)
             else:
                 self._unrecorded.append(_outcome(r, mid, res))
-        self._handed = []
+        done = {r.id for r, _, _ in sendable}
+        self._handed = [r for r in self._handed if r.id not in done]
 
     async def _hook(self, stage: str) -> None:
         if self._stage_fault is not None:
@@ -652,15 +680,22 @@ class CampaignActor(Actor[Continue]):
             # tokens stay spent (better to under-send).
             await self._store.release_claims(lease, given_back, self._clock.now())
             self._aborted, self._expired = [], []
+        # Counted per reason, one increment each: not a labelled lookup per message.
+        sent = 0
+        failed: dict[str, int] = {}
         for o in outcomes:
             if o.status == "sent":
-                metrics.EMAILS_SENT.labels(kind="campaign").inc()
+                sent += 1
             elif o.status == "transient" and written.get(o.recipient_id) == "failed":
                 # Its last transient answer used up its attempts: it failed for good.
-                metrics.EMAILS_FAILED.labels(kind="campaign", reason="permanent").inc()
+                failed["permanent"] = failed.get("permanent", 0) + 1
             else:
                 reason = "permanent" if o.status == "failed" else o.status
-                metrics.EMAILS_FAILED.labels(kind="campaign", reason=reason).inc()
+                failed[reason] = failed.get(reason, 0) + 1
+        if sent:
+            metrics.EMAILS_SENT.labels(kind="campaign").inc(sent)
+        for reason, n in failed.items():
+            metrics.EMAILS_FAILED.labels(kind="campaign", reason=reason).inc(n)
         if last and batch:  # one progress event per batch, not per wave
             await self._emit("progress", counts=_tally(batch, self._batch_written))
         return written
