@@ -231,6 +231,14 @@ FaultHook = Callable[[int, int], Awaitable[None]]
 StageHook = Callable[[int, int, str], Awaitable[None]]
 
 
+# The next batch's claim and tokens are asked for once this many waves or fewer
+# are left to hand: they overlap the last waves' SMTP instead of leaving the
+# connections idle between batches, and a grant is seldom taken long before use.
+_PREFETCH_WAVES = 4
+# A prefetched batch: (asked at, claims, unsubscribed settled, the tokens' reply or
+# None if not asked: a stop came first, or nothing was claimed).
+_Next = tuple[datetime, list[Claimed], int, TokenReply | None]
+
 # Pause before looking again when recipients are pending but none could be
 # claimed (rows locked by an API call in progress): rare and brief.
 _RECLAIM_PAUSE_SECONDS = 0.5
@@ -292,6 +300,11 @@ class CampaignActor(Actor[Continue]):
         self._ended = False  # finished or deferred: the lease is already given up
         self._status = "ready"  # the campaign's status as this actor made it
         self._heartbeat_task: asyncio.Task[None] | None = None
+        # The next batch's claim and tokens, asked while this batch's last waves are
+        # with SMTP (``_prefetch``); its claims are released by on_stop if unused.
+        self._next: asyncio.Task[_Next] | None = None
+        self._next_claimed: list[Claimed] = []
+        self._may_prefetch = False
 
     # --- setup ----------------------------------------------------------------
 
@@ -402,14 +415,19 @@ class CampaignActor(Actor[Continue]):
         if self._stopping:
             # The Continue was queued before the stop: no claim, no tokens now.
             return
-        blocked = await self._mailer.blocked_until()
-        if blocked is not None:
-            # The account's breaker is open: reserving tokens now would spend the
-            # hour and the quota on sends that cannot go out. Wait for its probe.
-            await self._defer(lease, "transient_error", blocked, {})
-            return
-        now = self._clock.now()
-        self._claimed, unsubscribed = await self._store.claim(lease, self._s.batch_size, now)
+        nxt = await self._take_next()
+        if nxt is None:
+            blocked = await self._mailer.blocked_until()
+            if blocked is not None:
+                # The account's breaker is open: reserving tokens now would spend the
+                # hour and the quota on sends that cannot go out. Wait for its probe.
+                await self._defer(lease, "transient_error", blocked, {})
+                return
+            now = self._clock.now()
+            self._claimed, unsubscribed = await self._store.claim(lease, self._s.batch_size, now)
+            reply: TokenReply | None = None
+        else:
+            now, self._claimed, unsubscribed, reply = nxt
         if not self._claimed:
             if unsubscribed:  # a batch of only unsubscribed addresses: go on
                 self._again()
@@ -419,9 +437,10 @@ class CampaignActor(Actor[Continue]):
         if self._stopping:
             return  # on_stop gives the claims back; no token is spent on them
 
-        reply = await self._tokens.request_tokens(
-            self.campaign_id, campaign.owner_id, len(self._claimed)
-        )
+        if reply is None:
+            reply = await self._tokens.request_tokens(
+                self.campaign_id, campaign.owner_id, len(self._claimed)
+            )
         granted, refused = self._claimed[: reply.granted], self._claimed[reply.granted :]
         await self._store.release_claims(lease, [r.id for r in refused], now)
         self._claimed = granted
@@ -429,6 +448,9 @@ class CampaignActor(Actor[Continue]):
             reason = reply.reason or "rate_per_hour"
             await self._defer(lease, reason, reply.retry_at, _reply_details(reply))
             return
+        # All that was asked for was granted: the next batch may be asked for while
+        # this one's last waves are with SMTP (fewer would be refused the next time).
+        self._may_prefetch = not refused
 
         if self._status == "ready" and await self._store.mark_sending(lease, now):
             # Its first messages go now: from here on it is ``sending``.
@@ -506,6 +528,8 @@ class CampaignActor(Actor[Continue]):
                 wave = None
                 if not flying:
                     break
+                if len(self._claimed) <= _PREFETCH_WAVES * self._s.window and not (lost or expired):
+                    self._prefetch(lease)
                 over = not_after is not None and self._clock.now() >= not_after
                 if (
                     len(flying) < 2
@@ -553,6 +577,53 @@ class CampaignActor(Actor[Continue]):
         if lost:
             raise LeaseLost(f"recipients of campaign {lease.campaign_id} taken over")
         return self._batch_outcomes, self._batch_written
+
+    def _prefetch(self, lease: Lease) -> None:
+        """Asks for the next batch's claim and tokens in the background, once per batch.
+
+        Not after a stop, nor when this batch was granted less than it asked (the
+        next ask would be refused) or met a transient error (it defers): then the
+        tokens would be spent for nothing. The claims are held by this lease like
+        any other (on_stop releases them if they are never used).
+        """
+        if (
+            self._next is not None
+            or not self._may_prefetch
+            or self._stopping
+            or any(o.status == "transient" for o in self._unrecorded)
+            or any(o.status == "transient" for o in self._batch_outcomes)
+        ):
+            return
+        self._may_prefetch = False
+        self._next = asyncio.ensure_future(self._fetch_next(lease))
+
+    async def _fetch_next(self, lease: Lease) -> _Next:
+        assert self._campaign is not None
+        now = self._clock.now()
+        claimed, unsubscribed = await self._store.claim(lease, self._s.batch_size, now)
+        self._next_claimed = claimed  # on_stop's to release until _batch takes them
+        if not claimed or self._stopping:
+            return now, claimed, unsubscribed, None
+        reply = await self._tokens.request_tokens(
+            self.campaign_id, self._campaign.owner_id, len(claimed)
+        )
+        return now, claimed, unsubscribed, reply
+
+    async def _take_next(self) -> _Next | None:
+        """The prefetched claim and tokens (None: none asked for, or the breaker
+        opened meanwhile: then its claims are released and the batch starts afresh)."""
+        task, self._next = self._next, None
+        if task is None:
+            return None
+        nxt = await task
+        if await self._mailer.blocked_until() is not None:
+            assert self._lease is not None
+            await self._store.release_claims(self._lease, [r.id for r in nxt[1]], self._clock.now())
+            self._next_claimed = []
+            return None
+        # From here they are _claimed's (the caller assigns them at once).
+        self._next_claimed = []
+        return nxt
 
     async def _prepare(
         self, lease: Lease, template: MessageTemplate, now: datetime, *, record: bool = False
@@ -876,6 +947,18 @@ class CampaignActor(Actor[Continue]):
             # A wave handed but never given to SMTP (a stop or a crash while the
             # previous one was sending) was not sent: back to pending with the claims.
             unsent = [r for r, _, _ in self._prepared] + self._claimed
+            task, self._next = self._next, None
+            if task is not None:
+                await asyncio.wait([task])
+                if not task.cancelled() and task.exception() is not None:
+                    log.warning(
+                        "asking for the next batch in advance failed",
+                        exc_info=task.exception(),
+                        extra={"campaign_id": self.campaign_id},
+                    )
+            # The next batch's claims, asked for in advance and never used.
+            unsent += self._next_claimed
+            self._next_claimed = []
             if unsent:
                 await self._store.release_claims(lease, [r.id for r in unsent], now)
                 self._claimed, self._prepared = [], []
