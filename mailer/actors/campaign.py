@@ -477,43 +477,49 @@ class CampaignActor(Actor[Continue]):
     async def _send(
         self, lease: Lease, template: MessageTemplate, now: datetime, not_after: datetime | None
     ) -> tuple[list[Outcome], dict[int, str]]:
-        """Sends the granted claims in waves of ``window``, pipelined around SMTP.
+        """Sends the granted claims, pipelined around SMTP, in groups of half the window.
 
-        A wave is rendered and marked handed in the database before its SMTP
-        transactions start, and recorded once they end. While a wave is with
-        SMTP, the previous one is recorded and then the next one is handed and
-        rendered, so the connections do not wait for the database. Hence at
-        any moment at most two waves are handed and unrecorded -- the one with
-        SMTP and the next, handed once the previous was recorded: all a kill -9
-        can leave in doubt -- and at most two are rendered (the attachments are
-        shared by all). Records go in wave order. A stop hands no further wave;
-        one handed but not yet sent then goes back to pending (``on_stop``).
-        ``not_after`` is the grant's end: no message goes to SMTP at or after it
-        (the sender checks each one); the claims left then stay in ``_claimed``
-        for ``_release_expired``. Returns the batch's outcomes and the status
-        each recorded row got.
+        A group is rendered and marked handed in the database before its SMTP
+        transactions start, and given to the sender at once: its messages take
+        the connections as the ones before free them. It is recorded once its
+        messages are answered. At most ``2 × window`` recipients are ever handed
+        and unrecorded (``_outstanding_groups`` groups): all a kill -9 can leave
+        in doubt. Whenever a group is answered, the groups answered so far are
+        recorded and as many groups handed as the bound then allows, in one
+        statement (records first), so the connections do not wait for the
+        database nor for the slowest message of a wave, and records go in claim
+        order. At most ``2 × window`` messages are rendered at a time (the
+        attachments are shared by all). A stop hands no further group; one
+        handed but not yet given to the sender goes back to pending
+        (``on_stop``). ``not_after`` is the grant's end: no message goes to SMTP
+        at or after it (the sender checks each one); the claims left then stay
+        in ``_claimed`` for ``_release_expired``. Returns the batch's outcomes
+        and the status each recorded row got.
         """
         self._batch_outcomes = []
         self._batch_written = {}
         self._batches += 1
         lost = False
         expired = False
-        # The waves with SMTP, oldest first: at most two (the bound above).
+        most = self._outstanding_groups
+        # The groups with SMTP (or answered, not yet collected), oldest first.
         flying: deque[tuple[list[tuple[Claimed, Mail, str]], asyncio.Future[list[SendResult]]]]
         flying = deque()
-        wave = await self._prepare(lease, template, now)
+        ready: deque[list[tuple[Claimed, Mail, str]]] = deque()
+        prepared = await self._prepare(lease, template, now, groups=most)
         try:
             while True:
-                if wave is not None and not self._stopping:
-                    sendable, taken = wave
+                if prepared is not None:
+                    groups, taken = prepared
                     lost = lost or taken
+                    ready.extend(groups)
+                    prepared = None
+                while ready and not self._stopping:
+                    sendable = ready.popleft()
                     if not flying:
                         self._batch_started = time.perf_counter()
                     await self._hook("handed")
-                    # Given to the sender as soon as it is handed: its messages take
-                    # the connections the wave before frees, one by one, instead of
-                    # waiting for that wave's slowest message.
-                    self._prepared = []
+                    self._prepared = self._prepared[len(sendable) :]
                     self._handed += [r for r, _, _ in sendable]
                     flying.append(
                         (
@@ -525,38 +531,45 @@ class CampaignActor(Actor[Continue]):
                             ),
                         )
                     )
-                wave = None
-                if not flying:
-                    break
                 if len(self._claimed) <= _PREFETCH_WAVES * self._s.window and not (lost or expired):
                     self._prefetch(lease)
+                room = most - len(flying)
                 over = not_after is not None and self._clock.now() >= not_after
                 if (
-                    len(flying) < 2
+                    # Half the bound free at least (or nothing with SMTP): the other
+                    # half keeps the connections busy meanwhile, and each statement
+                    # records and hands a window's worth, not a group at a time.
+                    (2 * room >= most or not flying)
+                    and room > 0
                     and self._claimed
                     and not self._stopping
                     and not over
                     and not lost
                     and not expired
                 ):
-                    # With one wave at SMTP: the waves done are recorded and the next
-                    # one handed (one statement when there are both), so at most two
-                    # are ever handed and unrecorded.
+                    # The groups answered are recorded and the next ones handed (one
+                    # statement when there are both): the bound holds at the hand.
                     await self._hook("sending")
-                    wave = await self._prepare(lease, template, now, record=True)
-                    if wave is not None:
+                    prepared = await self._prepare(lease, template, now, record=True, groups=room)
+                    if prepared is not None and prepared[0]:
                         await self._hook("prepared")
                     continue
-                if len(flying) < 2 and (self._unrecorded or self._aborted or self._expired):
+                if not flying:
+                    break
+                if room > 0 and (self._unrecorded or self._aborted or self._expired):
                     await self._flush(lease, last=False)
                 sendable, sending = flying[0]
                 results = await sending
                 flying.popleft()
                 self._collect(sendable, results)
+                # Those answered meanwhile go into the same record.
+                while flying and flying[0][1].done():
+                    sendable, sending = flying.popleft()
+                    self._collect(sendable, sending.result())
                 # The grant ended: what is not yet handed goes back with the rest.
                 expired = expired or bool(self._expired)
         except BaseException:
-            # The waves with SMTP are not abandoned: their outcomes are kept for
+            # The groups with SMTP are not abandoned: their outcomes are kept for
             # on_stop's record (a cancellation cuts them through the transport).
             for sendable, sending in flying:
                 await asyncio.wait([sending])
@@ -625,18 +638,35 @@ class CampaignActor(Actor[Continue]):
         self._next_claimed = []
         return nxt
 
-    async def _prepare(
-        self, lease: Lease, template: MessageTemplate, now: datetime, *, record: bool = False
-    ) -> tuple[list[tuple[Claimed, Mail, str]], bool] | None:
-        """Renders the next wave of claims and marks it handed; returns the rows still
-        ours (to send) and whether a takeover settled some first. None: no claims left.
+    @property
+    def _group(self) -> int:
+        """Messages handed in one group: half the window (at least one)."""
+        return max(1, self._s.window // 2)
 
-        ``record``: the outcomes known so far (the previous wave's) are recorded in the
-        same statement as the hand, before it."""
+    @property
+    def _outstanding_groups(self) -> int:
+        """Groups that may be handed and unrecorded at once: 2 × window recipients."""
+        return 2 * self._s.window // self._group
+
+    async def _prepare(
+        self,
+        lease: Lease,
+        template: MessageTemplate,
+        now: datetime,
+        *,
+        groups: int,
+        record: bool = False,
+    ) -> tuple[list[list[tuple[Claimed, Mail, str]]], bool] | None:
+        """Renders up to ``groups`` groups of claims and marks them handed; returns the
+        rows still ours (to send), in groups, and whether a takeover settled some
+        first. None: no claims left.
+
+        ``record``: the outcomes known so far (of the groups answered) are recorded in
+        the same statement as the hand, before it."""
         if not self._claimed or self._stopping:
             return None
-        # The wave stays in _claimed (released by on_stop if we die) until handed.
-        wave = self._claimed[: self._s.window]
+        # The claims stay in _claimed (released by on_stop if we die) until handed.
+        wave = self._claimed[: groups * self._group]
         # A recipient whose message cannot be built (an address or name the
         # renderer refuses) fails permanently without reaching SMTP.
         built: list[tuple[Claimed, Mail, str]] = []
@@ -662,7 +692,11 @@ class CampaignActor(Actor[Continue]):
         # Rows a takeover settled meanwhile are no longer ours to send.
         sendable = [b for b in built if b[0].id in marked]
         self._prepared = sendable
-        return sendable, len(sendable) < len(built)
+        size = self._group
+        return (
+            [sendable[i : i + size] for i in range(0, len(sendable), size)],
+            len(sendable) < len(built),
+        )
 
     def _collect(
         self, sendable: Sequence[tuple[Claimed, Mail, str]], results: Sequence[SendResult]
