@@ -4,19 +4,23 @@ The database is the checkpoint. The actor keeps only what one batch needs;
 a restarted actor starts from the rows. Each turn of the loop is one
 ``Continue`` message, so a Stop queued behind it is handled between batches.
 
-A granted batch goes out in waves of ``window`` recipients (the SMTP
-connections): each wave is rendered, marked handed in the database, sent and
-recorded. The loop is pipelined: while a wave is with SMTP, the previous one
-is recorded and then the next one is rendered and handed, so the connections
-do not wait for the database. So at most two waves' messages are rendered at
-a time (the attachments, encoded once per campaign, are shared by all of
-them), and at most two waves can be handed and unrecorded when the process
-dies (tests/test_pipeline.py).
+A granted batch goes out in groups of half ``window`` (the SMTP connections):
+each group is rendered, marked handed in the database, given to the sender
+at once (its messages take the connections as the ones before free them) and
+recorded once answered. The loop is pipelined: whenever half of the bound
+below is free, the groups answered are recorded and the next ones rendered
+and handed in one statement while the rest are with SMTP, so the connections
+do not wait for the database nor for the slowest message of a wave. At most
+``2 × window`` messages are rendered at a time (the attachments, encoded once
+per campaign, are shared by all of them), and at most ``2 × window``
+recipients can be handed and unrecorded when the process dies
+(tests/test_pipeline.py). The next batch's claim and tokens are asked for
+while this batch's last waves are with SMTP.
 
 Stop ("mark, drain, then clean up and record"): once a stop was asked for --
 a shutdown tells every campaign actor at once -- the actor claims nothing,
-asks for no tokens and hands no further wave to SMTP (one already handed but
-not yet sent goes back to ``pending``); the wave in flight ends
+asks for no tokens and hands no further group to SMTP (one already handed but
+not yet given to the sender goes back to ``pending``); the groups in flight end
 (the service closes the SMTP transport at the same time, which lets a send in
 flight finish for a while, then cuts it) and is recorded. Then:
 - claimed recipients not handed to SMTP go back to ``pending``, and so do

@@ -2,7 +2,11 @@
 
 Campaign actors (and test emails) ask it to send a rendered batch; it sends
 the messages in parallel over the pool and answers with one result per
-message, in order. At shutdown the service closes its transport the moment
+message, in order. While the breaker is closed each batch is sent by a task of
+its own and the reply is that task (``ActorMailer`` awaits it), so a
+campaign's next group, handed while the previous one is with SMTP, takes the
+connections as they free; while it is open or probing, batches are served one
+after another, so that each decides on the breaker after the one before. At shutdown the service closes its transport the moment
 every campaign actor is told to stop (see ``Service.stop``): nothing new is
 attempted, the transactions in flight get part of the deadline to finish,
 and a cut one reports whether its data had gone out. It keeps the SMTP
