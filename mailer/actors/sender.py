@@ -6,9 +6,10 @@ message, in order. While the breaker is closed each batch is sent by a task of
 its own and the reply is that task (``ActorMailer`` awaits it), so a
 campaign's next group, handed while the previous one is with SMTP, takes the
 connections as they free; while it is open or probing, batches are served one
-after another, so that each decides on the breaker after the one before. At shutdown the service closes its transport the moment
-every campaign actor is told to stop (see ``Service.stop``): nothing new is
-attempted, the transactions in flight get part of the deadline to finish,
+after another, so that each decides on the breaker after the one before.
+At shutdown the service closes its transport the moment every campaign
+actor is told to stop (see ``Service.stop``): nothing new is attempted, the
+transactions in flight get part of the deadline to finish,
 and a cut one reports whether its data had gone out. It keeps the SMTP
 account's circuit breaker: while the breaker is open nothing is attempted,
 and a campaign asks (``BreakerQuery``) before it reserves send tokens, so a
