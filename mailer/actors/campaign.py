@@ -627,13 +627,20 @@ class CampaignActor(Actor[Continue]):
         return now, claimed, unsubscribed, reply
 
     async def _take_next(self) -> _Next | None:
-        """The prefetched claim and tokens (None: none asked for, or the breaker
-        opened meanwhile: then its claims are released and the batch starts afresh)."""
+        """The prefetched claim and tokens (None: none asked for, or the campaign was
+        paused or cancelled or the breaker opened meanwhile: then its claims are
+        released and the batch starts afresh)."""
         task, self._next = self._next, None
         if task is None:
             return None
         nxt = await task
-        if await self._mailer.blocked_until() is not None:
+        # A manager's pause or cancel since then stops the campaign before this batch,
+        # as its claim would have (the normal path then finds nothing and lets go);
+        # so does the account's breaker opening.
+        if (
+            nxt[1]
+            and await self._store.campaign_status(self.campaign_id) not in ("ready", "sending")
+        ) or await self._mailer.blocked_until() is not None:
             assert self._lease is not None
             await self._store.release_claims(self._lease, [r.id for r in nxt[1]], self._clock.now())
             self._next_claimed = []
