@@ -432,6 +432,10 @@ class CampaignActor(Actor[Continue]):
             reply: TokenReply | None = None
         else:
             now, self._claimed, unsubscribed, reply = nxt
+            if reply is not None and not reply.granted:
+                # A refusal is asked again now: it spent no token, and the window
+                # may have turned since (10:59:59's refusal says nothing of 11:00).
+                now, reply = self._clock.now(), None
         if not self._claimed:
             if unsubscribed:  # a batch of only unsubscribed addresses: go on
                 self._again()
