@@ -66,6 +66,18 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def _no_session_reset(conn: asyncpg.Connection) -> None:
+    """Replaces asyncpg's reset query on every release of a pool connection.
+
+    asyncpg still rolls back a transaction left open and drops listeners before
+    calling this. Its default query (advisory unlock, CLOSE ALL, UNLISTEN, RESET
+    ALL) undoes session state the pool's users never create -- no session-level
+    advisory lock (migrate's is on a connection of its own), no LISTEN, no SET,
+    no cursor outside a transaction -- and costs one more round trip after every
+    pool call, the campaign's per-wave record included.
+    """
+
+
 class _TimedPool(asyncpg.Pool):
     """A pool whose ``acquire`` waits at most ``acquire_timeout`` unless told otherwise.
 
@@ -105,7 +117,7 @@ async def connect_pool(
         connect=None,
         setup=None,
         init=_init_connection,
-        reset=None,
+        reset=_no_session_reset,
         # Connections that PostgreSQL dropped (restart) are replaced on acquire.
         max_inactive_connection_lifetime=60.0,
         # The server's cancel comes first and is the clearer error; the margin

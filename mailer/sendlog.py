@@ -84,6 +84,9 @@ def log_batch(
     ``written``: the status each recipient row got, as the store's ``record`` returns it.
     """
     counts: dict[str, int] = {}
+    # Asked once per batch, not per message: a sent message's line is the only
+    # per-recipient INFO line most batches have.
+    each_send = each_send and log.isEnabledFor(logging.INFO)
     for o in outcomes:
         status = written.get(o.recipient_id)
         if status is None:
@@ -91,8 +94,12 @@ def log_batch(
             continue
         kind = "failed" if o.status == "transient" and status == "failed" else o.status
         counts[kind] = counts.get(kind, 0) + 1
+        if status == "sent" and not each_send:
+            continue  # its line is off: no fields built for nothing
         fields = {"campaign_id": campaign_id, "recipient_id": o.recipient_id}
         _one(fields, o, status, each_send=each_send)
+    if not log.isEnabledFor(logging.INFO):
+        return
     log.info(
         "batch sent",
         extra={

@@ -267,17 +267,20 @@ async def test_a_sync_does_not_hand_back_the_tokens_of_a_batch_in_flight(
             _, state = await quota.record_sync(await http(stub).fetch(now), now)
             seen.append(state)
 
+    # Two batches exactly: batch 2 is the last, so no next batch is claimed in
+    # advance while it is sent (the campaign asks for the next one during a
+    # batch's last waves, and those claims would count as in flight too).
     await make_service(fault=sync_mid_batch, batch_size=5, monthly_quota=100)
-    cid = await crm.campaign(people(12))
+    cid = await crm.campaign(people(10))
     await crm.start(cid)
     done = await events.wait(cid, ("sent", "completed_with_errors"))
-    assert done["counts"] == {"sent": 12}
+    assert done["counts"] == {"sent": 10}
 
     # Mid-batch 2: 5 sent and recorded, 5 claimed and sent but not recorded.
     assert seen[0].emails_available == 100 - 5 - 5
     assert seen[1].emails_available == 60 - 5
-    # Batch 2 was recorded and batch 3 (2 more) took its quota since.
-    assert (await stored(db)).emails_available == 60 - 5 - 2
+    # Batch 2 was recorded since: it is in the month's count, not given back.
+    assert (await stored(db)).emails_available == 60 - 5
 
 
 async def test_an_http_sync_subtracts_a_batch_recorded_while_the_provider_answered(

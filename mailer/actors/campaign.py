@@ -4,19 +4,23 @@ The database is the checkpoint. The actor keeps only what one batch needs;
 a restarted actor starts from the rows. Each turn of the loop is one
 ``Continue`` message, so a Stop queued behind it is handled between batches.
 
-A granted batch goes out in waves of ``window`` recipients (the SMTP
-connections): each wave is rendered, marked handed in the database, sent and
-recorded. The loop is pipelined: while a wave is with SMTP, the previous one
-is recorded and then the next one is rendered and handed, so the connections
-do not wait for the database. So at most two waves' messages are rendered at
-a time (the attachments, encoded once per campaign, are shared by all of
-them), and at most two waves can be handed and unrecorded when the process
-dies (tests/test_pipeline.py).
+A granted batch goes out in groups of half ``window`` (the SMTP connections):
+each group is rendered, marked handed in the database, given to the sender
+at once (its messages take the connections as the ones before free them) and
+recorded once answered. The loop is pipelined: whenever half of the bound
+below is free, the groups answered are recorded and the next ones rendered
+and handed in one statement while the rest are with SMTP, so the connections
+do not wait for the database nor for the slowest message of a wave. At most
+``2 × window`` messages are rendered at a time (the attachments, encoded once
+per campaign, are shared by all of them), and at most ``2 × window``
+recipients can be handed and unrecorded when the process dies
+(tests/test_pipeline.py). The next batch's claim and tokens are asked for
+while this batch's last waves are with SMTP.
 
 Stop ("mark, drain, then clean up and record"): once a stop was asked for --
 a shutdown tells every campaign actor at once -- the actor claims nothing,
-asks for no tokens and hands no further wave to SMTP (one already handed but
-not yet sent goes back to ``pending``); the wave in flight ends
+asks for no tokens and hands no further group to SMTP (one already handed but
+not yet given to the sender goes back to ``pending``); the groups in flight end
 (the service closes the SMTP transport at the same time, which lets a send in
 flight finish for a while, then cuts it) and is recorded. Then:
 - claimed recipients not handed to SMTP go back to ``pending``, and so do
@@ -54,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -267,6 +272,14 @@ FaultHook = Callable[[int, int], Awaitable[None]]
 StageHook = Callable[[int, int, str], Awaitable[None]]
 
 
+# The next batch's claim and tokens are asked for once this many waves or fewer
+# are left to hand: they overlap the last waves' SMTP instead of leaving the
+# connections idle between batches, and a grant is seldom taken long before use.
+_PREFETCH_WAVES = 4
+# A prefetched batch: (asked at, claims, unsubscribed settled, the tokens' reply or
+# None if not asked: a stop came first, or nothing was claimed).
+_Next = tuple[datetime, list[Claimed], int, TokenReply | None]
+
 # Pause before looking again when recipients are pending but none could be
 # claimed (rows locked by an API call in progress): rare and brief.
 _RECLAIM_PAUSE_SECONDS = 0.5
@@ -330,7 +343,6 @@ class CampaignActor(Actor[Continue]):
         self._handed: list[Claimed] = []
         # The next wave, rendered and marked handed while the previous one is with SMTP.
         self._prepared: list[tuple[Claimed, Mail, str]] = []
-        self._sending: asyncio.Future[list[SendResult]] | None = None
         self._unrecorded: list[Outcome] = []
         self._batch_started = 0.0  # perf_counter() when the batch went to SMTP, for its log line
         self._aborted: list[Claimed] = []
@@ -340,6 +352,12 @@ class CampaignActor(Actor[Continue]):
         self._ended = False  # finished or deferred: the lease is already given up
         self._status = "ready"  # the campaign's status as this actor made it
         self._heartbeat_task: asyncio.Task[None] | None = None
+        # The next batch's claim and tokens, asked while this batch's last waves are
+        # with SMTP (``_prefetch``); its claims are released by on_stop if unused.
+        self._next: asyncio.Task[_Next] | None = None
+        self._next_claimed: list[Claimed] = []
+        self._next_route: Route | None = None  # whose tokens the prefetch asked for
+        self._may_prefetch = False
 
     # --- setup ----------------------------------------------------------------
 
@@ -509,18 +527,30 @@ class CampaignActor(Actor[Continue]):
         if route is not self._route:
             self._log_route(route)
         self._route = route
+        nxt = await self._take_next(route, blocked)
         if blocked is not None and route is self._primary:
-            # The account's breaker is open: reserving tokens now would spend the
-            # hour and the quota on sends that cannot go out. Wait for its probe.
+            # The account's breaker is open (a prefetch was released above): reserving
+            # tokens now would spend the hour and the quota on sends that cannot go
+            # out. Wait for its probe.
             await self._defer(lease, "transient_error", blocked, {}, route=route)
             return
         try:
             template = self._template_of(route)
         except Exception as exc:  # the backup's From or DKIM cannot build it
+            if nxt is not None:
+                await self._store.release_claims(lease, [r.id for r in nxt[1]], self._clock.now())
             await self._pause(lease, "render_error", {}, error=repr(exc))
             return
-        now = self._clock.now()
-        self._claimed, unsubscribed = await self._store.claim(lease, self._s.batch_size, now)
+        reply: TokenReply | None = None
+        if nxt is None:
+            now = self._clock.now()
+            self._claimed, unsubscribed = await self._store.claim(lease, self._s.batch_size, now)
+        else:
+            now, self._claimed, unsubscribed, reply = nxt
+            if reply is not None and not reply.granted:
+                # A refusal is asked again now: it spent no token, and the window
+                # may have turned since (10:59:59's refusal says nothing of 11:00).
+                now, reply = self._clock.now(), None
         if not self._claimed:
             if unsubscribed:  # a batch of only unsubscribed addresses: go on
                 self._again()
@@ -530,9 +560,10 @@ class CampaignActor(Actor[Continue]):
         if self._stopping:
             return  # on_stop gives the claims back; no token is spent on them
 
-        reply = await route.tokens.request_tokens(
-            self.campaign_id, campaign.owner_id, len(self._claimed)
-        )
+        if reply is None:
+            reply = await route.tokens.request_tokens(
+                self.campaign_id, campaign.owner_id, len(self._claimed)
+            )
         granted, refused = self._claimed[: reply.granted], self._claimed[reply.granted :]
         await self._store.release_claims(lease, [r.id for r in refused], now)
         self._claimed = granted
@@ -548,6 +579,9 @@ class CampaignActor(Actor[Continue]):
                 return
             await self._defer(lease, reason, retry_at, _reply_details(reply), route=route)
             return
+        # All that was asked for was granted: the next batch may be asked for while
+        # this one's last waves are with SMTP (fewer would be refused the next time).
+        self._may_prefetch = not refused
 
         if self._status == "ready" and await self._store.mark_sending(lease, now):
             # Its first messages go now: from here on it is ``sending``.
@@ -604,63 +638,107 @@ class CampaignActor(Actor[Continue]):
     async def _send(
         self, lease: Lease, template: MessageTemplate, now: datetime, not_after: datetime | None
     ) -> tuple[list[Outcome], dict[int, str]]:
-        """Sends the granted claims in waves of ``window``, pipelined around SMTP.
+        """Sends the granted claims, pipelined around SMTP, in groups of half the window.
 
-        A wave is rendered and marked handed in the database before its SMTP
-        transactions start, and recorded once they end. While a wave is with
-        SMTP, the previous one is recorded and then the next one is handed and
-        rendered, so the connections do not wait for the database. Hence at
-        any moment at most two waves are handed and unrecorded -- the one with
-        SMTP and the next, handed once the previous was recorded: all a kill -9
-        can leave in doubt -- and at most two are rendered (the attachments are
-        shared by all). Records go in wave order. A stop hands no further wave;
-        one handed but not yet sent then goes back to pending (``on_stop``).
-        ``not_after`` is the grant's end: no message goes to SMTP at or after it
-        (the sender checks each one); the claims left then stay in ``_claimed``
-        for ``_release_expired``. Returns the batch's outcomes and the status
-        each recorded row got.
+        A group is rendered and marked handed in the database before its SMTP
+        transactions start, and given to the sender at once: its messages take
+        the connections as the ones before free them. It is recorded once its
+        messages are answered. At most ``2 × window`` recipients are ever handed
+        and unrecorded (``_outstanding_groups`` groups): all a kill -9 can leave
+        in doubt. Whenever a group is answered, the groups answered so far are
+        recorded and as many groups handed as the bound then allows, in one
+        statement (records first), so the connections do not wait for the
+        database nor for the slowest message of a wave, and records go in claim
+        order. At most ``2 × window`` messages are rendered at a time (the
+        attachments are shared by all). A stop hands no further group; one
+        handed but not yet given to the sender goes back to pending
+        (``on_stop``). ``not_after`` is the grant's end: no message goes to SMTP
+        at or after it (the sender checks each one); the claims left then stay
+        in ``_claimed`` for ``_release_expired``. Returns the batch's outcomes
+        and the status each recorded row got.
         """
         self._batch_outcomes = []
         self._batch_written = {}
         self._batches += 1
         lost = False
-        wave = await self._prepare(lease, template, now)
-        while wave is not None and not self._stopping:
-            sendable, taken = wave
-            lost = lost or taken
-            self._batch_started = time.perf_counter()
-            await self._hook("handed")
-            self._prepared, self._handed = [], [r for r, _, _ in sendable]
-            # Held on the actor while in flight (the loop keeps no other reference).
-            self._sending = sending = asyncio.ensure_future(
-                self._current.mailer.send_all([m for _, m, _ in sendable], not_after=not_after)
-            )
-            wave = None
-            try:
-                await self._hook("sending")
-                # With SMTP busy: the previous wave's record, then the next wave's hand
-                # (one statement when there are both).
+        expired = False
+        most = self._outstanding_groups
+        # The groups with SMTP (or answered, not yet collected), oldest first.
+        flying: deque[tuple[list[tuple[Claimed, Mail, str]], asyncio.Future[list[SendResult]]]]
+        flying = deque()
+        ready: deque[list[tuple[Claimed, Mail, str]]] = deque()
+        prepared = await self._prepare(lease, template, now, groups=most)
+        try:
+            while True:
+                if prepared is not None:
+                    groups, taken = prepared
+                    lost = lost or taken
+                    ready.extend(groups)
+                    prepared = None
+                while ready and not self._stopping:
+                    sendable = ready.popleft()
+                    if not flying:
+                        self._batch_started = time.perf_counter()
+                    await self._hook("handed")
+                    self._prepared = self._prepared[len(sendable) :]
+                    self._handed += [r for r, _, _ in sendable]
+                    flying.append(
+                        (
+                            sendable,
+                            asyncio.ensure_future(
+                                self._current.mailer.send_all(
+                                    [m for _, m, _ in sendable], not_after=not_after
+                                )
+                            ),
+                        )
+                    )
+                if len(self._claimed) <= _PREFETCH_WAVES * self._current.window and not (
+                    lost or expired
+                ):
+                    self._prefetch(lease)
+                room = most - len(flying)
                 over = not_after is not None and self._clock.now() >= not_after
-                if self._claimed and not self._stopping and not over and not lost:
-                    wave = await self._prepare(lease, template, now, record=True)
-                    await self._hook("prepared")
-                elif self._unrecorded or self._aborted or self._expired:
+                if (
+                    # Half the bound free at least (or nothing with SMTP): the other
+                    # half keeps the connections busy meanwhile, and each statement
+                    # records and hands a window's worth, not a group at a time.
+                    (2 * room >= most or not flying)
+                    and room > 0
+                    and self._claimed
+                    and not self._stopping
+                    and not over
+                    and not lost
+                    and not expired
+                ):
+                    # The groups answered are recorded and the next ones handed (one
+                    # statement when there are both): the bound holds at the hand.
+                    await self._hook("sending")
+                    prepared = await self._prepare(lease, template, now, record=True, groups=room)
+                    if prepared is not None and prepared[0]:
+                        await self._hook("prepared")
+                    continue
+                if not flying:
+                    break
+                if room > 0 and (self._unrecorded or self._aborted or self._expired):
                     await self._flush(lease, last=False)
+                sendable, sending = flying[0]
                 results = await sending
-            except BaseException:
-                # The wave with SMTP is not abandoned: its outcomes are kept for
-                # on_stop's record (a cancellation cuts it through the transport).
+                flying.popleft()
+                self._collect(sendable, results)
+                # Those answered meanwhile go into the same record.
+                while flying and flying[0][1].done():
+                    sendable, sending = flying.popleft()
+                    self._collect(sendable, sending.result())
+                # The grant ended: what is not yet handed goes back with the rest.
+                expired = expired or bool(self._expired)
+        except BaseException:
+            # The groups with SMTP are not abandoned: their outcomes are kept for
+            # on_stop's record (a cancellation cuts them through the transport).
+            for sendable, sending in flying:
                 await asyncio.wait([sending])
                 if not sending.cancelled() and sending.exception() is None:
                     self._collect(sendable, sending.result())
-                raise
-            self._sending = None
-            self._collect(sendable, results)
-            if self._expired:
-                # The grant ended: what is prepared goes back with the rest.
-                wave = None
-            if wave is None:
-                break
+            raise
         if self._prepared:
             # Handed but never given to SMTP (a stop, or the grant ended meanwhile):
             # not sent, so pending again.
@@ -676,18 +754,98 @@ class CampaignActor(Actor[Continue]):
             raise LeaseLost(f"recipients of campaign {lease.campaign_id} taken over")
         return self._batch_outcomes, self._batch_written
 
-    async def _prepare(
-        self, lease: Lease, template: MessageTemplate, now: datetime, *, record: bool = False
-    ) -> tuple[list[tuple[Claimed, Mail, str]], bool] | None:
-        """Renders the next wave of claims and marks it handed; returns the rows still
-        ours (to send) and whether a takeover settled some first. None: no claims left.
+    def _prefetch(self, lease: Lease) -> None:
+        """Asks for the next batch's claim and tokens in the background, once per batch.
 
-        ``record``: the outcomes known so far (the previous wave's) are recorded in the
-        same statement as the hand, before it."""
+        Not after a stop, nor when this batch was granted less than it asked (the
+        next ask would be refused) or met a transient error (it defers): then the
+        tokens would be spent for nothing. The claims are held by this lease like
+        any other (on_stop releases them if they are never used).
+        """
+        if (
+            self._next is not None
+            or not self._may_prefetch
+            or self._stopping
+            or any(o.status == "transient" for o in self._unrecorded)
+            or any(o.status == "transient" for o in self._batch_outcomes)
+        ):
+            return
+        self._may_prefetch = False
+        # Asked of the batch's own route: its account's hour and quota.
+        self._next_route = self._current
+        self._next = asyncio.ensure_future(self._fetch_next(lease, self._current))
+
+    async def _fetch_next(self, lease: Lease, route: Route) -> _Next:
+        assert self._campaign is not None
+        now = self._clock.now()
+        claimed, unsubscribed = await self._store.claim(lease, self._s.batch_size, now)
+        self._next_claimed = claimed  # on_stop's to release until _batch takes them
+        if not claimed or self._stopping:
+            return now, claimed, unsubscribed, None
+        reply = await route.tokens.request_tokens(
+            self.campaign_id, self._campaign.owner_id, len(claimed)
+        )
+        return now, claimed, unsubscribed, reply
+
+    async def _take_next(self, route: Route, blocked: datetime | None) -> _Next | None:
+        """The prefetched claim and tokens (None: none asked for, or the campaign was
+        paused or cancelled meanwhile, or the batch goes through another account than
+        the one asked (a failover or its end: those tokens are that account's; left
+        spent, under-sending), or its account's breaker opened: then its claims are
+        released and the batch starts afresh)."""
+        task, self._next = self._next, None
+        asked_of, self._next_route = self._next_route, None
+        if task is None:
+            return None
+        nxt = await task
+        if asked_of is not route or (blocked is not None and route is self._primary):
+            assert self._lease is not None
+            await self._store.release_claims(self._lease, [r.id for r in nxt[1]], self._clock.now())
+            self._next_claimed = []
+            return None
+        # A manager's pause or cancel since then stops the campaign before this batch,
+        # as its claim would have (the normal path then finds nothing and lets go).
+        if nxt[1] and await self._store.campaign_status(self.campaign_id) not in (
+            "ready",
+            "sending",
+        ):
+            assert self._lease is not None
+            await self._store.release_claims(self._lease, [r.id for r in nxt[1]], self._clock.now())
+            self._next_claimed = []
+            return None
+        # From here they are _claimed's (the caller assigns them at once).
+        self._next_claimed = []
+        return nxt
+
+    @property
+    def _group(self) -> int:
+        """Messages handed in one group: half the window (at least one)."""
+        return max(1, self._current.window // 2)
+
+    @property
+    def _outstanding_groups(self) -> int:
+        """Groups that may be handed and unrecorded at once: 2 × window recipients."""
+        return 2 * self._current.window // self._group
+
+    async def _prepare(
+        self,
+        lease: Lease,
+        template: MessageTemplate,
+        now: datetime,
+        *,
+        groups: int,
+        record: bool = False,
+    ) -> tuple[list[list[tuple[Claimed, Mail, str]]], bool] | None:
+        """Renders up to ``groups`` groups of claims and marks them handed; returns the
+        rows still ours (to send), in groups, and whether a takeover settled some
+        first. None: no claims left.
+
+        ``record``: the outcomes known so far (of the groups answered) are recorded in
+        the same statement as the hand, before it."""
         if not self._claimed or self._stopping:
             return None
-        # The wave stays in _claimed (released by on_stop if we die) until handed.
-        wave = self._claimed[: self._current.window]
+        # The claims stay in _claimed (released by on_stop if we die) until handed.
+        wave = self._claimed[: groups * self._group]
         # A recipient whose message cannot be built (an address or name the
         # renderer refuses) fails permanently without reaching SMTP.
         built: list[tuple[Claimed, Mail, str]] = []
@@ -715,7 +873,11 @@ class CampaignActor(Actor[Continue]):
         # Rows a takeover settled meanwhile are no longer ours to send.
         sendable = [b for b in built if b[0].id in marked]
         self._prepared = sendable
-        return sendable, len(sendable) < len(built)
+        size = self._group
+        return (
+            [sendable[i : i + size] for i in range(0, len(sendable), size)],
+            len(sendable) < len(built),
+        )
 
     def _collect(
         self, sendable: Sequence[tuple[Claimed, Mail, str]], results: Sequence[SendResult]
@@ -727,7 +889,8 @@ class CampaignActor(Actor[Continue]):
                 self._expired.append(r)
             else:
                 self._unrecorded.append(_outcome(r, mid, res))
-        self._handed = []
+        done = {r.id for r, _, _ in sendable}
+        self._handed = [r for r in self._handed if r.id not in done]
 
     async def _hook(self, stage: str) -> None:
         if self._stage_fault is not None:
@@ -808,15 +971,22 @@ class CampaignActor(Actor[Continue]):
             # tokens stay spent (better to under-send).
             await self._store.release_claims(lease, given_back, self._clock.now())
             self._aborted, self._expired = [], []
+        # Counted per reason, one increment each: not a labelled lookup per message.
+        sent = 0
+        failed: dict[str, int] = {}
         for o in outcomes:
             if o.status == "sent":
-                metrics.EMAILS_SENT.labels(kind="campaign").inc()
+                sent += 1
             elif o.status == "transient" and written.get(o.recipient_id) == "failed":
                 # Its last transient answer used up its attempts: it failed for good.
-                metrics.EMAILS_FAILED.labels(kind="campaign", reason="permanent").inc()
+                failed["permanent"] = failed.get("permanent", 0) + 1
             else:
                 reason = "permanent" if o.status == "failed" else o.status
-                metrics.EMAILS_FAILED.labels(kind="campaign", reason=reason).inc()
+                failed[reason] = failed.get(reason, 0) + 1
+        if sent:
+            metrics.EMAILS_SENT.labels(kind="campaign").inc(sent)
+        for reason, n in failed.items():
+            metrics.EMAILS_FAILED.labels(kind="campaign", reason=reason).inc(n)
         if last and batch:  # one progress event per batch, not per wave
             await self._emit("progress", counts=_tally(batch, self._batch_written))
         return written
@@ -1023,6 +1193,18 @@ class CampaignActor(Actor[Continue]):
             # A wave handed but never given to SMTP (a stop or a crash while the
             # previous one was sending) was not sent: back to pending with the claims.
             unsent = [r for r, _, _ in self._prepared] + self._claimed
+            task, self._next = self._next, None
+            if task is not None:
+                await asyncio.wait([task])
+                if not task.cancelled() and task.exception() is not None:
+                    log.warning(
+                        "asking for the next batch in advance failed",
+                        exc_info=task.exception(),
+                        extra={"campaign_id": self.campaign_id},
+                    )
+            # The next batch's claims, asked for in advance and never used.
+            unsent += self._next_claimed
+            self._next_claimed = []
             if unsent:
                 await self._store.release_claims(lease, [r.id for r in unsent], now)
                 self._claimed, self._prepared = [], []

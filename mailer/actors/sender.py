@@ -2,9 +2,14 @@
 
 Campaign actors (and test emails) ask it to send a rendered batch; it sends
 the messages in parallel over the pool and answers with one result per
-message, in order. At shutdown the service closes its transport the moment
-every campaign actor is told to stop (see ``Service.stop``): nothing new is
-attempted, the transactions in flight get part of the deadline to finish,
+message, in order. While the breaker is closed each batch is sent by a task of
+its own and the reply is that task (``ActorMailer`` awaits it), so a
+campaign's next group, handed while the previous one is with SMTP, takes the
+connections as they free; while it is open or probing, batches are served one
+after another, so that each decides on the breaker after the one before.
+At shutdown the service closes its transport the moment every campaign
+actor is told to stop (see ``Service.stop``): nothing new is attempted, the
+transactions in flight get part of the deadline to finish,
 and a cut one reports whether its data had gone out. It keeps the SMTP
 account's circuit breaker: while the breaker is open nothing is attempted,
 and a campaign asks (``BreakerQuery``) before it reserves send tokens, so a
@@ -27,8 +32,8 @@ import msgspec
 
 from mailer import metrics
 from mailer.actors.campaign import Mail
-from mailer.actors.runtime import Actor, ActorRef
-from mailer.breaker import CircuitBreaker
+from mailer.actors.runtime import Actor, ActorDead, ActorRef, AskTimeout
+from mailer.breaker import BreakerState, CircuitBreaker
 from mailer.clock import Clock
 from mailer.transport import EXPIRED, SendResult, SmtpTransport
 
@@ -71,6 +76,8 @@ class SenderActor(Actor[SenderMessage]):
         self._transport = transport
         self._breaker = breaker
         self._clock = clock
+        # Batches being sent by their own tasks (see ``handle``).
+        self._flying: set[asyncio.Task[list[SendResult]]] = set()
 
     async def on_start(self) -> None:
         await self._transport.start()
@@ -78,6 +85,21 @@ class SenderActor(Actor[SenderMessage]):
     async def handle(self, msg: SenderMessage) -> object:
         if isinstance(msg, BreakerQuery):
             return self._breaker.blocked_until(self._clock.now())
+        if self._breaker.state is not BreakerState.CLOSED:
+            # Open or probing: one batch after another, so that a batch decides on
+            # the breaker only once the one before (the probe) was recorded.
+            if self._flying:
+                await asyncio.wait(self._flying)
+            return await self._send(msg)
+        # Closed: the batch is served by its own task and the mailbox goes on, so
+        # a campaign's next wave takes connections as the previous one frees them.
+        # The reply is that task; ``ActorMailer`` awaits it.
+        task = self.spawn_task(self._send(msg), name="send-batch")
+        self._flying.add(task)
+        task.add_done_callback(self._flying.discard)
+        return task
+
+    async def _send(self, msg: SendBatch) -> list[SendResult]:
         not_after = msg.not_after
 
         def may_start() -> bool:
@@ -122,9 +144,22 @@ class ActorMailer:
     ) -> list[SendResult]:
         if not mails:
             return []
-        result = await self._sender.ask(
-            SendBatch(self._from, list(mails), not_after), timeout=self._timeout
-        )
+        deadline = asyncio.timeout(self._timeout)
+        try:
+            async with deadline:
+                result = await self._sender.ask(SendBatch(self._from, list(mails), not_after))
+                if isinstance(result, asyncio.Task):
+                    # Served by the sender's own task. asyncio.wait neither cuts the
+                    # send on a timeout here (an ask's timeout never did) nor takes
+                    # the task's cancellation (the sender stopping) for our own.
+                    await asyncio.wait([result])
+                    if result.cancelled():
+                        raise ActorDead(self._sender.name, "stopped before the batch was sent")
+                    result = result.result()
+        except TimeoutError:
+            if deadline.expired():
+                raise AskTimeout(self._sender.name, f"no reply within {self._timeout}s") from None
+            raise
         assert isinstance(result, list)
         return result
 
