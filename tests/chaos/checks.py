@@ -158,6 +158,14 @@ def _untrue_wait(o: Outcome, c: dict[str, Any]) -> str:
         latest = _daily_turn(o, c, midnight)
     elif reason == "rate_per_hour":
         latest = end.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+        if c["owner_id"] == o.plan.limits.daily_limited_owner:
+            # The reason is the limit refusing now; the time is when every limit
+            # allows (mailer/nextsend.py's docstring): the hour may
+            # reopen on a day the owner's campaigns ahead have used up, and then
+            # the wait runs to that owner's turn on a later day (seed 4098).
+            local = end.astimezone(DAY_ZONE)
+            midnight = datetime.combine(local.date() + timedelta(days=1), time(), DAY_ZONE)
+            latest = max(latest, _daily_turn(o, c, midnight))
     else:  # quota_exhausted: a sync restores it; the governor's safety net is 2 intervals
         latest = end + timedelta(seconds=2 * QUOTA_SYNC_SECONDS)
     if until > latest + slack:
