@@ -43,9 +43,9 @@ def _outcome(*, attempts: int, quota: int) -> Outcome:
         for j, e in enumerate(emails)
     ]
     recipients[-1]["status"] = "pending"
-    return Outcome(
-        plan=plan,
-        prefix="t",
+    return Outcome.empty(
+        plan,
+        NOW,
         campaign_ids={0: 1},
         owners={1: "owner-a"},
         recipients=recipients,
@@ -71,17 +71,8 @@ def _outcome(*, attempts: int, quota: int) -> Outcome:
             }
             for j, e in enumerate(emails[:-1])
         ],
-        outbox_left=0,
         deliveries=[(e, 0.0, "p0") for e in emails[:-1]],
-        events=[],
-        applied=[],
-        failovers=[],
-        unexpected_exits=[],
-        late_exits=[],
-        resumes=0,
-        settled=True,
         settle_seconds=1.0,
-        started_at=NOW,
         finished_at=NOW + timedelta(minutes=2),
     )
 

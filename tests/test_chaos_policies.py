@@ -72,27 +72,7 @@ def _outcome(campaigns: list[dict[str, Any]], recipients: list[dict[str, Any]]) 
         ),
         campaigns=(CampaignPlan(0, "a", 1, 0, 0, 0, 0, 0),),
     )
-    return Outcome(
-        plan=plan,
-        prefix="t",
-        campaign_ids={},
-        owners={},
-        recipients=recipients,
-        campaigns=campaigns,
-        send_log=[],
-        outbox_left=0,
-        deliveries=[],
-        events=[],
-        applied=[],
-        failovers=[],
-        unexpected_exits=[],
-        late_exits=[],
-        resumes=0,
-        settled=True,
-        settle_seconds=0.0,
-        started_at=now,
-        finished_at=now,
-    )
+    return Outcome.empty(plan, now, recipients=recipients, campaigns=campaigns)
 
 
 def test_a_daily_wait_ends_on_its_own_turn_in_the_owners_queue() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -303,6 +304,33 @@ class Outcome:
     # The limiter's fail-open grants, from the processes' ERROR logs: (epoch second, tokens,
     # owner). Whatever fails open is counted nowhere else.
     fail_open_grants: list[tuple[float, int, str]] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, plan: RoundPlan, at: datetime, **fields: Any) -> Outcome:
+        """A settled round with nothing in it, at ``at``, but ``fields``: the checks'
+        own tests build their made-up rounds from it."""
+        blank = cls(
+            plan=plan,
+            prefix="t",
+            campaign_ids={},
+            owners={},
+            recipients=[],
+            campaigns=[],
+            send_log=[],
+            outbox_left=0,
+            deliveries=[],
+            events=[],
+            applied=[],
+            failovers=[],
+            unexpected_exits=[],
+            late_exits=[],
+            resumes=0,
+            settled=True,
+            settle_seconds=0.0,
+            started_at=at,
+            finished_at=at,
+        )
+        return dataclasses.replace(blank, **fields)
 
 
 _FAIL_OPEN = re.compile(
