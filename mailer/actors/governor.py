@@ -49,7 +49,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -100,6 +100,7 @@ log = logging.getLogger("mailer.governor")
 GOVERNOR_QUEUE = "governor"
 # A refusal's retry time replays at most this much of the queue (mailer.forecast).
 _TURN_QUEUE_LIMIT = 500
+_Asked = TypeVar("_Asked", TokenRequest, TokenReturn)
 # A sync asked for at a takeover (which waits for it): an HTTP provider's timeout.
 QUOTA_RESYNC_TIMEOUT_SECONDS = 10.0
 # Requests served at once; one more is refused at once (503), as a full mailbox was.
@@ -250,15 +251,8 @@ class GovernorActor(Actor[TokenRequest]):
         # counts is atomic where it is kept (one Lua script in Redis, batched
         # over the requests waiting for it; the quota block taken under the
         # quota row's lock, granted from in memory with no await in between).
-        try:
-            request = decode(msg.data, TokenRequest)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await self._respond_error(msg, 400, "bad_request", str(exc))
-            return
-        if request.account != self._account:  # asked on another account's subject
-            await self._respond_error(
-                msg, 400, "bad_request", f"this governor decides account {self._account!r}"
-            )
+        request = await self._accept(msg, TokenRequest)
+        if request is None:
             return
         if self._in_flight >= _MAX_IN_FLIGHT:
             await self._respond_error(msg, 503, "governor_unavailable", "governor busy")
@@ -270,17 +264,25 @@ class GovernorActor(Actor[TokenRequest]):
             self._in_flight -= 1
             raise
 
-    async def _on_return(self, msg: Msg) -> None:
-        """A campaign gives back the quota of tokens it never handed to SMTP."""
+    async def _accept(self, msg: Msg, kind: type[_Asked]) -> _Asked | None:
+        """The request decoded, or None after answering 400: malformed, or asked on
+        another account's subject (each account's limits are its own governor's)."""
         try:
-            back = decode(msg.data, TokenReturn)
+            request = decode(msg.data, kind)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self._respond_error(msg, 400, "bad_request", str(exc))
-            return
-        if back.account != self._account:
+            return None
+        if request.account != self._account:
             await self._respond_error(
                 msg, 400, "bad_request", f"this governor decides account {self._account!r}"
             )
+            return None
+        return request
+
+    async def _on_return(self, msg: Msg) -> None:
+        """A campaign gives back the quota of tokens it never handed to SMTP."""
+        back = await self._accept(msg, TokenReturn)
+        if back is None:
             return
         try:
             returned = await self._quota.give_back(back.count, back.decided_at)
