@@ -28,7 +28,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final
 
 import redis.asyncio as redis
 from nats.js.errors import BadRequestError
@@ -87,6 +87,10 @@ from mailer.unsubscribe import PgUnsubscribes, secrets_of, unsubscribe_url
 from mailer.unsubscribe_http import UnsubscribePages
 
 __all__ = ["MetricsObserver", "Service"]
+
+# JetStream's "no suitable peers for placement, peer offline": a 400 that passes once the
+# cluster's nodes are back (a stream of R replicas needs R of them).
+NO_PEERS_FOR_PLACEMENT: Final = 10005
 
 log = logging.getLogger("mailer.service")
 
@@ -270,10 +274,21 @@ class Service:
         # A stream config the server refuses (no permission, no room) will not change by
         # waiting; a timeout or "unavailable" is JetStream electing its leaders after
         # a restart (or off: the same answer), waited for within the start-up deadline.
+        events_ = self._events
+
+        async def ensure_stream() -> None:
+            try:
+                await events_.ensure_stream()
+            except BadRequestError as exc:
+                if exc.err_code == NO_PEERS_FOR_PLACEMENT:
+                    # A node of the cluster is still down or rejoining: it will be back.
+                    raise ConnectionError(str(exc)) from exc
+                raise
+
         await retry_until(
             "nats (JetStream: the events stream)",
             self._bus.shown_url,
-            self._events.ensure_stream,
+            ensure_stream,
             deadline,
             fatal=(BadRequestError,),
         )
