@@ -70,7 +70,7 @@ from mailer.dkim import dkim_signer
 from mailer.events import JetStreamEvents
 from mailer.gauges import ScrapeGauges
 from mailer.http import HttpServer
-from mailer.messages import Wake
+from mailer.messages import RunCampaign, Wake
 from mailer.outbox import OutboxRelay
 from mailer.quota import PgQuota, QuotaSyncActor, lift_deferrals
 from mailer.ratelimit import SendLimiter
@@ -90,6 +90,8 @@ __all__ = ["MetricsObserver", "Service"]
 log = logging.getLogger("mailer.service")
 
 CAMPAIGN_PREFIX = "campaign-"
+# campaign-<id>.<shard>: a helper shard's actor (the home's is campaign-<id>).
+SHARD_SEPARATOR = "."
 # A campaign actor crashing more often than this is given up (not the process).
 CAMPAIGN_RESTARTS = ChildLimit(max_restarts=5, window_seconds=60.0)
 # The share of the shutdown deadline that SMTP transactions in flight get to
@@ -383,6 +385,7 @@ class Service:
                     # A restarted scheduler asks whether this process leads.
                     leadership=lambda: self.leader_epoch,
                     retention=retention,
+                    shard_min_recipients=s.shard_min_recipients,
                 ),
             ),
             ChildSpec(
@@ -401,7 +404,10 @@ class Service:
             ChildSpec(
                 "runner",
                 lambda: RunnerActor(
-                    bus=bus, spawn=self._spawn_campaign, instance_id=s.effective_instance_id
+                    bus=bus,
+                    spawn=self._spawn_campaign,
+                    instance_id=s.effective_instance_id,
+                    load=self._campaign_load,
                 ),
                 stop_first=True,  # no new campaign for a process that is stopping
             ),
@@ -563,7 +569,19 @@ class Service:
         handle = asyncio.get_running_loop().call_later(delay, run)
         self._delayed.add(handle)
 
-    async def _spawn_campaign(self, campaign_id: int, fence: int) -> bool:
+    def _campaign_load(self) -> int:
+        """Campaign actors (homes and shards) running in this process: the
+        runner's answer to the leader's roll call."""
+        if self._supervisor is None:
+            return 0
+        return sum(
+            1
+            for ref in self._supervisor.children()
+            if ref.name.startswith(CAMPAIGN_PREFIX) and ref.alive
+        )
+
+    async def _spawn_campaign(self, run: RunCampaign) -> bool:
+        campaign_id, fence = run.campaign_id, run.fence
         s = self.settings
         sup, store = self.supervisor, self.store
         sender = sup.get("smtp-sender")
@@ -602,8 +620,13 @@ class Service:
         def link(cid: int, email: str) -> str:
             return unsubscribe_url(s.public_url, s.unsubscribe_secret, cid, email)
 
+        # A helper shard's actor is named apart: one process may run the home
+        # and a shard of one campaign (a takeover when the other process died).
+        name = f"{CAMPAIGN_PREFIX}{campaign_id}"
+        if run.shard:
+            name += f"{SHARD_SEPARATOR}{run.shard}"
         spec = ChildSpec(
-            f"{CAMPAIGN_PREFIX}{campaign_id}",
+            name,
             lambda: CampaignActor(
                 campaign_id,
                 fence=fence,
@@ -619,6 +642,8 @@ class Service:
                 bounce_address=verp,
                 stage_fault=self._stage_fault,
                 route_for=route_for,
+                shard=run.shard,
+                shards=run.shards,
             ),
             restart=Restart.TRANSIENT,
             limit=CAMPAIGN_RESTARTS,
@@ -664,7 +689,8 @@ class Service:
         # is dispatched again only after a lease period (not in a hot loop).
         if not name.startswith(CAMPAIGN_PREFIX) or self._bus is None:
             return
-        ended = int(name.removeprefix(CAMPAIGN_PREFIX))
+        cid, _, k = name.removeprefix(CAMPAIGN_PREFIX).partition(SHARD_SEPARATOR)
+        ended, shard = int(cid), int(k or 0)
         closing = self._stopped or (self._supervisor is not None and self._supervisor.closing)
         if error is not None and not closing:
             delay = self.settings.campaign_lease_seconds
@@ -672,12 +698,12 @@ class Service:
                 "campaign actor given up after repeated crashes; dispatched again later",
                 extra={"campaign_id": ended, "retry_in_seconds": delay, "error": repr(error)},
             )
-            self._later(delay, lambda: self._wake_soon(ended))
+            self._later(delay, lambda: self._wake_soon(ended, shard))
             return
-        self._wake_soon(ended)
+        self._wake_soon(ended, shard)
 
-    def _wake_soon(self, ended: int | None) -> None:
-        task = asyncio.get_running_loop().create_task(self._publish_wake(ended))
+    def _wake_soon(self, ended: int | None, shard: int = 0) -> None:
+        task = asyncio.get_running_loop().create_task(self._publish_wake(ended, shard))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -700,9 +726,9 @@ class Service:
         log.info("quota restored; deferrals lifted", extra={"campaigns": lifted})
         await self._publish_wake()
 
-    async def _publish_wake(self, ended: int | None = None) -> None:
+    async def _publish_wake(self, ended: int | None = None, shard: int = 0) -> None:
         try:
-            wake = Wake(campaign_id=ended, ended=ended is not None)
+            wake = Wake(campaign_id=ended, ended=ended is not None, shard=shard)
             await self.bus.publish(wake_subject(self.bus), wake)
         except Exception:  # the leader's timers and reconcile catch up
             log.warning("wake not published")

@@ -120,7 +120,24 @@ class Mail(msgspec.Struct, frozen=True):
 
 class CampaignStore(Protocol):
     async def acquire(
-        self, campaign_id: int, owner: str, *, until: datetime, now: datetime, fence: int
+        self,
+        campaign_id: int,
+        owner: str,
+        *,
+        until: datetime,
+        now: datetime,
+        fence: int,
+        shards: int = 1,
+    ) -> Lease | None: ...
+    async def acquire_shard(
+        self,
+        campaign_id: int,
+        shard: int,
+        owner: str,
+        *,
+        until: datetime,
+        now: datetime,
+        fence: int,
     ) -> Lease | None: ...
     async def renew(self, lease: Lease, until: datetime) -> bool: ...
     async def release(self, lease: Lease) -> None: ...
@@ -307,10 +324,19 @@ class CampaignActor(Actor[Continue]):
         bounce_address: Callable[[int], str] | None = None,
         stage_fault: StageHook | None = None,
         route_for: RouteFor | None = None,
+        shard: int = 0,
+        shards: int = 1,
     ) -> None:
         """``route_for``: the campaign's SMTP account (and backup) by name; None:
-        one account, ``tokens``/``mailer``/``settings``'s."""
+        one account, ``tokens``/``mailer``/``settings``'s.
+
+        ``shard``: 0 runs the campaign's home (the queue entry's lease; it alone
+        gives the final status), asking for ``shards`` shards in all; k >= 1
+        runs helper shard k, which sends the recipients of its own set (id %
+        shards = k) and lets go when none is left."""
         self.campaign_id = campaign_id
+        self._shard = shard
+        self._shards = shards
         self._route_for = route_for
         self._stage_fault = stage_fault
         self._fence = fence
@@ -364,9 +390,24 @@ class CampaignActor(Actor[Continue]):
     async def on_start(self) -> None:
         now = self._clock.now()
         until = now + timedelta(seconds=self._s.lease_seconds)
-        lease = await self._store.acquire(
-            self.campaign_id, self._s.instance_id, until=until, now=now, fence=self._fence
-        )
+        if self._shard:
+            lease = await self._store.acquire_shard(
+                self.campaign_id,
+                self._shard,
+                self._s.instance_id,
+                until=until,
+                now=now,
+                fence=self._fence,
+            )
+        else:
+            lease = await self._store.acquire(
+                self.campaign_id,
+                self._s.instance_id,
+                until=until,
+                now=now,
+                fence=self._fence,
+                shards=self._shards,
+            )
         if lease is None:
             # Another process holds it, it waits, or the dispatch came from a
             # deposed leader: nothing to do here.
@@ -1005,6 +1046,17 @@ class CampaignActor(Actor[Continue]):
             self.request_stop()
             return
         await self._stop_heartbeat()
+        if lease.shard:
+            # A helper shard's set is done: the home gives the final status once
+            # every shard's is (a shard never finishes the campaign).
+            log.info(
+                "campaign shard done",
+                extra={"campaign_id": self.campaign_id, "shard": lease.shard},
+            )
+            await self._store.release(lease)
+            self._ended = True
+            self.request_stop()
+            return
         now = self._clock.now()
 
         def final(cid: int, owner: str, status: str, counts: dict[str, int]) -> list[Notice]:
@@ -1023,6 +1075,13 @@ class CampaignActor(Actor[Continue]):
                 "campaign stopped by its status",
                 extra={"campaign_id": self.campaign_id, "status": result.stopped},
             )
+            self._ended = True
+            self.request_stop()
+            return
+        if result.waits:
+            # Another shard was refused for a while and wrote the campaign's wait:
+            # finish gave the lease up; the leader dispatches again when it ends.
+            log.info("campaign home waits with its shards", extra={"campaign_id": self.campaign_id})
             self._ended = True
             self.request_stop()
             return
