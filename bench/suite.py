@@ -691,13 +691,19 @@ async def main() -> None:
                     "shares " + " / ".join(f"{x:.1%}" for x in two.shares),
                     flush=True,
                 )
+                cores = os.cpu_count() or 1
                 for label, x in (("1 process", one), ("2 processes", two)):
+                    total = sum(x.cpu_per_1000.values())
+                    pg = x.cpu_per_1000.get("postgres", 0.0)
                     print(
                         f"  CPU s per 1 000 messages, {label}: "
                         + ", ".join(
                             f"{k} {v:.3f}"
                             for k, v in sorted(x.cpu_per_1000.items(), key=lambda kv: -kv[1])
-                        ),
+                        )
+                        + f"; all {total:.3f}: {cores} cores are busy at "
+                        f"{cores * 1000 / total:,.0f} msg/s; one PostgreSQL core at "
+                        f"{1000 / pg if pg else float('nan'):,.0f} msg/s",
                         flush=True,
                     )
             if args.governor_seconds > 0:

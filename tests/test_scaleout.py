@@ -259,3 +259,35 @@ async def test_kill_9_of_a_shards_process_mid_campaign(
         await _final_once(db, events, cid)
     finally:
         watch.stop()
+
+
+async def test_the_leader_dispatches_to_the_least_loaded_process(
+    make_service, crm: Crm, events: Events, sink: SmtpSink, db, nc, settings: Settings
+) -> None:
+    # Sharding off: each campaign has one lease. NATS's random pick would split
+    # four otherwise than two and two with p = 5/8; the least-loaded dispatch never.
+    sink.data_delay = 0.05  # slow: every campaign is still running when the next starts
+    common = {"max_active_campaigns": 4, "rate_per_hour": 100_000, "batch_size": 5}
+    await make_service(instance_id="l1", **common)
+    await make_service(instance_id="l2", **common)
+    await _instances_up(nc, settings.subject_prefix, 2)
+    campaigns = [await crm.campaign(people(40, f"least{i}.example")) for i in range(4)]
+    for cid in campaigns:
+        await crm.start(cid)
+
+        async def leased(cid: int = cid) -> bool:
+            owner = await db.fetchval(
+                "SELECT lease_owner FROM queue_entry WHERE campaign_id = $1", cid
+            )
+            return owner is not None
+
+        await _until(leased)
+    rows = await db.fetch(
+        "SELECT lease_owner FROM queue_entry WHERE campaign_id = ANY($1::bigint[])", campaigns
+    )
+    owners = Counter(r["lease_owner"] for r in rows)
+    assert owners == {"l1": 2, "l2": 2}, owners
+    sink.data_delay = 0.0
+    for cid in campaigns:
+        done = await events.wait(cid, ("sent", "completed_with_errors"), timeout=90)
+        assert done["event"] == "sent"

@@ -136,6 +136,8 @@ def wake_subject(bus: Bus) -> str:
 _ROLL_CALL_SECONDS = 0.1
 # A runner that answered none of this many last roll calls is not counted on.
 _ROLL_CALL_MEMORY = 3
+# A call that knows no runner yet waits this long after the first answer.
+_FIRST_CALL_GRACE_SECONDS = 0.02
 
 
 class SchedulerActor(Actor[SchedulerMsg]):
@@ -309,6 +311,10 @@ class SchedulerActor(Actor[SchedulerMsg]):
             self._roll[answer.runner] = this
             if known and known <= set(loads):
                 enough.set()
+            elif not known and len(loads) == 1:
+                # The first call knows nobody yet: the others answer within
+                # moments of the first, so a short grace, not the whole wait.
+                asyncio.get_running_loop().call_later(_FIRST_CALL_GRACE_SECONDS, enough.set)
 
         nc = self._bus.nc
         inbox = nc.new_inbox()
