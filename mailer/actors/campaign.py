@@ -46,6 +46,13 @@ A campaign whose message cannot be built (the template refuses its subject,
 bodies or attachments) is paused with reason ``render_error`` at start and
 lets go of its lease: it never holds a slot the next campaign could use.
 
+Scale-out (``shard``/``shards``, see docs/scaling.md): a large campaign may run
+as several actors in several processes, each over its own recipients (id %
+shards = shard) under its own lease. The home (shard 0, the queue entry's
+lease) alone gives the final status, once no shard has anything left; a helper
+shard lets go when its own set is done. Any shard refused by the governor
+lets go and leaves the campaign's one wait on the queue entry.
+
 Letting go of the lease (defer, pause, finish, release) first stops the
 heartbeat, so a renewal that finds the lease given up cannot crash the actor
 halfway through announcing it. The owner's notification of a deferral is
