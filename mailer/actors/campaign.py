@@ -307,6 +307,9 @@ _Next = tuple[datetime, list[Claimed], int, TokenReply | None]
 # Pause before looking again when recipients are pending but none could be
 # claimed (rows locked by an API call in progress): rare and brief.
 _RECLAIM_PAUSE_SECONDS = 0.5
+# A sharded campaign's home whose own set is done looks this often for the other
+# shards' end: the campaign's final status waits for the home's next look.
+_SHARDS_PAUSE_SECONDS = 0.1
 
 
 class LeaseLost(Exception):
@@ -1094,11 +1097,12 @@ class CampaignActor(Actor[Continue]):
             return
         if result.status is None:
             # Recipients still pending: added meanwhile (the next claim takes
-            # them), or locked by an API call when the claim looked (it
-            # commits within moments). Keep the lease and go on after a pause
-            # that keeps the second case from spinning.
+            # them), locked by an API call when the claim looked (it commits
+            # within moments), or another shard's. Keep the lease and go on
+            # after a pause that keeps these cases from spinning.
             self._start_heartbeat(lease, renew_first=True)
-            await self._clock.sleep(_RECLAIM_PAUSE_SECONDS)
+            pause = _SHARDS_PAUSE_SECONDS if lease.shards > 1 else _RECLAIM_PAUSE_SECONDS
+            await self._clock.sleep(pause)
             self._again()
             return
         status, counts = result.status, result.counts
