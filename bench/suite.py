@@ -17,7 +17,9 @@ What it runs, every figure beside its anchor in the same run:
 * scale-out: the same campaign sent by 1 and by 2 ``mailer run`` processes (shards on,
   ``MAILER_SHARD_MIN_RECIPIENTS=1000``): msg/s, messages per mailer CPU-second (the
   processes' user + system time summed) and each process's share (its
-  ``mailer_emails_sent_total``).
+  ``mailer_emails_sent_total``); beside it, 2 processes sending two campaigns of half the
+  recipients with shards off (each process a whole campaign): the cost of a second
+  process without any shard.
 
 Each comparison runs ``--runs`` times (3); the table gives min / median / max and the
 1-minute load average seen at the start of each run (the machine is shared: a high load
@@ -291,17 +293,31 @@ class CampaignRun:
 
 
 async def run_campaign(
-    stack: EmbeddedStack, m: Mailer, n: int, others: tuple[Mailer, ...] = ()
+    stack: EmbeddedStack,
+    m: Mailer,
+    n: int,
+    others: tuple[Mailer, ...] = (),
+    *,
+    campaigns: int = 1,
 ) -> CampaignRun:
-    """One campaign of ``n`` through ``m``'s prefix; the CPU is that of ``m`` and ``others``."""
+    """``n`` recipients through ``m``'s prefix, in ``campaigns`` campaigns started
+    together (n split evenly); the CPU is that of ``m`` and ``others``."""
     pids = [m.proc.pid] + [o.proc.pid for o in others]
     nc = await nats.connect(stack.endpoints.nats_url)
     done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    finals: dict[int, dict[str, Any]] = {}
 
     async def on_event(msg: Any) -> None:
         event = msgspec.json.decode(msg.data)
-        if event.get("event") in ("sent", "completed_with_errors") and not done.done():
-            done.set_result(event)
+        if event.get("event") in ("sent", "completed_with_errors"):
+            finals[int(event["campaign_id"])] = event
+            if len(finals) >= campaigns and not done.done():
+                # One event with the campaigns' counts summed.
+                counts: dict[str, int] = {}
+                for e in finals.values():
+                    for k, v in (e.get("counts") or {}).items():
+                        counts[k] = counts.get(k, 0) + v
+                done.set_result({"counts": counts})
 
     async def call(subject: str, body: object) -> dict[str, Any]:
         reply = await nc.request(
@@ -317,27 +333,32 @@ async def run_campaign(
 
     try:
         await nc.subscribe(f"{m.prefix}.events.campaign.>", cb=on_event)
-        created = await call(
-            "campaign.create",
-            {
-                "name": "bench",
-                "subject": "Bench",
-                "body_text": "Здравствуйте, {{name}}!",
-                "body_html": "<p>Здравствуйте, {{name}}!</p>",
-            },
-        )
-        cid = created["id"]
+        ids: list[int] = []
         added = time.perf_counter()
-        for i in range(0, n, 5000):
-            people = [
-                {"email": f"r{j}@example.org", "name": f"User {j}"}
-                for j in range(i, min(n, i + 5000))
-            ]
-            await call("recipients.add", {"campaign_id": cid, "recipients": people})
+        per = n // campaigns
+        for c in range(campaigns):
+            created = await call(
+                "campaign.create",
+                {
+                    "name": f"bench {c}",
+                    "subject": "Bench",
+                    "body_text": "Здравствуйте, {{name}}!",
+                    "body_html": "<p>Здравствуйте, {{name}}!</p>",
+                },
+            )
+            ids.append(created["id"])
+            first, last = c * per, n if c == campaigns - 1 else (c + 1) * per
+            for i in range(first, last, 5000):
+                people = [
+                    {"email": f"r{j}@example.org", "name": f"User {j}"}
+                    for j in range(i, min(last, i + 5000))
+                ]
+                await call("recipients.add", {"campaign_id": ids[-1], "recipients": people})
         add_per_s = n / (time.perf_counter() - added)
         cpu0 = sum(proc_cpu_seconds(pid) for pid in pids)
         began = time.perf_counter()
-        await call("campaign.start", {"campaign_id": cid})
+        for cid in ids:
+            await call("campaign.start", {"campaign_id": cid})
         event = await asyncio.wait_for(done, timeout=900)
         took = time.perf_counter() - began
         cpu = sum(proc_cpu_seconds(pid) for pid in pids) - cpu0
@@ -383,11 +404,18 @@ async def scaleout_run(
     processes: int,
     run: int,
     work: Path,
+    *,
+    campaigns: int = 1,
 ) -> ScaleRun:
-    """The campaign on a fresh database, sent by ``processes`` ``mailer run`` processes."""
-    dsn = await create_database(admin, f"bench_scale{processes}_{run}")
+    """The campaign on a fresh database, sent by ``processes`` ``mailer run`` processes
+    with shards on; ``campaigns`` > 1: n split into that many campaigns run at once, shards
+    off (each process sends whole campaigns: the cost of a second process without shards)."""
+    dsn = await create_database(admin, f"bench_scale{processes}_{campaigns}_{run}")
     await migrate(dsn)
-    prefix = f"benchs{processes}x{run}"
+    prefix = f"benchs{processes}x{campaigns}x{run}"
+    extra = {"MAILER_SHARD_MIN_RECIPIENTS": SHARD_MIN if campaigns == 1 else "0"}
+    if campaigns > 1:
+        extra["MAILER_MAX_ACTIVE_CAMPAIGNS"] = str(campaigns)
     started: list[Mailer] = []
     try:
         for i in range(processes):
@@ -401,11 +429,11 @@ async def scaleout_run(
                     work,
                     instance=f"{prefix}-{i}",
                     processes=i + 1,
-                    extra={"MAILER_SHARD_MIN_RECIPIENTS": SHARD_MIN},
+                    extra=extra,
                 )
             )
         before = tree_cpu_seconds()
-        r = await run_campaign(stack, started[0], n, tuple(started[1:]))
+        r = await run_campaign(stack, started[0], n, tuple(started[1:]), campaigns=campaigns)
         after = tree_cpu_seconds()
         sent = [await asyncio.to_thread(sent_by, m) for m in started]
     finally:
@@ -598,6 +626,8 @@ async def main() -> None:
             "scale_cpu_ratio",
             "scale_rate_ratio",
             "share_min",
+            "halves_cpu",
+            "halves_cpu_ratio",
         )
     }
     shares: list[list[float]] = []
@@ -676,6 +706,11 @@ async def main() -> None:
                     loads,
                     scaleout_run(stack, admin, port, conns, n, 2, run, work),
                 )
+                halves = await timed_run(
+                    "2 mailer run processes, 2 campaigns of half, no shards",
+                    loads,
+                    scaleout_run(stack, admin, port, conns, n, 2, run, work, campaigns=2),
+                )
                 s_ = series
                 s_["scale1"].add(one.msg_per_s)
                 s_["scale2"].add(two.msg_per_s)
@@ -684,15 +719,24 @@ async def main() -> None:
                 s_["scale_cpu_ratio"].add(two.msg_per_cpu_s / one.msg_per_cpu_s)
                 s_["scale_rate_ratio"].add(two.msg_per_s / one.msg_per_s)
                 s_["share_min"].add(min(two.shares) * 100)
+                s_["halves_cpu"].add(halves.msg_per_cpu_s)
+                s_["halves_cpu_ratio"].add(halves.msg_per_cpu_s / one.msg_per_cpu_s)
                 shares.append(two.shares)
                 print(
                     f"  1 process {one.msg_per_s:,.0f} msg/s, {one.msg_per_cpu_s:,.0f} msg/CPU-s; "
                     f"2 processes {two.msg_per_s:,.0f} msg/s, {two.msg_per_cpu_s:,.0f} msg/CPU-s, "
-                    "shares " + " / ".join(f"{x:.1%}" for x in two.shares),
+                    "shares "
+                    + " / ".join(f"{x:.1%}" for x in two.shares)
+                    + f"; 2 processes, 2 campaigns, no shards {halves.msg_per_s:,.0f} msg/s, "
+                    f"{halves.msg_per_cpu_s:,.0f} msg/CPU-s",
                     flush=True,
                 )
                 cores = os.cpu_count() or 1
-                for label, x in (("1 process", one), ("2 processes", two)):
+                for label, x in (
+                    ("1 process", one),
+                    ("2 processes", two),
+                    ("2 processes, 2 campaigns, no shards", halves),
+                ):
                     total = sum(x.cpu_per_1000.values())
                     pg = x.cpu_per_1000.get("postgres", 0.0)
                     print(
@@ -800,6 +844,13 @@ async def main() -> None:
             f"1 process {s['scale1_cpu'].fmt()}",
             f"{s['scale_cpu_ratio'].fmt(2)}",
             "≥ 0.9",
+        ),
+        (
+            "scale-out: the same, 2 campaigns of half, no shards",
+            f"2 processes {s['halves_cpu'].fmt()} msg per mailer CPU-s",
+            f"1 process {s['scale1_cpu'].fmt()}",
+            f"{s['halves_cpu_ratio'].fmt(2)}",
+            "—",
         ),
         (
             "scale-out: each process's share of the campaign",
