@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +292,35 @@ async def test_the_leader_dispatches_to_the_least_loaded_process(
     for cid in campaigns:
         done = await events.wait(cid, ("sent", "completed_with_errors"), timeout=90)
         assert done["event"] == "sent"
+
+
+async def test_shards_refused_for_the_hour_wait_once_with_one_answer(
+    make_service, crm: Crm, events: Events, sink: SmtpSink, db, nc, settings: Settings
+) -> None:
+    limited = {"rate_per_hour": 100}
+    await make_service(**{**_sharded("r1"), **limited})
+    await make_service(**{**_sharded("r2"), **limited})
+    await _instances_up(nc, settings.subject_prefix, 2)
+    hour = datetime.now(UTC).hour
+    cid = await crm.campaign(people(300, "hour.example"))
+    await crm.start(cid)
+    await events.wait(cid, ("deferred",), timeout=60)
+    # Every shard refused lets go; the wait is the campaign's, written once.
+    await _until(lambda: _no_live_lease(db, cid))
+    q = await db.fetchrow(
+        "SELECT defer_reason, deferred_until, shards FROM queue_entry WHERE campaign_id = $1", cid
+    )
+    assert q["shards"] == 2 and q["defer_reason"] == "rate_per_hour"
+    assert q["deferred_until"] > datetime.now(UTC)
+    assert len(events.of(cid, "deferred")) == 1
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM audit_log WHERE campaign_id = $1 AND action = 'campaign.defer'",
+            cid,
+        )
+        == 1
+    )
+    if datetime.now(UTC).hour == hour:  # the hour did not turn during the test
+        # The hour's limit holds across both processes' shards.
+        assert sink.count == 100
+        assert Counter(r for m in sink.messages for r in m.rcpt_tos).most_common(1)[0][1] == 1
