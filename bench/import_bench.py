@@ -38,6 +38,64 @@ def write_csv(path: Path, n: int) -> None:
             f.write(f"user{i}@example{i % 997}.org,User {i},City {i % 100}\n")
 
 
+async def measure_import(
+    stack: EmbeddedStack,
+    port: int,
+    work: Path,
+    *,
+    n: int,
+    runs: int,
+    with_add: bool = False,
+) -> tuple[list[float], list[float], list[float]]:
+    """``runs`` imports of an ``n``-line CSV, each into a new campaign of a fresh database
+    served by its own ``mailer run``; the seconds each took, the ``recipients.add`` anchor's
+    (``with_add``) and the load average at each start. Used by bench/suite.py too."""
+    csv_path = work / "list.csv"
+    write_csv(csv_path, n)
+    size_mb = csv_path.stat().st_size / 1e6
+    took: list[float] = []
+    added_took: list[float] = []
+    loads: list[float] = []
+    for run in range(1, runs + 1):
+        dsn = await create_database(stack.endpoints.database_url, f"bench_import{run}")
+        await migrate(dsn)
+        m = await start_mailer(stack, dsn, port, 8, f"import{run}", work)
+        try:
+            options = ClientOptions(url=stack.endpoints.nats_url, prefix=m.prefix)
+            async with await MailerClient.connect(options, user="bench") as client:
+                view = await client.create_campaign("import", "s", body_text="t")
+                loads.append(os.getloadavg()[0])
+                began = time.perf_counter()
+                result = await client.import_recipients(view.id, csv_path)
+                took.append(time.perf_counter() - began)
+                if result.added != n:
+                    raise RuntimeError(f"added {result.added} of {n}: {result}")
+                print(
+                    f"  recipients.import of {n:,} lines ({size_mb:.0f} MB): "
+                    f"{took[-1]:.1f} s (load {loads[-1]:.2f})",
+                    flush=True,
+                )
+                if with_add:
+                    other = await client.create_campaign("add", "s", body_text="t")
+                    people = [
+                        {"email": f"user{i}@example{i % 997}.org", "name": f"User {i}"}
+                        for i in range(n)
+                    ]
+                    began = time.perf_counter()
+                    for i in range(0, n, 5000):
+                        await client.add_recipients(other.id, people[i : i + 5000])
+                    added_took.append(time.perf_counter() - began)
+                    print(f"  recipients.add x5000: {added_took[-1]:.1f} s", flush=True)
+        finally:
+            stop_mailer(m)
+        # The service's own breakdown (download, read and COPY, INSERT, total).
+        for line in m.log.read_text().splitlines():
+            if "recipients imported" in line:
+                print(f"  {line}", flush=True)
+    csv_path.unlink()
+    return took, added_took, loads
+
+
 async def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--recipients", type=int, default=1_000_000)
@@ -47,62 +105,23 @@ async def main() -> None:
     os.environ["BENCH_MAILER_LOG_LEVEL"] = "INFO"  # the service's "recipients imported" line
     n = args.recipients
     work = Path(tempfile.mkdtemp(prefix="mailer-import-"))
-    csv_path = work / "list.csv"
-    write_csv(csv_path, n)
-    size_mb = csv_path.stat().st_size / 1e6
     port = free_port()
     sink = start_sink(port, work)
-    took: list[float] = []
-    added_took: list[float] = []
-    loads: list[float] = []
     try:
         await wait_port(port, sink.proc, sink.name)
         overrides = StackOverrides(smtp_host="127.0.0.1", smtp_port=port)
         async with EmbeddedStack(
             work, overrides, fresh=True, postgres_settings=PRODUCTION_LIKE_POSTGRES
         ) as stack:
-            for run in range(1, args.runs + 1):
-                dsn = await create_database(stack.endpoints.database_url, f"bench_import{run}")
-                await migrate(dsn)
-                m = await start_mailer(stack, dsn, port, 8, f"import{run}", work)
-                try:
-                    options = ClientOptions(url=stack.endpoints.nats_url, prefix=m.prefix)
-                    async with await MailerClient.connect(options, user="bench") as client:
-                        view = await client.create_campaign("import", "s", body_text="t")
-                        loads.append(os.getloadavg()[0])
-                        began = time.perf_counter()
-                        result = await client.import_recipients(view.id, csv_path)
-                        took.append(time.perf_counter() - began)
-                        if result.added != n:
-                            raise RuntimeError(f"added {result.added} of {n}: {result}")
-                        print(
-                            f"run {run}: recipients.import of {n:,} lines ({size_mb:.0f} MB): "
-                            f"{took[-1]:.1f} s (load {loads[-1]:.2f})",
-                            flush=True,
-                        )
-                        if args.with_add:
-                            other = await client.create_campaign("add", "s", body_text="t")
-                            people = [
-                                {"email": f"user{i}@example{i % 997}.org", "name": f"User {i}"}
-                                for i in range(n)
-                            ]
-                            began = time.perf_counter()
-                            for i in range(0, n, 5000):
-                                await client.add_recipients(other.id, people[i : i + 5000])
-                            added_took.append(time.perf_counter() - began)
-                            print(f"  recipients.add x5000: {added_took[-1]:.1f} s", flush=True)
-                finally:
-                    stop_mailer(m)
-                # The service's own breakdown (download, read and COPY, INSERT, total).
-                for line in m.log.read_text().splitlines():
-                    if "recipients imported" in line:
-                        print(f"  {line}", flush=True)
+            took, added_took, loads = await measure_import(
+                stack, port, work, n=n, runs=args.runs, with_add=args.with_add
+            )
     finally:
         sink.stop()
     shutil.rmtree(work, ignore_errors=True)
     print()
     print(
-        f"{n:,} recipients, CSV {size_mb:.0f} MB, {args.runs} runs, PostgreSQL fsync=on; "
+        f"{n:,} recipients, {args.runs} runs, PostgreSQL fsync=on; "
         f"load average (1 min) at the start: "
         + " / ".join(f"{x:.2f}" for x in (min(loads), statistics.median(loads), max(loads)))
     )

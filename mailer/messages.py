@@ -76,6 +76,8 @@ __all__ = [
     "TestEmailSent",
     "TokenReply",
     "TokenRequest",
+    "TokenReturn",
+    "TokenReturned",
     "UnsubscribeAdd",
     "UnsubscribeList",
     "UnsubscribePage",
@@ -341,6 +343,28 @@ class TokenReply(Struct, kw_only=True):
         if self.decided_at is None:
             return self.valid_until
         return min(self.valid_until, asked_at + (self.valid_until - self.decided_at))
+
+
+class TokenReturn(_Strict):
+    """The quota of granted tokens that never reached SMTP (a stop, a pause, an
+    unused prefetch, a grant that ran out), given back to the monthly allowance.
+
+    Only the quota: it has no window, so a token burned there would keep a
+    campaign "waiting for the quota" until the next sync while the quota is not
+    used up. The hour's and the day's tokens stay spent (better to under-send):
+    they come back with their window, which the wait then names. ``decided_at``
+    is the grant's (``TokenReply.decided_at``): nothing goes back when a sync
+    ran since then, because a sync counts unsent grants as unspent already.
+    """
+
+    campaign_id: int
+    count: Annotated[int, Meta(ge=1, le=10_000)]
+    decided_at: datetime
+    account: str = ""
+
+
+class TokenReturned(Struct, kw_only=True):
+    returned: int  # 0: a sync ran since the grant (it counted them already)
 
 
 class RunCampaign(Struct, kw_only=True):

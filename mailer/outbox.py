@@ -13,7 +13,8 @@ stream's duplicate window (15 minutes) drops the repeat of a publish whose
 acknowledgement was lost, or whose relay died before deleting it; a repeat
 later than that is stored twice. Delivery is at least once; a failure gives
 the rest of the rows back for the next relay and is counted by the events'
-publish-failure metric.
+publish-failure metric; the leader's scheduler then relays again on a timer of
+its own (``due_in``), backing off while NATS stays away.
 """
 
 from __future__ import annotations
@@ -48,6 +49,22 @@ class OutboxRelay:
         self._publisher = publisher
         self._batch = batch
         self._take_seconds = take_seconds
+
+    async def due_in(self) -> float | None:
+        """Seconds until the relay should run again, None when the outbox is empty.
+
+        0.0: rows no relay holds are left (a publish failed just now: the caller
+        backs off); otherwise when the earliest taken row is free again (a relay
+        that died after taking it). Without this, rows left behind waited for the
+        next unrelated wake or the reconcile interval (minutes).
+        """
+        row = await self._pool.fetchrow(Q["outbox-due"])
+        if row is None:
+            return None
+        if int(row["ready"]):
+            return 0.0
+        next_in = row["next_in"]
+        return None if next_in is None else max(0.0, float(next_in))
 
     async def flush(self) -> int:
         """Publishes what the outbox holds, oldest first; returns how many went out.

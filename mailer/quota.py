@@ -415,6 +415,23 @@ class QuotaBlocks:
             except Exception as exc:
                 log.warning("quota deferrals not lifted", extra={"error": repr(exc)})
 
+    async def give_back(self, n: int, granted_at: datetime) -> int:
+        """Gives ``n`` tokens granted at ``granted_at`` and never used back to the
+        allowance (``quota-give-back``); how many went back (0: a sync ran since,
+        which already counted them as unspent). Restoring a used-up quota lifts
+        the campaigns waiting for it, as a block's return does."""
+        if n <= 0:
+            return 0
+        row = await self._pool.fetchrow(Q["quota-give-back"], n, self._account, granted_at)
+        if row is None:
+            return 0
+        if int(row["previous"]) == 0 and self._on_restored:
+            try:
+                await self._on_restored()
+            except Exception as exc:
+                log.warning("quota deferrals not lifted", extra={"error": repr(exc)})
+        return int(row["returned"])
+
     def _on_timer(self) -> None:
         self._timer = None
         now = time.monotonic()

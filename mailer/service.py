@@ -31,6 +31,7 @@ from datetime import timedelta
 from typing import Any
 
 import redis.asyncio as redis
+from nats.js.errors import BadRequestError
 
 from mailer import __version__, metrics
 from mailer.accounts import Account, accounts_of
@@ -268,11 +269,16 @@ class Service:
         self._events = JetStreamEvents(
             self._bus, settings=s, max_bytes=s.events_max_bytes, replicas=s.nats_replicas
         )
-        try:
-            await asyncio.wait_for(self._events.ensure_stream(), max(1.0, deadline.remaining()))
-        except Exception as exc:  # JetStream off, no permission, no room: waiting won't help
-            cause = f"its events stream could not be created or updated ({describe(exc)})"
-            raise StartupError("nats", self._bus.shown_url, cause, waited=None) from None
+        # A stream config the server refuses (no permission, no room) will not change by
+        # waiting; a timeout or "unavailable" is JetStream electing its leaders after
+        # a restart (or off: the same answer), waited for within the start-up deadline.
+        await retry_until(
+            "nats (JetStream: the events stream)",
+            self._bus.shown_url,
+            self._events.ensure_stream,
+            deadline,
+            fatal=(BadRequestError,),
+        )
         self._outbox = OutboxRelay(self._pool, self._events)
         metrics.set_build_info(__version__)
 
@@ -412,16 +418,33 @@ class Service:
                 stop_first=True,  # no new campaign for a process that is stopping
             ),
         ]
-        self._supervisor = Supervisor(
-            children,
-            name="mailer",
-            policy=self._policy,
-            observer=MetricsObserver(),
-            on_child_exit=self._on_child_exit,
-            shutdown_deadline=s.shutdown_timeout_seconds,
-            fault=self._actor_fault,
+
+        async def start_actors() -> Supervisor:
+            # A fresh supervisor per attempt: a failed start shut the last one down.
+            self._supervisor = Supervisor(
+                children,
+                name="mailer",
+                policy=self._policy,
+                observer=MetricsObserver(),
+                on_child_exit=self._on_child_exit,
+                shutdown_deadline=s.shutdown_timeout_seconds,
+                fault=self._actor_fault,
+            )
+            await self._supervisor.start()
+            return self._supervisor
+
+        # A long-lived actor whose start fails (its JetStream bucket unavailable while
+        # the cluster elects its leaders, PostgreSQL restarting) is a start-up failure
+        # like a dependency away: tried again within the deadline, then exit 3 — not
+        # the supervisor giving up (exit 1), which is for restarts in a running pod.
+        await retry_until(
+            "nats and postgres (the actors' start)",
+            self._bus.shown_url,
+            start_actors,
+            deadline,
+            fatal=(StartupError,),
+            cut=False,  # each actor's start is bounded by its own timeouts
         )
-        await self._supervisor.start()
         await self._reevaluate_deferrals()
         self._gauges = ScrapeGauges(
             pool=self._pool,

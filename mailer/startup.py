@@ -82,18 +82,23 @@ async def retry_until(
     deadline: Deadline,
     *,
     fatal: tuple[type[BaseException], ...] = _PG_FATAL,
+    cut: bool = True,
 ) -> T:
     """Calls ``attempt`` until it succeeds, a ``fatal`` error, or the deadline.
 
-    Each attempt gets what is left of the deadline; a failure is logged (one
-    WARNING line naming the dependency, ``target`` — already masked — the
-    attempt's number and the cause) and retried after a growing wait.
+    Each attempt gets what is left of the deadline (``cut=False``: an attempt
+    bounded by its own timeouts runs to its end, so one begun just before the
+    deadline is not cut halfway); a failure is logged (one WARNING line naming
+    the dependency, ``target`` — already masked — the attempt's number and the
+    cause) and retried after a growing wait.
     """
     wait = _FIRST_WAIT
     n = 0
     while True:
         n += 1
         try:
+            if not cut:
+                return await attempt()
             return await asyncio.wait_for(attempt(), timeout=max(0.1, deadline.remaining()))
         except fatal as exc:
             raise StartupError(dependency, target, describe(exc), waited=None) from None

@@ -27,6 +27,7 @@ __all__ = [
     "Lease",
     "Outcome",
     "PgStore",
+    "Takeover",
     "campaign_view",
 ]
 
@@ -204,6 +205,13 @@ def notice_due(
         # From "when the quota is topped up" to a known time: not later than promised.
         return False
     return previous_until is None or until > previous_until
+
+
+class Takeover(msgspec.Struct, frozen=True, kw_only=True):
+    """What a new owner settled of a dead one's rows (``PgStore.take_over``)."""
+
+    doubts: int  # handed to SMTP, outcome unknown: now in_doubt
+    released: int  # claimed, never handed: pending again
 
 
 class PgStore:
@@ -437,7 +445,15 @@ class PgStore:
 
     async def begin_sending(self, lease: Lease, now: datetime) -> int | None:
         """Settles what a dead owner left in doubt (the campaign stays ``ready``
-        until its first message has gone: ``mark_sending``).
+        until its first message has gone: ``mark_sending``); how many became
+        ``in_doubt`` (see ``take_over``)."""
+        took = await self.take_over(lease, now)
+        return None if took is None else took.doubts
+
+    async def take_over(self, lease: Lease, now: datetime) -> Takeover | None:
+        """``begin_sending``, saying also how many claims of a dead owner went back
+        to pending (the quota of any tokens it held for them is spent until a
+        sync recounts it: the campaign actor asks for one).
 
         Only while the lease is ours (the queue entry is locked first): a
         takeover that lost its lease before this ran changes nothing and gets
@@ -447,7 +463,7 @@ class PgStore:
             if not await self._lock_ours(conn, lease):
                 return None
             # Only this lease's shard: another shard's claims are its holder's.
-            doubts = await conn.fetch(
+            row = await conn.fetchrow(
                 Q["recipients-orphans-to-doubt"],
                 lease.campaign_id,
                 lease.claim_token,
@@ -455,7 +471,8 @@ class PgStore:
                 lease.shards,
                 lease.shard,
             )
-        return len(doubts)
+        assert row is not None
+        return Takeover(doubts=int(row["doubts"]), released=int(row["returned"]))
 
     async def mark_sending(self, lease: Lease, now: datetime) -> bool:
         """The campaign's first messages go to SMTP now (tokens granted):

@@ -10,6 +10,7 @@ with ``python bench/chaos.py --rounds 1 --seed N``. Deselect with ``-m 'not chao
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import tempfile
 import time
@@ -129,6 +130,53 @@ async def test_rolling_restart_of_three_processes_leaves_nobody_in_doubt(
     print(f"rolling restart: {counts}, {sum(received.values())} received")
     assert counts == {"sent": len(recipients)}, counts
     assert received == Counter(r["email"] for r in recipients), "each exactly once"
+    await rnd.drop()
+
+
+async def test_a_process_started_while_jetstream_has_no_quorum_waits_and_comes_up(
+    chaos_stack: ChaosStack, tmp_path: Path
+) -> None:
+    """Two of three NATS nodes down: core NATS answers, JetStream has no meta leader, so
+    the events stream and the actors' buckets cannot be had. A process starting then
+    waits for them within MAILER_STARTUP_TIMEOUT_SECONDS (exit 3 only past it) instead of
+    exiting 1 as if its supervisor had given up (long run seeds 5003, 5055, 5067, 5068)."""
+    plan = RoundPlan(
+        seed=0,
+        window=0.0,
+        processes=1,
+        limits=Limits(10_000, 10_000, "nobody", 0),
+        campaigns=(),
+    )
+    rnd = Round(chaos_stack, plan, tag="quorum", logs=tmp_path)
+    admin = chaos_stack.stack.endpoints.database_url
+    from mailer.db import migrate
+    from mailer.devstack import create_database, drop_database
+    from tests.chaos.driver import Processes
+
+    await drop_database(admin, rnd.db_name)
+    rnd.dsn = await create_database(admin, rnd.db_name)
+    await migrate(rnd.dsn)
+    nc = await connect(chaos_stack.nats_urls[:1])
+    procs = Processes(rnd._env, 1, tmp_path)
+    stack = chaos_stack.stack
+    try:
+        for node in ("nats-1", "nats-2"):
+            await stack.stop_server(node)
+        p = await procs.start(0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(p.proc.wait(), 6)
+        log = p.log_path.read_text(errors="replace")
+        assert p.proc.returncode is None, log[-3000:]
+        assert "waiting for nats" in log, log[-3000:]
+        for node in ("nats-1", "nats-2"):
+            await stack.start_server(node)
+        await instances_up(nc, rnd.prefix, 1, timeout=60)
+        assert p.proc.returncode is None
+    finally:
+        for node in ("nats-1", "nats-2"):
+            await stack.start_server(node)
+        await procs.stop_all()
+        await nc.close()
     await rnd.drop()
 
 

@@ -100,6 +100,14 @@ def test_a_daily_wait_ends_on_its_own_turn_in_the_owners_queue() -> None:
     # The one ahead waits for no one of its owner.
     assert _daily_turn(o, ahead, midnight) == midnight
 
+    # The owner's campaign ahead sent 6 more on fail-open grants after the wait was
+    # decided (its day was used up): the wait may have been decided for 25 ahead (seed
+    # 5030). Grants of another owner change nothing; nor does any for the one ahead.
+    o.fail_open_grants = [(T0, 4, "a"), (T0 + 1, 2, "a"), (T0 + 2, 50, "b")]
+    turn = _daily_turn(o, behind, midnight)
+    assert midnight + timedelta(days=3) <= turn <= midnight + timedelta(days=3, hours=1)
+    assert _daily_turn(o, ahead, midnight) == midnight
+
 
 async def test_fail_open_grants_are_read_from_the_process_logs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture

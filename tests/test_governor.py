@@ -21,13 +21,18 @@ import pytest
 import redis.asyncio as redis
 from prometheus_client import REGISTRY
 
-from mailer.actors.governor import GovernorActor, NatsTokenSource, governor_subject
+from mailer.actors.governor import (
+    GovernorActor,
+    NatsTokenSource,
+    governor_subject,
+    return_subject,
+)
 from mailer.actors.runtime import ActorRef, start_actor
 from mailer.bus import ERROR_CODE_HEADER, Bus, RemoteError
 from mailer.clock import FakeClock
 from mailer.config import Settings
 from mailer.db import connect_pool
-from mailer.messages import TokenReply, TokenRequest
+from mailer.messages import TokenReply, TokenRequest, TokenReturn, TokenReturned
 from mailer.ratelimit import SendLimiter
 
 # 2026-11-23 is a Monday; 10:15 UTC is 13:15 in Moscow.
@@ -414,6 +419,42 @@ async def test_over_nats_a_reply_and_a_typed_error_for_a_bad_request(settings) -
         with pytest.raises(RemoteError) as err:
             await gov.bus.request(governor_subject(gov.bus), {"want": "x"}, TokenReply)
         assert err.value.code == "bad_request"
+
+
+async def test_unused_quota_goes_back_unless_a_sync_came_since_and_bad_returns_change_nothing(
+    settings, redis_client, db
+) -> None:
+    """TokenReturn: the quota of a grant never handed to SMTP goes back to the allowance
+    (and lifts a used-up quota); the hour's and the day's tokens stay spent. After a sync
+    nothing goes back (the sync counted them as unspent already). A malformed return or
+    one for another account is refused and changes nothing."""
+    clock = FakeClock(MONDAY_1315_MSK)
+    await db.execute("UPDATE quota SET emails_available = 3, last_synced_at = $1", MONDAY_1315_MSK)
+    clock.advance(1)
+    async with governor(settings, clock, daily_limit_default=100) as gov:
+        source = NatsTokenSource(gov.bus, timeout=5)
+        grant = await source.request_tokens(1, "anna", 3)
+        assert grant.granted == 3 and grant.decided_at is not None
+        assert await db.fetchval("SELECT emails_available FROM quota") == 0
+
+        assert await source.give_back(1, grant, 2) == 2
+        assert await db.fetchval("SELECT emails_available FROM quota") == 2
+        assert await counter(redis_client, hour_key(settings, MONDAY_1315_MSK)) == 3
+        assert await counter(redis_client, day_key(settings, "anna", "20261123")) == 3
+
+        bad = await gov.bus.nc.request(return_subject(gov.bus), b'{"count": 0}', timeout=5)
+        assert bad.headers is not None and bad.headers[ERROR_CODE_HEADER] == "400"
+        other = TokenReturn(campaign_id=1, count=1, decided_at=grant.decided_at, account="x")
+        with pytest.raises(RemoteError) as err:
+            await gov.bus.request(return_subject(gov.bus), other, TokenReturned)
+        assert err.value.code == "bad_request"
+        assert await db.fetchval("SELECT emails_available FROM quota") == 2
+
+        # A sync after the grant: what it did not see sent is already counted back.
+        clock.advance(1)
+        await db.execute("UPDATE quota SET last_synced_at = $1", clock.now())
+        assert await source.give_back(1, grant, 1) == 0
+        assert await db.fetchval("SELECT emails_available FROM quota") == 2
 
 
 # --- concurrency: two governors, many campaign actors ---------------------------------------

@@ -14,7 +14,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.js import api
 
-from mailer.actors.scheduler import Tick
+from mailer.actors.scheduler import RELAY_RETRY_MAX_SECONDS, Tick
 from mailer.clock import FakeClock
 from mailer.events import MSG_ID_HEADER, Notification, stream_name
 from mailer.messages import Wake
@@ -93,6 +93,56 @@ async def test_a_notification_jetstream_refused_is_relayed_by_the_leader_later(
     await scheduler.ask(Tick(), timeout=10)
     info_after = await js.consumer_info(stream, "owner")
     assert info_after.num_pending == 0
+
+
+async def _outbox_empty_within(db, seconds: float) -> float:
+    began = asyncio.get_running_loop().time()
+    for _ in range(int(seconds * 20)):
+        if await db.fetchval("SELECT count(*) FROM event_outbox") == 0:
+            return asyncio.get_running_loop().time() - began
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"outbox not relayed within {seconds} s")
+
+
+async def test_notices_left_behind_are_relayed_again_without_any_wake(
+    make_service, crm: Crm, events: Events, nc, db, settings
+) -> None:
+    """A relay that could not publish (JetStream away) looks again by itself, backing
+    off, and one that died after taking rows is replaced when its take runs out: no
+    notice waits for an unrelated wake or the reconcile interval (chaos seed 5070)."""
+    clock = FakeClock(MONDAY_1015_UTC)  # frozen: no deferral ends, no reconcile is due
+    service = await make_service(clock=clock, rate_per_hour=2, batch_size=5)
+    await asyncio.wait_for(service.leadership.wait(), 10)
+    ended = await _ended(nc, settings.subject_prefix)
+    js = nc.jetstream()
+    stream = stream_name(settings.subject_prefix)
+    info = await js.stream_info(stream)
+    await js.delete_stream(stream)
+
+    cid = await crm.campaign(people(3))
+    await crm.start(cid)
+    await events.wait(cid, ("deferred",))
+    await ended.wait(cid)
+    scheduler = service.supervisor.get("scheduler")
+    assert scheduler is not None
+    await scheduler.ask(Tick(), timeout=10)  # a barrier: the wakes' relays have failed
+    await asyncio.sleep(2)
+    assert await db.fetchval("SELECT count(*) FROM event_outbox") == 1
+    await js.add_stream(info.config)
+    # Nobody wakes the scheduler: its own retry relays the notice.
+    await _outbox_empty_within(db, RELAY_RETRY_MAX_SECONDS + 5)
+
+    # A relay that took a row and died: the row is free again when its take ends.
+    await db.execute(
+        "INSERT INTO event_outbox (kind, subject, msg_id, payload, campaign_id, created_at,"
+        " taken_until) VALUES ('notify', $1, 'left-by-a-dead-relay', '{}'::bytea, $2, now(),"
+        " clock_timestamp() + interval '2 seconds')",
+        f"{settings.subject_prefix}.events.notify.manager-1",
+        cid,
+    )
+    await scheduler.ask(Tick(), timeout=10)  # sees it taken
+    took = await _outbox_empty_within(db, 10)
+    assert took >= 1.0  # not before its take ran out
 
 
 async def test_a_notification_goes_out_at_once_and_leaves_nothing_behind(

@@ -9,6 +9,7 @@ and SMTP sink; the stage hook only looks at the database or raises.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from tests.helpers import Crm, Events, people
 
 CONNECTIONS = 3
+QUOTA = 1000
 STAGES = ("handed", "sending", "prepared", "sent")
 
 
@@ -77,7 +79,9 @@ async def test_a_crash_at_any_stage_sends_nobody_twice(
             crashes.append(at)
             raise RuntimeError(f"injected crash at {at}")
 
-    await make_service(batch_size=10, smtp_connections=CONNECTIONS, stage_fault=crash)
+    await make_service(
+        batch_size=10, smtp_connections=CONNECTIONS, stage_fault=crash, monthly_quota=QUOTA
+    )
     recipients = people(31)
     cid = await crm.campaign(recipients)
     await crm.start(cid)
@@ -99,3 +103,48 @@ async def test_a_crash_at_any_stage_sends_nobody_twice(
         cid,
     )
     assert dup == 0
+    # The crashed batch's tokens never given to SMTP (its unsent waves, the next
+    # batch asked for in advance) gave their quota back: exactly the sends are spent.
+    assert await db.fetchval("SELECT emails_available FROM quota") == QUOTA - 31
+
+
+async def test_a_stop_mid_batch_gives_back_the_quota_of_everything_it_did_not_send(
+    make_service, crm: Crm, events: Events, sink, db
+) -> None:
+    """A SIGTERM's stop in the middle of a batch (the next one asked for in advance):
+    the claims not sent go back to pending and their quota back to the allowance, so a
+    rolling deploy spends on each recipient exactly what its sends cost."""
+    stopping: list[asyncio.Future[None]] = []
+    stop_began = asyncio.Event()
+    services = []
+
+    async def stop_in_second_batch(campaign_id: int, batch: int, at: str) -> None:
+        if batch == 2 and at == "prepared" and not stopping:
+            stopping.append(asyncio.ensure_future(services[0].stop()))
+            stop_began.set()
+
+    sink.data_delay = 0.005
+    services.append(
+        await make_service(
+            batch_size=10,
+            smtp_connections=CONNECTIONS,
+            stage_fault=stop_in_second_batch,
+            monthly_quota=QUOTA,
+        )
+    )
+    recipients = people(40)
+    cid = await crm.campaign(recipients)
+    await crm.start(cid)
+    async with asyncio.timeout(30):
+        await stop_began.wait()
+        await stopping[0]
+    sent_by_first = len(sink.messages)
+    assert 0 < sent_by_first < 40
+    assert await db.fetchval("SELECT emails_available FROM quota") == QUOTA - sent_by_first
+
+    await make_service(batch_size=10, smtp_connections=CONNECTIONS, monthly_quota=QUOTA)
+    done = await events.wait(cid, ("sent", "completed_with_errors"), timeout=60)
+    assert done["event"] == "sent", done
+    received = Counter(r for m in sink.messages for r in m.rcpt_tos)
+    assert received == Counter(r["email"] for r in recipients), "each exactly once"
+    assert await db.fetchval("SELECT emails_available FROM quota") == QUOTA - 40

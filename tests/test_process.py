@@ -300,7 +300,13 @@ async def test_sigterm_with_the_end_of_data_unanswered_records_only_those_in_dou
 
 
 async def test_kill_9_mid_batch_leaves_in_doubt_only_the_sends_in_flight(
-    start_worker: StartWorker, crm: Crm, events: Events, sink, db, leaders: LeaderWatch
+    start_worker: StartWorker,
+    crm: Crm,
+    events: Events,
+    sink,
+    db,
+    leaders: LeaderWatch,
+    settings: Settings,
 ) -> None:
     sink.data_delay = 0.02  # a slow provider: the kill lands mid-batch
     connections = 2
@@ -336,3 +342,8 @@ async def test_kill_9_mid_batch_leaves_in_doubt_only_the_sends_in_flight(
         )
     }
     assert sent <= set(received)
+    # The dead owner's claims never sent went back to pending and their quota with
+    # them: the takeover asked for a sync, which counts the sends, not the tokens
+    # the dead process held. Exactly what went out (or may have) is spent.
+    spent = counts.get("sent", 0) + counts.get("in_doubt", 0)
+    assert await db.fetchval("SELECT emails_available FROM quota") == settings.monthly_quota - spent

@@ -89,6 +89,7 @@ from mailer.store import (
     Finish,
     Lease,
     Outcome,
+    Takeover,
 )
 from mailer.transport import SendResult
 
@@ -148,7 +149,7 @@ class CampaignStore(Protocol):
     ) -> Lease | None: ...
     async def renew(self, lease: Lease, until: datetime) -> bool: ...
     async def release(self, lease: Lease) -> None: ...
-    async def begin_sending(self, lease: Lease, now: datetime) -> int | None: ...
+    async def take_over(self, lease: Lease, now: datetime) -> Takeover | None: ...
     async def mark_sending(self, lease: Lease, now: datetime) -> bool: ...
     async def get_campaign(self, campaign_id: int) -> CampaignRow | None: ...
     async def campaign_status(self, campaign_id: int) -> str | None: ...
@@ -204,6 +205,13 @@ class CampaignStore(Protocol):
 
 class TokenSource(Protocol):
     async def request_tokens(self, campaign_id: int, owner_id: str, want: int) -> TokenReply: ...
+    async def give_back(self, campaign_id: int, grant: TokenReply, count: int) -> int:
+        """Gives the quota of ``count`` tokens of ``grant`` never handed to SMTP back."""
+        ...
+
+    async def resync_quota(self) -> None:
+        """Asks the account's quota syncer for a sync now (best effort)."""
+        ...
 
 
 class Mailer(Protocol):
@@ -393,6 +401,11 @@ class CampaignActor(Actor[Continue]):
         self._next: asyncio.Task[_Next] | None = None
         self._next_claimed: list[Claimed] = []
         self._next_route: Route | None = None  # whose tokens the prefetch asked for
+        # The batch's grant, whose account granted it, and how many of its tokens
+        # were neither given to SMTP nor given back yet (``_give_back_unused``).
+        self._grant: TokenReply | None = None
+        self._grant_route: Route | None = None
+        self._grant_left = 0
         self._may_prefetch = False
 
     # --- setup ----------------------------------------------------------------
@@ -426,19 +439,19 @@ class CampaignActor(Actor[Continue]):
             self.request_stop()
             return
         self._transient_errors = lease.transient_errors
-        doubts = await self._store.begin_sending(lease, now)
-        if doubts is None:
+        took = await self._store.take_over(lease, now)
+        if took is None:
             # The lease was taken over before we began: nothing of ours to undo.
             log.info("campaign lease lost at start", extra={"campaign_id": self.campaign_id})
             self._ended = True
             self.request_stop()
             return
         self._lease = lease
-        if doubts:
-            metrics.EMAILS_FAILED.labels(kind="campaign", reason="in_doubt").inc(doubts)
+        if took.doubts:
+            metrics.EMAILS_FAILED.labels(kind="campaign", reason="in_doubt").inc(took.doubts)
             log.warning(
                 "recipients left in doubt by a dead owner",
-                extra={"campaign_id": self.campaign_id, "in_doubt": doubts},
+                extra={"campaign_id": self.campaign_id, "in_doubt": took.doubts},
             )
         campaign = await self._store.get_campaign(self.campaign_id)
         assert campaign is not None
@@ -461,6 +474,14 @@ class CampaignActor(Actor[Continue]):
             # It is paused for its owner to fix, and the queue goes on without it.
             await self._pause(lease, "render_error", {}, error=repr(exc))
             return
+        if took.released:
+            # A dead owner's claims went back to pending: the quota of any tokens it
+            # held for them is spent (it never gave them back). A sync recounts the
+            # quota from the sends now instead of at its next interval, so the
+            # campaigns do not wait "for the quota" meanwhile while it is not used up.
+            # Before this actor claims: a sync counts claims as granted already.
+            for route in {id(r): r for r in (self._primary, self._backup) if r}.values():
+                await route.tokens.resync_quota()
         self._start_heartbeat(lease)
         # ``ready`` until its first message has gone (then ``sending``, and the
         # "started" event): a campaign that waits before sending says so.
@@ -590,6 +611,7 @@ class CampaignActor(Actor[Continue]):
         except Exception as exc:  # the backup's From or DKIM cannot build it
             if nxt is not None:
                 await self._store.release_claims(lease, [r.id for r in nxt[1]], self._clock.now())
+                await self._give_back(route, nxt[3], len(nxt[1]))
             await self._pause(lease, "render_error", {}, error=repr(exc))
             return
         reply: TokenReply | None = None
@@ -602,6 +624,12 @@ class CampaignActor(Actor[Continue]):
                 # A refusal is asked again now: it spent no token, and the window
                 # may have turned since (10:59:59's refusal says nothing of 11:00).
                 now, reply = self._clock.now(), None
+        await self._give_back_unused()  # a grant before this one: nothing is left of it
+        if reply is not None:
+            # The prefetched grant is this batch's from here (on_stop gives back
+            # what it does not use).
+            self._grant, self._grant_route = reply, route
+            self._grant_left = min(reply.granted, len(self._claimed))
         if not self._claimed:
             if unsubscribed:  # a batch of only unsubscribed addresses: go on
                 self._again()
@@ -609,12 +637,14 @@ class CampaignActor(Actor[Continue]):
                 await self._nothing_claimed(lease)
             return
         if self._stopping:
-            return  # on_stop gives the claims back; no token is spent on them
+            return  # on_stop gives the claims back (and the quota of any grant)
 
         if reply is None:
             reply = await route.tokens.request_tokens(
                 self.campaign_id, campaign.owner_id, len(self._claimed)
             )
+            self._grant, self._grant_route = reply, route
+            self._grant_left = min(reply.granted, len(self._claimed))
         granted, refused = self._claimed[: reply.granted], self._claimed[reply.granted :]
         await self._store.release_claims(lease, [r.id for r in refused], now)
         self._claimed = granted
@@ -643,6 +673,7 @@ class CampaignActor(Actor[Continue]):
             return  # stopped between waves: on_stop releases the rest and the lease
         if self._claimed:
             await self._release_expired(lease)
+        await self._give_back_unused()
 
         if self._transient_errors >= self._s.breaker_threshold:
             await self._pause_by_breaker(lease)
@@ -733,6 +764,7 @@ class CampaignActor(Actor[Continue]):
                     await self._hook("handed")
                     self._prepared = self._prepared[len(sendable) :]
                     self._handed += [r for r, _, _ in sendable]
+                    self._grant_left -= len(sendable)
                     flying.append(
                         (
                             sendable,
@@ -853,6 +885,8 @@ class CampaignActor(Actor[Continue]):
             assert self._lease is not None
             await self._store.release_claims(self._lease, [r.id for r in nxt[1]], self._clock.now())
             self._next_claimed = []
+            if asked_of is not None:
+                await self._give_back(asked_of, nxt[3], len(nxt[1]))
             return None
         # A manager's pause or cancel since then stops the campaign before this batch,
         # as its claim would have (the normal path then finds nothing and lets go).
@@ -863,6 +897,7 @@ class CampaignActor(Actor[Continue]):
             assert self._lease is not None
             await self._store.release_claims(self._lease, [r.id for r in nxt[1]], self._clock.now())
             self._next_claimed = []
+            await self._give_back(route, nxt[3], len(nxt[1]))
             return None
         # From here they are _claimed's (the caller assigns them at once).
         self._next_claimed = []
@@ -943,6 +978,20 @@ class CampaignActor(Actor[Continue]):
         done = {r.id for r, _, _ in sendable}
         self._handed = [r for r in self._handed if r.id not in done]
 
+    async def _give_back(self, route: Route, grant: TokenReply | None, count: int) -> None:
+        """The quota of ``count`` tokens of ``grant`` that never reached SMTP goes back
+        (best effort: the token source logs a failure; a sync recounts)."""
+        if grant is None or grant.granted <= 0 or count <= 0:
+            return
+        await route.tokens.give_back(self.campaign_id, grant, min(count, grant.granted))
+
+    async def _give_back_unused(self) -> None:
+        """The batch's tokens never given to SMTP (released claims, a wave handed in
+        the database but not to the sender, a stop, a crash) give their quota back."""
+        left, self._grant_left = self._grant_left, 0
+        if left > 0 and self._grant_route is not None:
+            await self._give_back(self._grant_route, self._grant, left)
+
     async def _hook(self, stage: str) -> None:
         if self._stage_fault is not None:
             await self._stage_fault(self.campaign_id, self._batches, stage)
@@ -1018,10 +1067,13 @@ class CampaignActor(Actor[Continue]):
             )
         given_back = [r.id for r in aborted + expired]
         if given_back:
-            # Never accepted by SMTP: pending again, no send-log row. Their
-            # tokens stay spent (better to under-send).
+            # Never accepted by SMTP: pending again, no send-log row. Their hour's
+            # and day's tokens stay spent (better to under-send); their quota
+            # goes back (TokenReturn says why).
             await self._store.release_claims(lease, given_back, self._clock.now())
             self._aborted, self._expired = [], []
+            if self._grant_route is not None:
+                await self._give_back(self._grant_route, self._grant, len(given_back))
         # Counted per reason, one increment each: not a labelled lookup per message.
         sent = 0
         failed: dict[str, int] = {}
@@ -1273,11 +1325,19 @@ class CampaignActor(Actor[Continue]):
                         extra={"campaign_id": self.campaign_id},
                     )
             # The next batch's claims, asked for in advance and never used.
-            unsent += self._next_claimed
+            unused_next = self._next_claimed
+            unsent += unused_next
             self._next_claimed = []
             if unsent:
                 await self._store.release_claims(lease, [r.id for r in unsent], now)
                 self._claimed, self._prepared = [], []
+            # Their quota goes back: this batch's tokens not given to SMTP, and the
+            # prefetched grant's (its claims were never taken into a batch).
+            await self._give_back_unused()
+            if unused_next and task is not None and not task.cancelled() and not task.exception():
+                asked_of, self._next_route = self._next_route, None
+                if asked_of is not None:
+                    await self._give_back(asked_of, task.result()[3], len(unused_next))
             if self._handed:
                 log.error(
                     "campaign actor stopped with sends in flight; they will be in doubt",

@@ -42,13 +42,14 @@ pod's system clock: pods need NTP (see the README's failure policies).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -62,9 +63,17 @@ from mailer.bus import ERROR_CODE_HEADER, ERROR_HEADER, Bus, decode, encode
 from mailer.clock import Clock, utc
 from mailer.config import Settings
 from mailer.forecast import Entry, forecast
-from mailer.messages import ErrorBody, ErrorReply, TokenReply, TokenRequest
+from mailer.messages import (
+    ErrorBody,
+    ErrorReply,
+    QuotaSyncRequest,
+    TokenReply,
+    TokenRequest,
+    TokenReturn,
+    TokenReturned,
+)
 from mailer.nextsend import Limits, NextSend, next_send
-from mailer.quota import QuotaBlocks
+from mailer.quota import QuotaBlocks, sync_subject
 from mailer.ratelimit import (
     FAIR_SHARE_WINDOW_SECONDS,
     PgSpentTokens,
@@ -83,6 +92,7 @@ __all__ = [
     "NatsTokenSource",
     "QuotaTaker",
     "governor_subject",
+    "return_subject",
 ]
 
 log = logging.getLogger("mailer.governor")
@@ -90,6 +100,9 @@ log = logging.getLogger("mailer.governor")
 GOVERNOR_QUEUE = "governor"
 # A refusal's retry time replays at most this much of the queue (mailer.forecast).
 _TURN_QUEUE_LIMIT = 500
+_Asked = TypeVar("_Asked", TokenRequest, TokenReturn)
+# A sync asked for at a takeover (which waits for it): an HTTP provider's timeout.
+QUOTA_RESYNC_TIMEOUT_SECONDS = 10.0
 # Requests served at once; one more is refused at once (503), as a full mailbox was.
 _MAX_IN_FLIGHT = 1000
 
@@ -100,6 +113,13 @@ def governor_subject(bus: Bus, account: str = "") -> str:
     if not account:
         return bus.subject("internal", "governor", "tokens")
     return bus.subject("internal", "governor", "tokens", account)
+
+
+def return_subject(bus: Bus, account: str = "") -> str:
+    """Where an account's governors take back the quota of unused grants."""
+    if not account:
+        return bus.subject("internal", "governor", "return")
+    return bus.subject("internal", "governor", "return", account)
 
 
 class Competition(Protocol):
@@ -143,6 +163,10 @@ class QuotaTaker(Protocol):
         """Gives back what is held and not granted (on stop)."""
         ...
 
+    async def give_back(self, n: int, granted_at: datetime) -> int:
+        """Gives back ``n`` granted at ``granted_at`` and never used; how many went back."""
+        ...
+
 
 class GovernorActor(Actor[TokenRequest]):
     def __init__(
@@ -176,6 +200,7 @@ class GovernorActor(Actor[TokenRequest]):
         self._clock = clock
         self._spent = spent
         self._sub: Subscription | None = None
+        self._return_sub: Subscription | None = None
         self._in_flight = 0
 
     @classmethod
@@ -213,6 +238,9 @@ class GovernorActor(Actor[TokenRequest]):
             queue=GOVERNOR_QUEUE,
             cb=self._on_request,
         )
+        self._return_sub = await self._bus.nc.subscribe(
+            return_subject(self._bus, self._account), queue=GOVERNOR_QUEUE, cb=self._on_return
+        )
         # Ready means the server knows the subscription: a request right after start works.
         await self._bus.nc.flush()
 
@@ -223,15 +251,8 @@ class GovernorActor(Actor[TokenRequest]):
         # counts is atomic where it is kept (one Lua script in Redis, batched
         # over the requests waiting for it; the quota block taken under the
         # quota row's lock, granted from in memory with no await in between).
-        try:
-            request = decode(msg.data, TokenRequest)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await self._respond_error(msg, 400, "bad_request", str(exc))
-            return
-        if request.account != self._account:  # asked on another account's subject
-            await self._respond_error(
-                msg, 400, "bad_request", f"this governor decides account {self._account!r}"
-            )
+        request = await self._accept(msg, TokenRequest)
+        if request is None:
             return
         if self._in_flight >= _MAX_IN_FLIGHT:
             await self._respond_error(msg, 503, "governor_unavailable", "governor busy")
@@ -242,6 +263,42 @@ class GovernorActor(Actor[TokenRequest]):
         except Exception:  # stopping: the asker retries elsewhere or later
             self._in_flight -= 1
             raise
+
+    async def _accept(self, msg: Msg, kind: type[_Asked]) -> _Asked | None:
+        """The request decoded, or None after answering 400: malformed, or asked on
+        another account's subject (each account's limits are its own governor's)."""
+        try:
+            request = decode(msg.data, kind)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            await self._respond_error(msg, 400, "bad_request", str(exc))
+            return None
+        if request.account != self._account:
+            await self._respond_error(
+                msg, 400, "bad_request", f"this governor decides account {self._account!r}"
+            )
+            return None
+        return request
+
+    async def _on_return(self, msg: Msg) -> None:
+        """A campaign gives back the quota of tokens it never handed to SMTP."""
+        back = await self._accept(msg, TokenReturn)
+        if back is None:
+            return
+        try:
+            returned = await self._quota.give_back(back.count, back.decided_at)
+        except Exception as exc:  # stays spent until the next sync: under-sending
+            log.warning(
+                "unused quota not given back",
+                extra={"campaign_id": back.campaign_id, "error": repr(exc)},
+            )
+            await self._respond_error(msg, 503, "governor_unavailable", repr(exc))
+            return
+        log.info(
+            "unused quota given back",
+            extra={"campaign_id": back.campaign_id, "rate_limit_count": returned},
+        )
+        with contextlib.suppress(Exception):
+            await msg.respond(encode(TokenReturned(returned=returned)))
 
     async def _serve(self, msg: Msg, request: TokenRequest) -> None:
         try:
@@ -531,9 +588,11 @@ class GovernorActor(Actor[TokenRequest]):
         )
 
     async def on_stop(self, error: BaseException | None) -> None:
-        if self._sub is not None:
+        for sub in (self._sub, self._return_sub):
+            if sub is None:
+                continue
             try:
-                await self._sub.unsubscribe()
+                await sub.unsubscribe()
             except Exception:  # the connection is already gone
                 log.debug("governor unsubscribe failed", exc_info=True)
         try:
@@ -570,3 +629,42 @@ class NatsTokenSource:
             TokenReply,
             timeout=self._timeout,
         )
+
+    async def give_back(self, campaign_id: int, grant: TokenReply, count: int) -> int:
+        """Gives the quota of ``count`` tokens of ``grant`` that never reached SMTP
+        back (``TokenReturn``); how many went back. Best effort: on any failure
+        they stay spent until the next sync (under-sending, never over)."""
+        if count <= 0 or grant.decided_at is None:
+            return 0
+        try:
+            reply = await self._bus.request(
+                return_subject(self._bus, self._account),
+                TokenReturn(
+                    campaign_id=campaign_id,
+                    count=min(count, grant.granted),
+                    decided_at=grant.decided_at,
+                    account=self._account,
+                ),
+                TokenReturned,
+                timeout=self._timeout,
+            )
+        except Exception as exc:
+            log.warning(
+                "unused quota not given back; spent until the next sync",
+                extra={"campaign_id": campaign_id, "error": repr(exc)},
+            )
+            return 0
+        return reply.returned
+
+    async def resync_quota(self) -> None:
+        """Asks the account's quota syncer (any process) for a sync now; best effort:
+        a failure leaves the interval's sync to do it."""
+        subject = sync_subject(self._bus, self._account)
+        try:
+            await self._bus.nc.request(
+                subject,
+                encode(QuotaSyncRequest(requested_by="takeover")),
+                timeout=QUOTA_RESYNC_TIMEOUT_SECONDS,
+            )
+        except Exception as exc:
+            log.warning("quota resync not done; the next sync does it", extra={"error": repr(exc)})

@@ -42,7 +42,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Final, Protocol
 
 import msgspec
 from nats.aio.msg import Msg
@@ -104,6 +104,12 @@ class FinalEvents(Protocol):
 
 class Outbox(Protocol):
     async def flush(self) -> int: ...
+    async def due_in(self) -> float | None: ...
+
+
+# A failed relay is tried again after this, doubling while it keeps failing.
+RELAY_RETRY_FIRST_SECONDS: Final = 1.0
+RELAY_RETRY_MAX_SECONDS: Final = 30.0
 
 
 class Retention(Protocol):
@@ -183,6 +189,10 @@ class SchedulerActor(Actor[SchedulerMsg]):
         self._timer_at: datetime | None = None
         self._reconciler: asyncio.Task[None] | None = None
         self._sub: Subscription | None = None
+        # The outbox's own retry (rows a relay left behind): real time, like the
+        # outbox's (database) clock, not the injected one.
+        self._relay_timer: asyncio.TimerHandle | None = None
+        self._relay_backoff = RELAY_RETRY_FIRST_SECONDS
 
     async def on_start(self) -> None:
         self._sub = await self._bus.nc.subscribe(wake_subject(self._bus), cb=self._on_wake)
@@ -221,8 +231,34 @@ class SchedulerActor(Actor[SchedulerMsg]):
                 self._dispatched.pop((msg.ended, msg.shard), None)
             await self._fill()
         if self._epoch is not None and self._outbox is not None:
-            await self._outbox.flush()
+            await self._relay(self._outbox)
         return None
+
+    async def _relay(self, outbox: Outbox) -> None:
+        """Relays the outbox and, if rows are left, looks again on a timer: a publish
+        that failed (NATS away) after a backoff, a row a dead relay took when its
+        take runs out. So a notice waits for NATS, not for the next wake."""
+        await outbox.flush()
+        due = await outbox.due_in()
+        if due is None:
+            self._relay_backoff = RELAY_RETRY_FIRST_SECONDS
+            return
+        if due == 0.0:
+            due, self._relay_backoff = (
+                self._relay_backoff,
+                min(self._relay_backoff * 2, RELAY_RETRY_MAX_SECONDS),
+            )
+        else:
+            due += 0.1  # the take has run out by then on the database's clock
+        if self._relay_timer is not None:
+            self._relay_timer.cancel()
+        self._relay_timer = asyncio.get_running_loop().call_later(due, self._relay_due)
+
+    def _relay_due(self) -> None:
+        self._relay_timer = None
+        if self.ref.alive and self.ref.mailbox_depth == 0:
+            with contextlib.suppress(Exception):
+                self.ref.tell(Tick())
 
     async def _lead(self, epoch: int | None) -> None:
         if epoch == self._epoch:
@@ -234,6 +270,9 @@ class SchedulerActor(Actor[SchedulerMsg]):
                     task.cancel()
             self._timer = self._reconciler = None
             self._timer_at = None
+            if self._relay_timer is not None:
+                self._relay_timer.cancel()
+                self._relay_timer = None
             self._dispatched.clear()
             # These gauges are the leader's view of the cluster: a follower shows
             # zeros, so alerts summing or filtering by leader stay right.
@@ -483,6 +522,8 @@ class SchedulerActor(Actor[SchedulerMsg]):
                 log.error("retention pass failed: %r", exc)
 
     async def on_stop(self, error: BaseException | None) -> None:
+        if self._relay_timer is not None:
+            self._relay_timer.cancel()
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()

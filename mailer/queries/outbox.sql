@@ -29,3 +29,13 @@ DELETE FROM event_outbox WHERE id = ANY($1::bigint[]);
 
 -- name: outbox-depth
 SELECT count(*) FROM event_outbox;
+
+-- name: outbox-due
+-- When the relay must look again (database time, the outbox's own clock): how
+-- many rows no relay holds now (left by a publish that failed), and in how many
+-- seconds the earliest taken row is free again (a relay that died after taking).
+SELECT count(*) FILTER (WHERE taken_until IS NULL OR taken_until <= clock_timestamp())
+           AS ready,
+       EXTRACT(EPOCH FROM min(taken_until) FILTER (WHERE taken_until > clock_timestamp())
+                          - clock_timestamp())::float8 AS next_in
+FROM event_outbox;

@@ -65,6 +65,20 @@ FROM closed, before
 WHERE q.account = before.account
 RETURNING before.emails_available AS previous, closed.unused AS returned;
 
+-- name: quota-give-back
+-- Tokens granted and never used (a stop, a pause, an unused prefetch) go back to
+-- the allowance: $1 emails to account $2, granted at $3 — only when no sync ran
+-- since then (last_synced_at before $3; a sync at the same instant may have come
+-- after: nothing goes back, the safe side): a sync counts unused grants as
+-- unspent already (it subtracts claims, live blocks and sends, not grants), so
+-- giving them back after one would count them twice. Returns the allowance
+-- before and what was given back; no row: a sync came first, nothing changed.
+WITH before AS (SELECT account, emails_available FROM quota WHERE account = $2 FOR UPDATE)
+UPDATE quota q SET emails_available = q.emails_available + $1
+FROM before
+WHERE q.account = before.account AND (q.last_synced_at IS NULL OR q.last_synced_at < $3)
+RETURNING before.emails_available AS previous, $1::int AS returned;
+
 -- name: quota-lock
 -- Holds the quota row for a sync: no governor takes until it commits.
 SELECT emails_available FROM quota WHERE account = $1 FOR UPDATE;

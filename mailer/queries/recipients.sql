@@ -237,11 +237,15 @@ WITH doubted AS (
       AND id % $4 = $5
       AND handed_at IS NULL
     RETURNING id
+), logged AS (
+    INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, error, created_at,
+                          account)
+    SELECT $1, d.id, d.email, false, 'in_doubt', d.error, $3, d.account FROM doubted d
+    RETURNING recipient_id
 )
-INSERT INTO send_log (campaign_id, recipient_id, email, is_test, status, error, created_at,
-                      account)
-SELECT $1, d.id, d.email, false, 'in_doubt', d.error, $3, d.account FROM doubted d
-RETURNING recipient_id AS id;
+-- How many became in doubt, and how many went back to pending (claims the dead
+-- owner may have had tokens for: their quota is spent until a sync recounts it).
+SELECT (SELECT count(*) FROM logged) AS doubts, (SELECT count(*) FROM returned) AS returned;
 
 -- name: recipients-stale-claims-to-doubt
 -- Reconcile: rows left 'sending' under a claim token that is not the live

@@ -185,7 +185,12 @@ def _daily_turn(o: Outcome, c: dict[str, Any], midnight: datetime) -> datetime:
     queue take each reopened day first (the governor names the campaign's own turn, not
     the day's opening). So the wait ends on the day the owner's limit has covered every
     recipient still to send of their campaigns queued ahead of it, and within that day
-    once the hour has served the campaigns ahead of it (others' included)."""
+    once the hour has served the campaigns ahead of it (others' included).
+
+    What is still to send is read at the end of the round, the wait was decided earlier:
+    only sends counted in no day can have shrunk it since (the owner's day was used up),
+    i.e. what the owner was granted while Redis failed open (seed 5030). Those count as
+    still to send, which gives the latest the wait may have been decided for."""
     lim = o.plan.limits
     left = Counter(r["campaign_id"] for r in o.recipients if r["status"] in ("pending", "sending"))
     queued = [
@@ -193,6 +198,8 @@ def _daily_turn(o: Outcome, c: dict[str, Any], midnight: datetime) -> datetime:
     ]
     ahead = [q for q in queued if _queue_key(q) < _queue_key(c)]
     mine = sum(left[q["id"]] for q in ahead if q["owner_id"] == c["owner_id"])
+    if any(q["owner_id"] == c["owner_id"] for q in ahead):
+        mine += sum(n for _, n, owner in o.fail_open_grants if owner == c["owner_id"])
     days = mine // lim.daily_limit
     hours = -(-sum(left[q["id"]] for q in ahead) // lim.rate_per_hour)
     return midnight + timedelta(days=days, hours=hours)
