@@ -37,6 +37,7 @@ __all__ = [
 ENV_PREFIX = "MAILER_"
 
 PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
 Port = Annotated[int, Meta(ge=0, le=65535)]
 Seconds = Annotated[float, Meta(gt=0)]
 
@@ -182,6 +183,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         PositiveInt,
         Meta(description="A campaign may not have more recipients: an add beyond is refused."),
     ] = 10_000
+    shard_min_recipients: Annotated[
+        NonNegativeInt,
+        Meta(
+            description="Pending recipients from which a campaign is sent by several processes "
+            "at once (one shard per live process); 0: never."
+        ),
+    ] = 0
     campaign_lease_seconds: Annotated[
         Seconds,
         Meta(description="Lease a process holds on a campaign; renewed at a third of it."),

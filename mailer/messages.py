@@ -62,6 +62,7 @@ __all__ = [
     "RetryReply",
     "RunCampaign",
     "RunReply",
+    "RunnerLoad",
     "StartReply",
     "StartWarning",
     "StatusRequest",
@@ -367,10 +368,14 @@ class TokenReturned(Struct, kw_only=True):
 
 
 class RunCampaign(Struct, kw_only=True):
-    """The leader asks some process (the runners' queue group) to run a campaign."""
+    """The leader asks a process (the least loaded, else the runners' queue
+    group) to run a campaign: its home (``shard`` 0, to be worked in
+    ``shards`` shards) or its helper shard ``shard``."""
 
     campaign_id: int
     fence: int
+    shard: int = 0
+    shards: int = 1
 
 
 class RunReply(Struct, kw_only=True):
@@ -380,10 +385,20 @@ class RunReply(Struct, kw_only=True):
 
 class Wake(Struct, kw_only=True):
     """Tells every scheduler that the queue changed (a start, a resume), or
-    (``ended``) that campaign ``campaign_id``'s actor ended: its slot is free."""
+    (``ended``) that campaign ``campaign_id``'s actor (of ``shard``) ended:
+    its slot is free."""
 
     campaign_id: int | None = None
     ended: bool = False
+    shard: int = 0
+
+
+class RunnerLoad(Struct, kw_only=True):
+    """A runner's answer to the leader's roll call: its instance and how many
+    campaign actors (homes and shards) it runs now."""
+
+    runner: str
+    campaigns: int
 
 
 class CampaignEvent(Struct, kw_only=True):

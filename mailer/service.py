@@ -71,7 +71,7 @@ from mailer.dkim import dkim_signer
 from mailer.events import JetStreamEvents
 from mailer.gauges import ScrapeGauges
 from mailer.http import HttpServer
-from mailer.messages import Wake
+from mailer.messages import RunCampaign, Wake
 from mailer.outbox import OutboxRelay
 from mailer.quota import PgQuota, QuotaSyncActor, lift_deferrals
 from mailer.ratelimit import SendLimiter
@@ -95,6 +95,8 @@ NO_PEERS_FOR_PLACEMENT: Final = 10005
 log = logging.getLogger("mailer.service")
 
 CAMPAIGN_PREFIX = "campaign-"
+# campaign-<id>.<shard>: a helper shard's actor (the home's is campaign-<id>).
+SHARD_SEPARATOR = "."
 # A campaign actor crashing more often than this is given up (not the process).
 CAMPAIGN_RESTARTS = ChildLimit(max_restarts=5, window_seconds=60.0)
 # The share of the shutdown deadline that SMTP transactions in flight get to
@@ -404,6 +406,7 @@ class Service:
                     # A restarted scheduler asks whether this process leads.
                     leadership=lambda: self.leader_epoch,
                     retention=retention,
+                    shard_min_recipients=s.shard_min_recipients,
                 ),
             ),
             ChildSpec(
@@ -422,7 +425,10 @@ class Service:
             ChildSpec(
                 "runner",
                 lambda: RunnerActor(
-                    bus=bus, spawn=self._spawn_campaign, instance_id=s.effective_instance_id
+                    bus=bus,
+                    spawn=self._spawn_campaign,
+                    instance_id=s.effective_instance_id,
+                    load=self._campaign_load,
                 ),
                 stop_first=True,  # no new campaign for a process that is stopping
             ),
@@ -601,7 +607,19 @@ class Service:
         handle = asyncio.get_running_loop().call_later(delay, run)
         self._delayed.add(handle)
 
-    async def _spawn_campaign(self, campaign_id: int, fence: int) -> bool:
+    def _campaign_load(self) -> int:
+        """Campaign actors (homes and shards) running in this process: the
+        runner's answer to the leader's roll call."""
+        if self._supervisor is None:
+            return 0
+        return sum(
+            1
+            for ref in self._supervisor.children()
+            if ref.name.startswith(CAMPAIGN_PREFIX) and ref.alive
+        )
+
+    async def _spawn_campaign(self, run: RunCampaign) -> bool:
+        campaign_id, fence = run.campaign_id, run.fence
         s = self.settings
         sup, store = self.supervisor, self.store
         sender = sup.get("smtp-sender")
@@ -640,8 +658,13 @@ class Service:
         def link(cid: int, email: str) -> str:
             return unsubscribe_url(s.public_url, s.unsubscribe_secret, cid, email)
 
+        # A helper shard's actor is named apart: one process may run the home
+        # and a shard of one campaign (a takeover when the other process died).
+        name = f"{CAMPAIGN_PREFIX}{campaign_id}"
+        if run.shard:
+            name += f"{SHARD_SEPARATOR}{run.shard}"
         spec = ChildSpec(
-            f"{CAMPAIGN_PREFIX}{campaign_id}",
+            name,
             lambda: CampaignActor(
                 campaign_id,
                 fence=fence,
@@ -657,6 +680,8 @@ class Service:
                 bounce_address=verp,
                 stage_fault=self._stage_fault,
                 route_for=route_for,
+                shard=run.shard,
+                shards=run.shards,
             ),
             restart=Restart.TRANSIENT,
             limit=CAMPAIGN_RESTARTS,
@@ -702,7 +727,8 @@ class Service:
         # is dispatched again only after a lease period (not in a hot loop).
         if not name.startswith(CAMPAIGN_PREFIX) or self._bus is None:
             return
-        ended = int(name.removeprefix(CAMPAIGN_PREFIX))
+        cid, _, k = name.removeprefix(CAMPAIGN_PREFIX).partition(SHARD_SEPARATOR)
+        ended, shard = int(cid), int(k or 0)
         closing = self._stopped or (self._supervisor is not None and self._supervisor.closing)
         if error is not None and not closing:
             delay = self.settings.campaign_lease_seconds
@@ -710,12 +736,12 @@ class Service:
                 "campaign actor given up after repeated crashes; dispatched again later",
                 extra={"campaign_id": ended, "retry_in_seconds": delay, "error": repr(error)},
             )
-            self._later(delay, lambda: self._wake_soon(ended))
+            self._later(delay, lambda: self._wake_soon(ended, shard))
             return
-        self._wake_soon(ended)
+        self._wake_soon(ended, shard)
 
-    def _wake_soon(self, ended: int | None) -> None:
-        task = asyncio.get_running_loop().create_task(self._publish_wake(ended))
+    def _wake_soon(self, ended: int | None, shard: int = 0) -> None:
+        task = asyncio.get_running_loop().create_task(self._publish_wake(ended, shard))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -738,9 +764,9 @@ class Service:
         log.info("quota restored; deferrals lifted", extra={"campaigns": lifted})
         await self._publish_wake()
 
-    async def _publish_wake(self, ended: int | None = None) -> None:
+    async def _publish_wake(self, ended: int | None = None, shard: int = 0) -> None:
         try:
-            wake = Wake(campaign_id=ended, ended=ended is not None)
+            wake = Wake(campaign_id=ended, ended=ended is not None, shard=shard)
             await self.bus.publish(wake_subject(self.bus), wake)
         except Exception:  # the leader's timers and reconcile catch up
             log.warning("wake not published")

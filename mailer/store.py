@@ -62,11 +62,19 @@ class Lease(msgspec.Struct, frozen=True):
     owner: str
     epoch: int
     transient_errors: int
+    # Which shard of the campaign this lease holds (0: the home, the queue
+    # entry's own lease; k >= 1: campaign_shard's row k) and how many there
+    # are: the lease's recipients are those with id % shards = shard.
+    shard: int = 0
+    shards: int = 1
 
     @property
     def claim_token(self) -> str:
         # Distinct per holder and per epoch: a restarted actor in the same
-        # process does not mistake its predecessor's claims for its own.
+        # process does not mistake its predecessor's claims for its own. A
+        # helper shard's epochs are its own row's, so the shard is part of it.
+        if self.shard:
+            return f"{self.owner}#{self.epoch}/{self.shard}"
         return f"{self.owner}#{self.epoch}"
 
 
@@ -86,6 +94,9 @@ class Finish(msgspec.Struct, frozen=True, kw_only=True):
     # The campaign was no longer 'sending' (a manager paused or cancelled it):
     # not finished, and the lease is given up; the status found.
     stopped: str | None = None
+    # A sharded campaign's other shards still have recipients, and a deferral
+    # one of them wrote is in force: not finished, and the lease is given up.
+    waits: bool = False
 
 
 # The events a final status calls for (the campaign's ``sent`` or
@@ -325,24 +336,112 @@ class PgStore:
         return at
 
     async def acquire(
-        self, campaign_id: int, owner: str, *, until: datetime, now: datetime, fence: int
+        self,
+        campaign_id: int,
+        owner: str,
+        *,
+        until: datetime,
+        now: datetime,
+        fence: int,
+        shards: int = 1,
     ) -> Lease | None:
-        """Takes the campaign's lease for ``owner``, on the authority of leader epoch ``fence``."""
-        row = await self.pool.fetchrow(Q["queue-acquire"], campaign_id, owner, until, now, fence)
+        """Takes the campaign's (home) lease for ``owner``, on the authority of
+        leader epoch ``fence``. ``shards``: how many shards the campaign is to
+        be worked in; taken only while no helper shard's lease is live (else
+        the count in force stays: the lease says which)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # The entry's lock first: a helper shard's acquire (which locks it
+            # too) is then either committed and seen, or waits for this one.
+            await conn.fetchrow(Q["queue-lock-entry"], campaign_id)
+            row = await conn.fetchrow(
+                Q["queue-acquire"], campaign_id, owner, until, now, fence, max(1, shards)
+            )
+            if row is None:
+                return None
+            await conn.execute(Q["shard-fence-idle"], campaign_id, now)
+        return Lease(
+            campaign_id,
+            owner,
+            int(row["lease_epoch"]),
+            row["consecutive_transient_errors"],
+            shards=int(row["shards"]),
+        )
+
+    async def acquire_shard(
+        self,
+        campaign_id: int,
+        shard: int,
+        owner: str,
+        *,
+        until: datetime,
+        now: datetime,
+        fence: int,
+    ) -> Lease | None:
+        """Takes helper shard ``shard`` (>= 1) of a campaign whose home lease is
+        live, on the authority of leader epoch ``fence``; None when the shard is
+        held, the campaign waits, is paused or finished, or the fence moved on."""
+        row = await self.pool.fetchrow(
+            Q["shard-acquire"], campaign_id, shard, owner, until, now, fence
+        )
         if row is None:
             return None
         return Lease(
-            campaign_id, owner, int(row["lease_epoch"]), row["consecutive_transient_errors"]
+            campaign_id,
+            owner,
+            int(row["lease_epoch"]),
+            int(row["consecutive_transient_errors"]),
+            shard=shard,
+            shards=int(row["shards"]),
         )
 
     async def renew(self, lease: Lease, until: datetime) -> bool:
-        row = await self.pool.fetchrow(
-            Q["queue-renew"], lease.campaign_id, lease.owner, until, lease.epoch
+        if lease.shard:
+            row = await self.pool.fetchrow(
+                Q["shard-renew"], lease.campaign_id, lease.shard, lease.owner, lease.epoch, until
+            )
+        else:
+            row = await self.pool.fetchrow(
+                Q["queue-renew"], lease.campaign_id, lease.owner, until, lease.epoch
+            )
+        return row is not None
+
+    async def release(self, lease: Lease, conn: Any = None) -> None:
+        c = conn or self.pool
+        if lease.shard:
+            await c.execute(
+                Q["shard-release"], lease.campaign_id, lease.shard, lease.owner, lease.epoch
+            )
+        else:
+            await c.execute(Q["queue-release"], lease.campaign_id, lease.owner, lease.epoch)
+
+    async def _lock_ours(self, conn: Any, lease: Lease) -> bool:
+        """Locks the queue entry (and a helper's shard row) while ``lease`` is
+        the live holder's: the first step of every check-then-act under it."""
+        if not lease.shard:
+            row = await conn.fetchrow(
+                Q["queue-lock-ours"], lease.campaign_id, lease.owner, lease.epoch
+            )
+            return row is not None
+        await conn.fetchrow(Q["queue-lock-entry"], lease.campaign_id)
+        row = await conn.fetchrow(
+            Q["shard-lock-ours"], lease.campaign_id, lease.shard, lease.owner, lease.epoch
         )
         return row is not None
 
-    async def release(self, lease: Lease) -> None:
-        await self.pool.execute(Q["queue-release"], lease.campaign_id, lease.owner, lease.epoch)
+    async def runnable_shards(self, now: datetime, limit: int) -> list[tuple[int, int]]:
+        """(campaign id, shard) of the helper shards the leader may dispatch now."""
+        rows = await self.pool.fetch(Q["shard-runnable"], now, limit)
+        return [(int(r["campaign_id"]), int(r["shard"])) for r in rows]
+
+    async def lease_holders(self, now: datetime) -> dict[tuple[int, int], str]:
+        """{(campaign id, shard): holder} of every live lease, home and helpers."""
+        rows = await self.pool.fetch(Q["shard-owners"], now)
+        return {(int(r["campaign_id"]), int(r["shard"])): str(r["lease_owner"]) for r in rows}
+
+    async def pending(self, campaign_id: int) -> int:
+        """Recipients of the campaign still pending (its counters' row)."""
+        n = await self.pool.fetchval(Q["campaign-pending"], campaign_id)
+        return int(n or 0)
 
     async def begin_sending(self, lease: Lease, now: datetime) -> int | None:
         """Settles what a dead owner left in doubt (the campaign stays ``ready``
@@ -361,13 +460,16 @@ class PgStore:
         None.
         """
         async with self.pool.acquire() as conn, conn.transaction():
-            ours = await conn.fetchrow(
-                Q["queue-lock-ours"], lease.campaign_id, lease.owner, lease.epoch
-            )
-            if ours is None:
+            if not await self._lock_ours(conn, lease):
                 return None
+            # Only this lease's shard: another shard's claims are its holder's.
             row = await conn.fetchrow(
-                Q["recipients-orphans-to-doubt"], lease.campaign_id, lease.claim_token, now
+                Q["recipients-orphans-to-doubt"],
+                lease.campaign_id,
+                lease.claim_token,
+                now,
+                lease.shards,
+                lease.shard,
             )
         assert row is not None
         return Takeover(doubts=int(row["doubts"]), released=int(row["returned"]))
@@ -381,10 +483,7 @@ class PgStore:
         ``ready`` only): a manager's pause or cancel meanwhile stands.
         """
         async with self.pool.acquire() as conn, conn.transaction():
-            ours = await conn.fetchrow(
-                Q["queue-lock-ours"], lease.campaign_id, lease.owner, lease.epoch
-            )
-            if ours is None:
+            if not await self._lock_ours(conn, lease):
                 return False
             moved = await conn.fetchrow(
                 Q["campaign-set-status"], lease.campaign_id, "sending", ["ready"], now
@@ -412,6 +511,7 @@ class PgStore:
             now,
             lease.owner,
             lease.epoch,
+            lease.shard,
         )
         claimed = [
             Claimed(r["id"], r["email"], r["name"], r["variables"] or {})
@@ -440,6 +540,7 @@ class PgStore:
             lease.owner,
             lease.epoch,
             account,
+            lease.shard,
         )
         return [int(r["id"]) for r in rows]
 
@@ -467,7 +568,14 @@ class PgStore:
         if not outcomes:
             return {}
         # The record-and-hand statement with nothing to hand.
-        args = (*self._record_args(lease, outcomes, now), [], lease.owner, lease.epoch, account)
+        args = (
+            *self._record_args(lease, outcomes, now),
+            [],
+            lease.owner,
+            lease.epoch,
+            account,
+            lease.shard,
+        )
         sql = Q["recipients-record-and-hand"]
         async with self.pool.acquire() as conn:
             if transient_errors is None:
@@ -475,14 +583,22 @@ class PgStore:
                 rows = await conn.fetch(sql, *args)
             else:
                 async with conn.transaction():
-                    await conn.execute(
-                        Q["queue-transient-count"],
-                        lease.campaign_id,
-                        lease.owner,
-                        lease.epoch,
-                        transient_errors,
-                        success,
-                    )
+                    if not lease.shard:
+                        await conn.execute(
+                            Q["queue-transient-count"],
+                            lease.campaign_id,
+                            lease.owner,
+                            lease.epoch,
+                            transient_errors,
+                            success,
+                        )
+                    elif await self._lock_ours(conn, lease):
+                        await conn.execute(
+                            Q["queue-transient-count-shared"],
+                            lease.campaign_id,
+                            transient_errors,
+                            success,
+                        )
                     rows = await conn.fetch(sql, *args)
         return {int(r["id"]): str(r["status"]) for r in rows if not r["handed"]}
 
@@ -502,7 +618,13 @@ class PgStore:
         the next wave of the same batch goes through too (its hand's account)."""
         args = self._record_args(lease, outcomes, now)
         rows = await self.pool.fetch(
-            Q["recipients-record-and-hand"], *args, list(hand), lease.owner, lease.epoch, account
+            Q["recipients-record-and-hand"],
+            *args,
+            list(hand),
+            lease.owner,
+            lease.epoch,
+            account,
+            lease.shard,
         )
         written = {int(r["id"]): str(r["status"]) for r in rows if not r["handed"]}
         return written, [int(r["id"]) for r in rows if r["handed"]]
@@ -556,9 +678,13 @@ class PgStore:
         A ``quota_exhausted`` deferral written when a sync has already restored
         the quota ends at once (``now``).
         """
+        if reason != "quota_exhausted" and until is None:
+            raise ValueError(f"a {reason} deferral needs a time")
+        if lease.shard or lease.shards > 1:
+            return await self._shared_defer(
+                lease, reason, until, now, notice=notice, account=account, quota_key=quota_key
+            )
         if reason != "quota_exhausted":
-            if until is None:
-                raise ValueError(f"a {reason} deferral needs a time")
             return await self._wait(
                 lease,
                 Q["queue-defer"],
@@ -585,6 +711,65 @@ class PgStore:
                 conn=conn,
             )
 
+    async def _shared_defer(
+        self,
+        lease: Lease,
+        reason: str,
+        until: datetime | None,
+        now: datetime,
+        *,
+        notice: Notice | None,
+        account: str | None,
+        quota_key: str,
+    ) -> tuple[bool, bool]:
+        """``defer`` of a sharded campaign: every shard that is refused lets go of
+        its own lease, and the entry keeps one answer -- the wait that ends last.
+
+        A deferral already in force that ends no sooner (another shard was refused
+        first: the governor answers all of them alike) stays as it is; this one
+        only gives up its lease and returns (False, False), so no second event or
+        notice goes out. One that ends later replaces it, with its notice when due
+        (``notice_due``: the episode's one notice per reason).
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await self._lock_ours(conn, lease):
+                return False, False
+            q = await conn.fetchrow(Q["queue-lock-entry"], lease.campaign_id)
+            assert q is not None
+            if reason == "quota_exhausted" and await conn.fetchval(Q["quota-share"], quota_key) > 0:
+                until = now  # restored since the governor looked (see ``defer``)
+            await self.release(lease, conn)
+            if _ends_no_sooner(q["defer_reason"], q["deferred_until"], until, now):
+                return False, False
+            await conn.execute(Q["queue-defer-shared"], lease.campaign_id, reason, until, account)
+            await conn.execute(
+                Q["audit-insert"],
+                now,
+                "system",
+                "campaign.defer",
+                lease.campaign_id,
+                {
+                    "reason": reason,
+                    "until": until.isoformat() if until is not None else None,
+                    "shard": str(lease.shard),
+                },
+            )
+            if notice is None or not notice_due(
+                reason, until, q["notified_reason"], q["notified_until"]
+            ):
+                return True, False
+            await conn.execute(Q["queue-notified"], lease.campaign_id, reason, until)
+            await conn.execute(
+                Q["outbox-insert"],
+                notice.kind,
+                notice.subject,
+                notice.msg_id,
+                notice.payload,
+                notice.campaign_id,
+                now,
+            )
+            return True, True
+
     async def pause_by_breaker(
         self, lease: Lease, now: datetime, *, notice: Notice | None = None
     ) -> tuple[bool, bool]:
@@ -598,8 +783,12 @@ class PgStore:
 
         ``circuit_breaker`` or ``render_error``: only a manager's resume runs
         it again. The fenced queue update goes first: a deposed owner, whose
-        lease is gone, pauses nothing. Returns (paused, notice stored).
+        lease is gone, pauses nothing. Returns (paused, notice stored). A
+        helper shard pauses the whole campaign (every other shard sees it at
+        its next claim and lets go).
         """
+        if lease.shard:
+            return await self._shard_pause(lease, reason, now, notice=notice)
         async with self.pool.acquire() as conn, conn.transaction():
             paused, noticed = await self._wait(
                 lease,
@@ -630,6 +819,46 @@ class PgStore:
                 {"from": moved["previous"], "to": "paused", "reason": reason},
             )
             return True, noticed
+
+    async def _shard_pause(
+        self, lease: Lease, reason: str, now: datetime, *, notice: Notice | None
+    ) -> tuple[bool, bool]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await self._lock_ours(conn, lease):
+                return False, False
+            q = await conn.fetchrow(Q["queue-lock-entry"], lease.campaign_id)
+            assert q is not None
+            await self.release(lease, conn)
+            moved = await conn.fetchrow(
+                Q["campaign-set-status-from"],
+                lease.campaign_id,
+                "paused",
+                ["sending", "ready"],
+                now,
+            )
+            if moved is None:  # a manager (or another shard) paused or cancelled it: no news
+                return False, False
+            await conn.execute(Q["queue-pause-shared"], lease.campaign_id, reason)
+            await conn.execute(
+                Q["audit-insert"],
+                now,
+                "system",
+                "campaign.status",
+                lease.campaign_id,
+                {"from": moved["previous"], "to": "paused", "reason": reason},
+            )
+            if notice is None or q["notified_reason"] == reason:
+                return True, False
+            await conn.execute(
+                Q["outbox-insert"],
+                notice.kind,
+                notice.subject,
+                notice.msg_id,
+                notice.payload,
+                notice.campaign_id,
+                now,
+            )
+            return True, True
 
     async def _wait(
         self,
@@ -822,6 +1051,11 @@ class PgStore:
                     status=None, counts=counts, stopped="deleted" if c is None else str(c["status"])
                 )
             if counts.get("pending", 0) or counts.get("sending", 0):
+                if lease.shards > 1 and await conn.fetchval(Q["queue-waits"], cid, now):
+                    # A helper shard was refused for a while (a limit, the SMTP
+                    # account): the home does not hold its lease through the wait.
+                    await conn.execute(Q["queue-release"], cid, lease.owner, lease.epoch)
+                    return Finish(status=None, counts=counts, waits=True)
                 return Finish(status=None, counts=counts)
             status = _final_status(counts)
             await conn.execute(Q["queue-complete"], cid, lease.owner, lease.epoch, now)
@@ -859,6 +1093,23 @@ class PgStore:
             await conn.execute(
                 Q["outbox-insert"], n.kind, n.subject, n.msg_id, n.payload, n.campaign_id, now
             )
+
+
+def _ends_no_sooner(
+    reason: str | None, until: datetime | None, new_until: datetime | None, now: datetime
+) -> bool:
+    """Whether a deferral on the entry (``reason``, ``until``) is in force and
+    ends no sooner than a new one ending ``new_until`` (None: at a quota top-up,
+    which no time names)."""
+    if reason is None:
+        return False
+    if until is None:
+        # Only the quota's wait has no time (a top-up ends it, no clock does);
+        # a pause is no deferral to keep.
+        return reason == "quota_exhausted"
+    if until <= now:
+        return False
+    return new_until is not None and until >= new_until
 
 
 def _final_status(counts: dict[str, int]) -> str:

@@ -46,6 +46,13 @@ A campaign whose message cannot be built (the template refuses its subject,
 bodies or attachments) is paused with reason ``render_error`` at start and
 lets go of its lease: it never holds a slot the next campaign could use.
 
+Scale-out (``shard``/``shards``, see docs/scaling.md): a large campaign may run
+as several actors in several processes, each over its own recipients (id %
+shards = shard) under its own lease. The home (shard 0, the queue entry's
+lease) alone gives the final status, once no shard has anything left; a helper
+shard lets go when its own set is done. Any shard refused by the governor
+lets go and leaves the campaign's one wait on the queue entry.
+
 Letting go of the lease (defer, pause, finish, release) first stops the
 heartbeat, so a renewal that finds the lease given up cannot crash the actor
 halfway through announcing it. The owner's notification of a deferral is
@@ -121,7 +128,24 @@ class Mail(msgspec.Struct, frozen=True):
 
 class CampaignStore(Protocol):
     async def acquire(
-        self, campaign_id: int, owner: str, *, until: datetime, now: datetime, fence: int
+        self,
+        campaign_id: int,
+        owner: str,
+        *,
+        until: datetime,
+        now: datetime,
+        fence: int,
+        shards: int = 1,
+    ) -> Lease | None: ...
+    async def acquire_shard(
+        self,
+        campaign_id: int,
+        shard: int,
+        owner: str,
+        *,
+        until: datetime,
+        now: datetime,
+        fence: int,
     ) -> Lease | None: ...
     async def renew(self, lease: Lease, until: datetime) -> bool: ...
     async def release(self, lease: Lease) -> None: ...
@@ -291,6 +315,9 @@ _Next = tuple[datetime, list[Claimed], int, TokenReply | None]
 # Pause before looking again when recipients are pending but none could be
 # claimed (rows locked by an API call in progress): rare and brief.
 _RECLAIM_PAUSE_SECONDS = 0.5
+# A sharded campaign's home whose own set is done looks this often for the other
+# shards' end: the campaign's final status waits for the home's next look.
+_SHARDS_PAUSE_SECONDS = 0.1
 
 
 class LeaseLost(Exception):
@@ -315,10 +342,19 @@ class CampaignActor(Actor[Continue]):
         bounce_address: Callable[[int], str] | None = None,
         stage_fault: StageHook | None = None,
         route_for: RouteFor | None = None,
+        shard: int = 0,
+        shards: int = 1,
     ) -> None:
         """``route_for``: the campaign's SMTP account (and backup) by name; None:
-        one account, ``tokens``/``mailer``/``settings``'s."""
+        one account, ``tokens``/``mailer``/``settings``'s.
+
+        ``shard``: 0 runs the campaign's home (the queue entry's lease; it alone
+        gives the final status), asking for ``shards`` shards in all; k >= 1
+        runs helper shard k, which sends the recipients of its own set (id %
+        shards = k) and lets go when none is left."""
         self.campaign_id = campaign_id
+        self._shard = shard
+        self._shards = shards
         self._route_for = route_for
         self._stage_fault = stage_fault
         self._fence = fence
@@ -377,9 +413,24 @@ class CampaignActor(Actor[Continue]):
     async def on_start(self) -> None:
         now = self._clock.now()
         until = now + timedelta(seconds=self._s.lease_seconds)
-        lease = await self._store.acquire(
-            self.campaign_id, self._s.instance_id, until=until, now=now, fence=self._fence
-        )
+        if self._shard:
+            lease = await self._store.acquire_shard(
+                self.campaign_id,
+                self._shard,
+                self._s.instance_id,
+                until=until,
+                now=now,
+                fence=self._fence,
+            )
+        else:
+            lease = await self._store.acquire(
+                self.campaign_id,
+                self._s.instance_id,
+                until=until,
+                now=now,
+                fence=self._fence,
+                shards=self._shards,
+            )
         if lease is None:
             # Another process holds it, it waits, or the dispatch came from a
             # deposed leader: nothing to do here.
@@ -1057,6 +1108,17 @@ class CampaignActor(Actor[Continue]):
             self.request_stop()
             return
         await self._stop_heartbeat()
+        if lease.shard:
+            # A helper shard's set is done: the home gives the final status once
+            # every shard's is (a shard never finishes the campaign).
+            log.info(
+                "campaign shard done",
+                extra={"campaign_id": self.campaign_id, "shard": lease.shard},
+            )
+            await self._store.release(lease)
+            self._ended = True
+            self.request_stop()
+            return
         now = self._clock.now()
 
         def final(cid: int, owner: str, status: str, counts: dict[str, int]) -> list[Notice]:
@@ -1078,13 +1140,21 @@ class CampaignActor(Actor[Continue]):
             self._ended = True
             self.request_stop()
             return
+        if result.waits:
+            # Another shard was refused for a while and wrote the campaign's wait:
+            # finish gave the lease up; the leader dispatches again when it ends.
+            log.info("campaign home waits with its shards", extra={"campaign_id": self.campaign_id})
+            self._ended = True
+            self.request_stop()
+            return
         if result.status is None:
             # Recipients still pending: added meanwhile (the next claim takes
-            # them), or locked by an API call when the claim looked (it
-            # commits within moments). Keep the lease and go on after a pause
-            # that keeps the second case from spinning.
+            # them), locked by an API call when the claim looked (it commits
+            # within moments), or another shard's. Keep the lease and go on
+            # after a pause that keeps these cases from spinning.
             self._start_heartbeat(lease, renew_first=True)
-            await self._clock.sleep(_RECLAIM_PAUSE_SECONDS)
+            pause = _SHARDS_PAUSE_SECONDS if lease.shards > 1 else _RECLAIM_PAUSE_SECONDS
+            await self._clock.sleep(pause)
             self._again()
             return
         status, counts = result.status, result.counts

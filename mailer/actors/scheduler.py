@@ -19,10 +19,20 @@ actor stored but could not publish: it crashed, or NATS was away) whenever it
 looks at the queue, so a notification left behind goes out at the next wake,
 timer or reconcile.
 
-It starts a campaign by dispatching ``RunCampaign`` to the runners' queue
-group (any process; see ``runner``), carrying its epoch as fencing token. A
-dispatch that started nothing (no runner answered, a runner that crashed, a
-campaign actor still waiting out its restart) is tried again a second later.
+It starts a campaign by dispatching ``RunCampaign``, carrying its epoch as
+fencing token, to the least-loaded process: before dispatching it calls the
+roll (``<prefix>.internal.runner.load``; a stopping process has left it) and
+sends to the process running the fewest campaign actors, on its own subject;
+when none answered, to the runners' queue group (any process; see
+``runner``). A dispatch that started nothing (no runner answered, a runner
+that crashed, a campaign actor still waiting out its restart) is tried again a
+second later.
+
+Scale-out: with ``shard_min_recipients`` set, a campaign with at least that
+many pending recipients is run in one shard per live process (at most its
+pending count divided by the threshold): its home (shard 0) is dispatched as
+above, then each helper shard whose lease is free and whose recipients are
+not all done, preferably to a process holding no other shard of it.
 """
 
 from __future__ import annotations
@@ -39,10 +49,11 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from mailer import metrics
+from mailer.actors.runner import direct_run_subject, load_subject, run_subject
 from mailer.actors.runtime import Actor
 from mailer.bus import Bus, decode
 from mailer.clock import Clock
-from mailer.messages import CampaignEvent, Notice, RunCampaign, RunReply, Wake
+from mailer.messages import CampaignEvent, Notice, RunCampaign, RunnerLoad, RunReply, Wake
 from mailer.store import FinalNotices
 
 __all__ = [
@@ -61,9 +72,11 @@ log = logging.getLogger("mailer.scheduler")
 
 class WakeUp(msgspec.Struct):
     """The queue changed somewhere: look again. ``ended``: a campaign actor
-    that ended (its slot is free even if its lease period has not passed)."""
+    (of shard ``shard``) that ended (its slot is free even if its lease period
+    has not passed)."""
 
     ended: int | None = None
+    shard: int = 0
 
 
 class Tick(msgspec.Struct):
@@ -115,14 +128,22 @@ class SchedulerStore(Protocol):
         self, now: datetime, fence: int, *, notices: FinalNotices | None = None
     ) -> list[tuple[int, str, str, dict[str, int]]]: ...
     async def settle_stale_claims(self, now: datetime, fence: int) -> dict[int, dict[str, int]]: ...
+    async def runnable_shards(self, now: datetime, limit: int) -> list[tuple[int, int]]: ...
+    async def lease_holders(self, now: datetime) -> dict[tuple[int, int], str]: ...
+    async def pending(self, campaign_id: int) -> int: ...
 
 
 def wake_subject(bus: Bus) -> str:
     return bus.subject("internal", "scheduler", "wake")
 
 
-def run_subject(bus: Bus) -> str:
-    return bus.subject("internal", "campaign", "run")
+# How long a roll call waits for the runners it knows (a dead one is waited
+# for this long, a few calls in a row, before it is forgotten).
+_ROLL_CALL_SECONDS = 0.1
+# A runner that answered none of this many last roll calls is not counted on.
+_ROLL_CALL_MEMORY = 3
+# A call that knows no runner yet waits this long after the first answer.
+_FIRST_CALL_GRACE_SECONDS = 0.02
 
 
 class SchedulerActor(Actor[SchedulerMsg]):
@@ -140,6 +161,7 @@ class SchedulerActor(Actor[SchedulerMsg]):
         outbox: Outbox | None = None,
         leadership: Callable[[], int | None] | None = None,
         retention: Retention | None = None,
+        shard_min_recipients: int = 0,
     ) -> None:
         # The owner's current epoch (the leader actor's, as the service saw it last).
         self._leadership = leadership
@@ -154,9 +176,15 @@ class SchedulerActor(Actor[SchedulerMsg]):
         self._reconcile_every = reconcile_every
         self._stuck_after = stuck_after
         self._epoch: int | None = None
+        self._shard_min = shard_min_recipients
         # Dispatched but not yet seen holding a lease: counted as running for
-        # a lease period so a slow start is not dispatched twice.
-        self._dispatched: dict[int, datetime] = {}
+        # a lease period so a slow start is not dispatched twice. Keyed by
+        # (campaign, shard): 0 the home.
+        self._dispatched: dict[tuple[int, int], datetime] = {}
+        # The roll calls' answers: which runners answered which of the last calls.
+        self._roll: dict[str, int] = {}
+        self._roll_round = 0
+        self._loads: dict[str, int] = {}
         self._timer: asyncio.Task[None] | None = None
         self._timer_at: datetime | None = None
         self._reconciler: asyncio.Task[None] | None = None
@@ -188,7 +216,7 @@ class SchedulerActor(Actor[SchedulerMsg]):
         # A burst of plain wakes collapses: one queued is enough.
         if ended is not None or self.ref.mailbox_depth == 0:
             with contextlib.suppress(Exception):
-                self.ref.tell(WakeUp(ended=ended))
+                self.ref.tell(WakeUp(ended=ended, shard=wake.shard))
 
     async def handle(self, msg: SchedulerMsg) -> object:
         if isinstance(msg, Leadership):
@@ -200,7 +228,7 @@ class SchedulerActor(Actor[SchedulerMsg]):
             await self._fill()
         else:
             if isinstance(msg, WakeUp) and msg.ended is not None:
-                self._dispatched.pop(msg.ended, None)
+                self._dispatched.pop((msg.ended, msg.shard), None)
             await self._fill()
         if self._epoch is not None and self._outbox is not None:
             await self._relay(self._outbox)
@@ -265,10 +293,13 @@ class SchedulerActor(Actor[SchedulerMsg]):
         active = await self._store.active(now)
         horizon = now - timedelta(seconds=self._lease_seconds)
         self._dispatched = {
-            cid: at for cid, at in self._dispatched.items() if cid not in active and at > horizon
+            key: at
+            for key, at in self._dispatched.items()
+            if at > horizon and not (key[1] == 0 and key[0] in active)
         }
-        running = set(active) | set(self._dispatched)
+        running = set(active) | {cid for cid, k in self._dispatched if k == 0}
         free = self._max_active - len(running)
+        self._loads = {}
         if free > 0:
             for campaign_id in await self._store.runnable(now, free + len(running)):
                 if free <= 0:
@@ -276,21 +307,111 @@ class SchedulerActor(Actor[SchedulerMsg]):
                 if campaign_id in running:
                     continue
                 if await self._dispatch(campaign_id, self._epoch):
-                    self._dispatched[campaign_id] = now
+                    self._dispatched[(campaign_id, 0)] = now
                     running.add(campaign_id)
                     free -= 1
+        if self._shard_min > 0:
+            await self._fill_shards(now)
         metrics.CAMPAIGNS_ACTIVE.set(len(running))
         metrics.QUEUE_DEPTH.set(await self._store.queue_depth(now))
         self._arm(await self._store.next_wakeup(now))
 
-    async def _dispatch(self, campaign_id: int, epoch: int) -> bool:
+    async def _fill_shards(self, now: datetime) -> None:
+        """Dispatches the helper shards that may run now (see the module's text)."""
+        assert self._epoch is not None
+        shards = await self._store.runnable_shards(now, 64)
+        shards = [key for key in shards if key not in self._dispatched]
+        if not shards:
+            return
+        holders = await self._store.lease_holders(now)
+        for campaign_id, shard in shards:
+            busy = {owner for (cid, _), owner in holders.items() if cid == campaign_id}
+            if await self._dispatch(campaign_id, self._epoch, shard=shard, avoid=busy):
+                self._dispatched[(campaign_id, shard)] = now
+
+    async def _call_roll(self) -> dict[str, int]:
+        """{runner: campaign actors it runs} of the processes answering now.
+
+        Waits until every runner that answered one of the last few calls did,
+        at most ``_ROLL_CALL_SECONDS``; late answers still count for the next call.
+        """
+        self._roll_round += 1
+        this = self._roll_round
+        known = {r for r, at in self._roll.items() if at > this - _ROLL_CALL_MEMORY}
+        loads: dict[str, int] = {}
+        enough = asyncio.Event()
+
+        async def on_answer(msg: Msg) -> None:
+            try:
+                answer = decode(msg.data, RunnerLoad)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return
+            loads[answer.runner] = answer.campaigns
+            self._roll[answer.runner] = this
+            if known and known <= set(loads):
+                enough.set()
+            elif not known and len(loads) == 1:
+                # The first call knows nobody yet: the others answer within
+                # moments of the first, so a short grace, not the whole wait.
+                asyncio.get_running_loop().call_later(_FIRST_CALL_GRACE_SECONDS, enough.set)
+
+        nc = self._bus.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, cb=on_answer)
         try:
-            reply = await self._bus.request(
-                run_subject(self._bus),
-                RunCampaign(campaign_id=campaign_id, fence=epoch),
-                RunReply,
-                timeout=10.0,
-            )
+            await nc.publish(load_subject(self._bus), b"", reply=inbox)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(enough.wait(), _ROLL_CALL_SECONDS)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return dict(loads)
+
+    async def _target(self, avoid: set[str]) -> str | None:
+        """The least-loaded live runner (one not in ``avoid`` if any), counting
+        what this look already dispatched; None when none answered."""
+        if not self._loads:
+            self._loads = await self._call_roll()
+        if not self._loads:
+            return None
+        choices = [r for r in self._loads if r not in avoid] or list(self._loads)
+        return min(choices, key=lambda r: (self._loads[r], r))
+
+    async def _shard_count(self, campaign_id: int) -> int:
+        """How many shards the campaign's home asks for: one per live process
+        (the roll call), at most one per ``shard_min_recipients`` pending."""
+        if self._shard_min <= 0:
+            return 1
+        if not self._loads:
+            self._loads = await self._call_roll()
+        live = len(self._loads)
+        if live < 2:
+            return 1
+        pending = await self._store.pending(campaign_id)
+        return max(1, min(live, pending // self._shard_min))
+
+    async def _dispatch(
+        self, campaign_id: int, epoch: int, *, shard: int = 0, avoid: set[str] | None = None
+    ) -> bool:
+        shards = await self._shard_count(campaign_id) if shard == 0 else 1
+        target = await self._target(avoid or set())
+        request = RunCampaign(campaign_id=campaign_id, fence=epoch, shard=shard, shards=shards)
+        subject = run_subject(self._bus)
+        if target is not None:
+            subject = direct_run_subject(self._bus, target)
+            # Counted at once: the next dispatch of this look goes elsewhere.
+            self._loads[target] += 1
+        try:
+            try:
+                reply = await self._bus.request(subject, request, RunReply, timeout=10.0)
+            except Exception:
+                if subject == run_subject(self._bus):
+                    raise
+                # The chosen process went away since it answered: any runner.
+                self._loads.pop(target or "", None)
+                reply = await self._bus.request(
+                    run_subject(self._bus), request, RunReply, timeout=10.0
+                )
         except Exception as exc:
             # No runner answered (all busy or NATS trouble): try again soon.
             log.warning("campaign dispatch failed: %r", exc, extra={"campaign_id": campaign_id})
@@ -298,7 +419,13 @@ class SchedulerActor(Actor[SchedulerMsg]):
             return False
         log.info(
             "campaign dispatched",
-            extra={"campaign_id": campaign_id, "runner": reply.runner, "started": reply.started},
+            extra={
+                "campaign_id": campaign_id,
+                "shard": shard,
+                "shards": shards,
+                "runner": reply.runner,
+                "started": reply.started,
+            },
         )
         if not reply.started:
             # Taken elsewhere (the next look sees its lease), or not started here:

@@ -31,6 +31,10 @@ SELECT min(t) AS at FROM (
     FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
     WHERE q.completed_at IS NULL AND c.status IN ('ready', 'sending')
       AND (q.deferred_until > $1 OR q.lease_until > $1)
+    UNION ALL
+    -- A helper shard's lease running out: its shard is taken over then.
+    SELECT s.lease_until FROM campaign_shard s JOIN queue_entry q ON q.campaign_id = s.campaign_id
+    WHERE q.completed_at IS NULL AND s.lease_until > $1
 ) s;
 
 -- name: queue-acquire
@@ -42,7 +46,14 @@ UPDATE queue_entry q
 SET lease_owner = $2, lease_until = $3,
     lease_epoch = q.lease_epoch + 1,
     leased_at = $4,
-    defer_reason = NULL, deferred_until = NULL
+    defer_reason = NULL, deferred_until = NULL,
+    -- The shard count ($6) is decided again only while no other shard's lease
+    -- is live: a live shard's recipient set must not change under it. The
+    -- caller holds the entry's lock (queue-lock-entry), so this look is not
+    -- older than a shard's acquire.
+    shards = CASE WHEN EXISTS (SELECT 1 FROM campaign_shard s
+                               WHERE s.campaign_id = q.campaign_id AND s.lease_until > $4)
+                  THEN q.shards ELSE $6 END
 FROM campaign c
 WHERE q.campaign_id = $1 AND c.id = q.campaign_id AND q.completed_at IS NULL
   AND c.status IN ('ready', 'sending')
@@ -52,7 +63,7 @@ WHERE q.campaign_id = $1 AND c.id = q.campaign_id AND q.completed_at IS NULL
        OR q.defer_reason NOT IN ('paused', 'circuit_breaker', 'render_error'))
   AND NOT (q.deferred_until IS NULL AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted')
   AND (SELECT epoch FROM leader_fence) = $5
-RETURNING q.id, q.lease_epoch, q.consecutive_transient_errors, q.started_at;
+RETURNING q.id, q.lease_epoch, q.consecutive_transient_errors, q.started_at, q.shards;
 
 -- name: queue-renew
 UPDATE queue_entry SET lease_until = $3
@@ -253,3 +264,130 @@ SELECT status FROM campaign WHERE id = $1;
 -- A start with send_at: the fresh entry waits until then, reason 'scheduled'.
 UPDATE queue_entry SET defer_reason = 'scheduled', deferred_until = $2
 WHERE campaign_id = $1 AND completed_at IS NULL;
+
+-- name: queue-lock-entry
+-- The queue entry, locked: the first lock of a sharded campaign's
+-- check-then-act (then a shard row, then the campaign row).
+SELECT id, shards, defer_reason, deferred_until, notified_reason, notified_until
+FROM queue_entry WHERE campaign_id = $1
+FOR NO KEY UPDATE;
+
+-- name: queue-defer-shared
+-- A sharded campaign waits: reason $2 until $3 (account $4) on the entry, as
+-- queue-defer, but without touching the home lease (each shard lets go of its
+-- own lease). Run under queue-lock-entry, after the caller's lease was checked.
+UPDATE queue_entry SET defer_reason = $2, deferred_until = $3, defer_account = $4
+WHERE campaign_id = $1;
+
+-- name: queue-pause-shared
+-- queue-pause for a helper shard: the reason on the entry (only a manager's
+-- resume restarts it), the home lease left to its holder, who sees the paused
+-- campaign at its next claim and lets go.
+UPDATE queue_entry SET defer_reason = $2, deferred_until = NULL, notified_reason = $2
+WHERE campaign_id = $1;
+
+-- name: queue-transient-count-shared
+-- queue-transient-count under a helper shard's lease (checked by the caller
+-- under queue-lock-entry): the count is the campaign's.
+UPDATE queue_entry
+SET consecutive_transient_errors = $2,
+    notified_reason = CASE WHEN $3 THEN NULL ELSE notified_reason END
+WHERE campaign_id = $1;
+
+-- name: queue-waits
+-- A deferral in force on the entry (one a helper shard wrote while the home
+-- ran): the home lets go too instead of holding the lease through the wait.
+SELECT 1 FROM queue_entry
+WHERE campaign_id = $1 AND defer_reason IS NOT NULL
+  AND (deferred_until > $2
+       OR (deferred_until IS NULL AND defer_reason IN ('quota_exhausted', 'paused',
+                                                       'circuit_breaker', 'render_error')));
+
+-- name: shard-acquire
+-- Takes helper shard $2 (1 <= $2 < shards) of a campaign whose home lease is
+-- live, on the current leader's authority ($6 = its epoch), under the same
+-- conditions as queue-acquire: not finished, not paused, not waiting. The
+-- entry is locked first (the home's acquire, which may change the shard
+-- count, waits for this and sees this lease). lease_epoch grows with every
+-- holder: the claim token owner#epoch/shard is never given twice.
+WITH q AS (
+    SELECT q.campaign_id, q.shards, q.consecutive_transient_errors
+    FROM queue_entry q
+    WHERE q.campaign_id = $1 AND q.completed_at IS NULL AND $2 >= 1 AND $2 < q.shards
+      AND q.lease_until > $5
+      AND EXISTS (SELECT 1 FROM campaign c WHERE c.id = q.campaign_id
+                  AND c.status IN ('ready', 'sending'))
+      AND (q.deferred_until IS NULL OR q.deferred_until <= $5)
+      AND (q.defer_reason IS NULL
+           OR q.defer_reason NOT IN ('paused', 'circuit_breaker', 'render_error'))
+      AND NOT (q.deferred_until IS NULL AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted')
+      AND (SELECT epoch FROM leader_fence) = $6
+    FOR NO KEY UPDATE
+), taken AS (
+    INSERT INTO campaign_shard AS s (campaign_id, shard, lease_owner, lease_until, lease_epoch,
+                                     leased_at)
+    SELECT q.campaign_id, $2, $3, $4, 1, $5 FROM q
+    ON CONFLICT (campaign_id, shard) DO UPDATE
+    SET lease_owner = EXCLUDED.lease_owner, lease_until = EXCLUDED.lease_until,
+        lease_epoch = s.lease_epoch + 1, leased_at = EXCLUDED.leased_at
+    WHERE s.lease_owner IS NULL OR s.lease_until <= $5
+    RETURNING s.lease_epoch
+)
+SELECT t.lease_epoch, q.shards, q.consecutive_transient_errors FROM taken t, q;
+
+-- name: shard-renew
+UPDATE campaign_shard SET lease_until = $5
+WHERE campaign_id = $1 AND shard = $2 AND lease_owner = $3 AND lease_epoch = $4
+RETURNING shard;
+
+-- name: shard-release
+UPDATE campaign_shard SET lease_owner = NULL, lease_until = NULL
+WHERE campaign_id = $1 AND shard = $2 AND lease_owner = $3 AND lease_epoch = $4;
+
+-- name: shard-lock-ours
+-- Helper shard $2 under its lease (owner $3, epoch $4), locked FOR SHARE after
+-- the entry (queue-lock-entry): a takeover of the shard waits for this
+-- transaction. Nothing when the lease is not ours.
+SELECT shard FROM campaign_shard
+WHERE campaign_id = $1 AND shard = $2 AND lease_owner = $3 AND lease_epoch = $4
+FOR SHARE;
+
+-- name: shard-fence-idle
+-- At the home's acquire, when no helper shard is live: every helper shard
+-- lease still named (expired; its holder may be alive and slow) is given up
+-- and its epoch moved on, so a late claim or hand of the old holder matches
+-- nothing under the shard count decided now.
+UPDATE campaign_shard SET lease_owner = NULL, lease_until = NULL, lease_epoch = lease_epoch + 1
+WHERE campaign_id = $1 AND lease_owner IS NOT NULL AND lease_until <= $2;
+
+-- name: shard-runnable
+-- Helper shards the leader may dispatch: of a campaign whose home lease is
+-- live and that does not wait, held by no live lease, with recipients of
+-- their own set still pending or claimed (a dead holder's claims are settled
+-- by the next one), in queue order.
+SELECT q.campaign_id, g.k AS shard
+FROM queue_entry q JOIN campaign c ON c.id = q.campaign_id
+CROSS JOIN LATERAL generate_series(1, q.shards - 1) AS g(k)
+LEFT JOIN campaign_shard s ON s.campaign_id = q.campaign_id AND s.shard = g.k
+WHERE q.shards > 1 AND q.completed_at IS NULL AND c.status IN ('ready', 'sending')
+  AND q.lease_until > $1
+  AND (q.deferred_until IS NULL OR q.deferred_until <= $1)
+  AND (q.defer_reason IS NULL
+       OR q.defer_reason NOT IN ('paused', 'circuit_breaker', 'render_error'))
+  AND NOT (q.deferred_until IS NULL AND q.defer_reason IS NOT DISTINCT FROM 'quota_exhausted')
+  AND (s.lease_owner IS NULL OR s.lease_until <= $1)
+  AND EXISTS (SELECT 1 FROM recipient r WHERE r.campaign_id = q.campaign_id
+              AND r.status IN ('pending', 'sending') AND r.id % q.shards = g.k)
+ORDER BY q.priority DESC, q.queued_at, q.id, g.k
+LIMIT $2;
+
+-- name: shard-owners
+-- The live leases of every shard (home and helpers) and their holders.
+SELECT campaign_id, 0 AS shard, lease_owner FROM queue_entry
+WHERE completed_at IS NULL AND lease_until > $1
+UNION ALL
+SELECT campaign_id, shard, lease_owner FROM campaign_shard WHERE lease_until > $1;
+
+-- name: campaign-pending
+-- Recipients still pending (the counters' row: one row whatever the size).
+SELECT pending FROM campaign_counts WHERE campaign_id = $1;

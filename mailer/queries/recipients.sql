@@ -58,10 +58,25 @@ WHERE NOT EXISTS (SELECT 1 FROM recipient r
 -- claimers never see the same row; addresses on the suppression list are
 -- settled here: 'unsubscribed' for an unsubscribe, 'suppressed' with the
 -- reason in `error` for the rest (a bounce, a complaint, an admin's entry).
-WITH lease AS (
-    SELECT q.campaign_id FROM queue_entry q
-    WHERE q.campaign_id = $1 AND q.lease_owner = $5 AND q.lease_epoch = $6
+--
+-- Shard $7: 0 is the home (the queue entry's lease), 1.. a helper shard (its
+-- campaign_shard row's lease, locked FOR SHARE the same way). Shard k claims
+-- only the recipients with id % shards = k: the shards' sets are disjoint.
+WITH home AS (
+    SELECT q.campaign_id, q.shards FROM queue_entry q
+    WHERE $7 = 0 AND q.campaign_id = $1 AND q.lease_owner = $5 AND q.lease_epoch = $6
     FOR SHARE
+),
+helper AS (
+    SELECT s.campaign_id FROM campaign_shard s
+    WHERE $7 > 0 AND s.campaign_id = $1 AND s.shard = $7 AND s.lease_owner = $5
+      AND s.lease_epoch = $6
+    FOR SHARE
+),
+lease AS (
+    SELECT campaign_id, shards FROM home
+    UNION ALL
+    SELECT h.campaign_id, q.shards FROM helper h JOIN queue_entry q ON q.campaign_id = h.campaign_id
 ),
 picked AS (
     SELECT r.id,
@@ -73,6 +88,7 @@ picked AS (
       AND EXISTS (SELECT 1 FROM campaign c WHERE c.id = $1
                   AND c.status IN ('ready', 'sending'))
       AND r.campaign_id IN (SELECT campaign_id FROM lease)
+      AND r.id % (SELECT shards FROM lease) = $7
     ORDER BY r.id
     LIMIT $2
     FOR UPDATE OF r SKIP LOCKED
@@ -107,7 +123,8 @@ WHERE id = ANY($1::bigint[]) AND status = 'sending' AND claimed_by = $2;
 -- for a plain record -- and $15/$16 the lease's owner and epoch): the pipelined
 -- loop never hands a wave before the previous one is recorded. $17: the SMTP
 -- account that sent the wave ('' the default: NULL in the log), the same batch's
--- account the next wave goes through (recipient.handed_account). Rows: each
+-- account the next wave goes through (recipient.handed_account). $18: the
+-- lease's shard (0 the home: the queue entry's lease; else campaign_shard's). Rows: each
 -- recorded row (handed false), then each row marked handed (handed true).
 WITH o AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::boolean[],
@@ -161,9 +178,12 @@ handed AS (
     UPDATE recipient r
     SET handed_at = $7, handed_account = NULLIF($17::text, ''), updated_at = $7
     WHERE r.id = ANY($14::bigint[]) AND r.status = 'sending' AND r.claimed_by = $6
-      AND EXISTS (SELECT 1 FROM queue_entry q
-                  WHERE q.campaign_id = r.campaign_id AND q.lease_owner = $15
-                    AND q.lease_epoch = $16)
+      AND (($18 = 0 AND EXISTS (SELECT 1 FROM queue_entry q
+                                WHERE q.campaign_id = r.campaign_id AND q.lease_owner = $15
+                                  AND q.lease_epoch = $16))
+           OR ($18 > 0 AND EXISTS (SELECT 1 FROM campaign_shard s
+                                   WHERE s.campaign_id = r.campaign_id AND s.shard = $18
+                                     AND s.lease_owner = $15 AND s.lease_epoch = $16)))
     RETURNING r.id
 )
 SELECT id, status, error, false AS handed FROM upd
@@ -176,12 +196,16 @@ SELECT id, NULL, NULL, true FROM handed;
 -- the lease at epoch $5. Returns the rows marked: only those may be sent (a
 -- takeover that settled a row first leaves it unmarked, and unsent). $6: the
 -- SMTP account the wave goes through ('' the default: NULL), for a takeover's log.
+-- $7: the lease's shard (0 the home, else a helper shard's campaign_shard row).
 UPDATE recipient r
 SET handed_at = $3, handed_account = NULLIF($6::text, ''), updated_at = $3
 WHERE r.id = ANY($1::bigint[]) AND r.status = 'sending' AND r.claimed_by = $2
-  AND EXISTS (SELECT 1 FROM queue_entry q
-              WHERE q.campaign_id = r.campaign_id AND q.lease_owner = $4
-                AND q.lease_epoch = $5)
+  AND (($7 = 0 AND EXISTS (SELECT 1 FROM queue_entry q
+                           WHERE q.campaign_id = r.campaign_id AND q.lease_owner = $4
+                             AND q.lease_epoch = $5))
+       OR ($7 > 0 AND EXISTS (SELECT 1 FROM campaign_shard s
+                              WHERE s.campaign_id = r.campaign_id AND s.shard = $7
+                                AND s.lease_owner = $4 AND s.lease_epoch = $5)))
 RETURNING r.id;
 
 -- name: recipients-orphans-to-doubt
@@ -191,7 +215,9 @@ RETURNING r.id;
 -- the send log gets the same verdict, with the account the wave went through
 -- (handed_account), so the two agree and that account's local quota counts
 -- them. Those never handed did not leave the old owner's process: they go back
--- to 'pending' (a late hand of the old owner then matches nothing).
+-- to 'pending' (a late hand of the old owner then matches nothing). Only the
+-- taker's own shard's rows (id % $4 = $5; $4 the shard count): another
+-- shard's claims are its live holder's.
 WITH doubted AS (
     UPDATE recipient r
     SET status = 'in_doubt', claimed_by = NULL, claimed_at = NULL,
@@ -201,12 +227,14 @@ WITH doubted AS (
     FROM recipient old
     WHERE old.id = r.id
       AND r.campaign_id = $1 AND r.status = 'sending' AND r.claimed_by <> $2
+      AND r.id % $4 = $5
       AND r.handed_at IS NOT NULL
     RETURNING r.id, r.email, r.error, old.handed_account AS account
 ), returned AS (
     UPDATE recipient
     SET status = 'pending', claimed_by = NULL, claimed_at = NULL, updated_at = $3
     WHERE campaign_id = $1 AND status = 'sending' AND claimed_by <> $2
+      AND id % $4 = $5
       AND handed_at IS NULL
     RETURNING id
 ), logged AS (
@@ -230,8 +258,14 @@ SELECT (SELECT count(*) FROM logged) AS doubts, (SELECT count(*) FROM returned) 
 WITH stale AS (
     SELECT r.id, r.handed_at IS NOT NULL AS handed, r.handed_account
     FROM recipient r JOIN queue_entry q ON q.campaign_id = r.campaign_id
-    WHERE r.status = 'sending' AND q.lease_until > $1
-      AND r.claimed_by <> q.lease_owner || '#' || q.lease_epoch
+    LEFT JOIN campaign_shard s ON s.campaign_id = r.campaign_id AND s.shard = r.id % q.shards
+    WHERE r.status = 'sending'
+      -- The live lease of the row's own shard: the home's (shard 0) or a helper's.
+      AND CASE WHEN r.id % q.shards = 0
+               THEN q.lease_until > $1 AND r.claimed_by <> q.lease_owner || '#' || q.lease_epoch
+               ELSE s.lease_until > $1
+                    AND r.claimed_by <> s.lease_owner || '#' || s.lease_epoch || '/' || s.shard
+          END
       AND (SELECT epoch FROM leader_fence) = $2
     FOR UPDATE OF r SKIP LOCKED
 ),

@@ -428,6 +428,11 @@ class Round:
         }
         if "nats_replicas" in Settings.__struct_fields__:  # R3 once the setting exists
             values["nats_replicas"] = "3"
+        # A run with campaigns sent in shards (scale-out) under the same faults:
+        # CHAOS_SHARD_MIN_RECIPIENTS=10 shards every campaign of 20 or more.
+        shard_min = os.environ.get("CHAOS_SHARD_MIN_RECIPIENTS")
+        if shard_min:
+            values["shard_min_recipients"] = shard_min
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
         env.update({env_name(k): v for k, v in values.items()})
         return env
