@@ -84,10 +84,14 @@ def _cancel_on_signals() -> Iterator[None]:
             loop.add_signal_handler(sig, task.cancel)
     try:
         yield
-    finally:
+    except BaseException:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+        raise
+    # Started: the handlers stay until serve() replaces them, with no await in between.
+    # Removed here, they would leave a moment with the default action, in which a
+    # SIGTERM kills the process (-15) instead of stopping it (seen under load).
 
 
 async def _run(settings: Settings) -> int:
