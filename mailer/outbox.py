@@ -43,7 +43,10 @@ class OutboxRelay:
         publisher: NoticePublisher,
         *,
         batch: int = 100,
-        take_seconds: float = 60.0,
+        # Long enough for a batch of publishes; short, because a relay that died
+        # after taking holds its rows that long (a repeat is dropped by the stream's
+        # duplicate window).
+        take_seconds: float = 15.0,
     ) -> None:
         self._pool = pool
         self._publisher = publisher

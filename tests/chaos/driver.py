@@ -666,7 +666,8 @@ class Round:
 
     async def _settle(self, ids: dict[int, int], owners: dict[int, str]) -> tuple[bool, int]:
         """Waits (polling the database: the end state is what is judged) until every
-        campaign is final or waits beyond the horizon for a long reason."""
+        campaign is final or waits beyond the horizon for a long reason, and the event
+        outbox is empty (what is left in it is relayed by the leader's timer)."""
         resumes: dict[int, int] = {}
         deadline = time.monotonic() + self.settle_timeout
         conn = await asyncpg.connect(self.dsn)
@@ -678,8 +679,11 @@ class Round:
                     " AND r.status = 'sending') AS sending "
                     "FROM campaign c LEFT JOIN queue_entry q ON q.campaign_id = c.id"
                 )
+                # Notices the relay still holds (NATS was away, a relay died after
+                # taking them) are on their way: the leader relays them on its timer.
+                outbox = await conn.fetchval("SELECT count(*) FROM event_outbox")
                 horizon = datetime.now(UTC) + timedelta(seconds=60)
-                settled = True
+                settled = outbox == 0
                 for s in states:
                     if s["status"] in FINAL:
                         continue
