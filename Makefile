@@ -57,7 +57,7 @@ run: install
 	$(BIN)/mailer dev
 
 bench: install
-	$(BIN)/python bench/suite.py
+	$(BIN)/python -m bench.suite
 
 clean:
 	rm -rf var/ .pytest_cache/ .mypy_cache/ .ruff_cache/ .hypothesis/
