@@ -20,16 +20,31 @@ its own (``due_in``), backing off while NATS stays away.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from datetime import datetime
+from typing import Any, Protocol
 
 import asyncpg
 
 from mailer.db import Q
 from mailer.messages import Notice
 
-__all__ = ["NoticePublisher", "OutboxRelay"]
+__all__ = ["NoticePublisher", "OutboxRelay", "store_notice"]
 
 log = logging.getLogger("mailer.outbox")
+
+
+async def store_notice(conn: Any, notice: Notice, now: datetime) -> None:
+    """Writes ``notice`` to the outbox on ``conn``: in the transaction of the change that
+    calls for it, so it exists exactly when that change does."""
+    await conn.execute(
+        Q["outbox-insert"],
+        notice.kind,
+        notice.subject,
+        notice.msg_id,
+        notice.payload,
+        notice.campaign_id,
+        now,
+    )
 
 
 class NoticePublisher(Protocol):

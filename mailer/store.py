@@ -17,6 +17,7 @@ import msgspec
 from mailer.db import Q
 from mailer.forecast import Entry
 from mailer.messages import CampaignView, Notice, QueueView
+from mailer.outbox import store_notice
 
 __all__ = [
     "Attachment",
@@ -759,15 +760,7 @@ class PgStore:
             ):
                 return True, False
             await conn.execute(Q["queue-notified"], lease.campaign_id, reason, until)
-            await conn.execute(
-                Q["outbox-insert"],
-                notice.kind,
-                notice.subject,
-                notice.msg_id,
-                notice.payload,
-                notice.campaign_id,
-                now,
-            )
+            await store_notice(conn, notice, now)
             return True, True
 
     async def pause_by_breaker(
@@ -849,15 +842,7 @@ class PgStore:
             )
             if notice is None or q["notified_reason"] == reason:
                 return True, False
-            await conn.execute(
-                Q["outbox-insert"],
-                notice.kind,
-                notice.subject,
-                notice.msg_id,
-                notice.payload,
-                notice.campaign_id,
-                now,
-            )
+            await store_notice(conn, notice, now)
             return True, True
 
     async def _wait(
@@ -897,15 +882,7 @@ class PgStore:
             await conn.execute(Q["queue-notified"], lease.campaign_id, reason, promised)
         elif row["previous_reason"] == reason:
             return True, False
-        await conn.execute(
-            Q["outbox-insert"],
-            notice.kind,
-            notice.subject,
-            notice.msg_id,
-            notice.payload,
-            notice.campaign_id,
-            now,
-        )
+        await store_notice(conn, notice, now)
         return True, True
 
     async def campaign_status(self, campaign_id: int) -> str | None:
@@ -1090,9 +1067,7 @@ class PgStore:
         if notices is None:
             return
         for n in notices(campaign_id, owner_id, status, counts):
-            await conn.execute(
-                Q["outbox-insert"], n.kind, n.subject, n.msg_id, n.payload, n.campaign_id, now
-            )
+            await store_notice(conn, n, now)
 
 
 def _ends_no_sooner(

@@ -36,6 +36,7 @@ from mailer.db import Q
 from mailer.events import SuppressionEvent
 from mailer.logs import email_fields
 from mailer.messages import Notice
+from mailer.outbox import store_notice
 
 __all__ = [
     "BOUNCE_REPORTS",
@@ -221,9 +222,7 @@ class PgSuppressions:
                     at=now,
                 )
             )
-            await conn.execute(
-                Q["outbox-insert"], n.kind, n.subject, n.msg_id, n.payload, n.campaign_id, now
-            )
+            await store_notice(conn, n, now)
         SUPPRESSIONS.labels(reason=reason).inc()
         log.info(
             "address suppressed",

@@ -40,6 +40,7 @@ import nacl.secret
 from mailer.config import Settings
 from mailer.db import Q
 from mailer.messages import Notice
+from mailer.outbox import store_notice
 
 __all__ = [
     "PgUnsubscribes",
@@ -181,15 +182,7 @@ class PgUnsubscribes:
                     Q["unsubscribe-insert"], email, source, now, campaign_id, audit
                 )
                 if created is not None and notice is not None:
-                    await conn.execute(
-                        Q["outbox-insert"],
-                        notice.kind,
-                        notice.subject,
-                        notice.msg_id,
-                        notice.payload,
-                        notice.campaign_id,
-                        now,
-                    )
+                    await store_notice(conn, notice, now)
             if created is not None:
                 return Recorded(created_at=created, new=True)
             # A separate statement: its snapshot sees a row another request
