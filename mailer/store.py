@@ -492,13 +492,8 @@ class PgStore:
             if moved is None:
                 return False
             await conn.execute(Q["queue-started"], lease.campaign_id, now)
-            await conn.execute(
-                Q["audit-insert"],
-                now,
-                "system",
-                "campaign.status",
-                lease.campaign_id,
-                {"from": "ready", "to": "sending"},
+            await _system_audit(
+                conn, now, "campaign.status", lease.campaign_id, {"from": "ready", "to": "sending"}
             )
         return True
 
@@ -743,10 +738,9 @@ class PgStore:
             if _ends_no_sooner(q["defer_reason"], q["deferred_until"], until, now):
                 return False, False
             await conn.execute(Q["queue-defer-shared"], lease.campaign_id, reason, until, account)
-            await conn.execute(
-                Q["audit-insert"],
+            await _system_audit(
+                conn,
                 now,
-                "system",
                 "campaign.defer",
                 lease.campaign_id,
                 {
@@ -803,10 +797,9 @@ class PgStore:
             )
             if moved is None:  # a manager paused or cancelled it meanwhile: theirs stands
                 return True, noticed
-            await conn.execute(
-                Q["audit-insert"],
+            await _system_audit(
+                conn,
                 now,
-                "system",
                 "campaign.status",
                 lease.campaign_id,
                 {"from": moved["previous"], "to": "paused", "reason": reason},
@@ -832,10 +825,9 @@ class PgStore:
             if moved is None:  # a manager (or another shard) paused or cancelled it: no news
                 return False, False
             await conn.execute(Q["queue-pause-shared"], lease.campaign_id, reason)
-            await conn.execute(
-                Q["audit-insert"],
+            await _system_audit(
+                conn,
                 now,
-                "system",
                 "campaign.status",
                 lease.campaign_id,
                 {"from": moved["previous"], "to": "paused", "reason": reason},
@@ -865,13 +857,8 @@ class PgStore:
         if row is None:
             return False, False
         until = args[1].isoformat() if len(args) > 1 and args[1] is not None else None
-        await conn.execute(
-            Q["audit-insert"],
-            now,
-            "system",
-            "campaign.defer",
-            lease.campaign_id,
-            {"reason": reason, "until": until},
+        await _system_audit(
+            conn, now, "campaign.defer", lease.campaign_id, {"reason": reason, "until": until}
         )
         if notice is None:
             return True, False
@@ -985,10 +972,9 @@ class PgStore:
                 status = _final_status(counts)
                 await conn.execute(Q["queue-complete-fenced"], cid, now, fence)
                 await conn.execute(Q["campaign-set-status"], cid, status, ["sending", "ready"], now)
-                await conn.execute(
-                    Q["audit-insert"],
+                await _system_audit(
+                    conn,
                     now,
-                    "system",
                     "campaign.status",
                     cid,
                     {"from": c["status"], "to": status, "counts": counts, "by": "reconcile"},
@@ -1039,10 +1025,9 @@ class PgStore:
             # From ready too: a campaign whose every recipient failed or was
             # unsubscribed never had a message go.
             await conn.execute(Q["campaign-set-status"], cid, status, ["ready", "sending"], now)
-            await conn.execute(
-                Q["audit-insert"],
+            await _system_audit(
+                conn,
                 now,
-                "system",
                 "campaign.status",
                 cid,
                 {"from": str(c["status"]), "to": status, "counts": counts},
@@ -1068,6 +1053,13 @@ class PgStore:
             return
         for n in notices(campaign_id, owner_id, status, counts):
             await store_notice(conn, n, now)
+
+
+async def _system_audit(
+    conn: Any, now: datetime, action: str, campaign_id: int, details: dict[str, Any]
+) -> None:
+    """An audit row of mailer itself (not of a manager), in the caller's transaction."""
+    await conn.execute(Q["audit-insert"], now, "system", action, campaign_id, details)
 
 
 def _ends_no_sooner(
