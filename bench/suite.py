@@ -600,14 +600,16 @@ async def main() -> None:
     )
     p.add_argument(
         "--only",
-        choices=("all", "scaleout"),
+        choices=("all", "scaleout", "send"),
         default="all",
-        help="scaleout: only the 1 vs 2 processes comparison (and its table rows)",
+        help="scaleout: only the 1 vs 2 processes comparison (and its table rows); "
+        "send: only the send path against bare aiosmtplib",
     )
     args = p.parse_args()
     n, conns = args.recipients, args.connections
     only_scaleout = args.only == "scaleout"
-    if only_scaleout:
+    only_send = args.only == "send"
+    if only_scaleout or only_send:
         args.history, args.governor_seconds, args.post_office_venv = 0, 0.0, ""
         args.import_recipients = 0
 
@@ -707,7 +709,7 @@ async def main() -> None:
                     + (f"; with history {h.msg_per_s:,.0f} msg/s" if history_dsn else ""),
                     flush=True,
                 )
-            for run in range(1, args.runs + 1):
+            for run in range(1, (0 if only_send else args.runs) + 1):
                 print(f"scale-out run {run}/{args.runs}", flush=True)
                 one = await timed_run(
                     "1 mailer run process",
@@ -904,6 +906,8 @@ async def main() -> None:
     ]
     if only_scaleout:  # the other goals were not measured: their rows would be empty
         rows = [rows[0], *(r for r in rows if r[0].startswith("scale-out"))]
+    if only_send:
+        rows = rows[:3]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")

@@ -645,6 +645,7 @@ class Service:
             hours=WorkingHours.from_settings(s),
             log_each_send=s.log_each_send,
             window=s.smtp_connections,
+            depth=s.pipeline_depth,
             dkim=dkim_signer(s),
         )
 

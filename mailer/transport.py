@@ -38,6 +38,7 @@ from aiosmtplib import (
     SMTPDataError,
     SMTPException,
     SMTPHeloError,
+    SMTPReadTimeoutError,
     SMTPRecipientRefused,
     SMTPRecipientsRefused,
     SMTPResponse,
@@ -45,6 +46,7 @@ from aiosmtplib import (
     SMTPSenderRefused,
     SMTPServerDisconnected,
 )
+from aiosmtplib.protocol import SMTPProtocol
 
 from mailer.payload import Payload
 from mailer.render import idna_address
@@ -215,6 +217,90 @@ _PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+")
 _JOIN_BELOW = 16 * 1024
 
 
+class _ReplyReader(asyncio.Protocol):
+    """Stands in for aiosmtplib's protocol while pipelined replies are read.
+
+    aiosmtplib's protocol reads one reply per command written and drops what
+    arrives while no reply is awaited or the last one is not yet picked up, so
+    pipelined replies (often in one segment, sometimes split) would be lost.
+    During such an exchange the transport's protocol is this one
+    (``set_protocol``: uvloop calls the protocol it was given, so patching a
+    method would not do): it only buffers, into the SMTP protocol's own buffer,
+    and passes flow control, EOF and the loss of the connection on to it.
+    """
+
+    def __init__(self, inner: SMTPProtocol) -> None:
+        self.inner = inner
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+        self.arrived: asyncio.Future[None] = self._loop.create_future()
+
+    def _wake(self) -> None:
+        if not self.arrived.done():
+            self.arrived.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner._buffer.extend(data)
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self.closed = True
+        self._wake()
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    async def wait(self) -> None:
+        await self.arrived
+        self.arrived = self._loop.create_future()
+
+
+async def _read_replies(
+    protocol: SMTPProtocol, command: bytes, n: int, timeout: float, where: list[str]
+) -> list[SMTPResponse]:
+    """Writes ``command`` (several pipelined lines) and reads ``n`` replies, parsed
+    with aiosmtplib's own parser (see ``_ReplyReader``). ``where[0]`` advances with
+    each reply (MAIL, RCPT, DATA) so that a failure names the command it awaited."""
+    transport = protocol.transport
+    if transport is None or transport.is_closing():
+        raise SMTPServerDisconnected("connection lost")
+    reader = _ReplyReader(protocol)
+    stages = ("MAIL", "RCPT", "DATA")
+    replies: list[SMTPResponse] = []
+    transport.set_protocol(reader)
+    try:
+        protocol.write(command)
+        async with asyncio.timeout(timeout):
+            while len(replies) < n:
+                reply = protocol._read_response_from_buffer()
+                if reply is not None:
+                    replies.append(reply)
+                    if n == len(stages) and len(replies) < n:
+                        where[0] = stages[len(replies)]
+                    continue
+                if reader.closed:
+                    raise SMTPServerDisconnected("connection lost while awaiting a reply")
+                await reader.wait()
+    except TimeoutError as exc:
+        raise SMTPReadTimeoutError("Timed out waiting for server response") from exc
+    finally:
+        if not reader.closed:
+            transport.set_protocol(protocol)
+    if protocol._buffer:
+        # More than was asked for: the next command's reply would be mis-paired.
+        raise SMTPResponseException(-1, "unexpected data after the pipelined replies")
+    return replies
+
+
 @dataclass(slots=True, eq=False)
 class _Connection:
     """One pool slot; ``smtp`` is None until first use or after a failure."""
@@ -380,10 +466,16 @@ class SmtpTransport:
             reused = slot.smtp is not None and slot.smtp.is_connected
             smtp = await self._connected(slot)
             stage = "MAIL"
+            where = ["MAIL"]  # the pipelined envelope's first unanswered command
+            pipelined = self._may_pipeline(smtp, sender, recipient)
             try:
-                await self._mail(smtp, sender, recipient, payload)
+                if pipelined:
+                    await self._envelope(smtp, sender, recipient, payload, where)
+                else:
+                    await self._mail(smtp, sender, recipient, payload)
             except SMTPServerDisconnected:
-                if not reused:
+                if not reused or where[0] != "MAIL":
+                    stage = where[0]
                     raise
                 # The server closed the pooled session while it was idle and the
                 # MAIL command hit the closed socket: nothing was sent, so one
@@ -392,11 +484,21 @@ class SmtpTransport:
                 stage = "connect"
                 smtp = await self._connected(slot)
                 stage = "MAIL"
-                await self._mail(smtp, sender, recipient, payload)
-            stage = "RCPT"
-            await self._rcpt(smtp, sender, recipient)
-            stage = "DATA"
-            reply = await self._data(smtp, payload)
+                if pipelined:
+                    await self._envelope(smtp, sender, recipient, payload, where)
+                else:
+                    await self._mail(smtp, sender, recipient, payload)
+            except SMTPException:
+                stage = where[0]
+                raise
+            if pipelined:
+                stage = "DATA"
+                reply = await self._payload(smtp, payload)
+            else:
+                stage = "RCPT"
+                await self._rcpt(smtp, sender, recipient)
+                stage = "DATA"
+                reply = await self._data(smtp, payload)
         except asyncio.CancelledError:
             self._discard(slot)
             raise
@@ -479,12 +581,11 @@ class SmtpTransport:
     def _encoding(sender: str, recipient: str) -> str:
         return "ascii" if sender.isascii() and recipient.isascii() else "utf-8"
 
-    async def _mail(
+    def _mail_options(
         self, smtp: aiosmtplib.SMTP, sender: str, recipient: str, payload: Payload
-    ) -> SMTPResponse:
+    ) -> list[str]:
         options: list[str] = []
-        encoding = self._encoding(sender, recipient)
-        if encoding == "utf-8":
+        if self._encoding(sender, recipient) == "utf-8":
             if not smtp.supports_extension("smtputf8"):
                 raise UnsendableError("non-ASCII local part but the server does not offer SMTPUTF8")
             options.append("SMTPUTF8")
@@ -493,6 +594,71 @@ class SmtpTransport:
         if smtp.supports_extension("size"):
             # Lets the server refuse an oversized message before the upload.
             options.append(f"SIZE={payload.size}")
+        return options
+
+    @staticmethod
+    def _may_pipeline(smtp: aiosmtplib.SMTP, sender: str, recipient: str) -> bool:
+        """PIPELINING (RFC 2920) is used when the server offers it and both addresses
+        are plain (the others go through aiosmtplib's own quoting, one command at a
+        time)."""
+        return (
+            smtp.supports_extension("pipelining")
+            and smtp.protocol is not None
+            and bool(_PLAIN_ADDRESS.fullmatch(sender) or not sender)
+            and bool(_PLAIN_ADDRESS.fullmatch(recipient))
+        )
+
+    async def _envelope(
+        self,
+        smtp: aiosmtplib.SMTP,
+        sender: str,
+        recipient: str,
+        payload: Payload,
+        where: list[str],
+    ) -> None:
+        """MAIL, RCPT and DATA in one write, their three replies read after (RFC 2920):
+        one round trip where one command at a time takes three.
+
+        Nothing of the message goes out before DATA's 354, so every failure here
+        is before the payload (never in doubt). ``where[0]`` follows the replies:
+        the command whose reply is awaited, the stage a failure is reported at.
+        A refusal raises as the one-command path would: the server answers a
+        DATA after a refused envelope with 503/554 and keeps the session, which
+        ``_after_failure`` resets; a server that answered 354 all the same gets
+        an empty end of data first, so the session is back in command mode.
+        """
+        options = self._mail_options(smtp, sender, recipient, payload)
+        mail = b"MAIL FROM:<" + sender.encode() + b">"
+        if options:
+            mail += b" " + " ".join(options).encode()
+        command = mail + b"\r\nRCPT TO:<" + recipient.encode() + b">\r\nDATA\r\n"
+        protocol = smtp.protocol
+        assert protocol is not None
+        replies = await _read_replies(protocol, command, 3, self._timeout, where)
+        mail_reply, rcpt_reply, data_reply = replies
+        refused: SMTPException | None = None
+        if mail_reply.code != 250:
+            where[0] = "MAIL"
+            refused = SMTPSenderRefused(mail_reply.code, mail_reply.message, sender)
+        elif rcpt_reply.code not in (250, 251):
+            where[0] = "RCPT"
+            refused = SMTPRecipientRefused(rcpt_reply.code, rcpt_reply.message, recipient)
+        elif data_reply.code != 354:
+            where[0] = "DATA"
+            refused = SMTPDataError(data_reply.code, data_reply.message)
+        if refused is None:
+            return
+        if data_reply.code == 354:
+            # Data mode although the envelope was refused: end it empty (nobody
+            # to deliver to), then the session can be reset and reused.
+            await _read_replies(protocol, b".\r\n", 1, self._timeout, where)
+        raise refused
+
+    async def _mail(
+        self, smtp: aiosmtplib.SMTP, sender: str, recipient: str, payload: Payload
+    ) -> SMTPResponse:
+        options = self._mail_options(smtp, sender, recipient, payload)
+        encoding = self._encoding(sender, recipient)
         if not _PLAIN_ADDRESS.fullmatch(sender):
             return await smtp.mail(sender, options=options, encoding=encoding)
         # A plain address is what aiosmtplib's parse-and-quote would give back
@@ -526,6 +692,10 @@ class SmtpTransport:
         start = await smtp.execute_command(b"DATA")
         if start.code != 354:
             raise SMTPDataError(start.code, start.message)
+        return await self._payload(smtp, payload)
+
+    async def _payload(self, smtp: aiosmtplib.SMTP, payload: Payload) -> SMTPResponse:
+        """The message after DATA's 354, up to the final reply (see ``_data``)."""
         protocol = smtp.protocol
         if protocol is None:
             raise SMTPServerDisconnected("connection lost before the message data")

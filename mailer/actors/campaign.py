@@ -265,6 +265,11 @@ class CampaignSettings(msgspec.Struct, frozen=True, kw_only=True):
     log_each_send: bool = True
     # Messages rendered and handed to SMTP at once (a wave): the SMTP connections.
     window: int = 8
+    # Most recipients handed and unrecorded at once (MAILER_PIPELINE_DEPTH): by
+    # Little's law the send rate is at most this over the time from a hand to its
+    # record (two statements and the SMTP transaction), so it must cover the
+    # connections several times over, and it is all a kill -9 leaves in doubt.
+    depth: int = 16
     # Signs every message when set (mailer.dkim); loaded once per process.
     dkim: DkimSigner | None = None
 
@@ -749,7 +754,11 @@ class CampaignActor(Actor[Continue]):
         flying: deque[tuple[list[tuple[Claimed, Mail, str]], asyncio.Future[list[SendResult]]]]
         flying = deque()
         ready: deque[list[tuple[Claimed, Mail, str]]] = deque()
-        prepared = await self._prepare(lease, template, now, groups=most)
+        # The first hand is one window: the connections start on it while the rest
+        # of the bound is rendered and handed (the loop below, at once).
+        prepared = await self._prepare(
+            lease, template, now, groups=min(most, self._current.window // self._group)
+        )
         try:
             while True:
                 if prepared is not None:
@@ -775,9 +784,9 @@ class CampaignActor(Actor[Continue]):
                             ),
                         )
                     )
-                if len(self._claimed) <= _PREFETCH_WAVES * self._current.window and not (
-                    lost or expired
-                ):
+                if len(self._claimed) <= max(
+                    _PREFETCH_WAVES * self._current.window, self._s.batch_size // 2
+                ) and not (lost or expired):
                     self._prefetch(lease)
                 room = most - len(flying)
                 over = not_after is not None and self._clock.now() >= not_after
@@ -910,8 +919,8 @@ class CampaignActor(Actor[Continue]):
 
     @property
     def _outstanding_groups(self) -> int:
-        """Groups that may be handed and unrecorded at once: 2 × window recipients."""
-        return 2 * self._current.window // self._group
+        """Groups that may be handed and unrecorded at once: ``depth`` recipients."""
+        return max(1, self._s.depth // self._group)
 
     async def _prepare(
         self,

@@ -138,11 +138,15 @@ FOR NO KEY UPDATE;
 
 -- name: queue-transient-count
 -- Consecutive transient SMTP errors of the campaign (0 after any success);
--- a success also ends the episode the owner was notified of.
+-- a success also ends the episode the owner was notified of. A row that would
+-- not change is not written: the common case (0 stays 0) then takes no row lock,
+-- so it does not wait for the next batch's claim, which holds the entry FOR SHARE.
 UPDATE queue_entry
 SET consecutive_transient_errors = $4,
     notified_reason = CASE WHEN $5 THEN NULL ELSE notified_reason END
 WHERE campaign_id = $1 AND lease_owner = $2 AND lease_epoch = $3
+  AND (consecutive_transient_errors IS DISTINCT FROM $4
+       OR ($5 AND notified_reason IS NOT NULL))
 RETURNING id;
 
 -- name: queue-complete
@@ -292,7 +296,9 @@ WHERE campaign_id = $1;
 UPDATE queue_entry
 SET consecutive_transient_errors = $2,
     notified_reason = CASE WHEN $3 THEN NULL ELSE notified_reason END
-WHERE campaign_id = $1;
+WHERE campaign_id = $1
+  AND (consecutive_transient_errors IS DISTINCT FROM $2
+       OR ($3 AND notified_reason IS NOT NULL));
 
 -- name: queue-waits
 -- A deferral in force on the entry (one a helper shard wrote while the home
