@@ -215,10 +215,7 @@ async def test_concurrent_sends_over_pipelined_connections_each_arrive_once() ->
     script = Pipelining()
     async with serving(script) as port, transport(port, connections=4) as smtp:
         results = await asyncio.gather(
-            *(
-                smtp.send("news@shop.example", f"user{n}@example.com", message(n))
-                for n in range(40)
-            )
+            *(smtp.send("news@shop.example", f"user{n}@example.com", message(n)) for n in range(40))
         )
     assert all(r.outcome == "sent" for r in results)
     assert sorted(p.split(b"Body ")[1].split(b".")[0] for p in script.payloads) == sorted(
