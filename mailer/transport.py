@@ -1,7 +1,9 @@
 """SMTP transport: a pool of reused aiosmtplib connections, one transaction each.
 
 Opening an SMTP session (TCP, greeting, EHLO, STARTTLS, AUTH) costs several
-round trips; a transaction on an open session costs three (MAIL, RCPT, DATA).
+round trips; a transaction on an open session costs two when the server offers
+PIPELINING (RFC 2920: MAIL, RCPT and DATA in one write, then the message) and
+four otherwise (one command at a time).
 So ``SmtpTransport`` keeps up to ``connections`` sessions open and runs one
 transaction at a time on each: many concurrent ``send()`` calls share the pool,
 and a connection that failed is discarded and replaced lazily.

@@ -11,11 +11,11 @@ recorded once answered. The loop is pipelined: whenever half of the bound
 below is free, the groups answered are recorded and the next ones rendered
 and handed in one statement while the rest are with SMTP, so the connections
 do not wait for the database nor for the slowest message of a wave. At most
-``2 × window`` messages are rendered at a time (the attachments, encoded once
-per campaign, are shared by all of them), and at most ``2 × window``
-recipients can be handed and unrecorded when the process dies
+``depth`` (MAILER_PIPELINE_DEPTH) messages are rendered at a time (the
+attachments, encoded once per campaign, are shared by all of them), and at
+most ``depth`` recipients can be handed and unrecorded when the process dies
 (tests/test_pipeline.py). The next batch's claim and tokens are asked for
-while this batch's last waves are with SMTP.
+while this batch's second half is with SMTP.
 
 Stop ("mark, drain, then clean up and record"): once a stop was asked for --
 a shutdown tells every campaign actor at once -- the actor claims nothing,
@@ -309,9 +309,11 @@ FaultHook = Callable[[int, int], Awaitable[None]]
 StageHook = Callable[[int, int, str], Awaitable[None]]
 
 
-# The next batch's claim and tokens are asked for once this many waves or fewer
-# are left to hand: they overlap the last waves' SMTP instead of leaving the
-# connections idle between batches, and a grant is seldom taken long before use.
+# The next batch's claim and tokens are asked for once this many waves or half
+# the batch (whichever is more) are left to hand: they overlap this batch's SMTP
+# instead of leaving the connections idle between batches (a claim of a few
+# hundred rows takes longer than a few waves' SMTP), and a grant is seldom taken
+# long before use.
 _PREFETCH_WAVES = 4
 # A prefetched batch: (asked at, claims, unsubscribed settled, the tokens' reply or
 # None if not asked: a stop came first, or nothing was claimed).
@@ -730,13 +732,13 @@ class CampaignActor(Actor[Continue]):
         A group is rendered and marked handed in the database before its SMTP
         transactions start, and given to the sender at once: its messages take
         the connections as the ones before free them. It is recorded once its
-        messages are answered. At most ``2 × window`` recipients are ever handed
+        messages are answered. At most ``depth`` recipients are ever handed
         and unrecorded (``_outstanding_groups`` groups): all a kill -9 can leave
         in doubt. Whenever a group is answered, the groups answered so far are
         recorded and as many groups handed as the bound then allows, in one
         statement (records first), so the connections do not wait for the
         database nor for the slowest message of a wave, and records go in claim
-        order. At most ``2 × window`` messages are rendered at a time (the
+        order. At most ``depth`` messages are rendered at a time (the
         attachments are shared by all). A stop hands no further group; one
         handed but not yet given to the sender goes back to pending
         (``on_stop``). ``not_after`` is the grant's end: no message goes to SMTP

@@ -65,6 +65,9 @@ LONG_REASONS = ("rate_per_hour", "daily_limit", "quota_exhausted", "outside_hour
 # The service's settings for every process of a round (limits come from the plan).
 BATCH_SIZE = 5
 SMTP_CONNECTIONS = 2
+# Handed and unrecorded at most, per campaign: checks.py's in-doubt bound counts two
+# waves of SMTP_CONNECTIONS per campaign a kill -9 or a PostgreSQL restart cuts.
+PIPELINE_DEPTH = 2 * SMTP_CONNECTIONS
 LEASE_SECONDS = 3.0
 LEADER_TTL = 3.0
 SHUTDOWN_SECONDS = 6.0
@@ -414,6 +417,7 @@ class Round:
             "campaign_lease_seconds": str(LEASE_SECONDS),
             "batch_size": str(BATCH_SIZE),
             "smtp_connections": str(SMTP_CONNECTIONS),
+            "pipeline_depth": str(PIPELINE_DEPTH),
             "smtp_timeout_seconds": str(SMTP_TIMEOUT),
             "shutdown_timeout_seconds": str(SHUTDOWN_SECONDS),
             "transient_retry_delay_minutes": "0.05",
