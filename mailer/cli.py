@@ -21,7 +21,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import click
@@ -74,24 +74,48 @@ async def serve(service: Service, *, until: Callable[[], Awaitable[object]] | No
     return 0
 
 
-@contextlib.contextmanager
-def _cancel_on_signals() -> Iterator[None]:
+async def _start_unless_stopped(service: Service, settings: Settings) -> bool:
+    """Starts the service in a task of its own; True once started, False when a SIGTERM
+    or SIGINT came first (a pod stopped while migrating or starting).
+
+    The signal does not cancel the caller: it cancels the start-up task and the caller
+    goes on to stop the service. A cancellation can be swallowed on its way through
+    the libraries (seen under load: the leader up, a child's cancelled start never
+    ending, the process never stopping); here the caller does not depend on it: it
+    waits for the start-up to end at most the shutdown timeout, then stops all the
+    same. The handlers stay once started, until serve() replaces them with no await
+    in between: removed, they would leave a moment with the default action, in which a
+    SIGTERM kills the process (-15) instead of stopping it.
+    """
     loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
+    asked = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, asked.set)
+
+    async def start() -> None:
+        await service.start(migrate_first=True)
+        if settings.fault_injection:
+            from mailer.faults import install
+
+            await install(service.bus, service.supervisor, settings.effective_instance_id)
+
+    starting = asyncio.ensure_future(start())
+    stop = asyncio.ensure_future(asked.wait())
     try:
-        yield
-    except BaseException:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
-        raise
-    # Started: the handlers stay until serve() replaces them, with no await in between.
-    # Removed here, they would leave a moment with the default action, in which a
-    # SIGTERM kills the process (-15) instead of stopping it (seen under load).
+        await asyncio.wait([starting, stop], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if not asked.is_set():
+        starting.result()  # a start-up failure (StartupError...) raises here
+        return True
+    starting.cancel()
+    await asyncio.wait([starting], timeout=settings.shutdown_timeout_seconds)
+    if starting.done() and not starting.cancelled():
+        starting.exception()  # retrieved: a start-up cut short is no error to report
+    else:
+        log.warning("start-up still running at the stop; stopping all the same")
+    return False
 
 
 async def _run(settings: Settings) -> int:
@@ -111,20 +135,13 @@ async def _run(settings: Settings) -> int:
         )
     service = Service(settings)
     try:
-        # Until serve() takes over, a SIGTERM (a pod stopped while migrating
-        # or starting) cancels the start-up instead of being ignored.
-        with _cancel_on_signals():
-            await service.start(migrate_first=True)
-            if settings.fault_injection:
-                from mailer.faults import install
-
-                await install(service.bus, service.supervisor, settings.effective_instance_id)
-    except asyncio.CancelledError:
-        await service.stop()
-        return 0
+        started = await _start_unless_stopped(service, settings)
     except StartupError:
         await service.stop()
         raise
+    if not started:
+        await service.stop()
+        return 0
     return await serve(service)
 
 

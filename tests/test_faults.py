@@ -89,7 +89,8 @@ async def test_without_the_setting_nobody_answers(settings: Settings, nc, tmp_pa
             "-m",
             "mailer.cli",
             "run",
-            env=worker_env(settings, "plain"),
+            # INFO: if it ever fails to stop, its log says where it was.
+            env=worker_env(settings, "plain", log_level="INFO"),
             stdout=log,
             stderr=asyncio.subprocess.STDOUT,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -222,3 +223,25 @@ async def test_a_database_that_comes_up_late_is_waited_for(
         await asyncio.wait_for(proc.wait(), 30)
         relay.close()
     assert proc.returncode == 0, "".join(lines)
+
+
+async def test_a_sigterm_while_a_dependency_is_awaited_stops_at_once_with_0(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # A pod stopped while it waits for PostgreSQL: the start-up is given up, not waited out.
+    dead = free_port()
+    proc = await _mailer(
+        settings,
+        tmp_path,
+        "run",
+        database_url=_dsn(settings, port=dead),
+        startup_timeout_seconds="60",
+    )
+    assert proc.stderr is not None
+    async with asyncio.timeout(30):
+        while b"waiting for postgres" not in await proc.stderr.readline():
+            pass
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = await _finish(proc, within=15)
+    assert code == 0, err
+    assert "Traceback" not in err, err
