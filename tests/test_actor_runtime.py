@@ -355,3 +355,28 @@ async def test_spawn_task_after_teardown_is_refused() -> None:
     await ref.stop()
     with pytest.raises(ActorDead):
         actor.spawn_task(asyncio.sleep(0))
+
+
+class SlowStart(Actor[Msg]):
+    """An actor whose on_start waits for its gate (a subscription being set up)."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+
+    async def on_start(self) -> None:
+        await self.gate.wait()
+
+    async def handle(self, msg: Msg) -> object:
+        return None
+
+
+async def test_running_is_true_from_the_end_of_on_start_to_the_stop() -> None:
+    actor = SlowStart()
+    starting = asyncio.ensure_future(start_actor(actor, name="slow"))
+    await asyncio.sleep(0.01)
+    assert not starting.done()
+    actor.gate.set()
+    ref = await starting
+    assert ref.alive and ref.running
+    await ref.stop()
+    assert not ref.alive and not ref.running

@@ -53,11 +53,12 @@ class CrashOnce:
 
 
 async def _restarted(service: Service, name: str, timeout: float = 15.0) -> None:
-    """Waits for the supervisor to have a live incarnation of ``name`` again."""
+    """Waits for the supervisor to have a started incarnation of ``name`` again (its
+    on_start done: alive alone would let a request race the api's re-subscription)."""
     async with asyncio.timeout(timeout):
         while True:
             ref = service.supervisor.get(name)
-            if ref is not None and ref.alive:
+            if ref is not None and ref.running:
                 return
             await asyncio.sleep(0.02)
 

@@ -300,6 +300,11 @@ class ActorCell(Generic[M]):
         return self._accepting
 
     @property
+    def running(self) -> bool:
+        """on_start completed and teardown not begun: its subscriptions are in place."""
+        return self._phase is _Phase.RUNNING
+
+    @property
     def done(self) -> bool:
         return self._done.is_set()
 
@@ -533,8 +538,13 @@ class ActorRef(Generic[M]):
 
     @property
     def alive(self) -> bool:
-        """True while the current incarnation accepts messages."""
+        """True while the current incarnation accepts messages (queued during its on_start)."""
         return self._cell is not None and self._cell.accepting
+
+    @property
+    def running(self) -> bool:
+        """True while the current incarnation has started (on_start done) and not stopped."""
+        return self._cell is not None and self._cell.running
 
     @property
     def done(self) -> bool:
