@@ -129,7 +129,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             description="Most recipients of one campaign handed to SMTP and not yet recorded,"
             " each rendered: the send path's depth, and all a kill -9 can leave in doubt."
         ),
-    ] = 128
+    ] = 256
     smtp_account: Annotated[
         str,
         Meta(description="Name of the SMTP account; the hourly rate is counted per account."),

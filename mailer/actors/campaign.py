@@ -305,7 +305,9 @@ FaultHook = Callable[[int, int], Awaitable[None]]
 # "handed" (marked, before its send starts), "sending" (its send in flight,
 # before the previous wave's record and the next wave's hand), "prepared" (the
 # next wave handed, this one still in flight), "sent" (the batch's last wave
-# sent, before its record). None in production.
+# sent, before its record; or, when the next batch joins it without a drain,
+# its last wave with SMTP as the next one's claims are taken on). None in
+# production.
 StageHook = Callable[[int, int, str], Awaitable[None]]
 
 
@@ -790,6 +792,17 @@ class CampaignActor(Actor[Continue]):
                     _PREFETCH_WAVES * self._current.window, self._s.batch_size // 2
                 ) and not (lost or expired):
                     self._prefetch(lease)
+                if (
+                    not self._claimed
+                    and not ready
+                    and self._next is not None
+                    and self._next.done()
+                    and not (lost or expired or self._stopping)
+                ):
+                    adopted = await self._adopt_next()
+                    if adopted is not None:
+                        now, not_after = adopted
+                        continue
                 room = most - len(flying)
                 over = not_after is not None and self._clock.now() >= not_after
                 if (
@@ -868,6 +881,56 @@ class CampaignActor(Actor[Continue]):
         # Asked of the batch's own route: its account's hour and quota.
         self._next_route = self._current
         self._next = asyncio.ensure_future(self._fetch_next(lease, self._current))
+
+    async def _adopt_next(self) -> tuple[datetime, datetime | None] | None:
+        """The next batch joins the one being sent, without the pipeline draining.
+
+        Once every claim of this batch is handed, the prefetched batch's claims are
+        handed on as this one's answers come in: the connections do not wait
+        through this batch's last record, the next batch's start and its first
+        hand. Only in the plain case -- the whole batch granted on the same
+        account, its breaker closed, the campaign still ready or sending, no
+        transient answer nor failed attempt counted, no stop; otherwise (and with
+        a test's batch-boundary hook, which needs a boundary) the batch ends as
+        before and ``_batch`` takes the prefetch. Each batch joined so far gets
+        its progress event here (the outcomes recorded since the last one).
+        Returns the joined batch's time and its grant's end, or None.
+        """
+        task = self._next
+        if (
+            task is None
+            or self._fault is not None
+            or self._transient_errors
+            or task.cancelled()
+            or task.exception() is not None
+            or self._next_route is not self._current
+            or any(o.status == "transient" for o in self._unrecorded)
+            or any(o.status == "transient" for o in self._batch_outcomes)
+        ):
+            return None
+        now, claimed, _, reply = task.result()
+        if not claimed or reply is None or reply.granted < len(claimed):
+            return None
+        route, blocked = await self._choose_route()
+        if route is not self._current or blocked is not None:
+            return None
+        if await self._store.campaign_status(self.campaign_id) not in ("ready", "sending"):
+            return None  # _batch's _take_next releases the claims and gives back
+        if self._stopping or self._next is not task:
+            return None
+        # This batch's end as the stage hook knows it: its last wave with SMTP.
+        await self._hook("sent")
+        self._next, self._next_route, self._next_claimed = None, None, []
+        await self._give_back_unused()  # every claim of the batch was handed: none
+        self._grant, self._grant_route = reply, route
+        self._grant_left = len(claimed)
+        self._claimed = claimed
+        self._may_prefetch = True
+        if self._batch_outcomes:
+            await self._emit("progress", counts=_tally(self._batch_outcomes, self._batch_written))
+        self._batch_outcomes, self._batch_written = [], {}
+        self._batches += 1
+        return now, reply.usable_until(now)
 
     async def _fetch_next(self, lease: Lease, route: Route) -> _Next:
         assert self._campaign is not None
