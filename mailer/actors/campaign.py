@@ -415,6 +415,9 @@ class CampaignActor(Actor[Continue]):
         self._grant: TokenReply | None = None
         self._grant_route: Route | None = None
         self._grant_left = 0
+        # The grants of batches joined by the next one whose sends may still be in
+        # flight: (grant, its route, the claims sent under it), see ``_adopt_next``.
+        self._priors: list[tuple[TokenReply | None, Route, set[int]]] = []
         self._may_prefetch = False
 
     # --- setup ----------------------------------------------------------------
@@ -922,6 +925,10 @@ class CampaignActor(Actor[Continue]):
         await self._hook("sent")
         self._next, self._next_route, self._next_claimed = None, None, []
         await self._give_back_unused()  # every claim of the batch was handed: none
+        if self._grant_route is not None:
+            sent_under = {r.id for r in self._handed + self._aborted + self._expired}
+            if sent_under:
+                self._priors.append((self._grant, self._grant_route, sent_under))
         self._grant, self._grant_route = reply, route
         self._grant_left = len(claimed)
         self._claimed = claimed
@@ -1146,8 +1153,19 @@ class CampaignActor(Actor[Continue]):
             # goes back (TokenReturn says why).
             await self._store.release_claims(lease, given_back, self._clock.now())
             self._aborted, self._expired = [], []
-            if self._grant_route is not None:
-                await self._give_back(self._grant_route, self._grant, len(given_back))
+            # Each to the grant it was sent under: a joined batch's sends may still be
+            # in flight under the grant before (its give-back is capped by its size).
+            rest = given_back
+            for grant, route, ids in self._priors:
+                mine = [i for i in rest if i in ids]
+                if mine:
+                    rest = [i for i in rest if i not in ids]
+                    await self._give_back(route, grant, len(mine))
+            if rest and self._grant_route is not None:
+                await self._give_back(self._grant_route, self._grant, len(rest))
+        if self._priors:
+            open_ = {r.id for r in self._handed}
+            self._priors = [p for p in self._priors if p[2] & open_]
         # Counted per reason, one increment each: not a labelled lookup per message.
         sent = 0
         failed: dict[str, int] = {}
