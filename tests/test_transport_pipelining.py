@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailer.transport import SmtpTransport
+from tests.test_transport import transport as plain_transport
 
 HOST = "127.0.0.1"
 
@@ -118,24 +119,9 @@ async def serving(script: Pipelining) -> AsyncIterator[int]:
         await asyncio.sleep(0.05)
 
 
-@contextlib.asynccontextmanager
-async def transport(port: int, **overrides: Any) -> AsyncIterator[SmtpTransport]:
-    kwargs: dict[str, Any] = {
-        "security": "none",
-        "username": None,
-        "password": None,
-        # Short: a client that waited for MAIL's reply would fail, not hang the test.
-        "timeout": 1.0,
-        "connections": 1,
-        "local_hostname": "client.test",
-    }
-    kwargs.update(overrides)
-    smtp = SmtpTransport(HOST, port, **kwargs)
-    await smtp.start()
-    try:
-        yield smtp
-    finally:
-        await smtp.close()
+def transport(port: int, **overrides: Any) -> contextlib.AbstractAsyncContextManager[SmtpTransport]:
+    # A short timeout: a client that waited for MAIL's reply fails, not hangs the test.
+    return plain_transport(port, **{"timeout": 1.0, "connections": 1, **overrides})
 
 
 def _envelopes(script: Pipelining) -> list[list[str]]:
