@@ -876,14 +876,20 @@ class CampaignActor(Actor[Continue]):
             self._next is not None
             or not self._may_prefetch
             or self._stopping
-            or any(o.status == "transient" for o in self._unrecorded)
-            or any(o.status == "transient" for o in self._batch_outcomes)
+            or self._met_transient
         ):
             return
         self._may_prefetch = False
         # Asked of the batch's own route: its account's hour and quota.
         self._next_route = self._current
         self._next = asyncio.ensure_future(self._fetch_next(lease, self._current))
+
+    @property
+    def _met_transient(self) -> bool:
+        """This batch had a transient answer (it will defer: nothing more is asked)."""
+        return any(o.status == "transient" for o in self._unrecorded) or any(
+            o.status == "transient" for o in self._batch_outcomes
+        )
 
     async def _adopt_next(self) -> tuple[datetime, datetime | None] | None:
         """The next batch joins the one being sent, without the pipeline draining.
@@ -907,8 +913,7 @@ class CampaignActor(Actor[Continue]):
             or task.cancelled()
             or task.exception() is not None
             or self._next_route is not self._current
-            or any(o.status == "transient" for o in self._unrecorded)
-            or any(o.status == "transient" for o in self._batch_outcomes)
+            or self._met_transient
         ):
             return None
         now, claimed, _, reply = task.result()
